@@ -1,0 +1,83 @@
+"""Typed stubs for the Rust extension ``ferromerge._core`` (built from ``rust/py``).
+
+Dtype names are mergekit's: ``"float32"``, ``"float16"``, ``"bfloat16"``. bfloat16 data crosses as ``uint16``
+(or ``int16``) arrays of bit patterns, because NumPy has no bfloat16.
+"""
+
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+
+class MergeError(Exception):
+    """Base class of every error raised by the engine."""
+
+class InputError(MergeError):
+    """A model file or tensor is missing, corrupt or incompatible; the message names the file and the tensor."""
+
+class ParameterError(MergeError):
+    """A method name or parameter value is invalid."""
+
+class OutputError(MergeError):
+    """The output could not be written."""
+
+def read_header(path: str) -> dict[str, tuple[str, list[int]]]:
+    """Parse and validate a safetensors file's header.
+
+    Returns ``{tensor_name: (dtype, shape)}`` with safetensors dtype names (``"F32"``, ``"F16"``, ``"BF16"``,
+    ``"I64"``, ...). Raises ``InputError`` naming the file when it is missing, truncated, or its header is corrupt
+    or inconsistent with the file size.
+    """
+
+def read_metadata(path: str) -> dict[str, str]:
+    """The ``__metadata__`` map of a safetensors file (empty when absent)."""
+
+def merge_arrays(
+    method: str,
+    inputs: Sequence[npt.NDArray[np.float32] | npt.NDArray[np.float16] | npt.NDArray[np.uint16] | npt.NDArray[np.int16]],
+    base: npt.NDArray[np.float32] | npt.NDArray[np.float16] | npt.NDArray[np.uint16] | npt.NDArray[np.int16] | None,
+    weights: Sequence[float],
+    densities: Sequence[float],
+    *,
+    out_dtype: str,
+    normalize: bool,
+    cast_dtype: str | None = None,
+    lambda_: float = 1.0,
+    rescale: str = "none",
+    seed: int = 0,
+    name: str = "",
+    model_ids: Sequence[int] | None = None,
+    threads: int | None = None,
+    chunk_elems: int | None = None,
+) -> npt.NDArray[np.float32] | npt.NDArray[np.float16] | npt.NDArray[np.uint16]:
+    """Merge one tensor in memory with the engine's kernels; returns a flat array of ``out_dtype``.
+
+    ``inputs`` are the non-base tensors (C-contiguous; float32, float16, or uint16/int16 holding bfloat16 bits),
+    all with the same number of elements as ``base``. ``weights``/``densities`` have one entry per input.
+    ``method`` is one of ``linear``, ``task_arithmetic``, ``ties``, ``dare_ties``, ``dare_linear`` (``linear``
+    takes ``base=None``). ``rescale`` is ``"none"``, ``"l1"`` or ``"inverse_density"``. ``seed``, ``name`` and
+    ``model_ids`` (default ``0..len(inputs)``) key the DARE random stream. The result does not depend on
+    ``threads`` or ``chunk_elems``. The GIL is released while merging.
+    """
+
+def execute_plan(
+    plan_json: str,
+    out_dir: str,
+    progress: Callable[[int, int, int, int], None] | None = None,
+    threads: int | None = None,
+) -> dict[str, int]:
+    """Write every output shard of a plan (see docs/architecture.md) into ``out_dir``.
+
+    ``progress(tensors_done, tensors_total, bytes_done, bytes_total)`` is called from the calling thread after each
+    tensor; an exception it raises (or Ctrl-C) aborts the run. Input files are validated before anything is
+    written. Returns ``{"tensors": ..., "bytes_read": ..., "bytes_written": ...}``.
+    """
+
+def save_file(
+    path: str,
+    tensors: Mapping[str, tuple[npt.NDArray[np.float32] | npt.NDArray[np.float16] | npt.NDArray[np.uint16], str]],
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write a safetensors file from ``{name: (array, dtype)}`` (array shape is the tensor shape), atomically."""

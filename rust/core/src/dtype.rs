@@ -1,0 +1,185 @@
+//! Storage dtypes and their codecs. All math is f32; these convert chunks of stored bytes to f32 and back.
+//!
+//! `half` has no SIMD path for bf16, so bf16 uses our own branch-free codec (a shift to decode; round to nearest
+//! even to encode), written as plain loops over fixed-size elements that the compiler vectorises. f16 uses
+//! `half`'s slice conversions, which use F16C when the CPU has it.
+
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+
+use crate::error::{CoreError, Result};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+
+    /// The safetensors header name.
+    pub fn st_name(self) -> &'static str {
+        match self {
+            DType::F32 => "F32",
+            DType::F16 => "F16",
+            DType::BF16 => "BF16",
+        }
+    }
+
+    /// mergekit's / torch's name, used in configs and on the Python side.
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "float32",
+            DType::F16 => "float16",
+            DType::BF16 => "bfloat16",
+        }
+    }
+
+    /// Parse either naming (`bfloat16` / `BF16`, ...).
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "float32" | "F32" => Ok(DType::F32),
+            "float16" | "F16" => Ok(DType::F16),
+            "bfloat16" | "BF16" => Ok(DType::BF16),
+            other => Err(CoreError::param(format!(
+                "unsupported dtype '{other}' (supported: float32, float16, bfloat16)"
+            ))),
+        }
+    }
+
+    pub fn from_safetensors(d: safetensors::Dtype) -> Option<Self> {
+        match d {
+            safetensors::Dtype::F32 => Some(DType::F32),
+            safetensors::Dtype::F16 => Some(DType::F16),
+            safetensors::Dtype::BF16 => Some(DType::BF16),
+            _ => None,
+        }
+    }
+}
+
+#[inline(always)]
+pub fn bf16_to_f32(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+
+/// Round to nearest, ties to even; NaN stays a (quiet) NaN with its sign.
+#[inline(always)]
+pub fn f32_to_bf16(x: f32) -> u16 {
+    let bits = x.to_bits();
+    let rounded = (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16;
+    let nan = ((bits >> 16) as u16) | 0x0040;
+    if x.is_nan() {
+        nan
+    } else {
+        rounded
+    }
+}
+
+/// Decode `out.len()` elements of `dtype` from little-endian `bytes` (which may be unaligned: mmap'd tensors
+/// only promise the alignment their writer chose).
+pub fn decode(dtype: DType, bytes: &[u8], out: &mut [f32]) {
+    debug_assert_eq!(bytes.len(), out.len() * dtype.size());
+    match dtype {
+        DType::F32 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        DType::BF16 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = bf16_to_f32(u16::from_le_bytes([c[0], c[1]]));
+            }
+        }
+        DType::F16 => {
+            const STRIPE: usize = 256;
+            let mut tmp = [f16::ZERO; STRIPE];
+            for (o, c) in out.chunks_mut(STRIPE).zip(bytes.chunks(STRIPE * 2)) {
+                let t = &mut tmp[..o.len()];
+                for (h, b) in t.iter_mut().zip(c.chunks_exact(2)) {
+                    *h = f16::from_bits(u16::from_le_bytes([b[0], b[1]]));
+                }
+                t.convert_to_f32_slice(o);
+            }
+        }
+    }
+}
+
+/// Encode f32 values into `dtype` little-endian bytes.
+pub fn encode(dtype: DType, vals: &[f32], out: &mut [u8]) {
+    debug_assert_eq!(out.len(), vals.len() * dtype.size());
+    match dtype {
+        DType::F32 => {
+            for (c, v) in out.chunks_exact_mut(4).zip(vals) {
+                c.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        DType::BF16 => {
+            for (c, v) in out.chunks_exact_mut(2).zip(vals) {
+                c.copy_from_slice(&f32_to_bf16(*v).to_le_bytes());
+            }
+        }
+        DType::F16 => {
+            const STRIPE: usize = 256;
+            let mut tmp = [f16::ZERO; STRIPE];
+            for (c, v) in out.chunks_mut(STRIPE * 2).zip(vals.chunks(STRIPE)) {
+                let t = &mut tmp[..v.len()];
+                t.convert_from_f32_slice(v);
+                for (b, h) in c.chunks_exact_mut(2).zip(t.iter()) {
+                    b.copy_from_slice(&h.to_bits().to_le_bytes());
+                }
+            }
+        }
+    }
+}
+
+/// Round f32 values in place to what `dtype` can hold (mergekit's `dtype:` casts inputs before merging).
+pub fn round_to(dtype: DType, vals: &mut [f32]) {
+    match dtype {
+        DType::F32 => {}
+        DType::BF16 => vals.iter_mut().for_each(|v| *v = bf16_to_f32(f32_to_bf16(*v))),
+        DType::F16 => vals.iter_mut().for_each(|v| *v = f16::from_f32(*v).to_f32()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_round_trip_and_rounding() {
+        for b in [0u16, 0x3f80, 0xbf80, 0x7f7f, 0x0001, 0x8000, 0x7f80, 0xff80] {
+            assert_eq!(f32_to_bf16(bf16_to_f32(b)), b);
+        }
+        // 1 + 2^-8 is exactly halfway between two bf16 values: ties to even (down to 1.0).
+        assert_eq!(f32_to_bf16(f32::from_bits(0x3f80_8000)), 0x3f80);
+        // 1 + 3·2^-8 is halfway too, the even neighbour is above.
+        assert_eq!(f32_to_bf16(f32::from_bits(0x3f81_8000)), 0x3f82);
+        assert_eq!(f32_to_bf16(f32::from_bits(0x3f80_8001)), 0x3f81);
+        assert!(bf16_to_f32(f32_to_bf16(f32::NAN)).is_nan());
+        // The largest finite f32 rounds up to infinity, as in torch.
+        assert_eq!(f32_to_bf16(f32::MAX), 0x7f80);
+        for x in [1.5f32, -3.25, 1e-30, 6.5e4, -0.0] {
+            assert_eq!(f32_to_bf16(x), half::bf16::from_f32(x).to_bits());
+        }
+    }
+
+    #[test]
+    fn codecs_round_trip_every_dtype() {
+        // Values with at most 8 significant bits: exact in bf16, f16 and f32.
+        let vals: Vec<f32> = (0..257).map(|i| (i as f32 - 128.0) * 0.125).collect();
+        for dt in [DType::F32, DType::F16, DType::BF16] {
+            let mut bytes = vec![0u8; vals.len() * dt.size()];
+            encode(dt, &vals, &mut bytes);
+            let mut back = vec![0f32; vals.len()];
+            decode(dt, &bytes, &mut back);
+            assert_eq!(back, vals, "{dt:?}");
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! One memory-mapped safetensors file. The header is parsed and validated by the `safetensors` crate (offsets
+//! contiguous, sizes consistent with dtype×shape, file not truncated); tensors are then borrowed straight from
+//! the map, never copied whole.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use safetensors::SafeTensors;
+
+use crate::dtype::DType;
+use crate::error::{CoreError, Result};
+
+/// Where one tensor lives in its file.
+#[derive(Clone, Debug)]
+pub struct TensorEntry {
+    /// The safetensors dtype name (`F32`, `BF16`, `I64`, ...): unsupported dtypes are kept so they can be reported.
+    pub dtype_name: String,
+    pub dtype: Option<DType>,
+    pub shape: Vec<usize>,
+    /// Byte range in the file (absolute, header included).
+    pub start: usize,
+    pub end: usize,
+}
+
+pub struct SafetensorsFile {
+    path: PathBuf,
+    mmap: Option<Mmap>,
+    tensors: HashMap<String, TensorEntry>,
+    /// Tensor names in data-offset order: reading in this order is sequential on disk.
+    order: Vec<String>,
+    metadata: HashMap<String, String>,
+}
+
+impl SafetensorsFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| CoreError::input(path, format!("cannot open: {e}")))?;
+        let len = file.metadata().map_err(|e| CoreError::input(path, format!("cannot stat: {e}")))?.len();
+        if len < 8 {
+            return Err(CoreError::input(path, format!("not a safetensors file: only {len} bytes")));
+        }
+        // SAFETY: the map is read-only; a file truncated under us while mapped would fault, as with any mmap
+        // reader (safetensors, torch). We never write through it.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| CoreError::input(path, format!("cannot mmap: {e}")))?;
+        let (n, meta) = SafeTensors::read_metadata(&mmap)
+            .map_err(|e| CoreError::input(path, format!("corrupt or truncated safetensors header: {e}")))?;
+        let data_start = 8 + n;
+        let mut tensors = HashMap::new();
+        let mut order: Vec<(usize, String)> = Vec::new();
+        for (name, info) in meta.tensors() {
+            let (s, e) = info.data_offsets;
+            order.push((s, name.clone()));
+            tensors.insert(
+                name,
+                TensorEntry {
+                    dtype_name: info.dtype.to_string(),
+                    dtype: DType::from_safetensors(info.dtype),
+                    shape: info.shape.clone(),
+                    start: data_start + s,
+                    end: data_start + e,
+                },
+            );
+        }
+        order.sort();
+        Ok(SafetensorsFile {
+            path: path.to_path_buf(),
+            mmap: Some(mmap),
+            tensors,
+            order: order.into_iter().map(|(_, n)| n).collect(),
+            metadata: meta.metadata().clone().unwrap_or_default(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn tensors(&self) -> &HashMap<String, TensorEntry> {
+        &self.tensors
+    }
+
+    pub fn names_in_file_order(&self) -> &[String] {
+        &self.order
+    }
+
+    pub fn metadata(&self) -> &HashMap<String, String> {
+        &self.metadata
+    }
+
+    pub fn entry(&self, name: &str) -> Result<&TensorEntry> {
+        self.tensors
+            .get(name)
+            .ok_or_else(|| CoreError::tensor(&self.path, name, "tensor not found in this file"))
+    }
+
+    /// The bytes of a tensor, borrowed from the map.
+    pub fn bytes(&self, entry: &TensorEntry) -> &[u8] {
+        &self.mmap.as_ref().expect("mapped")[entry.start..entry.end]
+    }
+
+    /// A supported-dtype tensor with the expected shape, or an error naming the file and tensor.
+    pub fn checked(&self, name: &str, shape: &[usize]) -> Result<(&[u8], DType)> {
+        let e = self.entry(name)?;
+        let dtype = e.dtype.ok_or_else(|| {
+            CoreError::tensor(
+                &self.path,
+                name,
+                format!("unsupported dtype {} (ferromerge merges F32, F16 and BF16)", e.dtype_name),
+            )
+        })?;
+        if e.shape != shape {
+            return Err(CoreError::tensor(
+                &self.path,
+                name,
+                format!("shape {:?} does not match the expected {:?}", e.shape, shape),
+            ));
+        }
+        Ok((self.bytes(e), dtype))
+    }
+
+    /// Tell the kernel we are done with a byte range so resident memory stays flat on huge models.
+    pub fn release(&self, entry: &TensorEntry) {
+        #[cfg(unix)]
+        if let Some(m) = &self.mmap {
+            let page = 4096;
+            let start = entry.start.div_ceil(page) * page;
+            let end = entry.end / page * page;
+            if end > start {
+                // SAFETY: advice on a range inside our own read-only mapping; DONTNEED on a file-backed
+                // read-only map only drops clean pages, which are re-read from the file if touched again.
+                unsafe {
+                    libc::madvise(m.as_ptr().add(start) as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
+                }
+            }
+        }
+    }
+
+    /// Ask the kernel to start reading a range we will need soon.
+    pub fn prefetch(&self, entry: &TensorEntry) {
+        #[cfg(unix)]
+        if let Some(m) = &self.mmap {
+            let page = 4096;
+            let start = entry.start / page * page;
+            let end = entry.end.min(m.len());
+            if end > start {
+                // SAFETY: advice only, on a range inside our own mapping.
+                unsafe {
+                    libc::madvise(m.as_ptr().add(start) as *mut libc::c_void, end - start, libc::MADV_WILLNEED);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,72 @@
+//! The elementwise combination of one chunk: weighted sums, sign election and disjoint mean. Loops run model
+//! by model over the whole chunk (not element by element across models) so each is a plain vectorisable loop.
+
+/// Per-chunk working buffers, reused across chunks by one worker.
+#[derive(Default)]
+pub struct Scratch {
+    pub base: Vec<f32>,
+    /// One buffer per non-base input: the input, then its delta, then its weighted, masked delta.
+    pub x: Vec<Vec<f32>>,
+    pub keep: Vec<bool>,
+    pub total: Vec<f32>,
+    pub mixed: Vec<f32>,
+    pub divisor: Vec<f32>,
+    pub bytes: Vec<u8>,
+}
+
+impl Scratch {
+    pub fn resize(&mut self, models: usize, len: usize) {
+        self.x.resize_with(models, Vec::new);
+        for v in self.x.iter_mut().chain([&mut self.base, &mut self.total, &mut self.mixed, &mut self.divisor]) {
+            v.resize(len, 0.0);
+        }
+        self.keep.resize(len, false);
+    }
+}
+
+/// x ← w·(x·keep·scale): the weighted, sparsified delta of one model.
+pub fn weigh(x: &mut [f32], keep: Option<&[bool]>, scale: f32, weight: f32) {
+    match keep {
+        Some(keep) => {
+            for (v, &k) in x.iter_mut().zip(keep) {
+                *v = weight * (if k { *v * scale } else { 0.0 });
+            }
+        }
+        None => x.iter_mut().for_each(|v| *v *= weight),
+    }
+}
+
+/// Sign election by the sign of the weighted sum (>= 0 counts as +), then the sum of agreeing weighted deltas
+/// and of agreeing weights (zeros never agree); a zero divisor becomes 1.
+pub fn elect_and_mix(ws: &[Vec<f32>], weights: &[f32], total: &mut [f32], mixed: &mut [f32], divisor: &mut [f32]) {
+    total.fill(0.0);
+    for w in ws {
+        for (t, &v) in total.iter_mut().zip(w) {
+            *t += v;
+        }
+    }
+    mixed.fill(0.0);
+    divisor.fill(0.0);
+    for (w, &wt) in ws.iter().zip(weights) {
+        for ((m, d), (&v, &t)) in mixed.iter_mut().zip(divisor.iter_mut()).zip(w.iter().zip(total.iter())) {
+            let agree = if t >= 0.0 { v > 0.0 } else { v < 0.0 };
+            *m += if agree { v } else { 0.0 };
+            *d += if agree { wt } else { 0.0 };
+        }
+    }
+    divisor.iter_mut().for_each(|d| {
+        if *d == 0.0 {
+            *d = 1.0
+        }
+    });
+}
+
+/// Σ of the weighted inputs.
+pub fn sum(ws: &[Vec<f32>], mixed: &mut [f32]) {
+    mixed.fill(0.0);
+    for w in ws {
+        for (m, &v) in mixed.iter_mut().zip(w) {
+            *m += v;
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! Exact top-k selection by magnitude without sorting: a two-pass radix select over the f32 bit patterns of |x|.
+//! For non-negative floats the bit pattern orders like the value, so the k-th largest |x| is found from a
+//! histogram of the high 15 bits (sign cleared) and then one of the low 16 bits inside the bucket that holds it.
+//! Elements equal to the threshold are kept lowest index first, which makes the kept set a pure function of
+//! the values (independent of chunking and threads), and lets each element decide alone:
+//! keep = |x| > t  or  (|x| == t and index <= last_tie).
+
+pub const HIGH_BINS: usize = 1 << 15;
+pub const LOW_BINS: usize = 1 << 16;
+
+#[inline(always)]
+pub fn abs_bits(x: f32) -> u32 {
+    x.to_bits() & 0x7fff_ffff
+}
+
+pub fn hist_high(vals: &[f32], hist: &mut [u64]) {
+    for &v in vals {
+        hist[(abs_bits(v) >> 16) as usize] += 1;
+    }
+}
+
+pub fn hist_low(vals: &[f32], high: u32, hist: &mut [u64]) {
+    for &v in vals {
+        let b = abs_bits(v);
+        if b >> 16 == high {
+            hist[(b & 0xffff) as usize] += 1;
+        }
+    }
+}
+
+/// Walk a histogram from the top: the bin holding the `k`-th largest (1-based) and how many of the
+/// selection fall in that bin (the rest lie in higher bins).
+pub fn find_bin(hist: &[u64], k: u64) -> (usize, u64) {
+    let mut above = 0u64;
+    for b in (0..hist.len()).rev() {
+        if above + hist[b] >= k {
+            return (b, k - above);
+        }
+        above += hist[b];
+    }
+    unreachable!("k is at most the number of elements")
+}
+
+/// The rule that decides which elements a magnitude trim keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TrimRule {
+    pub threshold_bits: u32,
+    /// Elements equal to the threshold are kept up to and including this index.
+    pub last_tie: usize,
+    pub keep_all: bool,
+}
+
+impl TrimRule {
+    pub const ALL: TrimRule = TrimRule { threshold_bits: 0, last_tie: usize::MAX, keep_all: true };
+
+    #[inline(always)]
+    pub fn keeps(&self, index: usize, x: f32) -> bool {
+        let b = abs_bits(x);
+        self.keep_all || b > self.threshold_bits || (b == self.threshold_bits && index <= self.last_tie)
+    }
+
+    pub fn mask(&self, start: usize, vals: &[f32], keep: &mut [bool]) {
+        for (j, (k, &v)) in keep.iter_mut().zip(vals).enumerate() {
+            *k = self.keeps(start + j, v);
+        }
+    }
+}
+
+/// The index of the `nth` (1-based) element equal to `bits` in `vals`, which starts at element `start`.
+pub fn nth_equal(vals: &[f32], bits: u32, nth: u64, start: usize) -> Option<usize> {
+    let mut seen = 0u64;
+    for (j, &v) in vals.iter().enumerate() {
+        if abs_bits(v) == bits {
+            seen += 1;
+            if seen == nth {
+                return Some(start + j);
+            }
+        }
+    }
+    None
+}
+
+pub fn count_equal(vals: &[f32], bits: u32) -> u64 {
+    vals.iter().filter(|&&v| abs_bits(v) == bits).count() as u64
+}

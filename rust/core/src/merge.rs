@@ -1,0 +1,437 @@
+//! Merging one tensor, chunk by chunk, over all models at once.
+//!
+//! Elementwise methods take one pass. Whole-tensor statistics take extra streaming passes over the inputs
+//! (re-decoding chunks from the memory maps rather than keeping anything whole): the TIES trim threshold by
+//! radix select (two histogram passes, plus a tie-count pass only when ties straddle the threshold), the L1
+//! norms for rescaling by fixed-block sums. Every pass's result is independent of chunk size and thread count,
+//! so the output bytes are too.
+
+use rayon::prelude::*;
+
+use crate::dtype::{self, DType};
+use crate::error::{CoreError, Result};
+use crate::kernels::combine::{self, Scratch};
+use crate::kernels::norms::{self, BLOCK};
+use crate::kernels::select::{self, TrimRule, HIGH_BINS, LOW_BINS};
+use crate::rng::Stream;
+
+/// Default elements per chunk: small enough that (models + 4) f32 buffers per worker stay in L2/L3.
+pub const DEFAULT_CHUNK_ELEMS: usize = 1 << 16;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    Linear,
+    TaskArithmetic,
+    Ties,
+    DareTies,
+    DareLinear,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sparsify {
+    None,
+    Magnitude,
+    Random,
+}
+
+impl Method {
+    pub fn parse(name: &str) -> Result<Self> {
+        Ok(match name {
+            "linear" => Method::Linear,
+            "task_arithmetic" => Method::TaskArithmetic,
+            "ties" => Method::Ties,
+            "dare_ties" => Method::DareTies,
+            "dare_linear" => Method::DareLinear,
+            other => {
+                return Err(CoreError::param(format!(
+                    "unknown merge method '{other}' (the engine knows linear, task_arithmetic, ties, dare_ties, dare_linear)"
+                )))
+            }
+        })
+    }
+
+    fn sparsify(self) -> Sparsify {
+        match self {
+            Method::Ties => Sparsify::Magnitude,
+            Method::DareTies | Method::DareLinear => Sparsify::Random,
+            Method::Linear | Method::TaskArithmetic => Sparsify::None,
+        }
+    }
+
+    fn consensus(self) -> bool {
+        matches!(self, Method::Ties | Method::DareTies)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rescale {
+    None,
+    /// mergekit: scale kept values so the L1 norm of the delta is unchanged.
+    L1,
+    /// The DARE paper: divide kept values by the density.
+    InverseDensity,
+}
+
+impl Rescale {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "none" => Ok(Rescale::None),
+            "l1" => Ok(Rescale::L1),
+            "inverse_density" => Ok(Rescale::InverseDensity),
+            other => Err(CoreError::param(format!(
+                "unknown rescale '{other}' (expected none, l1 or inverse_density)"
+            ))),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct MethodSpec {
+    pub method: Method,
+    pub normalize: bool,
+    pub lambda: f64,
+    pub rescale: Rescale,
+    pub seed: u64,
+}
+
+/// Stored bytes of one input tensor.
+#[derive(Clone, Copy)]
+pub struct Source<'a> {
+    pub bytes: &'a [u8],
+    pub dtype: DType,
+}
+
+#[derive(Clone, Copy)]
+pub struct Input<'a> {
+    pub src: Source<'a>,
+    pub weight: f64,
+    pub density: f64,
+    pub model_id: u32,
+}
+
+pub struct Job<'a> {
+    pub name: &'a str,
+    pub numel: usize,
+    pub base: Option<Source<'a>>,
+    pub inputs: Vec<Input<'a>>,
+    pub cast: Option<DType>,
+    pub spec: MethodSpec,
+    pub out_dtype: DType,
+}
+
+/// Receives encoded output bytes for `[elem_start, elem_start + n)`; called from worker threads on disjoint ranges.
+pub trait Sink: Sync {
+    fn put(&self, elem_start: usize, bytes: &[u8]) -> Result<()>;
+}
+
+/// Method-level checks that need no data; the message names the tensor.
+pub fn validate(job: &Job) -> Result<()> {
+    let err = |m: String| Err(CoreError::param(format!("tensor '{}': {m}", job.name)));
+    let spec = &job.spec;
+    if job.inputs.is_empty() {
+        return err("no input models".into());
+    }
+    match (spec.method, job.base.is_some()) {
+        (Method::Linear, true) => return err("linear takes no base (a base model is one more input)".into()),
+        (m, false) if m != Method::Linear => return err(format!("method {m:?} requires a base model")),
+        _ => {}
+    }
+    if !spec.lambda.is_finite() {
+        return err(format!("lambda must be finite, got {}", spec.lambda));
+    }
+    for (i, inp) in job.inputs.iter().enumerate() {
+        if !inp.weight.is_finite() {
+            return err(format!("input {i}: weight must be finite, got {}", inp.weight));
+        }
+        if !(inp.density > 0.0 && inp.density <= 1.0) {
+            return err(format!("input {i}: density must be in (0, 1], got {}", inp.density));
+        }
+    }
+    if spec.method == Method::Linear && spec.normalize && job.inputs.iter().map(|i| i.weight).sum::<f64>() == 0.0 {
+        return err("linear with normalize: the weights sum to zero".into());
+    }
+    let sizes = job.base.iter().chain(job.inputs.iter().map(|i| &i.src));
+    for s in sizes {
+        if s.bytes.len() != job.numel * s.dtype.size() {
+            return err(format!("{} bytes do not hold {} {} elements", s.bytes.len(), job.numel, s.dtype.name()));
+        }
+    }
+    Ok(())
+}
+
+fn load(src: &Source, cast: Option<DType>, start: usize, out: &mut [f32]) {
+    let sz = src.dtype.size();
+    dtype::decode(src.dtype, &src.bytes[start * sz..(start + out.len()) * sz], out);
+    if let Some(c) = cast {
+        // Widening casts are exact; only a narrower (or differently rounded) dtype changes values.
+        if c != DType::F32 && c != src.dtype {
+            dtype::round_to(c, out);
+        }
+    }
+}
+
+/// Decode chunk `[start, start+len)` of every input into `s.x` (as deltas from the base when there is one).
+fn load_deltas(job: &Job, start: usize, len: usize, s: &mut Scratch) {
+    s.resize(job.inputs.len(), len);
+    if let Some(b) = &job.base {
+        load(b, job.cast, start, &mut s.base[..len]);
+    }
+    for (inp, x) in job.inputs.iter().zip(s.x.iter_mut()) {
+        load(&inp.src, job.cast, start, &mut x[..len]);
+        if job.base.is_some() {
+            for (v, &b) in x.iter_mut().zip(&s.base) {
+                *v -= b;
+            }
+        }
+    }
+}
+
+fn chunks(n: usize, size: usize) -> impl IndexedParallelIterator<Item = (usize, usize)> {
+    let size = size.max(1);
+    (0..n.div_ceil(size)).into_par_iter().map(move |c| (c * size, size.min(n - c * size)))
+}
+
+/// The keep rule of every input for magnitude trimming (TIES), found by streaming radix select.
+fn trim_rules(job: &Job, chunk: usize) -> Vec<TrimRule> {
+    let n = job.numel as u64;
+    let ks: Vec<Option<u64>> = job
+        .inputs
+        .iter()
+        .map(|i| {
+            // mergekit 0.1.5: k = max(1, int(density·n)); density 1 keeps everything.
+            let k = ((i.density * n as f64) as u64).max(1);
+            (i.density < 1.0 && k < n).then_some(k)
+        })
+        .collect();
+    if ks.iter().all(Option::is_none) {
+        return vec![TrimRule::ALL; job.inputs.len()];
+    }
+    let m = job.inputs.len();
+    let high = chunks(job.numel, chunk)
+        .fold(
+            || (Scratch::default(), vec![0u64; m * HIGH_BINS]),
+            |(mut s, mut h), (start, len)| {
+                load_deltas(job, start, len, &mut s);
+                for (i, k) in ks.iter().enumerate() {
+                    if k.is_some() {
+                        select::hist_high(&s.x[i][..len], &mut h[i * HIGH_BINS..(i + 1) * HIGH_BINS]);
+                    }
+                }
+                (s, h)
+            },
+        )
+        .map(|(_, h)| h)
+        .reduce(|| vec![0u64; m * HIGH_BINS], add_hist);
+    let bins: Vec<Option<(u32, u64)>> = ks
+        .iter()
+        .enumerate()
+        .map(|(i, k)| k.map(|k| {
+            let (b, need) = select::find_bin(&high[i * HIGH_BINS..(i + 1) * HIGH_BINS], k);
+            (b as u32, need)
+        }))
+        .collect();
+    let low = chunks(job.numel, chunk)
+        .fold(
+            || (Scratch::default(), vec![0u64; m * LOW_BINS]),
+            |(mut s, mut h), (start, len)| {
+                load_deltas(job, start, len, &mut s);
+                for (i, b) in bins.iter().enumerate() {
+                    if let Some((bin, _)) = b {
+                        select::hist_low(&s.x[i][..len], *bin, &mut h[i * LOW_BINS..(i + 1) * LOW_BINS]);
+                    }
+                }
+                (s, h)
+            },
+        )
+        .map(|(_, h)| h)
+        .reduce(|| vec![0u64; m * LOW_BINS], add_hist);
+    // Threshold per input; `ties_kept` of the `ties_total` elements equal to it are kept.
+    let mut rules = vec![TrimRule::ALL; m];
+    let mut pending: Vec<(usize, u64)> = Vec::new();
+    for (i, b) in bins.iter().enumerate() {
+        if let Some((bin, need)) = b {
+            let hist = &low[i * LOW_BINS..(i + 1) * LOW_BINS];
+            let (lo, ties_kept) = select::find_bin(hist, *need);
+            let bits = (bin << 16) | lo as u32;
+            rules[i] = TrimRule { threshold_bits: bits, last_tie: usize::MAX, keep_all: false };
+            if ties_kept < hist[lo] {
+                pending.push((i, ties_kept));
+            }
+        }
+    }
+    // Ties straddle the threshold: find the index of the last tie kept (lowest indices first).
+    if !pending.is_empty() {
+        let counts: Vec<Vec<u64>> = chunks(job.numel, chunk)
+            .map_init(Scratch::default, |s, (start, len)| {
+                load_deltas(job, start, len, s);
+                pending.iter().map(|&(i, _)| select::count_equal(&s.x[i][..len], rules[i].threshold_bits)).collect()
+            })
+            .collect();
+        let size = chunk.max(1);
+        for (p, &(i, ties_kept)) in pending.iter().enumerate() {
+            let mut before = 0u64;
+            for (c, cnt) in counts.iter().enumerate() {
+                if before + cnt[p] >= ties_kept {
+                    let start = c * size;
+                    let len = size.min(job.numel - start);
+                    let mut s = Scratch::default();
+                    load_deltas(job, start, len, &mut s);
+                    let bits = rules[i].threshold_bits;
+                    rules[i].last_tie =
+                        select::nth_equal(&s.x[i][..len], bits, ties_kept - before, start).expect("counted");
+                    break;
+                }
+                before += cnt[p];
+            }
+        }
+    }
+    rules
+}
+
+fn add_hist(mut a: Vec<u64>, b: Vec<u64>) -> Vec<u64> {
+    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+    a
+}
+
+/// The keep mask of input `i` for chunk `[start, start+len)`, from its delta already in `s.x[i]`.
+fn mask_into(job: &Job, i: usize, rules: &[TrimRule], streams: &[Stream], start: usize, len: usize, s: &mut Scratch) {
+    let inp = &job.inputs[i];
+    match job.spec.method.sparsify() {
+        Sparsify::Magnitude => rules[i].mask(start, &s.x[i][..len], &mut s.keep[..len]),
+        Sparsify::Random => streams[i].keep_mask(start, inp.density, &mut s.keep[..len]),
+        Sparsify::None => s.keep[..len].fill(true),
+    }
+}
+
+/// Merge one tensor, writing encoded output through `sink`. Runs on the current rayon pool.
+pub fn merge(job: &Job, chunk_elems: usize, sink: &dyn Sink) -> Result<()> {
+    validate(job)?;
+    let chunk = chunk_elems.max(1);
+    let spec = job.spec;
+    let m = job.inputs.len();
+    let sparsify = spec.method.sparsify();
+    let rules = if sparsify == Sparsify::Magnitude { trim_rules(job, chunk) } else { vec![TrimRule::ALL; m] };
+    let streams: Vec<Stream> = job.inputs.iter().map(|i| Stream::new(spec.seed, job.name, i.model_id)).collect();
+    // A sparsifier that keeps everything (density 1) is the identity, and is not rescaled (as in mergekit).
+    let sparse: Vec<bool> = job
+        .inputs
+        .iter()
+        .zip(&rules)
+        .map(|(inp, r)| match sparsify {
+            Sparsify::None => false,
+            Sparsify::Magnitude => !r.keep_all,
+            Sparsify::Random => inp.density < 1.0,
+        })
+        .collect();
+    let mut scales = vec![1f32; m];
+    match spec.rescale {
+        Rescale::None => {}
+        Rescale::InverseDensity => {
+            for i in 0..m {
+                if sparse[i] {
+                    scales[i] = (1.0 / job.inputs[i].density) as f32;
+                }
+            }
+        }
+        Rescale::L1 if sparse.iter().any(|&s| s) => {
+            let per_block: Vec<Vec<(f64, f64)>> = chunks(job.numel, BLOCK)
+                .map_init(Scratch::default, |s, (start, len)| {
+                    load_deltas(job, start, len, s);
+                    (0..m)
+                        .map(|i| {
+                            mask_into(job, i, &rules, &streams, start, len, s);
+                            norms::l1_pair(&s.x[i][..len], &s.keep[..len])
+                        })
+                        .collect()
+                })
+                .collect();
+            for i in (0..m).filter(|&i| sparse[i]) {
+                let (all, kept) = per_block.iter().fold((0f64, 0f64), |(a, k), b| (a + b[i].0, k + b[i].1));
+                // mergekit skips the rescale when either norm is below 1e-7.
+                if all >= 1e-7 && kept >= 1e-7 {
+                    scales[i] = (all / kept) as f32;
+                }
+            }
+        }
+        Rescale::L1 => {}
+    }
+    let weights: Vec<f32> = job.inputs.iter().map(|i| i.weight as f32).collect();
+    let weight_sum: f32 = weights.iter().sum();
+    let lambda = spec.lambda as f32;
+    let out_size = job.out_dtype.size();
+    chunks(job.numel, chunk).try_for_each_init(Scratch::default, |s, (start, len)| {
+        load_deltas(job, start, len, s);
+        for i in 0..m {
+            let keep = if sparse[i] {
+                mask_into(job, i, &rules, &streams, start, len, s);
+                Some(&s.keep[..len])
+            } else {
+                None
+            };
+            combine::weigh(&mut s.x[i][..len], keep, scales[i], weights[i]);
+        }
+        let xs = &s.x;
+        match spec.method {
+            Method::Linear => {
+                combine::sum(xs, &mut s.mixed[..len]);
+                if spec.normalize {
+                    s.mixed[..len].iter_mut().for_each(|v| *v /= weight_sum);
+                }
+            }
+            _ => {
+                if spec.method.consensus() {
+                    combine::elect_and_mix(xs, &weights, &mut s.total[..len], &mut s.mixed[..len], &mut s.divisor[..len]);
+                } else {
+                    combine::sum(xs, &mut s.mixed[..len]);
+                    let d = if weight_sum.abs() < 1e-8 { 1.0 } else { weight_sum };
+                    s.divisor[..len].fill(d);
+                }
+                if spec.normalize {
+                    s.mixed[..len].iter_mut().zip(&s.divisor[..len]).for_each(|(v, d)| *v /= d);
+                }
+                if lambda != 1.0 {
+                    s.mixed[..len].iter_mut().for_each(|v| *v *= lambda);
+                }
+                s.mixed[..len].iter_mut().zip(&s.base[..len]).for_each(|(v, b)| *v += b);
+            }
+        }
+        s.bytes.resize(len * out_size, 0);
+        dtype::encode(job.out_dtype, &s.mixed[..len], &mut s.bytes);
+        sink.put(start, &s.bytes)
+    })
+}
+
+/// A sink into one contiguous output buffer (in-memory merges).
+pub struct SliceSink {
+    ptr: *mut u8,
+    len: usize,
+    elem_size: usize,
+}
+
+// SAFETY: `merge` hands every chunk to exactly one worker and chunks never overlap, so concurrent `put`s write
+// disjoint byte ranges of a buffer that outlives the merge (the borrow in `SliceSink::new`).
+unsafe impl Sync for SliceSink {}
+
+impl SliceSink {
+    pub fn new(out: &mut [u8], dtype: DType) -> Self {
+        SliceSink { ptr: out.as_mut_ptr(), len: out.len(), elem_size: dtype.size() }
+    }
+}
+
+impl Sink for SliceSink {
+    fn put(&self, elem_start: usize, bytes: &[u8]) -> Result<()> {
+        let off = elem_start * self.elem_size;
+        assert!(off + bytes.len() <= self.len, "sink range out of bounds");
+        // SAFETY: in bounds (checked above) and disjoint from every other concurrent put (see the Sync impl).
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.add(off), bytes.len()) };
+        Ok(())
+    }
+}
+
+/// Merge into a new in-memory buffer.
+pub fn merge_to_vec(job: &Job, chunk_elems: usize) -> Result<Vec<u8>> {
+    let mut out = vec![0u8; job.numel * job.out_dtype.size()];
+    let sink = SliceSink::new(&mut out, job.out_dtype);
+    merge(job, chunk_elems, &sink)?;
+    Ok(out)
+}

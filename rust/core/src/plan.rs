@@ -1,0 +1,112 @@
+//! The plan: plain data saying, for every output tensor, which input tensors feed it, with which method and
+//! parameters, in which output file. Built by the Python layer (config, filters, model resolution) and
+//! executed here; its JSON form is documented in docs/architecture.md.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use crate::error::{CoreError, Result};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    #[serde(default)]
+    pub chunk_elems: Option<usize>,
+    pub shards: Vec<PlanShard>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanShard {
+    pub file: String,
+    pub tensors: Vec<PlanTensor>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub out_dtype: String,
+    #[serde(default)]
+    pub cast_dtype: Option<String>,
+    pub method: PlanMethod,
+    #[serde(default)]
+    pub base: Option<TensorRef>,
+    pub inputs: Vec<PlanInput>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanMethod {
+    pub name: String,
+    #[serde(default)]
+    pub normalize: bool,
+    #[serde(default = "one")]
+    pub lambda: f64,
+    #[serde(default = "none")]
+    pub rescale: String,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct TensorRef {
+    pub file: PathBuf,
+    pub tensor: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanInput {
+    pub file: PathBuf,
+    pub tensor: String,
+    pub weight: f64,
+    #[serde(default = "one")]
+    pub density: f64,
+    #[serde(default)]
+    pub model_id: u32,
+}
+
+fn one() -> f64 {
+    1.0
+}
+fn none() -> String {
+    "none".into()
+}
+
+impl Plan {
+    pub fn from_json(s: &str) -> Result<Self> {
+        let plan: Plan = serde_json::from_str(s).map_err(|e| CoreError::param(format!("invalid plan: {e}")))?;
+        for shard in &plan.shards {
+            let f = &shard.file;
+            if f.is_empty() || f.contains('/') || f.contains('\\') || f == "." || f == ".." {
+                return Err(CoreError::param(format!("invalid output file name '{f}' in plan")));
+            }
+        }
+        Ok(plan)
+    }
+
+    pub fn tensors(&self) -> impl Iterator<Item = &PlanTensor> {
+        self.shards.iter().flat_map(|s| s.tensors.iter())
+    }
+}
+
+impl PlanTensor {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Every input tensor reference, base first.
+    pub fn refs(&self) -> impl Iterator<Item = (&PathBuf, &str)> {
+        self.base
+            .iter()
+            .map(|b| (&b.file, b.tensor.as_str()))
+            .chain(self.inputs.iter().map(|i| (&i.file, i.tensor.as_str())))
+    }
+}

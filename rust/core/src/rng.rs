@@ -1,0 +1,120 @@
+//! Counter-based randomness for DARE: Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3",
+//! SC'11). A draw is a pure function of (seed, tensor name, model, element index), so a mask is the same at any
+//! thread count or chunk size, and one tensor's mask does not depend on which tensors were merged before it
+//! (mergekit draws from one global torch stream, so its masks change with the schedule).
+//! Written here (40 lines) rather than taken from a crate: we need exactly this keying, and it is checked
+//! against the Random123 known-answer vectors below.
+
+const M0: u32 = 0xD251_1F53;
+const M1: u32 = 0xCD9E_8D57;
+const W0: u32 = 0x9E37_79B9;
+const W1: u32 = 0xBB67_AE85;
+
+#[inline(always)]
+fn mulhilo(a: u32, b: u32) -> (u32, u32) {
+    let p = (a as u64) * (b as u64);
+    ((p >> 32) as u32, p as u32)
+}
+
+/// Philox4x32 with 10 rounds.
+#[inline(always)]
+pub fn philox4x32_10(mut ctr: [u32; 4], mut key: [u32; 2]) -> [u32; 4] {
+    for round in 0..10 {
+        if round > 0 {
+            key[0] = key[0].wrapping_add(W0);
+            key[1] = key[1].wrapping_add(W1);
+        }
+        let (hi0, lo0) = mulhilo(M0, ctr[0]);
+        let (hi1, lo1) = mulhilo(M1, ctr[2]);
+        ctr = [hi1 ^ ctr[1] ^ key[0], lo1, hi0 ^ ctr[3] ^ key[1], lo0];
+    }
+    ctr
+}
+
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// The random stream of one (seed, tensor, model): uniform draws indexed by element.
+#[derive(Clone, Copy, Debug)]
+pub struct Stream {
+    key: [u32; 2],
+    model: u32,
+}
+
+impl Stream {
+    pub fn new(seed: u64, tensor_name: &str, model: u32) -> Self {
+        let k = splitmix64(seed ^ splitmix64(fnv1a64(tensor_name.as_bytes())));
+        Stream { key: [k as u32, (k >> 32) as u32], model }
+    }
+
+    /// The four 32-bit words of block `b`; element `j` uses word `j % 4` of block `j / 4`.
+    #[inline(always)]
+    pub fn block(&self, b: u64) -> [u32; 4] {
+        philox4x32_10([b as u32, (b >> 32) as u32, self.model, 0], self.key)
+    }
+
+    /// Fill `keep[i]` with whether element `start + i` is kept with probability `density`:
+    /// u = (word >> 8) / 2^24 is uniform on [0, 1), and the element is kept iff u < density.
+    pub fn keep_mask(&self, start: usize, density: f64, keep: &mut [bool]) {
+        let thresh = (density * 16_777_216.0).ceil().min(16_777_216.0) as u32;
+        let mut j = start;
+        let end = start + keep.len();
+        while j < end {
+            let words = self.block((j / 4) as u64);
+            let lane_end = ((j / 4) * 4 + 4).min(end);
+            for jj in j..lane_end {
+                keep[jj - start] = (words[jj % 4] >> 8) < thresh;
+            }
+            j = lane_end;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Known-answer vectors of Random123 (kat_vectors, philox4x32 with 10 rounds).
+    #[test]
+    fn philox_known_answers() {
+        assert_eq!(philox4x32_10([0; 4], [0; 2]), [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]);
+        assert_eq!(
+            philox4x32_10([u32::MAX; 4], [u32::MAX; 2]),
+            [0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd]
+        );
+        assert_eq!(
+            philox4x32_10([0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344], [0xa4093822, 0x299f31d0]),
+            [0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1]
+        );
+    }
+
+    #[test]
+    fn mask_independent_of_split_and_keyed() {
+        let s = Stream::new(7, "model.layers.0.mlp.up_proj.weight", 1);
+        let mut whole = vec![false; 1003];
+        s.keep_mask(0, 0.3, &mut whole);
+        let mut parts = vec![false; 1003];
+        let (a, b) = parts.split_at_mut(401);
+        s.keep_mask(0, 0.3, a);
+        s.keep_mask(401, 0.3, b);
+        assert_eq!(whole, parts);
+        let frac = whole.iter().filter(|&&k| k).count() as f64 / whole.len() as f64;
+        assert!((frac - 0.3).abs() < 0.06, "{frac}");
+        let mut other = vec![false; 1003];
+        Stream::new(7, "model.layers.0.mlp.up_proj.weight", 2).keep_mask(0, 0.3, &mut other);
+        assert_ne!(whole, other);
+        Stream::new(8, "model.layers.0.mlp.up_proj.weight", 1).keep_mask(0, 0.3, &mut other);
+        assert_ne!(whole, other);
+        let mut all = vec![false; 10];
+        s.keep_mask(0, 1.0, &mut all);
+        assert!(all.iter().all(|&k| k));
+    }
+}
