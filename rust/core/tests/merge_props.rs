@@ -1,0 +1,138 @@
+//! Properties of the per-tensor merge: TIES keeps exactly the k largest |delta| (lowest index first on ties),
+//! matching a sort-based oracle; output bytes do not depend on chunk size or thread count; DARE is keyed.
+
+use ferromerge_core::merge::{merge_to_vec, Input, Job, Method, MethodSpec, Rescale, Source};
+use ferromerge_core::{pool, DType};
+use proptest::prelude::*;
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn out_f32(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+fn spec(method: Method, normalize: bool) -> MethodSpec {
+    MethodSpec { method, normalize, lambda: 1.0, rescale: Rescale::None, seed: 0 }
+}
+
+fn job<'a>(base: &'a [u8], xs: &'a [Vec<u8>], w: &[f64], d: &[f64], spec: MethodSpec, n: usize) -> Job<'a> {
+    Job {
+        name: "t",
+        numel: n,
+        base: Some(Source { bytes: base, dtype: DType::F32 }),
+        inputs: xs
+            .iter()
+            .enumerate()
+            .map(|(i, x)| Input { src: Source { bytes: x, dtype: DType::F32 }, weight: w[i], density: d[i], model_id: i as u32 })
+            .collect(),
+        cast: None,
+        spec,
+        out_dtype: DType::F32,
+    }
+}
+
+/// Oracle: indices of the k largest |v|, ties broken by lowest index, via a full sort.
+fn oracle_keep(v: &[f32], density: f64) -> Vec<bool> {
+    let n = v.len();
+    let k = ((density * n as f64) as usize).max(1).min(n);
+    let mut idx: Vec<usize> = (0..n).collect();
+    idx.sort_by(|&a, &b| v[b].abs().partial_cmp(&v[a].abs()).unwrap().then(a.cmp(&b)));
+    let mut keep = vec![false; n];
+    for &i in &idx[..k] {
+        keep[i] = true;
+    }
+    keep
+}
+
+/// Values drawn from a small set so that ties at the threshold are common.
+fn vals(n: usize) -> impl Strategy<Value = Vec<f32>> {
+    prop::collection::vec((-8i32..=8).prop_map(|q| q as f32 * 0.25), n)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    #[test]
+    fn ties_single_model_keeps_oracle_set(v in (1usize..300).prop_flat_map(vals), density in 0.01f64..1.0, chunk in 1usize..50) {
+        let n = v.len();
+        let base = vec![0f32; n];
+        let xs = vec![f32_bytes(&v)];
+        let bb = f32_bytes(&base);
+        let j = job(&bb, &xs, &[1.0], &[density], spec(Method::Ties, true), n);
+        let out = out_f32(&pool::pool(Some(1)).unwrap().install(|| merge_to_vec(&j, chunk)).unwrap());
+        let keep = oracle_keep(&v, density);
+        for i in 0..n {
+            let expect = if keep[i] { v[i] } else { 0.0 };
+            prop_assert_eq!(out[i], expect, "element {} of {}", i, n);
+        }
+    }
+
+    #[test]
+    fn output_independent_of_chunks_and_threads(
+        n in 1usize..2000, m in 1usize..4, density in 0.05f64..1.0, chunk in 1usize..700, seed in 0u64..1000,
+        which in 0usize..5,
+    ) {
+        let method = [Method::Linear, Method::TaskArithmetic, Method::Ties, Method::DareTies, Method::DareLinear][which];
+        let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+        let mut next = || { s ^= s << 13; s ^= s >> 7; s ^= s << 17; ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5 };
+        let base: Vec<f32> = (0..n).map(|_| next()).collect();
+        let xs: Vec<Vec<u8>> = (0..m).map(|_| f32_bytes(&base.iter().map(|b| b + 0.1 * next()).collect::<Vec<_>>())).collect();
+        let bb = f32_bytes(&base);
+        let w: Vec<f64> = (0..m).map(|i| 0.3 + i as f64 * 0.2).collect();
+        let d = vec![density; m];
+        let mut sp = spec(method, true);
+        sp.rescale = if matches!(method, Method::DareTies | Method::DareLinear) { Rescale::L1 } else { Rescale::None };
+        sp.seed = seed;
+        let mut j = job(&bb, &xs, &w, &d, sp, n);
+        if method == Method::Linear { j.base = None; }
+        let reference = pool::pool(Some(1)).unwrap().install(|| merge_to_vec(&j, 1 << 16)).unwrap();
+        for threads in [1, 2, 3] {
+            let got = pool::pool(Some(threads)).unwrap().install(|| merge_to_vec(&j, chunk)).unwrap();
+            prop_assert_eq!(&got, &reference);
+        }
+    }
+}
+
+#[test]
+fn ties_sign_election_and_disjoint_mean() {
+    // Two models, density 1: element 0 agrees (+), element 1 disagrees (weighted sum decides), element 2 is a tie
+    // of the sum (>= 0 counts as +).
+    let base = [0f32; 3];
+    let a = [1.0f32, 2.0, 1.0];
+    let b = [3.0f32, -1.0, -1.0];
+    let (bb, xs) = (f32_bytes(&base), vec![f32_bytes(&a), f32_bytes(&b)]);
+    let j = job(&bb, &xs, &[1.0, 1.0], &[1.0, 1.0], spec(Method::Ties, true), 3);
+    let out = out_f32(&merge_to_vec(&j, 2).unwrap());
+    assert_eq!(out, vec![2.0, 2.0, 1.0]);
+    // Weights change the election: with weight 3 on b, element 1's sum is 2 - 3 < 0, so b wins.
+    let j = job(&bb, &xs, &[1.0, 3.0], &[1.0, 1.0], spec(Method::Ties, true), 3);
+    let out = out_f32(&merge_to_vec(&j, 2).unwrap());
+    assert_eq!(out, vec![(1.0 + 9.0) / 4.0, -1.0, -1.0]);
+}
+
+#[test]
+fn dare_rescales_and_is_keyed() {
+    let n = 20_000;
+    let base = vec![0f32; n];
+    let x: Vec<f32> = (0..n).map(|i| 1.0 + (i % 7) as f32).collect();
+    let (bb, xs) = (f32_bytes(&base), vec![f32_bytes(&x)]);
+    let mut sp = spec(Method::DareLinear, false);
+    sp.rescale = Rescale::InverseDensity;
+    let j = job(&bb, &xs, &[1.0], &[0.25], sp, n);
+    let out = out_f32(&merge_to_vec(&j, 333).unwrap());
+    let kept = out.iter().filter(|&&v| v != 0.0).count();
+    assert!((kept as f64 / n as f64 - 0.25).abs() < 0.02, "{kept}");
+    for (o, v) in out.iter().zip(&x) {
+        assert!(*o == 0.0 || *o == v / 0.25);
+    }
+    sp.rescale = Rescale::L1;
+    let j = job(&bb, &xs, &[1.0], &[0.25], sp, n);
+    let l1 = out_f32(&merge_to_vec(&j, 333).unwrap());
+    let (a, b): (f64, f64) = (x.iter().map(|v| *v as f64).sum(), l1.iter().map(|v| *v as f64).sum());
+    assert!((a - b).abs() / a < 1e-5);
+    sp.seed = 1;
+    let j = job(&bb, &xs, &[1.0], &[0.25], sp, n);
+    assert_ne!(out_f32(&merge_to_vec(&j, 333).unwrap()), l1);
+}
