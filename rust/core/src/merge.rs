@@ -147,6 +147,9 @@ pub fn validate(job: &Job) -> Result<()> {
             return err(format!("input {i}: density must be in (0, 1], got {}", inp.density));
         }
     }
+    if spec.method.sparsify() == Sparsify::Magnitude && job.numel as u64 >= u32::MAX as u64 {
+        return err(format!("{} elements: magnitude trimming supports tensors of fewer than 2^32", job.numel));
+    }
     if spec.method == Method::Linear && spec.normalize && job.inputs.iter().map(|i| i.weight).sum::<f64>() == 0.0 {
         return err("linear with normalize: the weights sum to zero".into());
     }
@@ -209,52 +212,52 @@ fn trim_rules(job: &Job, chunk: usize) -> Vec<TrimRule> {
     let m = job.inputs.len();
     let high = chunks(job.numel, chunk)
         .fold(
-            || (Scratch::default(), vec![0u64; m * HIGH_BINS]),
+            || (Scratch::default(), vec![[0u32; HIGH_BINS]; m]),
             |(mut s, mut h), (start, len)| {
                 load_deltas(job, start, len, &mut s);
                 for (i, k) in ks.iter().enumerate() {
                     if k.is_some() {
-                        select::hist_high(&s.x[i][..len], &mut h[i * HIGH_BINS..(i + 1) * HIGH_BINS]);
+                        select::hist_high(&s.x[i][..len], &mut h[i]);
                     }
                 }
                 (s, h)
             },
         )
         .map(|(_, h)| h)
-        .reduce(|| vec![0u64; m * HIGH_BINS], add_hist);
+        .reduce(|| vec![[0u32; HIGH_BINS]; m], add_hist);
     let bins: Vec<Option<(u32, u64)>> = ks
         .iter()
         .enumerate()
         .map(|(i, k)| k.map(|k| {
-            let (b, need) = select::find_bin(&high[i * HIGH_BINS..(i + 1) * HIGH_BINS], k);
+            let (b, need) = select::find_bin(&high[i], k);
             (b as u32, need)
         }))
         .collect();
     let low = chunks(job.numel, chunk)
         .fold(
-            || (Scratch::default(), vec![0u64; m * LOW_BINS]),
+            || (Scratch::default(), vec![[0u32; LOW_BINS]; m]),
             |(mut s, mut h), (start, len)| {
                 load_deltas(job, start, len, &mut s);
                 for (i, b) in bins.iter().enumerate() {
                     if let Some((bin, _)) = b {
-                        select::hist_low(&s.x[i][..len], *bin, &mut h[i * LOW_BINS..(i + 1) * LOW_BINS]);
+                        select::hist_low(&s.x[i][..len], *bin, &mut h[i]);
                     }
                 }
                 (s, h)
             },
         )
         .map(|(_, h)| h)
-        .reduce(|| vec![0u64; m * LOW_BINS], add_hist);
+        .reduce(|| vec![[0u32; LOW_BINS]; m], add_hist);
     // Threshold per input; `ties_kept` of the `ties_total` elements equal to it are kept.
     let mut rules = vec![TrimRule::ALL; m];
     let mut pending: Vec<(usize, u64)> = Vec::new();
     for (i, b) in bins.iter().enumerate() {
         if let Some((bin, need)) = b {
-            let hist = &low[i * LOW_BINS..(i + 1) * LOW_BINS];
+            let hist = &low[i];
             let (lo, ties_kept) = select::find_bin(hist, *need);
             let bits = (bin << 16) | lo as u32;
             rules[i] = TrimRule { threshold_bits: bits, last_tie: usize::MAX, keep_all: false };
-            if ties_kept < hist[lo] {
+            if ties_kept < hist[lo] as u64 {
                 pending.push((i, ties_kept));
             }
         }
@@ -288,8 +291,10 @@ fn trim_rules(job: &Job, chunk: usize) -> Vec<TrimRule> {
     rules
 }
 
-fn add_hist(mut a: Vec<u64>, b: Vec<u64>) -> Vec<u64> {
-    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+fn add_hist<const N: usize>(mut a: Vec<[u32; N]>, b: Vec<[u32; N]>) -> Vec<[u32; N]> {
+    for (x, y) in a.iter_mut().zip(&b) {
+        x.iter_mut().zip(y).for_each(|(p, q)| *p += q);
+    }
     a
 }
 

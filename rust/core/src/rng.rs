@@ -65,15 +65,28 @@ impl Stream {
     /// u = (word >> 8) / 2^24 is uniform on [0, 1), and the element is kept iff u < density.
     pub fn keep_mask(&self, start: usize, density: f64, keep: &mut [bool]) {
         let thresh = (density * 16_777_216.0).ceil().min(16_777_216.0) as u32;
-        let mut j = start;
-        let end = start + keep.len();
-        while j < end {
-            let words = self.block((j / 4) as u64);
-            let lane_end = ((j / 4) * 4 + 4).min(end);
-            for jj in j..lane_end {
-                keep[jj - start] = (words[jj % 4] >> 8) < thresh;
+        // A ragged head up to a block boundary, then whole blocks (a straight loop), then a ragged tail.
+        let head = ((4 - start % 4) % 4).min(keep.len());
+        let (first, rest) = keep.split_at_mut(head);
+        for (i, k) in first.iter_mut().enumerate() {
+            let j = start + i;
+            *k = (self.block((j / 4) as u64)[j % 4] >> 8) < thresh;
+        }
+        let block0 = ((start + head) / 4) as u64;
+        let whole = (rest.len() / 4) as u64;
+        let mut blocks = rest.chunks_exact_mut(4);
+        for (b, ks) in (&mut blocks).enumerate() {
+            let w = self.block(block0 + b as u64);
+            for (k, x) in ks.iter_mut().zip(w) {
+                *k = (x >> 8) < thresh;
             }
-            j = lane_end;
+        }
+        let tail = blocks.into_remainder();
+        if !tail.is_empty() {
+            let w = self.block(block0 + whole);
+            for (k, x) in tail.iter_mut().zip(w) {
+                *k = (x >> 8) < thresh;
+            }
         }
     }
 }
