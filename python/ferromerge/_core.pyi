@@ -26,7 +26,7 @@ class OutputError(MergeError):
 def read_header(path: str) -> dict[str, tuple[str, list[int]]]:
     """Parse and validate a safetensors file's header.
 
-    Returns ``{tensor_name: (dtype, shape)}`` with safetensors dtype names (``"F32"``, ``"F16"``, ``"BF16"``,
+    Returns ``{tensor_name: (dtype, shape)}`` in data-offset order, with safetensors dtype names (``"F32"``, ``"F16"``, ``"BF16"``,
     ``"I64"``, ...). Raises ``InputError`` naming the file when it is missing, truncated, or its header is corrupt
     or inconsistent with the file size.
     """

@@ -10,7 +10,9 @@ use crate::dtype::DType;
 use crate::error::{CoreError, Result};
 use crate::io::writer::FileSink;
 use crate::io::{SafetensorsFile, ShardLayout};
-use crate::merge::{self, Input, Job, Method, MethodSpec, Rescale, Sink, Source, DEFAULT_CHUNK_ELEMS};
+use crate::merge::{
+    self, Input, Job, Method, MethodSpec, Rescale, Sink, Source, DEFAULT_CHUNK_ELEMS,
+};
 use crate::plan::{Plan, PlanTensor};
 use crate::pool;
 
@@ -38,7 +40,8 @@ struct TensorSink<'a> {
 
 impl Sink for TensorSink<'_> {
     fn put(&self, elem_start: usize, bytes: &[u8]) -> Result<()> {
-        self.file.write_at(self.offset + elem_start as u64 * self.elem_size, bytes)
+        self.file
+            .write_at(self.offset + elem_start as u64 * self.elem_size, bytes)
     }
 }
 
@@ -71,12 +74,21 @@ fn job<'a>(t: &'a PlanTensor, files: &'a HashMap<PathBuf, SafetensorsFile>) -> R
         rescale: Rescale::parse(&m.rescale).map_err(ctx)?,
         seed: m.seed,
     };
-    let base = t.base.as_ref().map(|b| source(&b.file, &b.tensor)).transpose()?;
+    let base = t
+        .base
+        .as_ref()
+        .map(|b| source(&b.file, &b.tensor))
+        .transpose()?;
     let inputs = t
         .inputs
         .iter()
         .map(|i| {
-            Ok(Input { src: source(&i.file, &i.tensor)?, weight: i.weight, density: i.density, model_id: i.model_id })
+            Ok(Input {
+                src: source(&i.file, &i.tensor)?,
+                weight: i.weight,
+                density: i.density,
+                model_id: i.model_id,
+            })
         })
         .collect::<Result<Vec<_>>>()?;
     let job = Job {
@@ -84,7 +96,12 @@ fn job<'a>(t: &'a PlanTensor, files: &'a HashMap<PathBuf, SafetensorsFile>) -> R
         numel: t.numel(),
         base,
         inputs,
-        cast: t.cast_dtype.as_deref().map(DType::parse).transpose().map_err(ctx)?,
+        cast: t
+            .cast_dtype
+            .as_deref()
+            .map(DType::parse)
+            .transpose()
+            .map_err(ctx)?,
         spec,
         out_dtype: DType::parse(&t.out_dtype).map_err(ctx)?,
     };
@@ -101,9 +118,16 @@ pub fn execute(
     progress: &mut dyn FnMut(&Progress) -> Result<()>,
 ) -> Result<Stats> {
     let files = open_all(plan)?;
-    let jobs: Vec<Job> = plan.tensors().map(|t| job(t, &files)).collect::<Result<_>>()?;
+    let jobs: Vec<Job> = plan
+        .tensors()
+        .map(|t| job(t, &files))
+        .collect::<Result<_>>()?;
     let in_bytes = |j: &Job| -> u64 {
-        j.base.iter().chain(j.inputs.iter().map(|i| &i.src)).map(|s| s.bytes.len() as u64).sum()
+        j.base
+            .iter()
+            .chain(j.inputs.iter().map(|i| &i.src))
+            .map(|s| s.bytes.len() as u64)
+            .sum()
     };
     let bytes_total: u64 = jobs.iter().map(in_bytes).sum();
     // How many outputs read each input tensor: its pages are released after the last one.
@@ -121,7 +145,13 @@ pub fn execute(
         let specs: Vec<(&str, DType, &[usize])> = shard
             .tensors
             .iter()
-            .map(|t| Ok((t.name.as_str(), DType::parse(&t.out_dtype)?, t.shape.as_slice())))
+            .map(|t| {
+                Ok((
+                    t.name.as_str(),
+                    DType::parse(&t.out_dtype)?,
+                    t.shape.as_slice(),
+                ))
+            })
             .collect::<Result<_>>()?;
         let layout = ShardLayout::new(&specs, &plan.metadata)?;
         let path = out_dir.join(&shard.file);
@@ -130,7 +160,11 @@ pub fn execute(
     }
 
     let all: Vec<&PlanTensor> = plan.tensors().collect();
-    let mut p = Progress { tensors_total: jobs.len(), bytes_total, ..Default::default() };
+    let mut p = Progress {
+        tensors_total: jobs.len(),
+        bytes_total,
+        ..Default::default()
+    };
     let mut bytes_written = 0u64;
     let mut idx = 0usize;
     for (s, shard) in plan.shards.iter().enumerate() {
@@ -163,7 +197,12 @@ pub fn execute(
             idx += 1;
             progress(&p)?;
         }
-        file.sync_all().map_err(|e| CoreError::output(path, e.to_string()))?;
+        file.sync_all()
+            .map_err(|e| CoreError::output(path, e.to_string()))?;
     }
-    Ok(Stats { tensors: jobs.len(), bytes_read: bytes_total, bytes_written })
+    Ok(Stats {
+        tensors: jobs.len(),
+        bytes_read: bytes_total,
+        bytes_written,
+    })
 }

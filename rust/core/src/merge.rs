@@ -10,7 +10,7 @@ use rayon::prelude::*;
 
 use crate::dtype::{self, DType};
 use crate::error::{CoreError, Result};
-use crate::kernels::combine::{self, Scratch};
+use crate::kernels::combine::{self, Scale, Scratch};
 use crate::kernels::norms::{self, BLOCK};
 use crate::kernels::select::{self, TrimRule, HIGH_BINS, LOW_BINS};
 use crate::rng::Stream;
@@ -132,8 +132,12 @@ pub fn validate(job: &Job) -> Result<()> {
         return err("no input models".into());
     }
     match (spec.method, job.base.is_some()) {
-        (Method::Linear, true) => return err("linear takes no base (a base model is one more input)".into()),
-        (m, false) if m != Method::Linear => return err(format!("method {m:?} requires a base model")),
+        (Method::Linear, true) => {
+            return err("linear takes no base (a base model is one more input)".into())
+        }
+        (m, false) if m != Method::Linear => {
+            return err(format!("method {m:?} requires a base model"))
+        }
         _ => {}
     }
     if !spec.lambda.is_finite() {
@@ -141,22 +145,39 @@ pub fn validate(job: &Job) -> Result<()> {
     }
     for (i, inp) in job.inputs.iter().enumerate() {
         if !inp.weight.is_finite() {
-            return err(format!("input {i}: weight must be finite, got {}", inp.weight));
+            return err(format!(
+                "input {i}: weight must be finite, got {}",
+                inp.weight
+            ));
         }
         if !(inp.density > 0.0 && inp.density <= 1.0) {
-            return err(format!("input {i}: density must be in (0, 1], got {}", inp.density));
+            return err(format!(
+                "input {i}: density must be in (0, 1], got {}",
+                inp.density
+            ));
         }
     }
     if spec.method.sparsify() == Sparsify::Magnitude && job.numel as u64 >= u32::MAX as u64 {
-        return err(format!("{} elements: magnitude trimming supports tensors of fewer than 2^32", job.numel));
+        return err(format!(
+            "{} elements: magnitude trimming supports tensors of fewer than 2^32",
+            job.numel
+        ));
     }
-    if spec.method == Method::Linear && spec.normalize && job.inputs.iter().map(|i| i.weight).sum::<f64>() == 0.0 {
+    if spec.method == Method::Linear
+        && spec.normalize
+        && job.inputs.iter().map(|i| i.weight).sum::<f64>() == 0.0
+    {
         return err("linear with normalize: the weights sum to zero".into());
     }
     let sizes = job.base.iter().chain(job.inputs.iter().map(|i| &i.src));
     for s in sizes {
         if s.bytes.len() != job.numel * s.dtype.size() {
-            return err(format!("{} bytes do not hold {} {} elements", s.bytes.len(), job.numel, s.dtype.name()));
+            return err(format!(
+                "{} bytes do not hold {} {} elements",
+                s.bytes.len(),
+                job.numel,
+                s.dtype.name()
+            ));
         }
     }
     Ok(())
@@ -164,7 +185,11 @@ pub fn validate(job: &Job) -> Result<()> {
 
 fn load(src: &Source, cast: Option<DType>, start: usize, out: &mut [f32]) {
     let sz = src.dtype.size();
-    dtype::decode(src.dtype, &src.bytes[start * sz..(start + out.len()) * sz], out);
+    dtype::decode(
+        src.dtype,
+        &src.bytes[start * sz..(start + out.len()) * sz],
+        out,
+    );
     if let Some(c) = cast {
         // Widening casts are exact; only a narrower (or differently rounded) dtype changes values.
         if c != DType::F32 && c != src.dtype {
@@ -191,7 +216,9 @@ fn load_deltas(job: &Job, start: usize, len: usize, s: &mut Scratch) {
 
 fn chunks(n: usize, size: usize) -> impl IndexedParallelIterator<Item = (usize, usize)> {
     let size = size.max(1);
-    (0..n.div_ceil(size)).into_par_iter().map(move |c| (c * size, size.min(n - c * size)))
+    (0..n.div_ceil(size))
+        .into_par_iter()
+        .map(move |c| (c * size, size.min(n - c * size)))
 }
 
 /// The keep rule of every input for magnitude trimming (TIES), found by streaming radix select.
@@ -228,10 +255,12 @@ fn trim_rules(job: &Job, chunk: usize) -> Vec<TrimRule> {
     let bins: Vec<Option<(u32, u64)>> = ks
         .iter()
         .enumerate()
-        .map(|(i, k)| k.map(|k| {
-            let (b, need) = select::find_bin(&high[i], k);
-            (b as u32, need)
-        }))
+        .map(|(i, k)| {
+            k.map(|k| {
+                let (b, need) = select::find_bin(&high[i], k);
+                (b as u32, need)
+            })
+        })
         .collect();
     let low = chunks(job.numel, chunk)
         .fold(
@@ -256,7 +285,11 @@ fn trim_rules(job: &Job, chunk: usize) -> Vec<TrimRule> {
             let hist = &low[i];
             let (lo, ties_kept) = select::find_bin(hist, *need);
             let bits = (bin << 16) | lo as u32;
-            rules[i] = TrimRule { threshold_bits: bits, last_tie: usize::MAX, keep_all: false };
+            rules[i] = TrimRule {
+                threshold_bits: bits,
+                last_tie: usize::MAX,
+                keep_all: false,
+            };
             if ties_kept < hist[lo] as u64 {
                 pending.push((i, ties_kept));
             }
@@ -267,7 +300,10 @@ fn trim_rules(job: &Job, chunk: usize) -> Vec<TrimRule> {
         let counts: Vec<Vec<u64>> = chunks(job.numel, chunk)
             .map_init(Scratch::default, |s, (start, len)| {
                 load_deltas(job, start, len, s);
-                pending.iter().map(|&(i, _)| select::count_equal(&s.x[i][..len], rules[i].threshold_bits)).collect()
+                pending
+                    .iter()
+                    .map(|&(i, _)| select::count_equal(&s.x[i][..len], rules[i].threshold_bits))
+                    .collect()
             })
             .collect();
         let size = chunk.max(1);
@@ -281,7 +317,8 @@ fn trim_rules(job: &Job, chunk: usize) -> Vec<TrimRule> {
                     load_deltas(job, start, len, &mut s);
                     let bits = rules[i].threshold_bits;
                     rules[i].last_tie =
-                        select::nth_equal(&s.x[i][..len], bits, ties_kept - before, start).expect("counted");
+                        select::nth_equal(&s.x[i][..len], bits, ties_kept - before, start)
+                            .expect("counted");
                     break;
                 }
                 before += cnt[p];
@@ -299,7 +336,15 @@ fn add_hist<const N: usize>(mut a: Vec<[u32; N]>, b: Vec<[u32; N]>) -> Vec<[u32;
 }
 
 /// The keep mask of input `i` for chunk `[start, start+len)`, from its delta already in `s.x[i]`.
-fn mask_into(job: &Job, i: usize, rules: &[TrimRule], streams: &[Stream], start: usize, len: usize, s: &mut Scratch) {
+fn mask_into(
+    job: &Job,
+    i: usize,
+    rules: &[TrimRule],
+    streams: &[Stream],
+    start: usize,
+    len: usize,
+    s: &mut Scratch,
+) {
     let inp = &job.inputs[i];
     match job.spec.method.sparsify() {
         Sparsify::Magnitude => rules[i].mask(start, &s.x[i][..len], &mut s.keep[..len]),
@@ -315,26 +360,31 @@ pub fn merge(job: &Job, chunk_elems: usize, sink: &dyn Sink) -> Result<()> {
     let spec = job.spec;
     let m = job.inputs.len();
     let sparsify = spec.method.sparsify();
-    let rules = if sparsify == Sparsify::Magnitude { trim_rules(job, chunk) } else { vec![TrimRule::ALL; m] };
-    let streams: Vec<Stream> = job.inputs.iter().map(|i| Stream::new(spec.seed, job.name, i.model_id)).collect();
-    // A sparsifier that keeps everything (density 1) is the identity, and is not rescaled (as in mergekit).
+    let rules = if sparsify == Sparsify::Magnitude {
+        trim_rules(job, chunk)
+    } else {
+        vec![TrimRule::ALL; m]
+    };
+    let streams: Vec<Stream> = job
+        .inputs
+        .iter()
+        .map(|i| Stream::new(spec.seed, job.name, i.model_id))
+        .collect();
+    // Density 1 is the identity and is not rescaled (as in mergekit); any lower density is, even where the
+    // trim happens to keep every element (k = max(1, int(d·n)) = n on tiny tensors).
     let sparse: Vec<bool> = job
         .inputs
         .iter()
-        .zip(&rules)
-        .map(|(inp, r)| match sparsify {
-            Sparsify::None => false,
-            Sparsify::Magnitude => !r.keep_all,
-            Sparsify::Random => inp.density < 1.0,
-        })
+        .map(|inp| sparsify != Sparsify::None && inp.density < 1.0)
         .collect();
-    let mut scales = vec![1f32; m];
+    let mut scales = vec![Scale::Mul(1.0); m];
     match spec.rescale {
         Rescale::None => {}
         Rescale::InverseDensity => {
             for i in 0..m {
                 if sparse[i] {
-                    scales[i] = (1.0 / job.inputs[i].density) as f32;
+                    // Divide, as the DARE paper and PEFT do (not multiply by a rounded reciprocal).
+                    scales[i] = Scale::Div(job.inputs[i].density as f32);
                 }
             }
         }
@@ -351,10 +401,12 @@ pub fn merge(job: &Job, chunk_elems: usize, sink: &dyn Sink) -> Result<()> {
                 })
                 .collect();
             for i in (0..m).filter(|&i| sparse[i]) {
-                let (all, kept) = per_block.iter().fold((0f64, 0f64), |(a, k), b| (a + b[i].0, k + b[i].1));
+                let (all, kept) = per_block
+                    .iter()
+                    .fold((0f64, 0f64), |(a, k), b| (a + b[i].0, k + b[i].1));
                 // mergekit skips the rescale when either norm is below 1e-7.
                 if all >= 1e-7 && kept >= 1e-7 {
-                    scales[i] = (all / kept) as f32;
+                    scales[i] = Scale::Mul((all / kept) as f32);
                 }
             }
         }
@@ -385,19 +437,35 @@ pub fn merge(job: &Job, chunk_elems: usize, sink: &dyn Sink) -> Result<()> {
             }
             _ => {
                 if spec.method.consensus() {
-                    combine::elect_and_mix(xs, &weights, &mut s.total[..len], &mut s.mixed[..len], &mut s.divisor[..len]);
+                    combine::elect_and_mix(
+                        xs,
+                        &weights,
+                        &mut s.total[..len],
+                        &mut s.mixed[..len],
+                        &mut s.divisor[..len],
+                    );
                 } else {
                     combine::sum(xs, &mut s.mixed[..len]);
-                    let d = if weight_sum.abs() < 1e-8 { 1.0 } else { weight_sum };
+                    let d = if weight_sum.abs() < 1e-8 {
+                        1.0
+                    } else {
+                        weight_sum
+                    };
                     s.divisor[..len].fill(d);
                 }
                 if spec.normalize {
-                    s.mixed[..len].iter_mut().zip(&s.divisor[..len]).for_each(|(v, d)| *v /= d);
+                    s.mixed[..len]
+                        .iter_mut()
+                        .zip(&s.divisor[..len])
+                        .for_each(|(v, d)| *v /= d);
                 }
                 if lambda != 1.0 {
                     s.mixed[..len].iter_mut().for_each(|v| *v *= lambda);
                 }
-                s.mixed[..len].iter_mut().zip(&s.base[..len]).for_each(|(v, b)| *v += b);
+                s.mixed[..len]
+                    .iter_mut()
+                    .zip(&s.base[..len])
+                    .for_each(|(v, b)| *v += b);
             }
         }
         s.bytes.resize(len * out_size, 0);
@@ -419,7 +487,11 @@ unsafe impl Sync for SliceSink {}
 
 impl SliceSink {
     pub fn new(out: &mut [u8], dtype: DType) -> Self {
-        SliceSink { ptr: out.as_mut_ptr(), len: out.len(), elem_size: dtype.size() }
+        SliceSink {
+            ptr: out.as_mut_ptr(),
+            len: out.len(),
+            elem_size: dtype.size(),
+        }
     }
 }
 

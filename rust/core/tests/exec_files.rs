@@ -10,9 +10,15 @@ use ferromerge_core::plan::Plan;
 use ferromerge_core::{CoreError, DType};
 
 fn write(path: &Path, tensors: &[(&str, Vec<f32>, Vec<usize>)]) {
-    let bytes: Vec<Vec<u8>> = tensors.iter().map(|t| t.1.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
-    let views: Vec<(&str, DType, &[usize], &[u8])> =
-        tensors.iter().zip(&bytes).map(|(t, b)| (t.0, DType::F32, t.2.as_slice(), b.as_slice())).collect();
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|t| t.1.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
+    let views: Vec<(&str, DType, &[usize], &[u8])> = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|(t, b)| (t.0, DType::F32, t.2.as_slice(), b.as_slice()))
+        .collect();
     write_safetensors(path, &views, &BTreeMap::new()).unwrap();
 }
 
@@ -31,8 +37,14 @@ fn plan_json(dir: &Path, tensor_b: &str, shape: &[usize]) -> String {
 #[test]
 fn plan_round_trip() {
     let dir = tempfile::tempdir().unwrap();
-    write(&dir.path().join("a.safetensors"), &[("w", vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0], vec![2, 3])]);
-    write(&dir.path().join("b.safetensors"), &[("w", vec![3.0, 2.0, 1.0, 4.0, 9.0, 6.0], vec![2, 3])]);
+    write(
+        &dir.path().join("a.safetensors"),
+        &[("w", vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0], vec![2, 3])],
+    );
+    write(
+        &dir.path().join("b.safetensors"),
+        &[("w", vec![3.0, 2.0, 1.0, 4.0, 9.0, 6.0], vec![2, 3])],
+    );
     let out = dir.path().join("out");
     std::fs::create_dir(&out).unwrap();
     let plan = Plan::from_json(&plan_json(dir.path(), "w", &[2, 3])).unwrap();
@@ -46,8 +58,11 @@ fn plan_round_trip() {
     let f = SafetensorsFile::open(&out.join("out.safetensors")).unwrap();
     let e = f.entry("w").unwrap();
     assert_eq!((e.dtype, e.shape.clone()), (Some(DType::BF16), vec![2, 3]));
-    let got: Vec<f32> =
-        f.bytes(e).chunks_exact(2).map(|c| ferromerge_core::dtype::bf16_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect();
+    let got: Vec<f32> = f
+        .bytes(e)
+        .chunks_exact(2)
+        .map(|c| ferromerge_core::dtype::bf16_to_f32(u16::from_le_bytes([c[0], c[1]])))
+        .collect();
     // base + lambda·weight·(b − a) = a + (b − a)
     assert_eq!(got, vec![3.0, 2.0, 1.0, 4.0, 9.0, 6.0]);
 }
@@ -55,27 +70,52 @@ fn plan_round_trip() {
 #[test]
 fn bad_inputs_fail_before_writing_and_name_file_and_tensor() {
     let dir = tempfile::tempdir().unwrap();
-    write(&dir.path().join("a.safetensors"), &[("w", vec![1.0; 6], vec![2, 3])]);
-    write(&dir.path().join("b.safetensors"), &[("w", vec![1.0; 6], vec![3, 2])]);
+    write(
+        &dir.path().join("a.safetensors"),
+        &[("w", vec![1.0; 6], vec![2, 3])],
+    );
+    write(
+        &dir.path().join("b.safetensors"),
+        &[("w", vec![1.0; 6], vec![3, 2])],
+    );
     let out = dir.path().join("out");
     std::fs::create_dir(&out).unwrap();
-    let run = |json: String| execute(&Plan::from_json(&json).unwrap(), &out, Some(1), &mut |_| Ok(()));
+    let run = |json: String| {
+        execute(&Plan::from_json(&json).unwrap(), &out, Some(1), &mut |_| {
+            Ok(())
+        })
+    };
 
     let e = run(plan_json(dir.path(), "w", &[2, 3])).unwrap_err();
     assert!(matches!(e, CoreError::Tensor { .. }), "{e}");
     let msg = e.to_string();
-    assert!(msg.contains("b.safetensors") && msg.contains("'w'") && msg.contains("[3, 2]"), "{msg}");
+    assert!(
+        msg.contains("b.safetensors") && msg.contains("'w'") && msg.contains("[3, 2]"),
+        "{msg}"
+    );
 
-    let msg = run(plan_json(dir.path(), "missing", &[2, 3])).unwrap_err().to_string();
-    assert!(msg.contains("b.safetensors") && msg.contains("'missing'") && msg.contains("not found"), "{msg}");
-    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0, "nothing written");
+    let msg = run(plan_json(dir.path(), "missing", &[2, 3]))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("b.safetensors") && msg.contains("'missing'") && msg.contains("not found"),
+        "{msg}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&out).unwrap().count(),
+        0,
+        "nothing written"
+    );
 
     // Truncated file, garbage header, header length beyond the file.
     let b = dir.path().join("b.safetensors");
     let full = std::fs::read(dir.path().join("a.safetensors")).unwrap();
     for (what, bytes) in [
         ("truncated", full[..full.len() - 3].to_vec()),
-        ("garbage", [&16u64.to_le_bytes()[..], b"{not json at all"].concat()),
+        (
+            "garbage",
+            [&16u64.to_le_bytes()[..], b"{not json at all"].concat(),
+        ),
         ("long header", [&1000u64.to_le_bytes()[..], b"{}"].concat()),
         ("tiny", vec![1, 2, 3]),
     ] {
@@ -84,14 +124,24 @@ fn bad_inputs_fail_before_writing_and_name_file_and_tensor() {
         assert!(matches!(e, CoreError::Input { .. }), "{what}: {e}");
         assert!(e.to_string().contains("b.safetensors"), "{what}: {e}");
     }
-    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0, "nothing written");
+    assert_eq!(
+        std::fs::read_dir(&out).unwrap().count(),
+        0,
+        "nothing written"
+    );
 }
 
 #[test]
 fn interrupt_stops_the_run() {
     let dir = tempfile::tempdir().unwrap();
-    write(&dir.path().join("a.safetensors"), &[("w", vec![1.0; 6], vec![2, 3])]);
-    write(&dir.path().join("b.safetensors"), &[("w", vec![1.0; 6], vec![2, 3])]);
+    write(
+        &dir.path().join("a.safetensors"),
+        &[("w", vec![1.0; 6], vec![2, 3])],
+    );
+    write(
+        &dir.path().join("b.safetensors"),
+        &[("w", vec![1.0; 6], vec![2, 3])],
+    );
     let out = dir.path().join("out");
     std::fs::create_dir(&out).unwrap();
     let plan = Plan::from_json(&plan_json(dir.path(), "w", &[2, 3])).unwrap();

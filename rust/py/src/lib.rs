@@ -24,10 +24,16 @@ fn open(py: Python<'_>, path: PathBuf) -> PyResult<SafetensorsFile> {
     py.detach(|| SafetensorsFile::open(&path)).map_err(to_py)
 }
 
+/// `{name: (dtype, shape)}` in data-offset order, so callers can follow the file's layout.
 #[pyfunction]
-fn read_header(py: Python<'_>, path: PathBuf) -> PyResult<HashMap<String, (String, Vec<usize>)>> {
+fn read_header<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyDict>> {
     let f = open(py, path)?;
-    Ok(f.tensors().iter().map(|(k, e)| (k.clone(), (e.dtype_name.clone(), e.shape.clone()))).collect())
+    let d = PyDict::new(py);
+    for name in f.names_in_file_order() {
+        let e = &f.tensors()[name];
+        d.set_item(name, (e.dtype_name.as_str(), e.shape.clone()))?;
+    }
+    Ok(d)
 }
 
 #[pyfunction]
@@ -59,12 +65,23 @@ fn merge_arrays<'py>(
     threads: Option<usize>,
     chunk_elems: Option<usize>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let held: Vec<Held> =
-        inputs.iter().enumerate().map(|(i, o)| Held::extract(o, &format!("inputs[{i}]"))).collect::<PyResult<_>>()?;
-    let base_held = base.as_ref().map(|b| Held::extract(b, "base")).transpose()?;
-    let n = base_held.as_ref().or(held.first()).map(Held::len).unwrap_or(0);
+    let held: Vec<Held> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, o)| Held::extract(o, &format!("inputs[{i}]")))
+        .collect::<PyResult<_>>()?;
+    let base_held = base
+        .as_ref()
+        .map(|b| Held::extract(b, "base"))
+        .transpose()?;
+    let n = base_held
+        .as_ref()
+        .or(held.first())
+        .map(Held::len)
+        .unwrap_or(0);
     let model_ids = model_ids.unwrap_or_else(|| (0..held.len() as u32).collect());
-    if weights.len() != held.len() || densities.len() != held.len() || model_ids.len() != held.len() {
+    if weights.len() != held.len() || densities.len() != held.len() || model_ids.len() != held.len()
+    {
         return Err(PyValueError::new_err(format!(
             "{} inputs but {} weights, {} densities, {} model_ids",
             held.len(),
@@ -76,12 +93,21 @@ fn merge_arrays<'py>(
     let mut sources = Vec::with_capacity(held.len());
     for (i, h) in held.iter().enumerate() {
         if h.len() != n {
-            return Err(PyValueError::new_err(format!("inputs[{i}] has {} elements, expected {n}", h.len())));
+            return Err(PyValueError::new_err(format!(
+                "inputs[{i}] has {} elements, expected {n}",
+                h.len()
+            )));
         }
-        sources.push(Source { bytes: h.bytes(&format!("inputs[{i}]"))?, dtype: h.dtype() });
+        sources.push(Source {
+            bytes: h.bytes(&format!("inputs[{i}]"))?,
+            dtype: h.dtype(),
+        });
     }
     let base_src = match &base_held {
-        Some(b) => Some(Source { bytes: b.bytes("base")?, dtype: b.dtype() }),
+        Some(b) => Some(Source {
+            bytes: b.bytes("base")?,
+            dtype: b.dtype(),
+        }),
         None => None,
     };
     let spec = MethodSpec {
@@ -98,7 +124,12 @@ fn merge_arrays<'py>(
         inputs: sources
             .into_iter()
             .zip(weights.iter().zip(&densities).zip(&model_ids))
-            .map(|(src, ((&weight, &density), &model_id))| Input { src, weight, density, model_id })
+            .map(|(src, ((&weight, &density), &model_id))| Input {
+                src,
+                weight,
+                density,
+                model_id,
+            })
             .collect(),
         cast: cast_dtype.map(DType::parse).transpose().map_err(to_py)?,
         spec,
@@ -110,7 +141,8 @@ fn merge_arrays<'py>(
     let out_dtype = job.out_dtype;
     with_output(py, out_dtype, n, |out| {
         let sink = merge::SliceSink::new(out, out_dtype);
-        pool.install(|| merge::merge(&job, chunk, &sink)).map_err(to_py)
+        pool.install(|| merge::merge(&job, chunk, &sink))
+            .map_err(to_py)
     })
 }
 
@@ -131,7 +163,10 @@ fn execute_plan(
             Python::attach(|py| {
                 let r = py.check_signals().and_then(|_| match &progress {
                     Some(cb) => cb
-                        .call1(py, (p.tensors_done, p.tensors_total, p.bytes_done, p.bytes_total))
+                        .call1(
+                            py,
+                            (p.tensors_done, p.tensors_total, p.bytes_done, p.bytes_total),
+                        )
                         .map(|_| ()),
                     None => Ok(()),
                 });
@@ -182,7 +217,8 @@ fn save_file(
         views.push((name.as_str(), *dtype, shape.as_slice(), h.bytes(name)?));
     }
     let metadata = metadata.unwrap_or_default();
-    py.detach(|| write_safetensors(&path, &views, &metadata)).map_err(to_py)
+    py.detach(|| write_safetensors(&path, &views, &metadata))
+        .map_err(to_py)
 }
 
 #[pymodule]

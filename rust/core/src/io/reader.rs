@@ -35,16 +35,31 @@ pub struct SafetensorsFile {
 
 impl SafetensorsFile {
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).map_err(|e| CoreError::input(path, format!("cannot open: {e}")))?;
-        let len = file.metadata().map_err(|e| CoreError::input(path, format!("cannot stat: {e}")))?.len();
+        let file =
+            File::open(path).map_err(|e| CoreError::input(path, format!("cannot open: {e}")))?;
+        let len = file
+            .metadata()
+            .map_err(|e| CoreError::input(path, format!("cannot stat: {e}")))?
+            .len();
         if len < 8 {
-            return Err(CoreError::input(path, format!("not a safetensors file: only {len} bytes")));
+            return Err(CoreError::input(
+                path,
+                format!("not a safetensors file: only {len} bytes"),
+            ));
         }
         // SAFETY: the map is read-only; a file truncated under us while mapped would fault, as with any mmap
         // reader (safetensors, torch). We never write through it.
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| CoreError::input(path, format!("cannot mmap: {e}")))?;
-        let (n, meta) = SafeTensors::read_metadata(&mmap)
-            .map_err(|e| CoreError::input(path, format!("corrupt or truncated safetensors header: {e}")))?;
+        let mmap = unsafe { Mmap::map(&file) }
+            .map_err(|e| CoreError::input(path, format!("cannot mmap: {e}")))?;
+        let (n, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| {
+            let culprit = diagnose(&mmap)
+                .map(|t| format!(" (tensor '{t}')"))
+                .unwrap_or_default();
+            CoreError::input(
+                path,
+                format!("corrupt or truncated safetensors header{culprit}: {e}"),
+            )
+        })?;
         let data_start = 8 + n;
         let mut tensors = HashMap::new();
         let mut order: Vec<(usize, String)> = Vec::new();
@@ -106,14 +121,20 @@ impl SafetensorsFile {
             CoreError::tensor(
                 &self.path,
                 name,
-                format!("unsupported dtype {} (ferromerge merges F32, F16 and BF16)", e.dtype_name),
+                format!(
+                    "unsupported dtype {} (ferromerge merges F32, F16 and BF16)",
+                    e.dtype_name
+                ),
             )
         })?;
         if e.shape != shape {
             return Err(CoreError::tensor(
                 &self.path,
                 name,
-                format!("shape {:?} does not match the expected {:?}", e.shape, shape),
+                format!(
+                    "shape {:?} does not match the expected {:?}",
+                    e.shape, shape
+                ),
             ));
         }
         Ok((self.bytes(e), dtype))
@@ -130,7 +151,11 @@ impl SafetensorsFile {
                 // SAFETY: advice on a range inside our own read-only mapping; DONTNEED on a file-backed
                 // read-only map only drops clean pages, which are re-read from the file if touched again.
                 unsafe {
-                    libc::madvise(m.as_ptr().add(start) as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
+                    libc::madvise(
+                        m.as_ptr().add(start) as *mut libc::c_void,
+                        end - start,
+                        libc::MADV_DONTNEED,
+                    );
                 }
             }
         }
@@ -146,9 +171,56 @@ impl SafetensorsFile {
             if end > start {
                 // SAFETY: advice only, on a range inside our own mapping.
                 unsafe {
-                    libc::madvise(m.as_ptr().add(start) as *mut libc::c_void, end - start, libc::MADV_WILLNEED);
+                    libc::madvise(
+                        m.as_ptr().add(start) as *mut libc::c_void,
+                        end - start,
+                        libc::MADV_WILLNEED,
+                    );
                 }
             }
         }
     }
+}
+
+/// Which tensor makes a header invalid, when the `safetensors` crate's error does not say: the first (in offset
+/// order) whose byte range does not match its dtype and shape, overlaps the previous one, or runs past the file.
+fn diagnose(buf: &[u8]) -> Option<String> {
+    let n = u64::from_le_bytes(buf.get(..8)?.try_into().ok()?) as usize;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(buf.get(8..8usize.checked_add(n)?)?).ok()?;
+    let data_len = buf.len() - 8 - n;
+    let mut entries: Vec<(u64, u64, &str, &serde_json::Value)> = header
+        .iter()
+        .filter(|(k, _)| k.as_str() != "__metadata__")
+        .filter_map(|(k, v)| {
+            let off = v.get("data_offsets")?.as_array()?;
+            Some((off.first()?.as_u64()?, off.get(1)?.as_u64()?, k.as_str(), v))
+        })
+        .collect();
+    entries.sort_by(|a, b| (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2)));
+    // A tensor wrong on its own (size or range) first; only then one that leaves a gap or overlaps.
+    for &(s, e, name, v) in &entries {
+        let dtype: Option<safetensors::Dtype> =
+            serde_json::from_value(v.get("dtype")?.clone()).ok();
+        let numel = v
+            .get("shape")?
+            .as_array()?
+            .iter()
+            .try_fold(1u64, |a, d| a.checked_mul(d.as_u64()?));
+        let size = match (dtype, numel) {
+            (Some(d), Some(n)) => n.checked_mul(d.bitsize() as u64).map(|b| b / 8),
+            _ => None,
+        };
+        if e < s || e > data_len as u64 || size != Some(e - s) {
+            return Some(name.to_string());
+        }
+    }
+    let mut pos = 0u64;
+    for &(s, e, name, _) in &entries {
+        if s != pos {
+            return Some(name.to_string());
+        }
+        pos = e;
+    }
+    None
 }

@@ -1,0 +1,147 @@
+"""The ``ferromerge`` command: ``run``, ``plan``, ``demo``, ``--version``.
+
+Errors print one line, ``ferromerge: error: <message>``, and exit with 2 for config/parameter problems, 1 for
+input/output problems, 130 on Ctrl-C (no output is left behind in any of these cases).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from . import _core
+from .errors import MergeError, ParameterError
+from .plan import DEFAULT_SHARD_SIZE, format_bytes
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**64), got {text!r}")
+    return value
+
+
+def _add_plan_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=_seed, default=0, help="seed of DARE's random masks (default 0: reproducible)")
+    p.add_argument(
+        "--out-shard-size",
+        default=DEFAULT_SHARD_SIZE,
+        metavar="SIZE",
+        help="bytes per output shard, K/M/B = x1000 as in mergekit, also KiB/MiB/GiB (default 5B = 5e9 bytes)",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ferromerge", description="Merge LLM weights (mergekit YAML configs) by streaming safetensors shards."
+    )
+    parser.add_argument("--version", action="version", version=f"ferromerge {_core.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="merge the models of a config into OUT_DIR")
+    p.add_argument("config", metavar="CONFIG", help="mergekit YAML config")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="output model directory (must not exist, see --overwrite)")
+    p.add_argument(
+        "--threads", type=_positive_int, default=None, metavar="N", help="worker threads (default: all cores)"
+    )
+    _add_plan_options(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace OUT_DIR if it exists (only once the merge is done)"
+    )
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("plan", help="check a config and its models and print what a run would do (writes nothing)")
+    p.add_argument("config", metavar="CONFIG", help="mergekit YAML config")
+    _add_plan_options(p)
+    p.add_argument("--json", action="store_true", help="print the engine's plan JSON instead of a summary")
+    p.set_defaults(func=_cmd_plan)
+
+    p = sub.add_parser("demo", help="make a small family of Llama-shaped models and TIES-merge them")
+    p.add_argument(
+        "--out", default="ferromerge-demo", metavar="DIR", help="working directory (default ./ferromerge-demo)"
+    )
+    p.add_argument("--quiet", action="store_true", help="print nothing")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .run import run
+
+    report = run(
+        args.config,
+        args.out_dir,
+        threads=args.threads,
+        seed=args.seed,
+        out_shard_size=args.out_shard_size,
+        quiet=args.quiet,
+        overwrite=args.overwrite,
+    )
+    if not args.quiet:
+        print(
+            f"merged {report.tensors} tensors into {report.out_dir}: read {format_bytes(report.bytes_read)}, "
+            f"wrote {format_bytes(report.bytes_written)} in {report.seconds:.2f} s ({report.gb_per_s:.2f} GB/s read)"
+        )
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from .run import prepare
+
+    config, plan = prepare(args.config, seed=args.seed, out_shard_size=args.out_shard_size)
+    if args.json:
+        print(plan.to_json())
+        return 0
+    print(plan.summary())
+    for note in config.notes:
+        print(f"note: {note}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    _, checks = run_demo(args.out, quiet=args.quiet)
+    return 0 if all(c.bounded for c in checks) else 1
+
+
+def _error(message: object) -> None:
+    print(f"ferromerge: error: {message}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``ferromerge`` console script; returns the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ParameterError as e:
+        _error(e)
+        return 2
+    except MergeError as e:
+        _error(e)
+        return 1
+    except OSError as e:
+        _error(e)
+        return 1
+    except KeyboardInterrupt:
+        print("ferromerge: interrupted; no output was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

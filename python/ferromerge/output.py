@@ -1,0 +1,168 @@
+"""The output directory: built in a temporary directory beside the target and renamed onto it when complete.
+
+A failed or interrupted run removes its temporary directory and leaves no target, so an output directory that
+exists is always complete. Partial directories of killed runs are found and removed on the next run. Besides
+the shards, the output gets the shard index, the reference model's ``config.json`` (dtype updated), its
+tokenizer files, the config as given (``mergekit_config.yml``, as mergekit names it) and the resolved merge
+(``ferromerge_config.yml``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import OutputError
+
+#: copied from the reference model when present (mergekit copies the tokenizer of the base or first model too)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "generation_config.json",
+)
+
+_PARTIAL = ".ferromerge-partial-"
+_TRASH = ".ferromerge-old-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class OutputDir:
+    """The target directory of one run; ``building()`` yields the temporary directory to fill."""
+
+    def __init__(self, target: str | os.PathLike[str], *, overwrite: bool = False) -> None:
+        self.target = Path(target).expanduser().absolute()
+        self.overwrite = overwrite
+        self.temp = self.target.parent / f".{self.target.name}{_PARTIAL}{os.getpid()}"
+        self.check()
+
+    def check(self) -> None:
+        """Fail early (before any work) when the target cannot be written."""
+        if self.target.exists() or self.target.is_symlink():
+            if not self.overwrite:
+                raise OutputError(f"output directory {self.target} already exists; use --overwrite to replace it")
+            if not self.target.is_dir() or self.target.is_symlink():
+                raise OutputError(f"{self.target} exists and is not a directory; refusing to replace it")
+            if Path.cwd().resolve().is_relative_to(self.target.resolve()):
+                raise OutputError(f"refusing to replace {self.target}: it contains the current directory")
+        parent = self.target.parent
+        if parent.exists() and not parent.is_dir():
+            raise OutputError(f"cannot create {self.target}: {parent} is not a directory")
+
+    def check_inputs(self, model_dirs: list[Path]) -> None:
+        """Refuse a target that holds an input model: replacing it would delete what is being read."""
+        target = self.target.resolve()
+        for d in model_dirs:
+            if d.resolve().is_relative_to(target):
+                raise OutputError(f"output directory {self.target} contains the input model {d}; choose another")
+
+    def stale(self) -> list[Path]:
+        """Partial or trash directories of this target left by runs that were killed."""
+        found = []
+        for marker in (_PARTIAL, _TRASH):
+            for p in self.target.parent.glob(f".{self.target.name}{marker}*"):
+                pid = p.name.rpartition("-")[2]
+                # our own pid can only be a leftover of an earlier process that had the same pid
+                if p == self.temp or (pid.isdigit() and not _pid_alive(int(pid))):
+                    found.append(p)
+        return sorted(found)
+
+    @contextmanager
+    def building(self, log: Callable[[str], None] = lambda _: None) -> Iterator[Path]:
+        """Yield a fresh temporary directory; on normal exit it replaces the target, on any exit it is gone."""
+        for p in self.stale():
+            log(f"removing {p}, left by an interrupted run")
+            shutil.rmtree(p, ignore_errors=True)
+        try:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            self.temp.mkdir()
+        except OSError as e:
+            raise OutputError(f"cannot create {self.temp}: {e}") from None
+        try:
+            yield self.temp
+            self._commit()
+        finally:
+            # BaseException included: Ctrl-C must not leave a partial directory behind.
+            shutil.rmtree(self.temp, ignore_errors=True)
+
+    def _commit(self) -> None:
+        try:
+            if self.target.exists():
+                self.check()
+                trash = self.target.parent / f".{self.target.name}{_TRASH}{os.getpid()}"
+                os.rename(self.target, trash)
+                os.rename(self.temp, self.target)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.rename(self.temp, self.target)
+        except OSError as e:
+            raise OutputError(f"cannot move the finished output to {self.target}: {e}") from None
+
+
+def _write(path: Path, text: str) -> None:
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e}") from None
+
+
+def write_index(out: Path, weight_map: dict[str, str], total_size: int) -> None:
+    """``model.safetensors.index.json``, as transformers reads it (only written for more than one shard)."""
+    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+    _write(out / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
+
+
+def write_model_config(out: Path, source: Path, dtype: str) -> None:
+    """``config.json`` of ``source`` with its dtype keys set to ``dtype`` (nothing when ``source`` has none)."""
+    src = source / "config.json"
+    if not src.is_file():
+        return
+    try:
+        config = json.loads(src.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise OutputError(f"cannot read {src} to copy it into the output: {e}") from None
+    if isinstance(config, dict):
+        config["torch_dtype"] = dtype
+        if "dtype" in config:  # newer transformers write "dtype" instead of (or besides) "torch_dtype"
+            config["dtype"] = dtype
+    _write(out / "config.json", json.dumps(config, indent=2) + "\n")
+
+
+def copy_tokenizer(out: Path, source: Path) -> list[str]:
+    """Copy the tokenizer (and generation config) files that ``source`` has; returns their names."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        src = source / name
+        if src.is_file():
+            try:
+                shutil.copyfile(src, out / name)
+            except OSError as e:
+                raise OutputError(f"cannot copy {src} into the output: {e}") from None
+            copied.append(name)
+    return copied
+
+
+def write_configs(out: Path, text: str, resolved: dict[str, Any]) -> None:
+    """The config as given (``mergekit_config.yml``) and the resolved merge (``ferromerge_config.yml``)."""
+    _write(out / "mergekit_config.yml", text if text.endswith("\n") else text + "\n")
+    _write(out / "ferromerge_config.yml", yaml.safe_dump(resolved, sort_keys=False))

@@ -1,0 +1,120 @@
+"""``run``: one merge from a config to a finished output directory (config -> models -> plan -> engine -> output)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import _core
+from .config import MergeConfig, load_config
+from .errors import ParameterError
+from .models import ModelIndex, index_model
+from .output import OutputDir, copy_tokenizer, write_configs, write_index, write_model_config
+from .plan import DEFAULT_SHARD_SIZE, Plan, build_plan
+from .progress import ProgressBar
+
+ProgressCallback = Callable[[int, int, int, int], None]
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """What a finished run did."""
+
+    tensors: int
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    out_dir: Path
+
+    @property
+    def gb_per_s(self) -> float:
+        """Input read rate (bytes read / wall time), the figure of merit of a streaming merge."""
+        return self.bytes_read / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+
+def _log(quiet: bool) -> Callable[[str], None]:
+    return (lambda _: None) if quiet else (lambda msg: print(f"ferromerge: {msg}", file=sys.stderr))
+
+
+def prepare(
+    config_or_path: str | os.PathLike[str] | Mapping[str, Any],
+    *,
+    seed: int = 0,
+    out_shard_size: str | int = DEFAULT_SHARD_SIZE,
+) -> tuple[MergeConfig, Plan]:
+    """Load the config, index every model and build the plan; nothing is written."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ParameterError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+    config = load_config(config_or_path)
+    models: dict[str, ModelIndex] = {ref: index_model(ref) for ref in config.model_refs()}
+    return config, build_plan(config, models, seed=seed, out_shard_size=out_shard_size)
+
+
+def run(
+    config_or_path: str | os.PathLike[str] | Mapping[str, Any],
+    out_dir: str | os.PathLike[str],
+    *,
+    threads: int | None = None,
+    seed: int = 0,
+    out_shard_size: str | int = DEFAULT_SHARD_SIZE,
+    quiet: bool = False,
+    overwrite: bool = False,
+    on_progress: ProgressCallback | None = None,
+) -> RunReport:
+    """Merge the models of a mergekit config into ``out_dir``.
+
+    ``config_or_path``: a config file path, YAML text or a mapping. ``seed`` keys DARE's random masks (the output
+    is a pure function of inputs, config and seed). ``out_shard_size``: bytes per output shard ("5B" = 5e9, as in
+    mergekit). ``on_progress(tensors_done, tensors_total, bytes_done, bytes_total)`` is called after each tensor;
+    an exception it raises aborts the run. On any failure (or Ctrl-C) ``out_dir`` is left absent, never partial.
+    """
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ParameterError(f"threads must be a positive integer, got {threads!r}")
+    log = _log(quiet)
+    start = time.perf_counter()
+    output = OutputDir(out_dir, overwrite=overwrite)
+    config, plan = prepare(config_or_path, seed=seed, out_shard_size=out_shard_size)
+    output.check_inputs([m.path for m in plan.models])
+    for note in config.notes:
+        log(f"note: {note}")
+    reference = plan.models[0]
+    bar = None if quiet else ProgressBar()
+
+    def progress(done: int, total: int, bytes_done: int, bytes_total: int) -> None:
+        if bar is not None:
+            bar(done, total, bytes_done, bytes_total)
+        if on_progress is not None:
+            on_progress(done, total, bytes_done, bytes_total)
+
+    with output.building(log) as tmp:
+        try:
+            stats = _core.execute_plan(
+                plan.to_json(),
+                str(tmp),
+                progress if (bar is not None or on_progress is not None) else None,
+                threads,
+            )
+        finally:
+            if bar is not None:
+                bar.close()
+        if len(plan.shards) > 1:
+            write_index(tmp, plan.weight_map(), plan.bytes_out)
+        write_model_config(tmp, reference.path, config.out_dtype or config.dtype or plan.tensors[0].out_dtype)
+        copy_tokenizer(tmp, reference.path)
+        resolved = config.resolved()
+        resolved["sources"] = {m.ref: str(m.path) for m in plan.models}
+        resolved["seed"] = seed
+        resolved["ferromerge_version"] = _core.__version__
+        write_configs(tmp, config.text, resolved)
+    return RunReport(
+        tensors=stats["tensors"],
+        bytes_read=stats["bytes_read"],
+        bytes_written=stats["bytes_written"],
+        seconds=time.perf_counter() - start,
+        out_dir=output.target,
+    )

@@ -1,0 +1,473 @@
+"""In-memory merging: mergekit 0.1.5's ``merge_tensors`` / ``merge_state_dicts`` over the Rust kernels.
+
+>>> out = merge_tensors([a, b, base], "ties", parameters={"weight": [0.5, 0.5], "density": 0.5}, base_index=2)
+>>> sd = merge_state_dicts({"a": sd_a, "b": sd_b, "base": sd_0}, "dare_ties", base="base",
+...                        parameters={"weight": {"a": 0.5, "b": 0.5}, "density": 0.7}, seed=1)
+
+Arrays may be
+
+* NumPy ``float32`` / ``float16`` arrays;
+* NumPy ``uint16`` (or ``int16``) arrays, read as **bfloat16 bit patterns** (NumPy has no bfloat16); a bfloat16
+  result comes back as ``uint16`` bits too;
+* ``ml_dtypes.bfloat16`` arrays (when ml_dtypes is installed); a bfloat16 result comes back as that type;
+* torch tensors (when torch is installed; it is imported only when a torch tensor is passed). CPU contiguous
+  float32/float16/bfloat16 tensors are shared without a copy; other devices are copied to the CPU and the result
+  is moved back to the input's device.
+
+The result has the input shape and the same kind of array as the reference input (the base when there is one,
+else the first tensor). All math is float32; ``dtype`` rounds the inputs to that dtype first (mergekit's ``dtype``),
+``out_dtype`` is the dtype of the result (default: ``dtype``, else the reference input's dtype). Dtypes can be given
+as mergekit names (``"float32"``, ``"float16"``, ``"bfloat16"``, also ``"fp32"``, ``"bf16"``, ...), NumPy dtypes,
+``ml_dtypes.bfloat16`` or torch dtypes.
+
+Parameters follow mergekit: per-model ones (``weight``, ``density``) are a scalar (broadcast), a list with one value
+per non-base tensor (per tensor for ``linear``, where a base is just one more input) or a mapping (tensor position
+for ``merge_tensors``, model name for ``merge_state_dicts``); shared ones (``normalize``, ``lambda``, ``rescale``,
+``rescale_mode``, ``int8_mask``) are scalars. Defaults and validation come from :mod:`ferromerge.methods`; unknown
+names raise ``ParameterError``. ``seed``, the tensor ``name`` and each model's position among the non-base
+models key DARE's random masks, so results are reproducible and independent of ``threads``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import _core
+from . import methods as _methods
+from ._core import InputError, ParameterError
+
+__all__ = ["merge_tensors", "merge_state_dicts"]
+
+_DTYPE_ALIASES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "f32": "float32",
+    "float": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "f16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+}
+
+
+def _is_torch(x: Any) -> bool:
+    return type(x).__module__.split(".", 1)[0] == "torch"
+
+
+def _ml_bfloat16() -> Any:
+    try:
+        import ml_dtypes
+    except ImportError:  # pragma: no cover - optional
+        return None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def _dtype_name(dtype: Any, what: str = "dtype") -> str | None:
+    """Normalise a dtype given as a name, NumPy/ml_dtypes dtype or torch dtype to a mergekit name."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        key = dtype.lower().removeprefix("torch.")
+        if key in _DTYPE_ALIASES:
+            return _DTYPE_ALIASES[key]
+        raise ParameterError(f"{what}: unsupported dtype {dtype!r}; use float32, float16 or bfloat16")
+    if _is_torch(dtype):
+        return _dtype_name(str(dtype), what)
+    try:
+        npd = np.dtype(dtype)
+    except TypeError:
+        raise ParameterError(f"{what}: unsupported dtype {dtype!r}; use float32, float16 or bfloat16") from None
+    if npd == np.float32:
+        return "float32"
+    if npd == np.float16:
+        return "float16"
+    bf = _ml_bfloat16()
+    if bf is not None and npd == bf:
+        return "bfloat16"
+    raise ParameterError(f"{what}: unsupported dtype {dtype!r}; use float32, float16 or bfloat16")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# array adapters
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """How to give a result back: "numpy", "ml_dtypes" or "torch" (with the device)."""
+
+    kind: str
+    device: Any = None
+
+
+@dataclass
+class _Array:
+    flat: np.ndarray  # C-contiguous 1-D float32/float16/uint16
+    dtype: str
+    shape: tuple[int, ...]
+    kind: _Kind
+
+
+def _from_torch(x: Any, where: str) -> _Array:
+    import torch
+
+    t = x.detach()
+    kind = _Kind("torch", t.device)
+    if t.device.type != "cpu":
+        t = t.to("cpu")
+    shape = tuple(t.shape)
+    t = t.contiguous()
+    if t.dtype == torch.float32:
+        arr, name = t.numpy(), "float32"
+    elif t.dtype == torch.float16:
+        arr, name = t.numpy(), "float16"
+    elif t.dtype == torch.bfloat16:
+        arr, name = t.view(torch.int16).numpy().view(np.uint16), "bfloat16"
+    else:
+        raise InputError(f"{where}: unsupported torch dtype {t.dtype}; use float32, float16 or bfloat16")
+    return _Array(arr.reshape(-1), name, shape, kind)
+
+
+def _as_array(x: Any, where: str) -> _Array:
+    if _is_torch(x):
+        return _from_torch(x, where)
+    if not isinstance(x, np.ndarray):
+        raise InputError(f"{where}: expected a NumPy array or torch tensor, got {type(x).__name__}")
+    kind = _Kind("numpy")
+    bf = _ml_bfloat16()
+    if bf is not None and x.dtype == bf:
+        kind = _Kind("ml_dtypes")
+        x = x.view(np.uint16)
+    dt = x.dtype
+    if dt == np.float32:
+        name = "float32"
+    elif dt == np.float16:
+        name = "float16"
+    elif dt in (np.uint16, np.int16):
+        name = "bfloat16"
+    else:
+        raise InputError(
+            f"{where}: unsupported array dtype {dt}; use float32, float16, or uint16/ml_dtypes.bfloat16 for bfloat16"
+        )
+    if not dt.isnative:
+        x = x.astype(dt.newbyteorder("="))
+    shape = tuple(x.shape)
+    flat = np.ascontiguousarray(x).reshape(-1)
+    if flat.dtype == np.int16:
+        flat = flat.view(np.uint16)
+    return _Array(flat, name, shape, kind)
+
+
+def _give_back(flat: np.ndarray, out_dtype: str, shape: tuple[int, ...], kind: _Kind) -> Any:
+    arr = np.asarray(flat).reshape(shape)
+    if out_dtype == "bfloat16" and arr.dtype == np.int16:
+        arr = arr.view(np.uint16)
+    if kind.kind == "torch":
+        import torch
+
+        if out_dtype == "bfloat16":
+            t = torch.from_numpy(np.ascontiguousarray(arr).view(np.int16)).view(torch.bfloat16)
+        else:
+            t = torch.from_numpy(np.ascontiguousarray(arr))
+        if kind.device is not None and kind.device.type != "cpu":
+            t = t.to(kind.device)
+        return t
+    if kind.kind == "ml_dtypes" and out_dtype == "bfloat16":
+        return arr.view(_ml_bfloat16())
+    return arr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# parameters
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check_names(spec: _methods.MethodSpec, given: Mapping[str, Any]) -> None:
+    known = spec.known_parameters()
+    unknown = sorted(k for k in given if k not in known)
+    if unknown:
+        raise ParameterError(
+            f"unknown parameter(s) {', '.join(map(repr, unknown))} for method {spec.name!r}; "
+            f"known parameters: {', '.join(known)}"
+        )
+
+
+def _per_model(
+    spec: _methods.MethodSpec, given: Mapping[str, Any], keys: Sequence[Any], labels: Sequence[str], base: Any = None
+) -> dict[str, list[float]]:
+    """Resolve per-model parameters to one float per model (``keys`` are mapping keys, ``labels`` for messages).
+
+    A mapping may also hold a value for the base (``base``), which non-base parameters ignore, as in mergekit.
+    """
+    out: dict[str, list[float]] = {}
+    for pname, pspec in spec.per_model.items():
+        value = given.get(pname)
+        if value is None:
+            if pspec.default is None:
+                raise ParameterError(f"missing required parameter {pname!r} for method {spec.name!r}")
+            out[pname] = [float(pspec.default)] * len(keys)
+            continue
+        if isinstance(value, Mapping):
+            missing = [lab for k, lab in zip(keys, labels) if k not in value]
+            if missing:
+                raise ParameterError(f"parameter {pname!r}: no value for {', '.join(missing)}")
+            extra = [k for k in value if k not in keys and not (base is not None and k == base)]
+            if extra:
+                raise ParameterError(f"parameter {pname!r}: values given for unknown input(s) {extra!r}")
+            raw = [value[k] for k in keys]
+        elif isinstance(value, (Sequence, np.ndarray)) and not isinstance(value, (str, bytes)):
+            raw = list(value)
+            if len(raw) != len(keys):
+                raise ParameterError(
+                    f"parameter {pname!r} expects {len(keys)} values (one per "
+                    f"{'input' if not spec.requires_base else 'non-base input'}), got {len(raw)}"
+                )
+        else:
+            raw = [value] * len(keys)
+        vals = []
+        for lab, v in zip(labels, raw):
+            if isinstance(v, np.generic):
+                v = v.item()
+            vals.append(_methods.coerce(pspec, pname, v, f"{pname} of {lab}"))
+        out[pname] = vals
+    return out
+
+
+def _shared(spec: _methods.MethodSpec, given: Mapping[str, Any]) -> dict[str, Any]:
+    shared = {}
+    for k in spec.shared:
+        if k in given:
+            v = given[k]
+            shared[k] = v.item() if isinstance(v, np.generic) else v
+    return _methods.resolve_shared(spec, shared)
+
+
+@dataclass
+class _Resolved:
+    spec: _methods.MethodSpec
+    kernel: dict[str, Any]
+    weights: list[float]
+    densities: list[float]
+
+
+def _resolve(
+    method: str, parameters: Mapping[str, Any] | None, keys: Sequence[Any], labels: Sequence[str], seed: int,
+    base: Any = None,
+) -> _Resolved:
+    spec = _methods.get(method) if isinstance(method, str) else method
+    given = dict(parameters or {})
+    _check_names(spec, given)
+    per = _per_model(spec, given, keys, labels, base)
+    shared = _shared(spec, given)
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise ParameterError(f"seed must be a non-negative integer, got {seed!r}")
+    kernel = _methods.kernel_spec(spec, shared, int(seed))
+    weights = per["weight"]
+    densities = per.get("density", [1.0] * len(keys))
+    return _Resolved(spec, kernel, weights, densities)
+
+
+def _merge_flat(
+    r: _Resolved,
+    inputs: Sequence[_Array],
+    base: _Array | None,
+    *,
+    name: str,
+    cast: str | None,
+    out_dtype: str,
+    threads: int | None,
+    chunk_elems: int | None,
+    model_ids: Sequence[int] | None = None,
+) -> np.ndarray:
+    k = r.kernel
+    return _core.merge_arrays(
+        k["name"],
+        [a.flat for a in inputs],
+        None if base is None else base.flat,
+        list(r.weights),
+        list(r.densities),
+        out_dtype=out_dtype,
+        normalize=k["normalize"],
+        cast_dtype=cast,
+        lambda_=k["lambda"],
+        rescale=k["rescale"],
+        seed=k["seed"],
+        name=name,
+        model_ids=None if model_ids is None else list(model_ids),
+        threads=threads,
+        chunk_elems=chunk_elems,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# public API
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def merge_tensors(
+    tensors: Sequence[Any],
+    method: str,
+    parameters: Mapping[str, Any] | None = None,
+    base_index: int | None = None,
+    *,
+    seed: int = 0,
+    name: str = "",
+    dtype: Any = None,
+    out_dtype: Any = None,
+    threads: int | None = None,
+    chunk_size: int | None = None,
+) -> Any:
+    """Merge the tensors that contribute to one output tensor (mergekit 0.1.5's ``merge_tensors``).
+
+    ``tensors[base_index]`` is the base (required by every method except ``linear``, where it is one more input).
+    Per-model parameters are a scalar, a list with one value per non-base tensor (per tensor for ``linear``) or a
+    mapping keyed by position in ``tensors``. ``name`` keys DARE's random stream together with ``seed`` and each
+    model's position among the non-base tensors. ``chunk_size`` (elements) and ``threads`` never change the result.
+    Raises ``ParameterError`` for bad parameters and ``InputError`` for bad arrays.
+    """
+    if isinstance(tensors, (str, bytes)) or not isinstance(tensors, Sequence) or len(tensors) == 0:
+        raise InputError("merge_tensors: expected a non-empty sequence of arrays")
+    spec = _methods.get(method) if isinstance(method, str) else method
+    n = len(tensors)
+    if base_index is not None:
+        if isinstance(base_index, bool) or not isinstance(base_index, (int, np.integer)) or not 0 <= base_index < n:
+            raise ParameterError(f"base_index must be an integer in [0, {n}), got {base_index!r}")
+        base_index = int(base_index)
+    if spec.requires_base and base_index is None:
+        raise ParameterError(f"method {spec.name!r} requires a base tensor: pass base_index")
+
+    arrays = [_as_array(t, f"tensors[{i}]") for i, t in enumerate(tensors)]
+    ref_i = base_index if base_index is not None else 0
+    shape = arrays[ref_i].shape
+    for i, a in enumerate(arrays):
+        if a.shape != shape:
+            raise InputError(f"tensors[{i}] has shape {list(a.shape)}, expected {list(shape)} (tensors[{ref_i}])")
+
+    if spec.requires_base:
+        idx = [i for i in range(n) if i != base_index]
+        base = arrays[base_index]
+    else:
+        idx = list(range(n))
+        base = None
+    if not idx:
+        raise ParameterError(f"method {spec.name!r} needs at least one non-base tensor")
+    r = _resolve(spec, parameters, idx, [f"tensors[{i}]" for i in idx], seed, base_index)
+
+    cast = _dtype_name(dtype, "dtype")
+    out = _dtype_name(out_dtype, "out_dtype") or cast or arrays[ref_i].dtype
+    flat = _merge_flat(
+        r,
+        [arrays[i] for i in idx],
+        base,
+        name=str(name),
+        cast=cast,
+        out_dtype=out,
+        threads=threads,
+        chunk_elems=chunk_size,
+    )
+    return _give_back(flat, out, shape, arrays[ref_i].kind)
+
+
+def _copy_nonfloat(values: list[Any], tname: str, labels: list[str]) -> Any | None:
+    """For integer/bool buffers: the first value when every model agrees exactly, else an InputError.
+
+    Returns None when the tensor is a floating-point one (to be merged).
+    """
+    first = values[0]
+    if _is_torch(first):
+        if first.is_floating_point():
+            return None
+        for lab, v in zip(labels[1:], values[1:]):
+            if not (_is_torch(v) and v.dtype == first.dtype and v.shape == first.shape and bool((v == first).all())):
+                raise InputError(f"model {lab!r}, tensor {tname!r}: non-floating tensor differs between models")
+        return first.clone()
+    if isinstance(first, np.ndarray) and (first.dtype.kind in "biu" and first.dtype not in (np.uint16, np.int16)):
+        for lab, v in zip(labels[1:], values[1:]):
+            if not (isinstance(v, np.ndarray) and v.dtype == first.dtype and np.array_equal(v, first)):
+                raise InputError(f"model {lab!r}, tensor {tname!r}: non-floating tensor differs between models")
+        return first.copy()
+    return None
+
+
+def merge_state_dicts(
+    state_dicts: Mapping[str, Mapping[str, Any]],
+    method: str,
+    base: str | None = None,
+    parameters: Mapping[str, Any] | None = None,
+    *,
+    seed: int = 0,
+    dtype: Any = None,
+    out_dtype: Any = None,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Merge whole state dicts ``{model_name: {tensor_name: array}}`` (mergekit 0.1.5's ``merge_state_dicts``).
+
+    Every state dict must have the same tensor names and shapes (else ``InputError`` naming the model and tensor).
+    Per-model parameters are a scalar, a list (in mapping order, non-base models only unless ``linear``) or a dict
+    keyed by model name. DARE masks are keyed by ``seed``, the tensor name and the model's position among the
+    non-base models in mapping order. Integer/bool buffers are copied when every model agrees. Returns
+    ``{tensor_name: merged array}`` in the first model's key order.
+    """
+    if not isinstance(state_dicts, Mapping) or not state_dicts:
+        raise InputError("merge_state_dicts: expected a non-empty mapping {model_name: state_dict}")
+    spec = _methods.get(method) if isinstance(method, str) else method
+    names = list(state_dicts)
+    if base is not None and base not in state_dicts:
+        raise ParameterError(f"base {base!r} is not one of the models: {names!r}")
+    if spec.requires_base and base is None:
+        raise ParameterError(f"method {spec.name!r} requires a base model: pass base=<model name>")
+    inputs = [m for m in names if not (spec.requires_base and m == base)]
+    if not inputs:
+        raise ParameterError(f"method {spec.name!r} needs at least one non-base model")
+    labels = [f"model {m!r}" for m in inputs]
+    r = _resolve(spec, parameters, inputs, labels, seed, base)
+    cast = _dtype_name(dtype, "dtype")
+    out_name = _dtype_name(out_dtype, "out_dtype")
+    ref_model = base if base is not None else names[0]
+
+    keys = list(state_dicts[ref_model])
+    key_set = set(keys)
+    for m in names:
+        sd = state_dicts[m]
+        for k in sd:
+            if k not in key_set:
+                raise InputError(f"model {m!r} has tensor {k!r} that model {ref_model!r} lacks")
+        for k in keys:
+            if k not in sd:
+                raise InputError(f"model {m!r} lacks tensor {k!r}")
+
+    result: dict[str, Any] = {}
+    for k in keys:
+        all_models = names
+        copied = _copy_nonfloat([state_dicts[m][k] for m in all_models], k, all_models)
+        if copied is not None:
+            result[k] = copied
+            continue
+        arrays = {m: _as_array(state_dicts[m][k], f"model {m!r}, tensor {k!r}") for m in names}
+        shape = arrays[ref_model].shape
+        for m in names:
+            if arrays[m].shape != shape:
+                raise InputError(
+                    f"model {m!r}, tensor {k!r}: shape {list(arrays[m].shape)} differs from "
+                    f"{list(shape)} in model {ref_model!r}"
+                )
+        out = out_name or cast or arrays[ref_model].dtype
+        flat = _merge_flat(
+            r,
+            [arrays[m] for m in inputs],
+            arrays[base] if spec.requires_base else None,
+            name=k,
+            cast=cast,
+            out_dtype=out,
+            threads=threads,
+            chunk_elems=None,
+            model_ids=list(range(len(inputs))),
+        )
+        result[k] = _give_back(flat, out, shape, arrays[ref_model].kind)
+    return result

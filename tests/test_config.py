@@ -1,0 +1,285 @@
+"""Config parsing: the mergekit subset, parameter resolution, and that nothing is silently ignored."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from ferromerge import ConfigError, ParameterError
+from ferromerge.config import load_config, parse_config
+
+
+def ties(**extra: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "merge_method": "ties",
+        "base_model": "org/base",
+        "models": [
+            {"model": "org/a", "parameters": {"weight": 1.0, "density": 0.5}},
+            {"model": "org/b", "parameters": {"weight": 0.5}},
+        ],
+        "parameters": {"density": 0.7},
+    }
+    cfg.update(extra)
+    return cfg
+
+
+def test_dict_yaml_text_and_file_give_the_same_config(tmp_path: Path) -> None:
+    text = yaml.safe_dump(ties())
+    path = tmp_path / "c.yml"
+    path.write_text(text)
+    results = [load_config(ties()), load_config(text), load_config(path), load_config(str(path))]
+    assert all(r.resolved() == results[0].resolved() for r in results)
+    assert load_config(path).text == text
+
+
+def test_per_model_parameters_override_global_ones_and_defaults_fill_in() -> None:
+    cfg = load_config(ties())
+    assert [(m.ref, m.weight, m.density) for m in cfg.inputs] == [("org/a", 1.0, 0.5), ("org/b", 0.5, 0.7)]
+    assert cfg.shared == {"normalize": True, "lambda": 1.0, "int8_mask": False, "rescale": False, "rescale_mode": "l1"}
+    assert cfg.base == "org/base" and cfg.reference == "org/base"
+
+
+def test_method_defaults_follow_mergekit() -> None:
+    dare = load_config(ties(merge_method="dare_ties"))
+    assert dare.shared["rescale"] is True and dare.shared["normalize"] is False
+    ta = load_config(
+        ties(merge_method="task_arithmetic", models=[{"model": "org/a", "parameters": {"weight": 1}}], parameters={})
+    )
+    assert ta.shared == {"normalize": False, "lambda": 1.0, "int8_mask": False}
+
+
+def test_a_parameter_the_method_does_not_take_is_reported() -> None:
+    with pytest.raises(
+        ConfigError,
+        match=r"models\[0\]\.parameters\.density: unknown parameter for method task_arithmetic; known: weight",
+    ):
+        load_config(ties(merge_method="task_arithmetic", parameters={}))
+
+
+def test_base_listed_in_models_is_not_an_input_and_model_ids_count_non_base_models() -> None:
+    cfg = load_config(
+        ties(
+            models=[
+                {"model": "org/a", "parameters": {"weight": 1}},
+                {"model": "org/base"},
+                {"model": "org/b", "parameters": {"weight": 1}},
+            ]
+        )
+    )
+    assert [(m.ref, m.model_id) for m in cfg.inputs] == [("org/a", 0), ("org/b", 1)]
+    assert cfg.model_refs() == ["org/base", "org/a", "org/b"]
+
+
+def test_base_parameters_under_a_gta_method_are_reported_as_having_no_effect() -> None:
+    cfg = load_config(
+        ties(
+            models=[{"model": "org/base", "parameters": {"weight": 1}}, {"model": "org/a", "parameters": {"weight": 1}}]
+        )
+    )
+    assert len(cfg.notes) == 1 and "models[0].parameters (weight)" in cfg.notes[0]
+
+
+def test_linear_appends_an_unlisted_base_model_as_an_input_like_mergekit() -> None:
+    cfg = load_config(
+        {
+            "merge_method": "linear",
+            "base_model": "org/base",
+            "models": [{"model": "org/a"}],
+            "parameters": {"weight": 0.5},
+        }
+    )
+    assert cfg.base is None and cfg.reference == "org/base"
+    assert [(m.ref, m.where, m.weight) for m in cfg.inputs] == [
+        ("org/a", "models[0]", 0.5),
+        ("org/base", "base_model", 0.5),
+    ]
+
+
+def test_linear_base_without_a_weight_is_an_error_naming_it() -> None:
+    with pytest.raises(ConfigError, match=r"Missing required parameter weight for org/base \(base_model\)"):
+        load_config(
+            {
+                "merge_method": "linear",
+                "base_model": "org/base",
+                "models": [{"model": "org/a", "parameters": {"weight": 1}}],
+            }
+        )
+
+
+def test_linear_base_listed_in_models_is_one_input() -> None:
+    cfg = load_config(
+        {
+            "merge_method": "linear",
+            "base_model": "org/a",
+            "models": [
+                {"model": "org/a", "parameters": {"weight": 1}},
+                {"model": "org/b", "parameters": {"weight": 2}},
+            ],
+        }
+    )
+    assert [m.ref for m in cfg.inputs] == ["org/a", "org/b"]
+
+
+def test_missing_weight_names_the_model() -> None:
+    with pytest.raises(ConfigError, match=r"Missing required parameter weight for org/b \(models\[1\]\)"):
+        load_config(ties(models=[{"model": "org/a", "parameters": {"weight": 1}}, {"model": "org/b"}]))
+
+
+@pytest.mark.parametrize("density", [0, 1.5, -0.2])
+def test_density_outside_0_1_is_rejected_with_its_place(density: float) -> None:
+    cfg = ties()
+    cfg["models"][1]["parameters"]["density"] = density
+    with pytest.raises(ParameterError, match=r"models\[1\]\.parameters\.density: density must be in \(0, 1\]"):
+        load_config(cfg)
+
+
+def test_global_density_out_of_range_names_the_global_place() -> None:
+    with pytest.raises(ParameterError, match=r"^parameters\.density: density must be in \(0, 1\]"):
+        load_config(ties(parameters={"density": 2}))
+
+
+def test_unknown_parameter_is_reported_with_its_place_and_the_known_ones() -> None:
+    cfg = ties()
+    cfg["models"][1]["parameters"]["densty"] = 0.5
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg)
+    assert str(e.value) == "models[1].parameters.densty: unknown parameter for method ties; known: density, weight"
+
+
+def test_unknown_global_parameter() -> None:
+    with pytest.raises(ConfigError, match=r"parameters\.t: unknown parameter for method ties; known: density, "):
+        load_config(ties(parameters={"t": 0.5}))
+
+
+def test_method_wide_parameter_given_per_model_is_reported_not_ignored() -> None:
+    cfg = ties()
+    cfg["models"][0]["parameters"]["normalize"] = False
+    with pytest.raises(
+        ConfigError, match=r"models\[0\]\.parameters\.normalize: 'normalize' applies to the whole merge"
+    ):
+        load_config(cfg)
+
+
+def test_wrongly_typed_parameter() -> None:
+    cfg = ties()
+    cfg["models"][0]["parameters"]["weight"] = "heavy"
+    with pytest.raises(ParameterError, match=r"models\[0\]\.parameters\.weight: parameter 'weight' must be a number"):
+        load_config(cfg)
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [
+        ([0.1, 0.5, 1.0], "gradients"),
+        ({"filter": "mlp", "value": 0.5}, r"parameter filters \(filter: 'mlp'\) are not supported yet"),
+        ([{"filter": "mlp", "value": 0.5}, {"value": 1}], "filters"),
+    ],
+)
+def test_gradients_and_filters_are_not_supported_yet(value: Any, match: str) -> None:
+    cfg = ties()
+    cfg["models"][0]["parameters"]["density"] = value
+    with pytest.raises(ConfigError, match=rf"models\[0\]\.parameters\.density: .*{match}"):
+        load_config(cfg)
+
+
+def test_an_unfiltered_value_wrapper_is_a_plain_value() -> None:
+    cfg = ties()
+    cfg["models"][0]["parameters"]["density"] = {"filter": "*", "value": 0.25}
+    assert load_config(cfg).inputs[0].density == 0.25
+
+
+@pytest.mark.parametrize("key", ["slices", "modules", "tokenizer_source", "tokenizer", "chat_template"])
+def test_later_release_features_are_not_supported_yet(key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^config: {key}: .*not supported yet"):
+        load_config(ties(**{key: "base"}))
+
+
+def test_unknown_top_level_key() -> None:
+    with pytest.raises(ConfigError, match=r"^config: merge_methd: unknown key; known: base_model, dtype"):
+        load_config(ties(merge_methd="ties"))
+
+
+def test_name_is_accepted_without_effect() -> None:
+    assert load_config(ties(name="my-merge")).resolved() == load_config(ties()).resolved()
+
+
+def test_unknown_key_in_a_model_entry() -> None:
+    cfg = ties()
+    cfg["models"][1]["layer_range"] = [0, 2]
+    with pytest.raises(ConfigError, match=r"models\[1\]\.layer_range: unknown key; known: model, parameters"):
+        load_config(cfg)
+
+
+def test_unknown_method() -> None:
+    with pytest.raises(ParameterError, match="unknown merge method 'tiez'"):
+        load_config(ties(merge_method="tiez"))
+
+
+def test_mergekit_method_not_implemented_yet() -> None:
+    with pytest.raises(ConfigError, match="'slerp' is a mergekit method ferromerge does not support yet"):
+        load_config(ties(merge_method="slerp"))
+
+
+def test_gta_method_needs_a_base_and_a_non_base_model() -> None:
+    cfg = ties()
+    del cfg["base_model"]
+    with pytest.raises(ConfigError, match="base_model: ties needs a base model"):
+        load_config(cfg)
+    with pytest.raises(ConfigError, match="needs at least one model besides the base"):
+        load_config(ties(models=[{"model": "org/base"}]))
+
+
+@pytest.mark.parametrize(("given", "expected"), [("float16", "float16"), ("torch.bfloat16", "bfloat16")])
+def test_dtype_names(given: str, expected: str) -> None:
+    cfg = load_config(ties(dtype=given, out_dtype=given))
+    assert (cfg.dtype, cfg.out_dtype) == (expected, expected)
+
+
+@pytest.mark.parametrize(
+    ("given", "match"), [("bf16", "write bfloat16"), ("float64", "unsupported dtype"), ("fp32", "write float32")]
+)
+def test_dtype_names_mergekit_rejects_are_rejected(given: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=f"out_dtype: .*{match}"):
+        load_config(ties(out_dtype=given))
+
+
+def test_duplicate_model_and_lora_reference() -> None:
+    with pytest.raises(ConfigError, match=r"models\[1\]\.model: 'org/a' is listed twice"):
+        load_config(ties(models=[{"model": "org/a", "parameters": {"weight": 1}}] * 2))
+    with pytest.raises(ConfigError, match=r"model\+LoRA references are not supported yet"):
+        load_config(ties(models=[{"model": "org/a+org/lora", "parameters": {"weight": 1}}]))
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("", "the config is empty"),
+        ("# only a comment\n", "the config is empty"),
+        ("merge_method: ties\nmodels: [\n", r"YAML syntax error \(line 3, column 1\)"),
+        ("merge_method: ties\n---\nmerge_method: linear\n", "2 YAML documents"),
+        ("- a\n- b\n", "expected a mapping"),
+        ("models:\n  - model: a\n", "merge_method: missing"),
+        ("merge_method: ties\nmodels: []\n", "models: missing or empty"),
+        ("merge_method: ties\nmodels: a\n", r"models: input should be a valid list"),
+        ("merge_method: ties\nmodels:\n  - parameters: {weight: 1}\n", r"models\[0\]\.model: missing"),
+    ],
+)
+def test_malformed_config_files(tmp_path: Path, text: str, match: str) -> None:
+    path = tmp_path / "bad.yml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match) as e:
+        load_config(path)
+    assert str(path) in str(e.value)
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=f"config file not found: {tmp_path / 'nope.yml'}"):
+        load_config(tmp_path / "nope.yml")
+
+
+def test_parse_config_rejects_non_mappings() -> None:
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        parse_config(["merge_method", "ties"])
