@@ -6,6 +6,7 @@
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
+use multiversion::multiversion;
 
 use crate::error::{CoreError, Result};
 
@@ -84,6 +85,7 @@ pub fn f32_to_bf16(x: f32) -> u16 {
 
 /// Decode `out.len()` elements of `dtype` from little-endian `bytes` (which may be unaligned: mmap'd tensors
 /// only promise the alignment their writer chose).
+#[multiversion(targets = "simd")]
 pub fn decode(dtype: DType, bytes: &[u8], out: &mut [f32]) {
     debug_assert_eq!(bytes.len(), out.len() * dtype.size());
     match dtype {
@@ -112,6 +114,7 @@ pub fn decode(dtype: DType, bytes: &[u8], out: &mut [f32]) {
 }
 
 /// Encode f32 values into `dtype` little-endian bytes.
+#[multiversion(targets = "simd")]
 pub fn encode(dtype: DType, vals: &[f32], out: &mut [u8]) {
     debug_assert_eq!(out.len(), vals.len() * dtype.size());
     match dtype {
@@ -140,6 +143,7 @@ pub fn encode(dtype: DType, vals: &[f32], out: &mut [u8]) {
 }
 
 /// Round f32 values in place to what `dtype` can hold (mergekit's `dtype:` casts inputs before merging).
+#[multiversion(targets = "simd")]
 pub fn round_to(dtype: DType, vals: &mut [f32]) {
     match dtype {
         DType::F32 => {}

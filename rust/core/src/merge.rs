@@ -15,6 +15,10 @@ use crate::kernels::norms::{self, BLOCK};
 use crate::kernels::select::{self, TrimRule, HIGH_BINS, LOW_BINS};
 use crate::rng::Stream;
 
+/// Memory for the elements of the threshold's bin collected in pass B of a TIES trim (all inputs together);
+/// beyond it, the exact but slower histogram path is taken.
+pub const CANDIDATE_BYTES: usize = 256 << 20;
+
 /// Default elements per chunk: small enough that (models + 4) f32 buffers per worker stay in L2/L3.
 pub const DEFAULT_CHUNK_ELEMS: usize = 1 << 16;
 
@@ -207,9 +211,7 @@ fn load_deltas(job: &Job, start: usize, len: usize, s: &mut Scratch) {
     for (inp, x) in job.inputs.iter().zip(s.x.iter_mut()) {
         load(&inp.src, job.cast, start, &mut x[..len]);
         if job.base.is_some() {
-            for (v, &b) in x.iter_mut().zip(&s.base) {
-                *v -= b;
-            }
+            combine::sub(&mut x[..len], &s.base[..len]);
         }
     }
 }
@@ -222,7 +224,7 @@ fn chunks(n: usize, size: usize) -> impl IndexedParallelIterator<Item = (usize, 
 }
 
 /// The keep rule of every input for magnitude trimming (TIES), found by streaming radix select.
-fn trim_rules(job: &Job, chunk: usize) -> Vec<TrimRule> {
+fn trim_rules(job: &Job, chunk: usize, candidate_bytes: usize) -> Vec<TrimRule> {
     let n = job.numel as u64;
     let ks: Vec<Option<u64>> = job
         .inputs
@@ -262,28 +264,61 @@ fn trim_rules(job: &Job, chunk: usize) -> Vec<TrimRule> {
             })
         })
         .collect();
-    let low = chunks(job.numel, chunk)
-        .fold(
-            || (Scratch::default(), vec![[0u32; LOW_BINS]; m]),
-            |(mut s, mut h), (start, len)| {
-                load_deltas(job, start, len, &mut s);
-                for (i, b) in bins.iter().enumerate() {
-                    if let Some((bin, _)) = b {
-                        select::hist_low(&s.x[i][..len], *bin, &mut h[i]);
+    // Pass B. Where the threshold's bin is small enough, collect its elements (index order) and finish the
+    // selection in memory; otherwise histogram its low bits, and count ties in one more pass if they straddle.
+    let mut budget = candidate_bytes;
+    let collect: Vec<bool> = bins
+        .iter()
+        .enumerate()
+        .map(|(i, b)| match b {
+            Some((bin, _)) => {
+                let bytes = high[i][*bin as usize] as usize * std::mem::size_of::<u64>();
+                let fits = bytes <= budget;
+                if fits {
+                    budget -= bytes;
+                }
+                fits
+            }
+            None => false,
+        })
+        .collect();
+    let per_chunk: Vec<(Vec<Vec<u64>>, Vec<[u32; LOW_BINS]>)> = chunks(job.numel, chunk)
+        .map_init(Scratch::default, |s, (start, len)| {
+            load_deltas(job, start, len, s);
+            let mut cands = vec![Vec::new(); m];
+            let mut lows = Vec::new();
+            for (i, b) in bins.iter().enumerate() {
+                if let Some((bin, _)) = b {
+                    if collect[i] {
+                        select::collect_bin(&s.x[i][..len], *bin, start, &mut cands[i]);
+                    } else {
+                        lows.resize(m, [0u32; LOW_BINS]);
+                        select::hist_low(&s.x[i][..len], *bin, &mut lows[i]);
                     }
                 }
-                (s, h)
-            },
-        )
-        .map(|(_, h)| h)
-        .reduce(|| vec![[0u32; LOW_BINS]; m], add_hist);
-    // Threshold per input; `ties_kept` of the `ties_total` elements equal to it are kept.
+            }
+            (cands, lows)
+        })
+        .collect();
     let mut rules = vec![TrimRule::ALL; m];
+    // (input, ties to keep) for inputs whose last kept tie still has to be found by a counting pass.
     let mut pending: Vec<(usize, u64)> = Vec::new();
     for (i, b) in bins.iter().enumerate() {
-        if let Some((bin, need)) = b {
-            let hist = &low[i];
-            let (lo, ties_kept) = select::find_bin(hist, *need);
+        let Some((bin, need)) = *b else { continue };
+        if collect[i] {
+            let cands: Vec<u64> = per_chunk
+                .iter()
+                .flat_map(|(c, _)| c[i].iter().copied())
+                .collect();
+            rules[i] = select::select_in_bin(&cands, bin, need);
+        } else {
+            let mut hist = [0u32; LOW_BINS];
+            for (_, lows) in &per_chunk {
+                if let Some(l) = lows.get(i) {
+                    hist.iter_mut().zip(l).for_each(|(a, b)| *a += b);
+                }
+            }
+            let (lo, ties_kept) = select::find_bin(&hist, need);
             let bits = (bin << 16) | lo as u32;
             rules[i] = TrimRule {
                 threshold_bits: bits,
@@ -295,6 +330,7 @@ fn trim_rules(job: &Job, chunk: usize) -> Vec<TrimRule> {
             }
         }
     }
+    drop(per_chunk);
     // Ties straddle the threshold: find the index of the last tie kept (lowest indices first).
     if !pending.is_empty() {
         let counts: Vec<Vec<u64>> = chunks(job.numel, chunk)
@@ -353,15 +389,36 @@ fn mask_into(
     }
 }
 
+/// How a merge is split up; none of it changes the result.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    pub chunk_elems: usize,
+    /// See [`CANDIDATE_BYTES`].
+    pub candidate_bytes: usize,
+}
+
+impl Options {
+    pub fn with_chunk(chunk_elems: usize) -> Self {
+        Options {
+            chunk_elems,
+            candidate_bytes: CANDIDATE_BYTES,
+        }
+    }
+}
+
 /// Merge one tensor, writing encoded output through `sink`. Runs on the current rayon pool.
 pub fn merge(job: &Job, chunk_elems: usize, sink: &dyn Sink) -> Result<()> {
+    merge_with(job, &Options::with_chunk(chunk_elems), sink)
+}
+
+pub fn merge_with(job: &Job, opts: &Options, sink: &dyn Sink) -> Result<()> {
     validate(job)?;
-    let chunk = chunk_elems.max(1);
+    let chunk = opts.chunk_elems.max(1);
     let spec = job.spec;
     let m = job.inputs.len();
     let sparsify = spec.method.sparsify();
     let rules = if sparsify == Sparsify::Magnitude {
-        trim_rules(job, chunk)
+        trim_rules(job, chunk, opts.candidate_bytes)
     } else {
         vec![TrimRule::ALL; m]
     };
@@ -428,45 +485,34 @@ pub fn merge(job: &Job, chunk_elems: usize, sink: &dyn Sink) -> Result<()> {
             combine::weigh(&mut s.x[i][..len], keep, scales[i], weights[i]);
         }
         let xs = &s.x;
-        match spec.method {
-            Method::Linear => {
+        if spec.method == Method::Linear {
+            combine::sum(xs, &mut s.mixed[..len]);
+            // Linear divides by the weight sum (validated non-zero) and has no base.
+            if spec.normalize {
+                s.divisor[..len].fill(weight_sum);
+            }
+            let divisor = spec.normalize.then_some(&s.divisor[..len]);
+            combine::finish(&mut s.mixed[..len], divisor, 1.0, None);
+        } else {
+            if spec.method.consensus() {
+                combine::elect_and_mix(
+                    xs,
+                    &weights,
+                    &mut s.total[..len],
+                    &mut s.mixed[..len],
+                    &mut s.divisor[..len],
+                );
+            } else {
                 combine::sum(xs, &mut s.mixed[..len]);
-                if spec.normalize {
-                    s.mixed[..len].iter_mut().for_each(|v| *v /= weight_sum);
-                }
-            }
-            _ => {
-                if spec.method.consensus() {
-                    combine::elect_and_mix(
-                        xs,
-                        &weights,
-                        &mut s.total[..len],
-                        &mut s.mixed[..len],
-                        &mut s.divisor[..len],
-                    );
+                let d = if weight_sum.abs() < 1e-8 {
+                    1.0
                 } else {
-                    combine::sum(xs, &mut s.mixed[..len]);
-                    let d = if weight_sum.abs() < 1e-8 {
-                        1.0
-                    } else {
-                        weight_sum
-                    };
-                    s.divisor[..len].fill(d);
-                }
-                if spec.normalize {
-                    s.mixed[..len]
-                        .iter_mut()
-                        .zip(&s.divisor[..len])
-                        .for_each(|(v, d)| *v /= d);
-                }
-                if lambda != 1.0 {
-                    s.mixed[..len].iter_mut().for_each(|v| *v *= lambda);
-                }
-                s.mixed[..len]
-                    .iter_mut()
-                    .zip(&s.base[..len])
-                    .for_each(|(v, b)| *v += b);
+                    weight_sum
+                };
+                s.divisor[..len].fill(d);
             }
+            let divisor = spec.normalize.then_some(&s.divisor[..len]);
+            combine::finish(&mut s.mixed[..len], divisor, lambda, Some(&s.base[..len]));
         }
         s.bytes.resize(len * out_size, 0);
         dtype::encode(job.out_dtype, &s.mixed[..len], &mut s.bytes);
@@ -506,9 +552,9 @@ impl Sink for SliceSink {
 }
 
 /// Merge into a new in-memory buffer.
-pub fn merge_to_vec(job: &Job, chunk_elems: usize) -> Result<Vec<u8>> {
+pub fn merge_to_vec(job: &Job, opts: &Options) -> Result<Vec<u8>> {
     let mut out = vec![0u8; job.numel * job.out_dtype.size()];
     let sink = SliceSink::new(&mut out, job.out_dtype);
-    merge(job, chunk_elems, &sink)?;
+    merge_with(job, opts, &sink)?;
     Ok(out)
 }

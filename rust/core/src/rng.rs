@@ -5,6 +5,8 @@
 //! Written here (40 lines) rather than taken from a crate: we need exactly this keying, and it is checked
 //! against the Random123 known-answer vectors below.
 
+use multiversion::multiversion;
+
 const M0: u32 = 0xD251_1F53;
 const M1: u32 = 0xCD9E_8D57;
 const W0: u32 = 0x9E37_79B9;
@@ -70,28 +72,33 @@ impl Stream {
     /// u = (word >> 8) / 2^24 is uniform on [0, 1), and the element is kept iff u < density.
     pub fn keep_mask(&self, start: usize, density: f64, keep: &mut [bool]) {
         let thresh = (density * 16_777_216.0).ceil().min(16_777_216.0) as u32;
-        // A ragged head up to a block boundary, then whole blocks (a straight loop), then a ragged tail.
-        let head = ((4 - start % 4) % 4).min(keep.len());
-        let (first, rest) = keep.split_at_mut(head);
-        for (i, k) in first.iter_mut().enumerate() {
-            let j = start + i;
-            *k = (self.block((j / 4) as u64)[j % 4] >> 8) < thresh;
+        keep_mask(self, start, thresh, keep)
+    }
+}
+
+#[multiversion(targets = "simd")]
+fn keep_mask(s: &Stream, start: usize, thresh: u32, keep: &mut [bool]) {
+    // A ragged head up to a block boundary, then whole blocks (a straight loop), then a ragged tail.
+    let head = ((4 - start % 4) % 4).min(keep.len());
+    let (first, rest) = keep.split_at_mut(head);
+    for (i, k) in first.iter_mut().enumerate() {
+        let j = start + i;
+        *k = (s.block((j / 4) as u64)[j % 4] >> 8) < thresh;
+    }
+    let block0 = ((start + head) / 4) as u64;
+    let whole = (rest.len() / 4) as u64;
+    let mut blocks = rest.chunks_exact_mut(4);
+    for (b, ks) in (&mut blocks).enumerate() {
+        let w = s.block(block0 + b as u64);
+        for (k, x) in ks.iter_mut().zip(w) {
+            *k = (x >> 8) < thresh;
         }
-        let block0 = ((start + head) / 4) as u64;
-        let whole = (rest.len() / 4) as u64;
-        let mut blocks = rest.chunks_exact_mut(4);
-        for (b, ks) in (&mut blocks).enumerate() {
-            let w = self.block(block0 + b as u64);
-            for (k, x) in ks.iter_mut().zip(w) {
-                *k = (x >> 8) < thresh;
-            }
-        }
-        let tail = blocks.into_remainder();
-        if !tail.is_empty() {
-            let w = self.block(block0 + whole);
-            for (k, x) in tail.iter_mut().zip(w) {
-                *k = (x >> 8) < thresh;
-            }
+    }
+    let tail = blocks.into_remainder();
+    if !tail.is_empty() {
+        let w = s.block(block0 + whole);
+        for (k, x) in tail.iter_mut().zip(w) {
+            *k = (x >> 8) < thresh;
         }
     }
 }

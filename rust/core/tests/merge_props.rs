@@ -1,7 +1,9 @@
 //! Properties of the per-tensor merge: TIES keeps exactly the k largest |delta| (lowest index first on ties),
 //! matching a sort-based oracle; output bytes do not depend on chunk size or thread count; DARE is keyed.
 
-use ferromerge_core::merge::{merge_to_vec, Input, Job, Method, MethodSpec, Rescale, Source};
+use ferromerge_core::merge::{
+    merge_to_vec, Input, Job, Method, MethodSpec, Options, Rescale, Source,
+};
 use ferromerge_core::{pool, DType};
 use proptest::prelude::*;
 
@@ -81,13 +83,17 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(200))]
 
     #[test]
-    fn ties_single_model_keeps_oracle_set(v in (1usize..300).prop_flat_map(vals), density in 0.01f64..1.0, chunk in 1usize..50) {
+    fn ties_single_model_keeps_oracle_set(
+        v in (1usize..300).prop_flat_map(vals), density in 0.01f64..1.0, chunk in 1usize..50, collect in any::<bool>(),
+    ) {
         let n = v.len();
         let base = vec![0f32; n];
         let xs = vec![f32_bytes(&v)];
         let bb = f32_bytes(&base);
         let j = job(&bb, &xs, &[1.0], &[density], spec(Method::Ties, true), n);
-        let out = out_f32(&pool::pool(Some(1)).unwrap().install(|| merge_to_vec(&j, chunk)).unwrap());
+        // Both ways of finishing the selection: collecting the threshold's bin, or histograms plus a tie pass.
+        let opts = Options { chunk_elems: chunk, candidate_bytes: if collect { usize::MAX } else { 0 } };
+        let out = out_f32(&pool::pool(Some(1)).unwrap().install(|| merge_to_vec(&j, &opts)).unwrap());
         let keep = oracle_keep(&v, density);
         for i in 0..n {
             let expect = if keep[i] { v[i] } else { 0.0 };
@@ -113,10 +119,13 @@ proptest! {
         sp.seed = seed;
         let mut j = job(&bb, &xs, &w, &d, sp, n);
         if method == Method::Linear { j.base = None; }
-        let reference = pool::pool(Some(1)).unwrap().install(|| merge_to_vec(&j, 1 << 16)).unwrap();
+        let reference = pool::pool(Some(1)).unwrap().install(|| merge_to_vec(&j, &Options::with_chunk(1 << 16))).unwrap();
         for threads in [1, 2, 3] {
-            let got = pool::pool(Some(threads)).unwrap().install(|| merge_to_vec(&j, chunk)).unwrap();
-            prop_assert_eq!(&got, &reference);
+            for candidate_bytes in [0, usize::MAX] {
+                let opts = Options { chunk_elems: chunk, candidate_bytes };
+                let got = pool::pool(Some(threads)).unwrap().install(|| merge_to_vec(&j, &opts)).unwrap();
+                prop_assert_eq!(&got, &reference);
+            }
         }
     }
 }
@@ -137,7 +146,7 @@ fn ties_sign_election_and_disjoint_mean() {
         spec(Method::Ties, true),
         3,
     );
-    let out = out_f32(&merge_to_vec(&j, 2).unwrap());
+    let out = out_f32(&merge_to_vec(&j, &Options::with_chunk(2)).unwrap());
     assert_eq!(out, vec![2.0, 2.0, 1.0]);
     // Weights change the election: with weight 3 on b, element 1's sum is 2 - 3 < 0, so b wins.
     let j = job(
@@ -148,7 +157,7 @@ fn ties_sign_election_and_disjoint_mean() {
         spec(Method::Ties, true),
         3,
     );
-    let out = out_f32(&merge_to_vec(&j, 2).unwrap());
+    let out = out_f32(&merge_to_vec(&j, &Options::with_chunk(2)).unwrap());
     assert_eq!(out, vec![(1.0 + 9.0) / 4.0, -1.0, -1.0]);
 }
 
@@ -161,7 +170,7 @@ fn dare_rescales_and_is_keyed() {
     let mut sp = spec(Method::DareLinear, false);
     sp.rescale = Rescale::InverseDensity;
     let j = job(&bb, &xs, &[1.0], &[0.25], sp, n);
-    let out = out_f32(&merge_to_vec(&j, 333).unwrap());
+    let out = out_f32(&merge_to_vec(&j, &Options::with_chunk(333)).unwrap());
     let kept = out.iter().filter(|&&v| v != 0.0).count();
     assert!((kept as f64 / n as f64 - 0.25).abs() < 0.02, "{kept}");
     for (o, v) in out.iter().zip(&x) {
@@ -169,7 +178,7 @@ fn dare_rescales_and_is_keyed() {
     }
     sp.rescale = Rescale::L1;
     let j = job(&bb, &xs, &[1.0], &[0.25], sp, n);
-    let l1 = out_f32(&merge_to_vec(&j, 333).unwrap());
+    let l1 = out_f32(&merge_to_vec(&j, &Options::with_chunk(333)).unwrap());
     let (a, b): (f64, f64) = (
         x.iter().map(|v| *v as f64).sum(),
         l1.iter().map(|v| *v as f64).sum(),
@@ -177,5 +186,8 @@ fn dare_rescales_and_is_keyed() {
     assert!((a - b).abs() / a < 1e-5);
     sp.seed = 1;
     let j = job(&bb, &xs, &[1.0], &[0.25], sp, n);
-    assert_ne!(out_f32(&merge_to_vec(&j, 333).unwrap()), l1);
+    assert_ne!(
+        out_f32(&merge_to_vec(&j, &Options::with_chunk(333)).unwrap()),
+        l1
+    );
 }

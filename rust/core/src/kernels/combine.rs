@@ -1,5 +1,9 @@
 //! The elementwise combination of one chunk: weighted sums, sign election and disjoint mean. Loops run model
-//! by model over the whole chunk (not element by element across models) so each is a plain vectorisable loop.
+//! by model over the whole chunk (not element by element across models) so each is a plain vectorisable loop,
+//! compiled for several instruction sets and picked at run time (`multiversion`). Results do not depend on the
+//! pick: every loop does the same IEEE operations in the same order (Rust never fuses a·b+c on its own).
+
+use multiversion::multiversion;
 
 /// Per-chunk working buffers, reused across chunks by one worker.
 #[derive(Default)]
@@ -37,6 +41,7 @@ pub enum Scale {
 }
 
 /// x ← w·rescale(x·keep): the weighted, sparsified delta of one model.
+#[multiversion(targets = "simd")]
 pub fn weigh(x: &mut [f32], keep: Option<&[bool]>, scale: Scale, weight: f32) {
     match (keep, scale) {
         (Some(keep), Scale::Mul(s)) => {
@@ -55,6 +60,7 @@ pub fn weigh(x: &mut [f32], keep: Option<&[bool]>, scale: Scale, weight: f32) {
 
 /// Sign election by the sign of the weighted sum (>= 0 counts as +), then the sum of agreeing weighted deltas
 /// and of agreeing weights (zeros never agree); a zero divisor becomes 1.
+#[multiversion(targets = "simd")]
 pub fn elect_and_mix(
     ws: &[Vec<f32>],
     weights: &[f32],
@@ -89,11 +95,34 @@ pub fn elect_and_mix(
 }
 
 /// Σ of the weighted inputs.
+#[multiversion(targets = "simd")]
 pub fn sum(ws: &[Vec<f32>], mixed: &mut [f32]) {
     mixed.fill(0.0);
     for w in ws {
         for (m, &v) in mixed.iter_mut().zip(w) {
             *m += v;
         }
+    }
+}
+
+/// x ← x − base.
+#[multiversion(targets = "simd")]
+pub fn sub(x: &mut [f32], base: &[f32]) {
+    for (v, &b) in x.iter_mut().zip(base) {
+        *v -= b;
+    }
+}
+
+/// mixed ← mixed / divisor (when given) · lambda (when not 1) + base (when given): the last steps of a merge.
+#[multiversion(targets = "simd")]
+pub fn finish(mixed: &mut [f32], divisor: Option<&[f32]>, lambda: f32, base: Option<&[f32]>) {
+    if let Some(d) = divisor {
+        mixed.iter_mut().zip(d).for_each(|(v, d)| *v /= d);
+    }
+    if lambda != 1.0 {
+        mixed.iter_mut().for_each(|v| *v *= lambda);
+    }
+    if let Some(b) = base {
+        mixed.iter_mut().zip(b).for_each(|(v, b)| *v += b);
     }
 }

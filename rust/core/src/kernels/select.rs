@@ -5,6 +5,7 @@
 //! the values (independent of chunking and threads), and lets each element decide alone:
 //! keep = |x| > t  or  (|x| == t and index <= last_tie).
 
+use multiversion::multiversion;
 pub const HIGH_BINS: usize = 1 << 15;
 pub const LOW_BINS: usize = 1 << 16;
 
@@ -15,6 +16,7 @@ pub fn abs_bits(x: f32) -> u32 {
 
 /// Counts are u32 to halve the tables' cache footprint (the scatter is the hot loop); `merge` refuses tensors
 /// of 2^32 elements or more for magnitude trimming, so they cannot overflow.
+#[multiversion(targets = "simd")]
 pub fn hist_high(vals: &[f32], hist: &mut [u32; HIGH_BINS]) {
     for &v in vals {
         // The mask proves the index in bounds, so the loop carries no bounds check.
@@ -22,6 +24,7 @@ pub fn hist_high(vals: &[f32], hist: &mut [u32; HIGH_BINS]) {
     }
 }
 
+#[multiversion(targets = "simd")]
 pub fn hist_low(vals: &[f32], high: u32, hist: &mut [u32; LOW_BINS]) {
     for &v in vals {
         let b = abs_bits(v);
@@ -70,9 +73,14 @@ impl TrimRule {
     }
 
     pub fn mask(&self, start: usize, vals: &[f32], keep: &mut [bool]) {
-        for (j, (k, &v)) in keep.iter_mut().zip(vals).enumerate() {
-            *k = self.keeps(start + j, v);
-        }
+        trim_mask(self, start, vals, keep)
+    }
+}
+
+#[multiversion(targets = "simd")]
+fn trim_mask(rule: &TrimRule, start: usize, vals: &[f32], keep: &mut [bool]) {
+    for (j, (k, &v)) in keep.iter_mut().zip(vals).enumerate() {
+        *k = rule.keeps(start + j, v);
     }
 }
 
@@ -90,6 +98,48 @@ pub fn nth_equal(vals: &[f32], bits: u32, nth: u64, start: usize) -> Option<usiz
     None
 }
 
+#[multiversion(targets = "simd")]
 pub fn count_equal(vals: &[f32], bits: u32) -> u64 {
     vals.iter().filter(|&&v| abs_bits(v) == bits).count() as u64
+}
+
+/// Append the elements of `vals` (element `start` onwards) whose |x| lies in high bin `high`, packed as
+/// `low16 << 48 | index` (indices stay below 2^48), in index order.
+#[multiversion(targets = "simd")]
+pub fn collect_bin(vals: &[f32], high: u32, start: usize, out: &mut Vec<u64>) {
+    for (j, &v) in vals.iter().enumerate() {
+        let b = abs_bits(v);
+        if b >> 16 == high {
+            out.push(((b & 0xffff) as u64) << 48 | (start + j) as u64);
+        }
+    }
+}
+
+/// Finish a selection from the collected elements of the threshold's bin (in index order): the `need`-th largest
+/// low half is the threshold; of the elements equal to it, the lowest-indexed ones are kept.
+pub fn select_in_bin(cands: &[u64], high: u32, need: u64) -> TrimRule {
+    let mut hist = [0u32; LOW_BINS];
+    for &c in cands {
+        hist[(c >> 48) as usize] += 1;
+    }
+    let (lo, ties_kept) = find_bin(&hist, need);
+    let bits = (high << 16) | lo as u32;
+    let mut last_tie = usize::MAX;
+    if ties_kept < hist[lo] as u64 {
+        let mut seen = 0u64;
+        for &c in cands {
+            if (c >> 48) as usize == lo {
+                seen += 1;
+                if seen == ties_kept {
+                    last_tie = (c & ((1 << 48) - 1)) as usize;
+                    break;
+                }
+            }
+        }
+    }
+    TrimRule {
+        threshold_bits: bits,
+        last_tie,
+        keep_all: false,
+    }
 }
