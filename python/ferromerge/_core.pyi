@@ -67,8 +67,12 @@ def execute_plan(
     out_dir: str,
     progress: Callable[[int, int, int, int], None] | None = None,
     threads: int | None = None,
+    memory_limit: int | None = None,
 ) -> dict[str, int]:
     """Write every output shard of a plan (see docs/architecture.md) into ``out_dir``.
+
+    ``memory_limit`` (bytes, default ``default_memory_limit()``) bounds what the run keeps resident: chunking,
+    read-ahead, and when input pages are released; it never changes the output.
 
     ``progress(tensors_done, tensors_total, bytes_done, bytes_total)`` is called from the calling thread after each
     tensor; an exception it raises (or Ctrl-C) aborts the run. Input files are validated before anything is
@@ -81,3 +85,6 @@ def save_file(
     metadata: Mapping[str, str] | None = None,
 ) -> None:
     """Write a safetensors file from ``{name: (array, dtype)}`` (array shape is the tensor shape), atomically."""
+
+def default_memory_limit() -> int:
+    """The memory budget of a run when none is given: half of physical memory or of the cgroup limit, at most 8 GiB."""

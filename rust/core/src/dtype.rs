@@ -49,9 +49,9 @@ impl DType {
             "float32" | "F32" => Ok(DType::F32),
             "float16" | "F16" => Ok(DType::F16),
             "bfloat16" | "BF16" => Ok(DType::BF16),
-            other => Err(CoreError::param(format!(
-                "unsupported dtype '{other}' (supported: float32, float16, bfloat16)"
-            ))),
+            other => {
+                Err(CoreError::param(format!("unsupported dtype '{other}' (supported: float32, float16, bfloat16)")))
+            }
         }
     }
 
@@ -147,12 +147,8 @@ pub fn encode(dtype: DType, vals: &[f32], out: &mut [u8]) {
 pub fn round_to(dtype: DType, vals: &mut [f32]) {
     match dtype {
         DType::F32 => {}
-        DType::BF16 => vals
-            .iter_mut()
-            .for_each(|v| *v = bf16_to_f32(f32_to_bf16(*v))),
-        DType::F16 => vals
-            .iter_mut()
-            .for_each(|v| *v = f16::from_f32(*v).to_f32()),
+        DType::BF16 => vals.iter_mut().for_each(|v| *v = bf16_to_f32(f32_to_bf16(*v))),
+        DType::F16 => vals.iter_mut().for_each(|v| *v = f16::from_f32(*v).to_f32()),
     }
 }
 

@@ -10,11 +10,7 @@ pub enum CoreError {
     Input { file: PathBuf, msg: String },
     /// A tensor that exists but cannot be merged as asked (shape, dtype).
     #[error("{file}: tensor '{tensor}': {msg}")]
-    Tensor {
-        file: PathBuf,
-        tensor: String,
-        msg: String,
-    },
+    Tensor { file: PathBuf, tensor: String, msg: String },
     /// A method or parameter value the kernels cannot run with.
     #[error("{0}")]
     Parameter(String),
@@ -28,30 +24,16 @@ pub enum CoreError {
 
 impl CoreError {
     pub fn input(file: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
-        Self::Input {
-            file: file.into(),
-            msg: msg.into(),
-        }
+        Self::Input { file: file.into(), msg: msg.into() }
     }
-    pub fn tensor(
-        file: impl Into<PathBuf>,
-        tensor: impl Into<String>,
-        msg: impl Into<String>,
-    ) -> Self {
-        Self::Tensor {
-            file: file.into(),
-            tensor: tensor.into(),
-            msg: msg.into(),
-        }
+    pub fn tensor(file: impl Into<PathBuf>, tensor: impl Into<String>, msg: impl Into<String>) -> Self {
+        Self::Tensor { file: file.into(), tensor: tensor.into(), msg: msg.into() }
     }
     pub fn param(msg: impl Into<String>) -> Self {
         Self::Parameter(msg.into())
     }
     pub fn output(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
-        Self::Output {
-            path: path.into(),
-            msg: msg.into(),
-        }
+        Self::Output { path: path.into(), msg: msg.into() }
     }
 }
 

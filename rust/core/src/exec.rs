@@ -1,6 +1,11 @@
 //! Executing a whole plan: open and validate every input first (so bad input fails before any byte is
-//! written), lay out every output file, then merge tensor after tensor, prefetching the next tensor's inputs
-//! and releasing each input's pages once its last consumer is done so resident memory stays flat.
+//! written), lay out every output file, then merge tensor after tensor.
+//!
+//! Memory follows the budget (`memory_limit`), not the model: a quarter of it may hold the inputs of the tensor
+//! being merged and a quarter is read ahead (the next tensor's inputs); a tensor whose inputs are larger than
+//! that is merged with each chunk's input pages unmapped as soon as a pass is done with them. Input pages are
+//! unmapped once their last consumer is done; output pages are written back one tensor behind and dropped from
+//! the page cache, so neither the inputs nor the output accumulate in memory.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -10,9 +15,7 @@ use crate::dtype::DType;
 use crate::error::{CoreError, Result};
 use crate::io::writer::FileSink;
 use crate::io::{SafetensorsFile, ShardLayout};
-use crate::merge::{
-    self, Input, Job, Method, MethodSpec, Rescale, Sink, Source, DEFAULT_CHUNK_ELEMS,
-};
+use crate::merge::{self, Input, Job, Method, MethodSpec, Options, Rescale, Sink, Source, DEFAULT_CHUNK_ELEMS};
 use crate::plan::{Plan, PlanTensor};
 use crate::pool;
 
@@ -31,17 +34,78 @@ pub struct Stats {
     pub bytes_written: u64,
 }
 
+/// How a plan runs; none of it changes the output bytes.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ExecOptions {
+    pub threads: Option<usize>,
+    /// Bytes the run may keep resident (see the module docs); `None` picks [`default_memory_limit`].
+    pub memory_limit: Option<u64>,
+}
+
+/// Half of what this process may use (physical memory, or the memory cgroup's limit when lower), at most 8 GiB.
+pub fn default_memory_limit() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let ram = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) as u64 * libc::sysconf(libc::_SC_PAGESIZE) as u64 };
+    let avail = cgroup_limit().map_or(ram, |c| c.min(ram));
+    (avail / 2).min(8 << 30)
+}
+
+/// The memory limit of this process's cgroup (v1 `memory.limit_in_bytes` or v2 `memory.max`), if any.
+fn cgroup_limit() -> Option<u64> {
+    let groups = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    for line in groups.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        let file = if controllers.split(',').any(|c| c == "memory") {
+            format!("/sys/fs/cgroup/memory{path}/memory.limit_in_bytes")
+        } else if controllers.is_empty() {
+            format!("/sys/fs/cgroup{path}/memory.max")
+        } else {
+            continue;
+        };
+        if let Ok(v) = std::fs::read_to_string(file) {
+            if let Ok(n) = v.trim().parse::<u64>() {
+                return Some(n);
+            }
+        }
+    }
+    None
+}
+
 /// Writes one tensor's chunks at its offset in an output file.
 struct TensorSink<'a> {
     file: FileSink<'a>,
     offset: u64,
     elem_size: u64,
+    /// Start writing back each chunk at once (for tensors larger than the budget's share).
+    eager: bool,
 }
 
 impl Sink for TensorSink<'_> {
     fn put(&self, elem_start: usize, bytes: &[u8]) -> Result<()> {
-        self.file
-            .write_at(self.offset + elem_start as u64 * self.elem_size, bytes)
+        let off = self.offset + elem_start as u64 * self.elem_size;
+        self.file.write_at(off, bytes)?;
+        if self.eager {
+            start_writeback(self.file.file, off, bytes.len() as u64);
+        }
+        Ok(())
+    }
+}
+
+fn start_writeback(file: &File, off: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: plain syscalls on a file we own; failures only mean the kernel writes back later on its own.
+    unsafe { libc::sync_file_range(file.as_raw_fd(), off as i64, len as i64, libc::SYNC_FILE_RANGE_WRITE) };
+}
+
+/// Wait until a written range is on disk, then drop it from the page cache.
+fn finish_writeback(file: &File, off: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+    // SAFETY: as above; both calls are advisory for correctness (the final fsync makes the data durable).
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), off as i64, len as i64, flags);
+        libc::posix_fadvise(file.as_raw_fd(), off as i64, len as i64, libc::POSIX_FADV_DONTNEED);
     }
 }
 
@@ -74,21 +138,12 @@ fn job<'a>(t: &'a PlanTensor, files: &'a HashMap<PathBuf, SafetensorsFile>) -> R
         rescale: Rescale::parse(&m.rescale).map_err(ctx)?,
         seed: m.seed,
     };
-    let base = t
-        .base
-        .as_ref()
-        .map(|b| source(&b.file, &b.tensor))
-        .transpose()?;
+    let base = t.base.as_ref().map(|b| source(&b.file, &b.tensor)).transpose()?;
     let inputs = t
         .inputs
         .iter()
         .map(|i| {
-            Ok(Input {
-                src: source(&i.file, &i.tensor)?,
-                weight: i.weight,
-                density: i.density,
-                model_id: i.model_id,
-            })
+            Ok(Input { src: source(&i.file, &i.tensor)?, weight: i.weight, density: i.density, model_id: i.model_id })
         })
         .collect::<Result<Vec<_>>>()?;
     let job = Job {
@@ -96,12 +151,7 @@ fn job<'a>(t: &'a PlanTensor, files: &'a HashMap<PathBuf, SafetensorsFile>) -> R
         numel: t.numel(),
         base,
         inputs,
-        cast: t
-            .cast_dtype
-            .as_deref()
-            .map(DType::parse)
-            .transpose()
-            .map_err(ctx)?,
+        cast: t.cast_dtype.as_deref().map(DType::parse).transpose().map_err(ctx)?,
         spec,
         out_dtype: DType::parse(&t.out_dtype).map_err(ctx)?,
     };
@@ -114,21 +164,13 @@ fn job<'a>(t: &'a PlanTensor, files: &'a HashMap<PathBuf, SafetensorsFile>) -> R
 pub fn execute(
     plan: &Plan,
     out_dir: &Path,
-    threads: Option<usize>,
+    opts: &ExecOptions,
     progress: &mut dyn FnMut(&Progress) -> Result<()>,
 ) -> Result<Stats> {
     let files = open_all(plan)?;
-    let jobs: Vec<Job> = plan
-        .tensors()
-        .map(|t| job(t, &files))
-        .collect::<Result<_>>()?;
-    let in_bytes = |j: &Job| -> u64 {
-        j.base
-            .iter()
-            .chain(j.inputs.iter().map(|i| &i.src))
-            .map(|s| s.bytes.len() as u64)
-            .sum()
-    };
+    let jobs: Vec<Job> = plan.tensors().map(|t| job(t, &files)).collect::<Result<_>>()?;
+    let in_bytes =
+        |j: &Job| -> u64 { j.base.iter().chain(j.inputs.iter().map(|i| &i.src)).map(|s| s.bytes.len() as u64).sum() };
     let bytes_total: u64 = jobs.iter().map(in_bytes).sum();
     // How many outputs read each input tensor: its pages are released after the last one.
     let mut uses: HashMap<(&PathBuf, &str), usize> = HashMap::new();
@@ -137,21 +179,24 @@ pub fn execute(
             *uses.entry(r).or_default() += 1;
         }
     }
-    let pool = pool::pool(threads)?;
-    let chunk = plan.chunk_elems.unwrap_or(DEFAULT_CHUNK_ELEMS).max(1);
+    let pool = pool::pool(opts.threads)?;
+    let budget = opts.memory_limit.unwrap_or_else(default_memory_limit);
+    if budget < 64 << 20 {
+        return Err(CoreError::param(format!("memory limit of {budget} bytes is too small (at least 64 MiB)")));
+    }
+    let share = budget / 4;
+    let workers = pool.current_num_threads() as u64;
+    let max_inputs = jobs.iter().map(|j| j.inputs.len() as u64 + 1).max().unwrap_or(1);
+    // Each worker holds (inputs + 5) f32 buffers of one chunk; keep all of them within an eighth of the budget.
+    let budget_chunk = (budget / 8 / (workers * (max_inputs + 5) * 4)) as usize;
+    let chunk = plan.chunk_elems.unwrap_or(DEFAULT_CHUNK_ELEMS.min(budget_chunk.max(1024))).max(1);
 
     let mut outputs: Vec<(PathBuf, File, ShardLayout)> = Vec::new();
     for shard in &plan.shards {
         let specs: Vec<(&str, DType, &[usize])> = shard
             .tensors
             .iter()
-            .map(|t| {
-                Ok((
-                    t.name.as_str(),
-                    DType::parse(&t.out_dtype)?,
-                    t.shape.as_slice(),
-                ))
-            })
+            .map(|t| Ok((t.name.as_str(), DType::parse(&t.out_dtype)?, t.shape.as_slice())))
             .collect::<Result<_>>()?;
         let layout = ShardLayout::new(&specs, &plan.metadata)?;
         let path = out_dir.join(&shard.file);
@@ -160,30 +205,32 @@ pub fn execute(
     }
 
     let all: Vec<&PlanTensor> = plan.tensors().collect();
-    let mut p = Progress {
-        tensors_total: jobs.len(),
-        bytes_total,
-        ..Default::default()
-    };
+    let mut p = Progress { tensors_total: jobs.len(), bytes_total, ..Default::default() };
     let mut bytes_written = 0u64;
     let mut idx = 0usize;
     for (s, shard) in plan.shards.iter().enumerate() {
         let (path, file, layout) = &outputs[s];
+        // The previous tensor's output range, still being written back.
+        let mut behind: Option<(u64, u64)> = None;
         for (k, _) in shard.tensors.iter().enumerate() {
-            if let Some(next) = all.get(idx + 1) {
+            let job = &jobs[idx];
+            let large = in_bytes(job) > share;
+            if let Some(next) = all.get(idx + 1).filter(|_| idx + 1 < jobs.len() && in_bytes(&jobs[idx + 1]) <= share) {
                 for (f, name) in next.refs() {
                     if let Ok(e) = files[f].entry(name) {
                         files[f].prefetch(e);
                     }
                 }
             }
-            let job = &jobs[idx];
+            let out_len = (job.numel * job.out_dtype.size()) as u64;
             let sink = TensorSink {
                 file: FileSink { file, path },
                 offset: layout.offsets[k],
                 elem_size: job.out_dtype.size() as u64,
+                eager: large,
             };
-            pool.install(|| merge::merge(job, chunk, &sink))?;
+            let mopts = Options { chunk_elems: chunk, candidate_bytes: share as usize, release_inputs: large };
+            pool.install(|| merge::merge_with(job, &mopts, &sink))?;
             for r in all[idx].refs() {
                 let n = uses.get_mut(&r).expect("counted");
                 *n -= 1;
@@ -191,18 +238,18 @@ pub fn execute(
                     files[r.0].release(files[r.0].entry(r.1)?);
                 }
             }
-            bytes_written += (job.numel * job.out_dtype.size()) as u64;
+            start_writeback(file, layout.offsets[k], out_len);
+            if let Some((off, len)) = behind.replace((layout.offsets[k], out_len)) {
+                finish_writeback(file, off, len);
+            }
+            bytes_written += out_len;
             p.tensors_done += 1;
             p.bytes_done += in_bytes(job);
             idx += 1;
             progress(&p)?;
         }
-        file.sync_all()
-            .map_err(|e| CoreError::output(path, e.to_string()))?;
+        file.sync_all().map_err(|e| CoreError::output(path, e.to_string()))?;
+        finish_writeback(file, 0, layout.total_len);
     }
-    Ok(Stats {
-        tensors: jobs.len(),
-        bytes_read: bytes_total,
-        bytes_written,
-    })
+    Ok(Stats { tensors: jobs.len(), bytes_read: bytes_total, bytes_written })
 }

@@ -82,9 +82,7 @@ impl Rescale {
             "none" => Ok(Rescale::None),
             "l1" => Ok(Rescale::L1),
             "inverse_density" => Ok(Rescale::InverseDensity),
-            other => Err(CoreError::param(format!(
-                "unknown rescale '{other}' (expected none, l1 or inverse_density)"
-            ))),
+            other => Err(CoreError::param(format!("unknown rescale '{other}' (expected none, l1 or inverse_density)"))),
         }
     }
 }
@@ -136,12 +134,8 @@ pub fn validate(job: &Job) -> Result<()> {
         return err("no input models".into());
     }
     match (spec.method, job.base.is_some()) {
-        (Method::Linear, true) => {
-            return err("linear takes no base (a base model is one more input)".into())
-        }
-        (m, false) if m != Method::Linear => {
-            return err(format!("method {m:?} requires a base model"))
-        }
+        (Method::Linear, true) => return err("linear takes no base (a base model is one more input)".into()),
+        (m, false) if m != Method::Linear => return err(format!("method {m:?} requires a base model")),
         _ => {}
     }
     if !spec.lambda.is_finite() {
@@ -149,39 +143,22 @@ pub fn validate(job: &Job) -> Result<()> {
     }
     for (i, inp) in job.inputs.iter().enumerate() {
         if !inp.weight.is_finite() {
-            return err(format!(
-                "input {i}: weight must be finite, got {}",
-                inp.weight
-            ));
+            return err(format!("input {i}: weight must be finite, got {}", inp.weight));
         }
         if !(inp.density > 0.0 && inp.density <= 1.0) {
-            return err(format!(
-                "input {i}: density must be in (0, 1], got {}",
-                inp.density
-            ));
+            return err(format!("input {i}: density must be in (0, 1], got {}", inp.density));
         }
     }
     if spec.method.sparsify() == Sparsify::Magnitude && job.numel as u64 >= u32::MAX as u64 {
-        return err(format!(
-            "{} elements: magnitude trimming supports tensors of fewer than 2^32",
-            job.numel
-        ));
+        return err(format!("{} elements: magnitude trimming supports tensors of fewer than 2^32", job.numel));
     }
-    if spec.method == Method::Linear
-        && spec.normalize
-        && job.inputs.iter().map(|i| i.weight).sum::<f64>() == 0.0
-    {
+    if spec.method == Method::Linear && spec.normalize && job.inputs.iter().map(|i| i.weight).sum::<f64>() == 0.0 {
         return err("linear with normalize: the weights sum to zero".into());
     }
     let sizes = job.base.iter().chain(job.inputs.iter().map(|i| &i.src));
     for s in sizes {
         if s.bytes.len() != job.numel * s.dtype.size() {
-            return err(format!(
-                "{} bytes do not hold {} {} elements",
-                s.bytes.len(),
-                job.numel,
-                s.dtype.name()
-            ));
+            return err(format!("{} bytes do not hold {} {} elements", s.bytes.len(), job.numel, s.dtype.name()));
         }
     }
     Ok(())
@@ -189,11 +166,7 @@ pub fn validate(job: &Job) -> Result<()> {
 
 fn load(src: &Source, cast: Option<DType>, start: usize, out: &mut [f32]) {
     let sz = src.dtype.size();
-    dtype::decode(
-        src.dtype,
-        &src.bytes[start * sz..(start + out.len()) * sz],
-        out,
-    );
+    dtype::decode(src.dtype, &src.bytes[start * sz..(start + out.len()) * sz], out);
     if let Some(c) = cast {
         // Widening casts are exact; only a narrower (or differently rounded) dtype changes values.
         if c != DType::F32 && c != src.dtype {
@@ -216,15 +189,22 @@ fn load_deltas(job: &Job, start: usize, len: usize, s: &mut Scratch) {
     }
 }
 
+fn release_chunk(job: &Job, opts: &Options, start: usize, len: usize) {
+    if opts.release_inputs {
+        for src in job.base.iter().chain(job.inputs.iter().map(|i| &i.src)) {
+            let sz = src.dtype.size();
+            crate::io::reader::release(&src.bytes[start * sz..(start + len) * sz]);
+        }
+    }
+}
+
 fn chunks(n: usize, size: usize) -> impl IndexedParallelIterator<Item = (usize, usize)> {
     let size = size.max(1);
-    (0..n.div_ceil(size))
-        .into_par_iter()
-        .map(move |c| (c * size, size.min(n - c * size)))
+    (0..n.div_ceil(size)).into_par_iter().map(move |c| (c * size, size.min(n - c * size)))
 }
 
 /// The keep rule of every input for magnitude trimming (TIES), found by streaming radix select.
-fn trim_rules(job: &Job, chunk: usize, candidate_bytes: usize) -> Vec<TrimRule> {
+fn trim_rules(job: &Job, chunk: usize, opts: &Options) -> Vec<TrimRule> {
     let n = job.numel as u64;
     let ks: Vec<Option<u64>> = job
         .inputs
@@ -249,6 +229,7 @@ fn trim_rules(job: &Job, chunk: usize, candidate_bytes: usize) -> Vec<TrimRule> 
                         select::hist_high(&s.x[i][..len], &mut h[i]);
                     }
                 }
+                release_chunk(job, opts, start, len);
                 (s, h)
             },
         )
@@ -266,7 +247,7 @@ fn trim_rules(job: &Job, chunk: usize, candidate_bytes: usize) -> Vec<TrimRule> 
         .collect();
     // Pass B. Where the threshold's bin is small enough, collect its elements (index order) and finish the
     // selection in memory; otherwise histogram its low bits, and count ties in one more pass if they straddle.
-    let mut budget = candidate_bytes;
+    let mut budget = opts.candidate_bytes;
     let collect: Vec<bool> = bins
         .iter()
         .enumerate()
@@ -282,64 +263,68 @@ fn trim_rules(job: &Job, chunk: usize, candidate_bytes: usize) -> Vec<TrimRule> 
             None => false,
         })
         .collect();
-    let per_chunk: Vec<(Vec<Vec<u64>>, Vec<[u32; LOW_BINS]>)> = chunks(job.numel, chunk)
-        .map_init(Scratch::default, |s, (start, len)| {
-            load_deltas(job, start, len, s);
-            let mut cands = vec![Vec::new(); m];
-            let mut lows = Vec::new();
+    // Candidates are kept per (input, chunk start) and put back in index order after the parallel pass;
+    // low-bit histograms are summed as they go, never kept per chunk.
+    struct PassB {
+        s: Scratch,
+        cands: Vec<(usize, usize, Vec<u64>)>,
+        lows: Vec<[u32; LOW_BINS]>,
+    }
+    let any_hist = bins.iter().zip(&collect).any(|(b, &c)| b.is_some() && !c);
+    let new_acc = || PassB {
+        s: Scratch::default(),
+        cands: Vec::new(),
+        lows: vec![[0u32; LOW_BINS]; if any_hist { m } else { 0 }],
+    };
+    let pass_b = chunks(job.numel, chunk)
+        .fold(new_acc, |mut acc, (start, len)| {
+            load_deltas(job, start, len, &mut acc.s);
             for (i, b) in bins.iter().enumerate() {
                 if let Some((bin, _)) = b {
                     if collect[i] {
-                        select::collect_bin(&s.x[i][..len], *bin, start, &mut cands[i]);
+                        let mut c = Vec::new();
+                        select::collect_bin(&acc.s.x[i][..len], *bin, start, &mut c);
+                        acc.cands.push((i, start, c));
                     } else {
-                        lows.resize(m, [0u32; LOW_BINS]);
-                        select::hist_low(&s.x[i][..len], *bin, &mut lows[i]);
+                        select::hist_low(&acc.s.x[i][..len], *bin, &mut acc.lows[i]);
                     }
                 }
             }
-            (cands, lows)
+            release_chunk(job, opts, start, len);
+            acc
         })
-        .collect();
+        .reduce(new_acc, |mut a, b| {
+            a.cands.extend(b.cands);
+            a.lows = add_hist(std::mem::take(&mut a.lows), b.lows);
+            a
+        });
+    let mut cands = pass_b.cands;
+    cands.sort_unstable_by_key(|c| (c.0, c.1));
     let mut rules = vec![TrimRule::ALL; m];
     // (input, ties to keep) for inputs whose last kept tie still has to be found by a counting pass.
     let mut pending: Vec<(usize, u64)> = Vec::new();
     for (i, b) in bins.iter().enumerate() {
         let Some((bin, need)) = *b else { continue };
         if collect[i] {
-            let cands: Vec<u64> = per_chunk
-                .iter()
-                .flat_map(|(c, _)| c[i].iter().copied())
-                .collect();
-            rules[i] = select::select_in_bin(&cands, bin, need);
+            let mine: Vec<u64> = cands.iter().filter(|c| c.0 == i).flat_map(|c| c.2.iter().copied()).collect();
+            rules[i] = select::select_in_bin(&mine, bin, need);
         } else {
-            let mut hist = [0u32; LOW_BINS];
-            for (_, lows) in &per_chunk {
-                if let Some(l) = lows.get(i) {
-                    hist.iter_mut().zip(l).for_each(|(a, b)| *a += b);
-                }
-            }
-            let (lo, ties_kept) = select::find_bin(&hist, need);
+            let hist = &pass_b.lows[i];
+            let (lo, ties_kept) = select::find_bin(hist, need);
             let bits = (bin << 16) | lo as u32;
-            rules[i] = TrimRule {
-                threshold_bits: bits,
-                last_tie: usize::MAX,
-                keep_all: false,
-            };
+            rules[i] = TrimRule { threshold_bits: bits, last_tie: usize::MAX, keep_all: false };
             if ties_kept < hist[lo] as u64 {
                 pending.push((i, ties_kept));
             }
         }
     }
-    drop(per_chunk);
+    drop(cands);
     // Ties straddle the threshold: find the index of the last tie kept (lowest indices first).
     if !pending.is_empty() {
         let counts: Vec<Vec<u64>> = chunks(job.numel, chunk)
             .map_init(Scratch::default, |s, (start, len)| {
                 load_deltas(job, start, len, s);
-                pending
-                    .iter()
-                    .map(|&(i, _)| select::count_equal(&s.x[i][..len], rules[i].threshold_bits))
-                    .collect()
+                pending.iter().map(|&(i, _)| select::count_equal(&s.x[i][..len], rules[i].threshold_bits)).collect()
             })
             .collect();
         let size = chunk.max(1);
@@ -353,8 +338,7 @@ fn trim_rules(job: &Job, chunk: usize, candidate_bytes: usize) -> Vec<TrimRule> 
                     load_deltas(job, start, len, &mut s);
                     let bits = rules[i].threshold_bits;
                     rules[i].last_tie =
-                        select::nth_equal(&s.x[i][..len], bits, ties_kept - before, start)
-                            .expect("counted");
+                        select::nth_equal(&s.x[i][..len], bits, ties_kept - before, start).expect("counted");
                     break;
                 }
                 before += cnt[p];
@@ -365,6 +349,9 @@ fn trim_rules(job: &Job, chunk: usize, candidate_bytes: usize) -> Vec<TrimRule> 
 }
 
 fn add_hist<const N: usize>(mut a: Vec<[u32; N]>, b: Vec<[u32; N]>) -> Vec<[u32; N]> {
+    if a.len() < b.len() {
+        return add_hist(b, a);
+    }
     for (x, y) in a.iter_mut().zip(&b) {
         x.iter_mut().zip(y).for_each(|(p, q)| *p += q);
     }
@@ -372,15 +359,7 @@ fn add_hist<const N: usize>(mut a: Vec<[u32; N]>, b: Vec<[u32; N]>) -> Vec<[u32;
 }
 
 /// The keep mask of input `i` for chunk `[start, start+len)`, from its delta already in `s.x[i]`.
-fn mask_into(
-    job: &Job,
-    i: usize,
-    rules: &[TrimRule],
-    streams: &[Stream],
-    start: usize,
-    len: usize,
-    s: &mut Scratch,
-) {
+fn mask_into(job: &Job, i: usize, rules: &[TrimRule], streams: &[Stream], start: usize, len: usize, s: &mut Scratch) {
     let inp = &job.inputs[i];
     match job.spec.method.sparsify() {
         Sparsify::Magnitude => rules[i].mask(start, &s.x[i][..len], &mut s.keep[..len]),
@@ -395,14 +374,15 @@ pub struct Options {
     pub chunk_elems: usize,
     /// See [`CANDIDATE_BYTES`].
     pub candidate_bytes: usize,
+    /// Unmap each chunk's input pages once a pass is done with them, so a tensor larger than the memory budget
+    /// never becomes resident whole. Only for inputs that are read-only file maps (pages are re-read from the
+    /// file if needed again); never for in-memory buffers.
+    pub release_inputs: bool,
 }
 
 impl Options {
     pub fn with_chunk(chunk_elems: usize) -> Self {
-        Options {
-            chunk_elems,
-            candidate_bytes: CANDIDATE_BYTES,
-        }
+        Options { chunk_elems, candidate_bytes: CANDIDATE_BYTES, release_inputs: false }
     }
 }
 
@@ -417,23 +397,11 @@ pub fn merge_with(job: &Job, opts: &Options, sink: &dyn Sink) -> Result<()> {
     let spec = job.spec;
     let m = job.inputs.len();
     let sparsify = spec.method.sparsify();
-    let rules = if sparsify == Sparsify::Magnitude {
-        trim_rules(job, chunk, opts.candidate_bytes)
-    } else {
-        vec![TrimRule::ALL; m]
-    };
-    let streams: Vec<Stream> = job
-        .inputs
-        .iter()
-        .map(|i| Stream::new(spec.seed, job.name, i.model_id))
-        .collect();
+    let rules = if sparsify == Sparsify::Magnitude { trim_rules(job, chunk, opts) } else { vec![TrimRule::ALL; m] };
+    let streams: Vec<Stream> = job.inputs.iter().map(|i| Stream::new(spec.seed, job.name, i.model_id)).collect();
     // Density 1 is the identity and is not rescaled (as in mergekit); any lower density is, even where the
     // trim happens to keep every element (k = max(1, int(d·n)) = n on tiny tensors).
-    let sparse: Vec<bool> = job
-        .inputs
-        .iter()
-        .map(|inp| sparsify != Sparsify::None && inp.density < 1.0)
-        .collect();
+    let sparse: Vec<bool> = job.inputs.iter().map(|inp| sparsify != Sparsify::None && inp.density < 1.0).collect();
     let mut scales = vec![Scale::Mul(1.0); m];
     match spec.rescale {
         Rescale::None => {}
@@ -449,6 +417,7 @@ pub fn merge_with(job: &Job, opts: &Options, sink: &dyn Sink) -> Result<()> {
             let per_block: Vec<Vec<(f64, f64)>> = chunks(job.numel, BLOCK)
                 .map_init(Scratch::default, |s, (start, len)| {
                     load_deltas(job, start, len, s);
+                    release_chunk(job, opts, start, len);
                     (0..m)
                         .map(|i| {
                             mask_into(job, i, &rules, &streams, start, len, s);
@@ -458,9 +427,7 @@ pub fn merge_with(job: &Job, opts: &Options, sink: &dyn Sink) -> Result<()> {
                 })
                 .collect();
             for i in (0..m).filter(|&i| sparse[i]) {
-                let (all, kept) = per_block
-                    .iter()
-                    .fold((0f64, 0f64), |(a, k), b| (a + b[i].0, k + b[i].1));
+                let (all, kept) = per_block.iter().fold((0f64, 0f64), |(a, k), b| (a + b[i].0, k + b[i].1));
                 // mergekit skips the rescale when either norm is below 1e-7.
                 if all >= 1e-7 && kept >= 1e-7 {
                     scales[i] = Scale::Mul((all / kept) as f32);
@@ -475,6 +442,7 @@ pub fn merge_with(job: &Job, opts: &Options, sink: &dyn Sink) -> Result<()> {
     let out_size = job.out_dtype.size();
     chunks(job.numel, chunk).try_for_each_init(Scratch::default, |s, (start, len)| {
         load_deltas(job, start, len, s);
+        release_chunk(job, opts, start, len);
         for i in 0..m {
             let keep = if sparse[i] {
                 mask_into(job, i, &rules, &streams, start, len, s);
@@ -495,20 +463,10 @@ pub fn merge_with(job: &Job, opts: &Options, sink: &dyn Sink) -> Result<()> {
             combine::finish(&mut s.mixed[..len], divisor, 1.0, None);
         } else {
             if spec.method.consensus() {
-                combine::elect_and_mix(
-                    xs,
-                    &weights,
-                    &mut s.total[..len],
-                    &mut s.mixed[..len],
-                    &mut s.divisor[..len],
-                );
+                combine::elect_and_mix(xs, &weights, &mut s.total[..len], &mut s.mixed[..len], &mut s.divisor[..len]);
             } else {
                 combine::sum(xs, &mut s.mixed[..len]);
-                let d = if weight_sum.abs() < 1e-8 {
-                    1.0
-                } else {
-                    weight_sum
-                };
+                let d = if weight_sum.abs() < 1e-8 { 1.0 } else { weight_sum };
                 s.divisor[..len].fill(d);
             }
             let divisor = spec.normalize.then_some(&s.divisor[..len]);
@@ -533,11 +491,7 @@ unsafe impl Sync for SliceSink {}
 
 impl SliceSink {
     pub fn new(out: &mut [u8], dtype: DType) -> Self {
-        SliceSink {
-            ptr: out.as_mut_ptr(),
-            len: out.len(),
-            elem_size: dtype.size(),
-        }
+        SliceSink { ptr: out.as_mut_ptr(), len: out.len(), elem_size: dtype.size() }
     }
 }
 

@@ -82,14 +82,11 @@ fn none() -> String {
 
 impl Plan {
     pub fn from_json(s: &str) -> Result<Self> {
-        let plan: Plan =
-            serde_json::from_str(s).map_err(|e| CoreError::param(format!("invalid plan: {e}")))?;
+        let plan: Plan = serde_json::from_str(s).map_err(|e| CoreError::param(format!("invalid plan: {e}")))?;
         for shard in &plan.shards {
             let f = &shard.file;
             if f.is_empty() || f.contains('/') || f.contains('\\') || f == "." || f == ".." {
-                return Err(CoreError::param(format!(
-                    "invalid output file name '{f}' in plan"
-                )));
+                return Err(CoreError::param(format!("invalid output file name '{f}' in plan")));
             }
         }
         Ok(plan)

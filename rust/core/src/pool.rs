@@ -9,9 +9,7 @@ use rayon::{ThreadPool, ThreadPoolBuilder};
 use crate::error::{CoreError, Result};
 
 pub fn default_threads() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
 pub fn pool(threads: Option<usize>) -> Result<Arc<ThreadPool>> {
@@ -20,10 +18,7 @@ pub fn pool(threads: Option<usize>) -> Result<Arc<ThreadPool>> {
     if n == 0 {
         return Err(CoreError::param("threads must be at least 1"));
     }
-    let mut pools = POOLS
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
+    let mut pools = POOLS.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
     if let Some(p) = pools.get(&n) {
         return Ok(p.clone());
     }

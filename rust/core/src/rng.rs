@@ -41,9 +41,7 @@ fn splitmix64(mut z: u64) -> u64 {
 }
 
 fn fnv1a64(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-    })
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// The random stream of one (seed, tensor, model): uniform draws indexed by element.
@@ -56,10 +54,7 @@ pub struct Stream {
 impl Stream {
     pub fn new(seed: u64, tensor_name: &str, model: u32) -> Self {
         let k = splitmix64(seed ^ splitmix64(fnv1a64(tensor_name.as_bytes())));
-        Stream {
-            key: [k as u32, (k >> 32) as u32],
-            model,
-        }
+        Stream { key: [k as u32, (k >> 32) as u32], model }
     }
 
     /// The four 32-bit words of block `b`; element `j` uses word `j % 4` of block `j / 4`.
@@ -110,19 +105,10 @@ mod tests {
     /// Known-answer vectors of Random123 (kat_vectors, philox4x32 with 10 rounds).
     #[test]
     fn philox_known_answers() {
+        assert_eq!(philox4x32_10([0; 4], [0; 2]), [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]);
+        assert_eq!(philox4x32_10([u32::MAX; 4], [u32::MAX; 2]), [0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd]);
         assert_eq!(
-            philox4x32_10([0; 4], [0; 2]),
-            [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]
-        );
-        assert_eq!(
-            philox4x32_10([u32::MAX; 4], [u32::MAX; 2]),
-            [0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd]
-        );
-        assert_eq!(
-            philox4x32_10(
-                [0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344],
-                [0xa4093822, 0x299f31d0]
-            ),
+            philox4x32_10([0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344], [0xa4093822, 0x299f31d0]),
             [0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1]
         );
     }

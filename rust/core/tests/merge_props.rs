@@ -1,9 +1,7 @@
 //! Properties of the per-tensor merge: TIES keeps exactly the k largest |delta| (lowest index first on ties),
 //! matching a sort-based oracle; output bytes do not depend on chunk size or thread count; DARE is keyed.
 
-use ferromerge_core::merge::{
-    merge_to_vec, Input, Job, Method, MethodSpec, Options, Rescale, Source,
-};
+use ferromerge_core::merge::{merge_to_vec, Input, Job, Method, MethodSpec, Options, Rescale, Source};
 use ferromerge_core::{pool, DType};
 use proptest::prelude::*;
 
@@ -12,44 +10,23 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
 }
 
 fn out_f32(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
+    b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }
 
 fn spec(method: Method, normalize: bool) -> MethodSpec {
-    MethodSpec {
-        method,
-        normalize,
-        lambda: 1.0,
-        rescale: Rescale::None,
-        seed: 0,
-    }
+    MethodSpec { method, normalize, lambda: 1.0, rescale: Rescale::None, seed: 0 }
 }
 
-fn job<'a>(
-    base: &'a [u8],
-    xs: &'a [Vec<u8>],
-    w: &[f64],
-    d: &[f64],
-    spec: MethodSpec,
-    n: usize,
-) -> Job<'a> {
+fn job<'a>(base: &'a [u8], xs: &'a [Vec<u8>], w: &[f64], d: &[f64], spec: MethodSpec, n: usize) -> Job<'a> {
     Job {
         name: "t",
         numel: n,
-        base: Some(Source {
-            bytes: base,
-            dtype: DType::F32,
-        }),
+        base: Some(Source { bytes: base, dtype: DType::F32 }),
         inputs: xs
             .iter()
             .enumerate()
             .map(|(i, x)| Input {
-                src: Source {
-                    bytes: x,
-                    dtype: DType::F32,
-                },
+                src: Source { bytes: x, dtype: DType::F32 },
                 weight: w[i],
                 density: d[i],
                 model_id: i as u32,
@@ -92,7 +69,7 @@ proptest! {
         let bb = f32_bytes(&base);
         let j = job(&bb, &xs, &[1.0], &[density], spec(Method::Ties, true), n);
         // Both ways of finishing the selection: collecting the threshold's bin, or histograms plus a tie pass.
-        let opts = Options { chunk_elems: chunk, candidate_bytes: if collect { usize::MAX } else { 0 } };
+        let opts = Options { chunk_elems: chunk, candidate_bytes: if collect { usize::MAX } else { 0 }, release_inputs: false };
         let out = out_f32(&pool::pool(Some(1)).unwrap().install(|| merge_to_vec(&j, &opts)).unwrap());
         let keep = oracle_keep(&v, density);
         for i in 0..n {
@@ -122,7 +99,7 @@ proptest! {
         let reference = pool::pool(Some(1)).unwrap().install(|| merge_to_vec(&j, &Options::with_chunk(1 << 16))).unwrap();
         for threads in [1, 2, 3] {
             for candidate_bytes in [0, usize::MAX] {
-                let opts = Options { chunk_elems: chunk, candidate_bytes };
+                let opts = Options { chunk_elems: chunk, candidate_bytes, release_inputs: false };
                 let got = pool::pool(Some(threads)).unwrap().install(|| merge_to_vec(&j, &opts)).unwrap();
                 prop_assert_eq!(&got, &reference);
             }
@@ -138,25 +115,11 @@ fn ties_sign_election_and_disjoint_mean() {
     let a = [1.0f32, 2.0, 1.0];
     let b = [3.0f32, -1.0, -1.0];
     let (bb, xs) = (f32_bytes(&base), vec![f32_bytes(&a), f32_bytes(&b)]);
-    let j = job(
-        &bb,
-        &xs,
-        &[1.0, 1.0],
-        &[1.0, 1.0],
-        spec(Method::Ties, true),
-        3,
-    );
+    let j = job(&bb, &xs, &[1.0, 1.0], &[1.0, 1.0], spec(Method::Ties, true), 3);
     let out = out_f32(&merge_to_vec(&j, &Options::with_chunk(2)).unwrap());
     assert_eq!(out, vec![2.0, 2.0, 1.0]);
     // Weights change the election: with weight 3 on b, element 1's sum is 2 - 3 < 0, so b wins.
-    let j = job(
-        &bb,
-        &xs,
-        &[1.0, 3.0],
-        &[1.0, 1.0],
-        spec(Method::Ties, true),
-        3,
-    );
+    let j = job(&bb, &xs, &[1.0, 3.0], &[1.0, 1.0], spec(Method::Ties, true), 3);
     let out = out_f32(&merge_to_vec(&j, &Options::with_chunk(2)).unwrap());
     assert_eq!(out, vec![(1.0 + 9.0) / 4.0, -1.0, -1.0]);
 }
@@ -179,15 +142,9 @@ fn dare_rescales_and_is_keyed() {
     sp.rescale = Rescale::L1;
     let j = job(&bb, &xs, &[1.0], &[0.25], sp, n);
     let l1 = out_f32(&merge_to_vec(&j, &Options::with_chunk(333)).unwrap());
-    let (a, b): (f64, f64) = (
-        x.iter().map(|v| *v as f64).sum(),
-        l1.iter().map(|v| *v as f64).sum(),
-    );
+    let (a, b): (f64, f64) = (x.iter().map(|v| *v as f64).sum(), l1.iter().map(|v| *v as f64).sum());
     assert!((a - b).abs() / a < 1e-5);
     sp.seed = 1;
     let j = job(&bb, &xs, &[1.0], &[0.25], sp, n);
-    assert_ne!(
-        out_f32(&merge_to_vec(&j, &Options::with_chunk(333)).unwrap()),
-        l1
-    );
+    assert_ne!(out_f32(&merge_to_vec(&j, &Options::with_chunk(333)).unwrap()), l1);
 }

@@ -6,30 +6,15 @@ use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyKeyboardInterrupt};
 use pyo3::PyErr;
 
-create_exception!(
-    ferromerge._core,
-    MergeError,
-    PyException,
-    "Base class of every error raised by the engine."
-);
+create_exception!(ferromerge._core, MergeError, PyException, "Base class of every error raised by the engine.");
 create_exception!(
     ferromerge._core,
     InputError,
     MergeError,
     "A model file or tensor is missing, corrupt or incompatible; the message names the file and the tensor."
 );
-create_exception!(
-    ferromerge._core,
-    ParameterError,
-    MergeError,
-    "A method name or parameter value is invalid."
-);
-create_exception!(
-    ferromerge._core,
-    OutputError,
-    MergeError,
-    "The output could not be written."
-);
+create_exception!(ferromerge._core, ParameterError, MergeError, "A method name or parameter value is invalid.");
+create_exception!(ferromerge._core, OutputError, MergeError, "The output could not be written.");
 
 /// Local newtype: the orphan rule forbids `impl From<CoreError> for PyErr` here.
 pub struct PyCoreErr(pub CoreError);

@@ -65,23 +65,12 @@ fn merge_arrays<'py>(
     threads: Option<usize>,
     chunk_elems: Option<usize>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let held: Vec<Held> = inputs
-        .iter()
-        .enumerate()
-        .map(|(i, o)| Held::extract(o, &format!("inputs[{i}]")))
-        .collect::<PyResult<_>>()?;
-    let base_held = base
-        .as_ref()
-        .map(|b| Held::extract(b, "base"))
-        .transpose()?;
-    let n = base_held
-        .as_ref()
-        .or(held.first())
-        .map(Held::len)
-        .unwrap_or(0);
+    let held: Vec<Held> =
+        inputs.iter().enumerate().map(|(i, o)| Held::extract(o, &format!("inputs[{i}]"))).collect::<PyResult<_>>()?;
+    let base_held = base.as_ref().map(|b| Held::extract(b, "base")).transpose()?;
+    let n = base_held.as_ref().or(held.first()).map(Held::len).unwrap_or(0);
     let model_ids = model_ids.unwrap_or_else(|| (0..held.len() as u32).collect());
-    if weights.len() != held.len() || densities.len() != held.len() || model_ids.len() != held.len()
-    {
+    if weights.len() != held.len() || densities.len() != held.len() || model_ids.len() != held.len() {
         return Err(PyValueError::new_err(format!(
             "{} inputs but {} weights, {} densities, {} model_ids",
             held.len(),
@@ -93,21 +82,12 @@ fn merge_arrays<'py>(
     let mut sources = Vec::with_capacity(held.len());
     for (i, h) in held.iter().enumerate() {
         if h.len() != n {
-            return Err(PyValueError::new_err(format!(
-                "inputs[{i}] has {} elements, expected {n}",
-                h.len()
-            )));
+            return Err(PyValueError::new_err(format!("inputs[{i}] has {} elements, expected {n}", h.len())));
         }
-        sources.push(Source {
-            bytes: h.bytes(&format!("inputs[{i}]"))?,
-            dtype: h.dtype(),
-        });
+        sources.push(Source { bytes: h.bytes(&format!("inputs[{i}]"))?, dtype: h.dtype() });
     }
     let base_src = match &base_held {
-        Some(b) => Some(Source {
-            bytes: b.bytes("base")?,
-            dtype: b.dtype(),
-        }),
+        Some(b) => Some(Source { bytes: b.bytes("base")?, dtype: b.dtype() }),
         None => None,
     };
     let spec = MethodSpec {
@@ -124,12 +104,7 @@ fn merge_arrays<'py>(
         inputs: sources
             .into_iter()
             .zip(weights.iter().zip(&densities).zip(&model_ids))
-            .map(|(src, ((&weight, &density), &model_id))| Input {
-                src,
-                weight,
-                density,
-                model_id,
-            })
+            .map(|(src, ((&weight, &density), &model_id))| Input { src, weight, density, model_id })
             .collect(),
         cast: cast_dtype.map(DType::parse).transpose().map_err(to_py)?,
         spec,
@@ -141,19 +116,19 @@ fn merge_arrays<'py>(
     let out_dtype = job.out_dtype;
     with_output(py, out_dtype, n, |out| {
         let sink = merge::SliceSink::new(out, out_dtype);
-        pool.install(|| merge::merge(&job, chunk, &sink))
-            .map_err(to_py)
+        pool.install(|| merge::merge(&job, chunk, &sink)).map_err(to_py)
     })
 }
 
 #[pyfunction]
-#[pyo3(signature = (plan_json, out_dir, progress=None, threads=None))]
+#[pyo3(signature = (plan_json, out_dir, progress=None, threads=None, memory_limit=None))]
 fn execute_plan(
     py: Python<'_>,
     plan_json: &str,
     out_dir: PathBuf,
     progress: Option<Py<PyAny>>,
     threads: Option<usize>,
+    memory_limit: Option<u64>,
 ) -> PyResult<HashMap<String, u64>> {
     let plan = Plan::from_json(plan_json).map_err(to_py)?;
     // An exception raised by the callback (or a signal) is kept here and re-raised as itself.
@@ -162,12 +137,9 @@ fn execute_plan(
         let mut on_progress = |p: &Progress| -> Result<(), CoreError> {
             Python::attach(|py| {
                 let r = py.check_signals().and_then(|_| match &progress {
-                    Some(cb) => cb
-                        .call1(
-                            py,
-                            (p.tensors_done, p.tensors_total, p.bytes_done, p.bytes_total),
-                        )
-                        .map(|_| ()),
+                    Some(cb) => {
+                        cb.call1(py, (p.tensors_done, p.tensors_total, p.bytes_done, p.bytes_total)).map(|_| ())
+                    }
                     None => Ok(()),
                 });
                 r.map_err(|e| {
@@ -176,7 +148,8 @@ fn execute_plan(
                 })
             })
         };
-        exec::execute(&plan, Path::new(&out_dir), threads, &mut on_progress)
+        let opts = exec::ExecOptions { threads, memory_limit };
+        exec::execute(&plan, Path::new(&out_dir), &opts, &mut on_progress)
     });
     match result {
         Ok(s) => Ok(HashMap::from([
@@ -217,8 +190,13 @@ fn save_file(
         views.push((name.as_str(), *dtype, shape.as_slice(), h.bytes(name)?));
     }
     let metadata = metadata.unwrap_or_default();
-    py.detach(|| write_safetensors(&path, &views, &metadata))
-        .map_err(to_py)
+    py.detach(|| write_safetensors(&path, &views, &metadata)).map_err(to_py)
+}
+
+/// The memory budget a run uses when none is given.
+#[pyfunction]
+fn default_memory_limit() -> u64 {
+    exec::default_memory_limit()
 }
 
 #[pymodule]
@@ -234,5 +212,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(merge_arrays, m)?)?;
     m.add_function(wrap_pyfunction!(execute_plan, m)?)?;
     m.add_function(wrap_pyfunction!(save_file, m)?)?;
+    m.add_function(wrap_pyfunction!(default_memory_limit, m)?)?;
     Ok(())
 }

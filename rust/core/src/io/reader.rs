@@ -35,30 +35,17 @@ pub struct SafetensorsFile {
 
 impl SafetensorsFile {
     pub fn open(path: &Path) -> Result<Self> {
-        let file =
-            File::open(path).map_err(|e| CoreError::input(path, format!("cannot open: {e}")))?;
-        let len = file
-            .metadata()
-            .map_err(|e| CoreError::input(path, format!("cannot stat: {e}")))?
-            .len();
+        let file = File::open(path).map_err(|e| CoreError::input(path, format!("cannot open: {e}")))?;
+        let len = file.metadata().map_err(|e| CoreError::input(path, format!("cannot stat: {e}")))?.len();
         if len < 8 {
-            return Err(CoreError::input(
-                path,
-                format!("not a safetensors file: only {len} bytes"),
-            ));
+            return Err(CoreError::input(path, format!("not a safetensors file: only {len} bytes")));
         }
         // SAFETY: the map is read-only; a file truncated under us while mapped would fault, as with any mmap
         // reader (safetensors, torch). We never write through it.
-        let mmap = unsafe { Mmap::map(&file) }
-            .map_err(|e| CoreError::input(path, format!("cannot mmap: {e}")))?;
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| CoreError::input(path, format!("cannot mmap: {e}")))?;
         let (n, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| {
-            let culprit = diagnose(&mmap)
-                .map(|t| format!(" (tensor '{t}')"))
-                .unwrap_or_default();
-            CoreError::input(
-                path,
-                format!("corrupt or truncated safetensors header{culprit}: {e}"),
-            )
+            let culprit = diagnose(&mmap).map(|t| format!(" (tensor '{t}')")).unwrap_or_default();
+            CoreError::input(path, format!("corrupt or truncated safetensors header{culprit}: {e}"))
         })?;
         let data_start = 8 + n;
         let mut tensors = HashMap::new();
@@ -104,9 +91,7 @@ impl SafetensorsFile {
     }
 
     pub fn entry(&self, name: &str) -> Result<&TensorEntry> {
-        self.tensors
-            .get(name)
-            .ok_or_else(|| CoreError::tensor(&self.path, name, "tensor not found in this file"))
+        self.tensors.get(name).ok_or_else(|| CoreError::tensor(&self.path, name, "tensor not found in this file"))
     }
 
     /// The bytes of a tensor, borrowed from the map.
@@ -121,63 +106,59 @@ impl SafetensorsFile {
             CoreError::tensor(
                 &self.path,
                 name,
-                format!(
-                    "unsupported dtype {} (ferromerge merges F32, F16 and BF16)",
-                    e.dtype_name
-                ),
+                format!("unsupported dtype {} (ferromerge merges F32, F16 and BF16)", e.dtype_name),
             )
         })?;
         if e.shape != shape {
             return Err(CoreError::tensor(
                 &self.path,
                 name,
-                format!(
-                    "shape {:?} does not match the expected {:?}",
-                    e.shape, shape
-                ),
+                format!("shape {:?} does not match the expected {:?}", e.shape, shape),
             ));
         }
         Ok((self.bytes(e), dtype))
     }
 
-    /// Tell the kernel we are done with a byte range so resident memory stays flat on huge models.
+    /// Tell the kernel we are done with a tensor's pages, so resident memory stays flat on huge models.
     pub fn release(&self, entry: &TensorEntry) {
-        #[cfg(unix)]
-        if let Some(m) = &self.mmap {
-            let page = 4096;
-            let start = entry.start.div_ceil(page) * page;
-            let end = entry.end / page * page;
-            if end > start {
-                // SAFETY: advice on a range inside our own read-only mapping; DONTNEED on a file-backed
-                // read-only map only drops clean pages, which are re-read from the file if touched again.
-                unsafe {
-                    libc::madvise(
-                        m.as_ptr().add(start) as *mut libc::c_void,
-                        end - start,
-                        libc::MADV_DONTNEED,
-                    );
-                }
-            }
-        }
+        release(self.bytes(entry));
     }
 
     /// Ask the kernel to start reading a range we will need soon.
     pub fn prefetch(&self, entry: &TensorEntry) {
-        #[cfg(unix)]
-        if let Some(m) = &self.mmap {
-            let page = 4096;
-            let start = entry.start / page * page;
-            let end = entry.end.min(m.len());
-            if end > start {
-                // SAFETY: advice only, on a range inside our own mapping.
-                unsafe {
-                    libc::madvise(
-                        m.as_ptr().add(start) as *mut libc::c_void,
-                        end - start,
-                        libc::MADV_WILLNEED,
-                    );
-                }
-            }
+        will_need(self.bytes(entry));
+    }
+}
+
+const PAGE: usize = 4096;
+
+/// Unmap the whole pages inside `bytes`, which must lie in a read-only, shared file map (as every
+/// `SafetensorsFile` is): the pages stay in the page cache and are re-read from it (or the file) if touched again.
+/// Never call this on anonymous memory, where MADV_DONTNEED would discard the contents.
+pub fn release(bytes: &[u8]) {
+    #[cfg(unix)]
+    {
+        let addr = bytes.as_ptr() as usize;
+        let start = addr.div_ceil(PAGE) * PAGE;
+        let end = (addr + bytes.len()) / PAGE * PAGE;
+        if end > start {
+            // SAFETY: advice on whole pages inside a live read-only file map (see above); no memory is freed
+            // that Rust still owns.
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
+        }
+    }
+}
+
+/// Start reading the pages that hold `bytes` (advice only).
+pub fn will_need(bytes: &[u8]) {
+    #[cfg(unix)]
+    {
+        let addr = bytes.as_ptr() as usize;
+        let start = addr / PAGE * PAGE;
+        let end = addr + bytes.len();
+        if end > start {
+            // SAFETY: advice only; WILLNEED never changes contents.
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_WILLNEED) };
         }
     }
 }
@@ -200,13 +181,8 @@ fn diagnose(buf: &[u8]) -> Option<String> {
     entries.sort_by(|a, b| (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2)));
     // A tensor wrong on its own (size or range) first; only then one that leaves a gap or overlaps.
     for &(s, e, name, v) in &entries {
-        let dtype: Option<safetensors::Dtype> =
-            serde_json::from_value(v.get("dtype")?.clone()).ok();
-        let numel = v
-            .get("shape")?
-            .as_array()?
-            .iter()
-            .try_fold(1u64, |a, d| a.checked_mul(d.as_u64()?));
+        let dtype: Option<safetensors::Dtype> = serde_json::from_value(v.get("dtype")?.clone()).ok();
+        let numel = v.get("shape")?.as_array()?.iter().try_fold(1u64, |a, d| a.checked_mul(d.as_u64()?));
         let size = match (dtype, numel) {
             (Some(d), Some(n)) => n.checked_mul(d.bitsize() as u64).map(|b| b / 8),
             _ => None,

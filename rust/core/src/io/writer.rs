@@ -25,10 +25,7 @@ pub struct ShardLayout {
 }
 
 impl ShardLayout {
-    pub fn new(
-        tensors: &[(&str, DType, &[usize])],
-        metadata: &BTreeMap<String, String>,
-    ) -> Result<Self> {
+    pub fn new(tensors: &[(&str, DType, &[usize])], metadata: &BTreeMap<String, String>) -> Result<Self> {
         let mut obj = Map::new();
         if !metadata.is_empty() {
             obj.insert("__metadata__".into(), json!(metadata));
@@ -37,9 +34,7 @@ impl ShardLayout {
         let mut pos = 0u64;
         for (name, dtype, shape) in tensors {
             if obj.contains_key(*name) {
-                return Err(CoreError::param(format!(
-                    "tensor '{name}' appears twice in one output file"
-                )));
+                return Err(CoreError::param(format!("tensor '{name}' appears twice in one output file")));
             }
             let n: u64 = shape.iter().map(|&d| d as u64).product();
             let end = pos + n * dtype.size() as u64;
@@ -55,11 +50,7 @@ impl ShardLayout {
             header.push(b' ');
         }
         let data_start = 8 + header.len() as u64;
-        Ok(ShardLayout {
-            offsets: rel.iter().map(|r| r + data_start).collect(),
-            total_len: data_start + pos,
-            header,
-        })
+        Ok(ShardLayout { offsets: rel.iter().map(|r| r + data_start).collect(), total_len: data_start + pos, header })
     }
 
     /// Create the file at its final size with the header in place; data is written later with `write_at`.
@@ -67,8 +58,7 @@ impl ShardLayout {
         let err = |e: std::io::Error| CoreError::output(path, e.to_string());
         let mut f = File::create(path).map_err(err)?;
         f.set_len(self.total_len).map_err(err)?;
-        f.write_all(&(self.header.len() as u64).to_le_bytes())
-            .map_err(err)?;
+        f.write_all(&(self.header.len() as u64).to_le_bytes()).map_err(err)?;
         f.write_all(&self.header).map_err(err)?;
         Ok(f)
     }
@@ -82,9 +72,7 @@ pub struct FileSink<'a> {
 
 impl FileSink<'_> {
     pub fn write_at(&self, offset: u64, bytes: &[u8]) -> Result<()> {
-        self.file
-            .write_all_at(bytes, offset)
-            .map_err(|e| CoreError::output(self.path, e.to_string()))
+        self.file.write_all_at(bytes, offset).map_err(|e| CoreError::output(self.path, e.to_string()))
     }
 }
 
@@ -114,15 +102,11 @@ pub fn write_safetensors(
     ));
     let result = (|| {
         let f = layout.create(&tmp)?;
-        let sink = FileSink {
-            file: &f,
-            path: &tmp,
-        };
+        let sink = FileSink { file: &f, path: &tmp };
         for ((_, _, _, data), off) in tensors.iter().zip(&layout.offsets) {
             sink.write_at(*off, data)?;
         }
-        f.sync_all()
-            .map_err(|e| CoreError::output(&tmp, e.to_string()))?;
+        f.sync_all().map_err(|e| CoreError::output(&tmp, e.to_string()))?;
         fs::rename(&tmp, path).map_err(|e| CoreError::output(path, e.to_string()))
     })();
     if result.is_err() {

@@ -21,12 +21,7 @@ pub struct Scratch {
 impl Scratch {
     pub fn resize(&mut self, models: usize, len: usize) {
         self.x.resize_with(models, Vec::new);
-        for v in self.x.iter_mut().chain([
-            &mut self.base,
-            &mut self.total,
-            &mut self.mixed,
-            &mut self.divisor,
-        ]) {
+        for v in self.x.iter_mut().chain([&mut self.base, &mut self.total, &mut self.mixed, &mut self.divisor]) {
             v.resize(len, 0.0);
         }
         self.keep.resize(len, false);
@@ -61,13 +56,7 @@ pub fn weigh(x: &mut [f32], keep: Option<&[bool]>, scale: Scale, weight: f32) {
 /// Sign election by the sign of the weighted sum (>= 0 counts as +), then the sum of agreeing weighted deltas
 /// and of agreeing weights (zeros never agree); a zero divisor becomes 1.
 #[multiversion(targets = "simd")]
-pub fn elect_and_mix(
-    ws: &[Vec<f32>],
-    weights: &[f32],
-    total: &mut [f32],
-    mixed: &mut [f32],
-    divisor: &mut [f32],
-) {
+pub fn elect_and_mix(ws: &[Vec<f32>], weights: &[f32], total: &mut [f32], mixed: &mut [f32], divisor: &mut [f32]) {
     total.fill(0.0);
     for w in ws {
         for (t, &v) in total.iter_mut().zip(w) {
@@ -77,11 +66,7 @@ pub fn elect_and_mix(
     mixed.fill(0.0);
     divisor.fill(0.0);
     for (w, &wt) in ws.iter().zip(weights) {
-        for ((m, d), (&v, &t)) in mixed
-            .iter_mut()
-            .zip(divisor.iter_mut())
-            .zip(w.iter().zip(total.iter()))
-        {
+        for ((m, d), (&v, &t)) in mixed.iter_mut().zip(divisor.iter_mut()).zip(w.iter().zip(total.iter())) {
             let agree = if t >= 0.0 { v > 0.0 } else { v < 0.0 };
             *m += if agree { v } else { 0.0 };
             *d += if agree { wt } else { 0.0 };

@@ -58,18 +58,12 @@ pub struct TrimRule {
 }
 
 impl TrimRule {
-    pub const ALL: TrimRule = TrimRule {
-        threshold_bits: 0,
-        last_tie: usize::MAX,
-        keep_all: true,
-    };
+    pub const ALL: TrimRule = TrimRule { threshold_bits: 0, last_tie: usize::MAX, keep_all: true };
 
     #[inline(always)]
     pub fn keeps(&self, index: usize, x: f32) -> bool {
         let b = abs_bits(x);
-        self.keep_all
-            || b > self.threshold_bits
-            || (b == self.threshold_bits && index <= self.last_tie)
+        self.keep_all || b > self.threshold_bits || (b == self.threshold_bits && index <= self.last_tie)
     }
 
     pub fn mask(&self, start: usize, vals: &[f32], keep: &mut [bool]) {
@@ -137,9 +131,5 @@ pub fn select_in_bin(cands: &[u64], high: u32, need: u64) -> TrimRule {
             }
         }
     }
-    TrimRule {
-        threshold_bits: bits,
-        last_tie,
-        keep_all: false,
-    }
+    TrimRule { threshold_bits: bits, last_tie, keep_all: false }
 }
