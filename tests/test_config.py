@@ -10,6 +10,7 @@ import yaml
 
 from ferromerge import ConfigError, ParameterError
 from ferromerge.config import load_config, parse_config
+from ferromerge.params import Const, Filtered, Gradient
 
 
 def ties(**extra: Any) -> dict[str, Any]:
@@ -171,17 +172,39 @@ def test_wrongly_typed_parameter() -> None:
 
 
 @pytest.mark.parametrize(
-    ("value", "match"),
+    ("value", "setting"),
     [
-        ([0.1, 0.5, 1.0], "gradients"),
-        ({"filter": "mlp", "value": 0.5}, r"parameter filters \(filter: 'mlp'\) are not supported yet"),
-        ([{"filter": "mlp", "value": 0.5}, {"value": 1}], "filters"),
+        ([0.1, 0.5, 1.0], Gradient((0.1, 0.5, 1.0), numeric=True)),
+        ({"filter": "mlp", "value": 0.5}, Filtered((("mlp", Const(0.5)),))),
+        (
+            [{"filter": "mlp", "value": [0.5, 1]}, {"value": 1}],
+            Filtered((("mlp", Gradient((0.5, 1.0), True)), (None, Const(1.0)))),
+        ),
     ],
 )
-def test_gradients_and_filters_are_not_supported_yet(value: Any, match: str) -> None:
+def test_gradients_and_filters_are_parsed_and_vary_per_tensor(value: Any, setting: Any) -> None:
     cfg = ties()
     cfg["models"][0]["parameters"]["density"] = value
-    with pytest.raises(ConfigError, match=rf"models\[0\]\.parameters\.density: .*{match}"):
+    model = load_config(cfg).inputs[0]
+    assert model.levels[0].settings["density"] == setting and model.levels[0].place == "models[0].parameters"
+    assert model.density is None and "density" in model.varying and model.weight == 1.0
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [
+        ([0.5, 1.5], r"models\[0\]\.parameters\.density\[1\]: density must be in \(0, 1\]"),
+        ([{"filter": "mlp", "value": 0.5}, 0.3], "a list mixing"),
+        ({"filter": "mlp"}, r"expected a value or \{filter, value\}"),
+        ([], "an empty list"),
+        ([{"filter": 3, "value": 0.5}], r"density\[0\]\.filter: expected a string"),
+        ({"filter": "mlp", "value": [0.5, "x"]}, r"density\.value\[1\]: parameter 'density' must be a number"),
+    ],
+)
+def test_malformed_gradients_and_filters_name_their_place(value: Any, match: str) -> None:
+    cfg = ties()
+    cfg["models"][0]["parameters"]["density"] = value
+    with pytest.raises(ParameterError, match=match):
         load_config(cfg)
 
 
@@ -191,7 +214,7 @@ def test_an_unfiltered_value_wrapper_is_a_plain_value() -> None:
     assert load_config(cfg).inputs[0].density == 0.25
 
 
-@pytest.mark.parametrize("key", ["slices", "modules", "tokenizer_source", "tokenizer", "chat_template"])
+@pytest.mark.parametrize("key", ["modules", "tokenizer_source", "tokenizer", "chat_template"])
 def test_later_release_features_are_not_supported_yet(key: str) -> None:
     with pytest.raises(ConfigError, match=rf"^config: {key}: .*not supported yet"):
         load_config(ties(**{key: "base"}))

@@ -1,28 +1,33 @@
-"""Parse and validate a mergekit YAML merge config (the subset this release merges) into a ``MergeConfig``.
+"""Parse and validate a mergekit YAML merge config into a ``MergeConfig``.
 
 The config may be a path, a YAML string or a mapping. Every key is checked before any model is opened:
 a key ferromerge does not know is an error naming its place (``models[1].parameters.densty``), and mergekit
-features that a later ferromerge release will merge (``slices``, ``tokenizer``, parameter filters and
-gradients, ...) are "not supported yet" errors, so that no part of a config is ever silently ignored.
+features that a later ferromerge release will merge (``modules``, ``tokenizer``, ...) are "not supported yet"
+errors, so that no part of a config is ever silently ignored.
 
-Parameter precedence is mergekit's, restricted to what this release accepts: a model's own ``parameters``,
-then the top-level ``parameters``, then the method's default.
+A config lists its inputs either as ``models:`` (whole models) or as ``slices:`` (layer ranges, concatenated into
+the output's layers). Both become a tuple of ``OutputSlice``; ``models:`` is one slice whose sources span every
+layer. Parameter settings (scalars, gradients, filters; see ``params``) are validated here and resolved per
+tensor by the planner, with mergekit's precedence: the source's own ``parameters`` (``models[i]`` or
+``slices[j].sources[i]``), then ``slices[j].parameters``, then the top-level ``parameters``, then the method's
+default.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from . import methods
+from . import methods, params
 from .errors import ConfigError
 from .methods import MethodSpec
+from .params import Level, Setting
 
 #: Output/compute dtype names, as mergekit spells them.
 DTYPES = ("float32", "float16", "bfloat16")
@@ -33,8 +38,7 @@ _DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "hal
 
 #: mergekit keys that a later ferromerge release will support.
 _NOT_YET = {
-    "slices": "slices (layer ranges, frankenmerges) are not supported yet; list whole models under models:",
-    "modules": "modules (multi-module architectures) are not supported yet; list whole models under models:",
+    "modules": "modules (multi-module architectures) are not supported yet; use models: or slices:",
     "tokenizer_source": "tokenizer_source (vocabulary alignment) is not supported yet; "
     "the tokenizer is copied from the base (or first) model",
     "tokenizer": "tokenizer (vocabulary alignment) is not supported yet; "
@@ -58,7 +62,6 @@ _MERGEKIT_METHODS = (
     "model_stock",
     "nearswap",
     "arcee_fusion",
-    "passthrough",
 )
 
 
@@ -71,13 +74,36 @@ class ModelEntry(BaseModel):
     parameters: dict[str, Any] | None = None
 
 
+class SourceEntry(BaseModel):
+    """One item of ``slices[].sources``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str
+    layer_range: tuple[int, int]
+    parameters: dict[str, Any] | None = None
+
+
+class SliceEntry(BaseModel):
+    """One item of ``slices:``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sources: list[SourceEntry]
+    base_model: str | None = None
+    #: accepted like mergekit, which parses it and never uses it
+    residual_weight: float | None = None
+    parameters: dict[str, Any] | None = None
+
+
 class RawConfig(BaseModel):
     """The config as written, keys and types checked (values are resolved into ``MergeConfig``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     merge_method: str
-    models: list[ModelEntry]
+    models: list[ModelEntry] | None = None
+    slices: list[SliceEntry] | None = None
     base_model: str | None = None
     parameters: dict[str, Any] | None = None
     dtype: str | None = None
@@ -86,32 +112,83 @@ class RawConfig(BaseModel):
     name: str | None = None
 
 
+#: the keys each kind of entry knows, for "unknown key" messages
+_KNOWN_KEYS = {
+    "sources": "layer_range, model, parameters",
+    "slices": "base_model, parameters, residual_weight, sources",
+    "models": "model, parameters",
+}
+
+
 @dataclass(frozen=True)
 class InputModel:
-    """A model whose tensors are combined (for GTA methods: a non-base model), with its resolved parameters."""
+    """One source of an output slice: a model (and, for ``slices:``, its layer range) with its parameters.
+
+    For GTA methods the slice's base is a separate ``OutputSlice.base``; every other source is an input.
+    """
 
     ref: str
-    #: where it is in the config, for messages: ``models[2]`` or ``base_model``
+    #: where it is in the config, for messages: ``models[2]``, ``slices[1].sources[0]`` or ``base_model``
     where: str
-    weight: float
-    density: float
-    #: position among the non-base models in config order (keys the DARE random stream)
+    #: position among the slice's non-base inputs in config order (keys the DARE random stream)
     model_id: int
+    #: [start, end) of its layers, None for a whole model (``models:``)
+    layer_range: tuple[int, int] | None
+    #: precedence levels of its per-model parameters, highest first (own, slice, global)
+    levels: tuple[Level, ...]
+    #: per-model parameters that have one value for every tensor, defaults filled in
+    values: Mapping[str, Any] = field(default_factory=dict)
+    #: per-model parameters that filters or gradients make vary between tensors
+    varying: frozenset[str] = frozenset()
+
+    @property
+    def weight(self) -> float | None:
+        """The weight when it is the same for every tensor (else None: see ``levels``)."""
+        return self.values.get("weight")
+
+    @property
+    def density(self) -> float | None:
+        """The density when it is the same for every tensor (1.0 for methods without one; None when it varies)."""
+        return None if "density" in self.varying else self.values.get("density", 1.0)
+
+
+@dataclass(frozen=True)
+class OutputSlice:
+    """A run of output layers: every source contributes the same number of layers (``models:``: all of them)."""
+
+    #: ``slices[1]``, or ``models`` for the one slice of a ``models:`` config
+    where: str
+    inputs: tuple[InputModel, ...]
+    #: the reference of task vectors (GTA methods), a source of this slice; None for linear and passthrough
+    base: InputModel | None
+    #: precedence levels of method-wide parameters, highest first (slice, global)
+    shared_levels: tuple[Level, ...]
+
+    def sources(self) -> list[InputModel]:
+        """Every source of the slice, base first."""
+        return ([self.base] if self.base is not None else []) + list(self.inputs)
+
+    def template(self) -> InputModel:
+        """The source whose tensors define the slice's output tensors: the base, else the first input."""
+        return self.base if self.base is not None else self.inputs[0]
 
 
 @dataclass(frozen=True)
 class MergeConfig:
-    """A validated config with every parameter resolved."""
+    """A validated config; per-tensor parameter values are resolved by the planner."""
 
     raw: RawConfig
     method: MethodSpec
-    #: method-wide parameters, defaults filled in (``normalize``, ``lambda``, ...)
+    slices: tuple[OutputSlice, ...]
+    #: ``slices:`` was used (else ``models:``, one slice spanning whole models)
+    sliced: bool
+    #: method-wide parameters that have one value for every tensor, defaults filled in (absent: they vary)
     shared: dict[str, Any]
     #: the base model when the method takes one as the reference of task vectors, else None (``linear``)
     base: str | None
-    #: the model that defines the output's tensors and donates config.json and tokenizer: base_model or models[0]
+    #: the model that donates config.json and tokenizer (and, for ``models:``, defines the output's tensors):
+    #: base_model, else the first model
     reference: str
-    inputs: tuple[InputModel, ...]
     #: mergekit's ``dtype``: inputs are rounded to it before the math
     dtype: str | None
     out_dtype: str | None
@@ -120,19 +197,33 @@ class MergeConfig:
     #: remarks about accepted keys that have no effect, for the user
     notes: tuple[str, ...]
 
+    @property
+    def inputs(self) -> tuple[InputModel, ...]:
+        """The inputs of a config with one slice (every ``models:`` config)."""
+        if len(self.slices) != 1:
+            raise ValueError(f"the config has {len(self.slices)} slices; use .slices")
+        return self.slices[0].inputs
+
     def model_refs(self) -> list[str]:
         """Every model the merge reads, reference first, each once."""
         refs = [self.reference]
-        refs += [m.ref for m in self.inputs if m.ref not in refs]
+        for s in self.slices:
+            refs += [m.ref for m in s.sources() if m.ref not in refs]
         return refs
 
     def resolved(self) -> dict[str, Any]:
         """The effective merge, as plain data (saved as ferromerge_config.yml beside the output)."""
         out: dict[str, Any] = {"merge_method": self.method.name}
-        if self.base is not None:
-            out["base_model"] = self.base
-        out["models"] = [{"model": m.ref, "parameters": _model_params(self.method, m)} for m in self.inputs]
-        out["parameters"] = dict(self.shared)
+        if self.raw.base_model is not None and (self.base is not None or self.sliced):
+            out["base_model"] = self.raw.base_model
+        if self.sliced:
+            out["slices"] = [_slice_data(self.method, s) for s in self.slices]
+        else:
+            out["models"] = [
+                {"model": m.ref, "parameters": _model_params(self.method, m)} for m in self.slices[0].inputs
+            ]
+        top = {name: params.to_data(v) for name, v in _global_settings(self.slices).items()}
+        out["parameters"] = {**top, **self.shared}
         if self.dtype:
             out["dtype"] = self.dtype
         if self.out_dtype:
@@ -140,11 +231,39 @@ class MergeConfig:
         return out
 
 
-def _model_params(method: MethodSpec, model: InputModel) -> dict[str, float]:
-    params = {"weight": model.weight}
-    if "density" in method.per_model:
-        params["density"] = model.density
-    return params
+def _global_settings(slices: tuple[OutputSlice, ...]) -> dict[str, Setting]:
+    """The top-level settings of per-model parameters (the last level of every input)."""
+    for s in slices:
+        for m in s.inputs:
+            if m.levels and m.levels[-1].place == "parameters":
+                return dict(m.levels[-1].settings)
+    return {}
+
+
+def _model_params(method: MethodSpec, model: InputModel) -> dict[str, Any]:
+    own = model.levels[0].settings if model.levels and model.levels[0].place == f"{model.where}.parameters" else {}
+    out: dict[str, Any] = {}
+    for name in method.per_model:
+        if name in model.values:
+            out[name] = model.values[name]
+        elif name in own:
+            out[name] = params.to_data(own[name])
+    return out
+
+
+def _slice_data(method: MethodSpec, s: OutputSlice) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "sources": [
+            {"model": m.ref, "layer_range": list(m.layer_range or ()), "parameters": _model_params(method, m)}
+            for m in s.sources()
+        ]
+    }
+    if s.base is not None:
+        data["base_model"] = s.base.ref
+    own = s.shared_levels[0] if s.shared_levels and s.shared_levels[0].place == f"{s.where}.parameters" else None
+    if own is not None and own.settings:
+        data["parameters"] = {k: params.to_data(v) for k, v in own.settings.items()}
+    return data
 
 
 def load_config(source: str | os.PathLike[str] | Mapping[str, Any]) -> MergeConfig:
@@ -206,8 +325,10 @@ def parse_config(data: Any, *, text: str | None = None, origin: str = "config") 
             raise ConfigError(f"{origin}: {key}: unknown key; known: {known}")
     if "merge_method" not in data:
         raise ConfigError(f"{origin}: merge_method: missing (e.g. merge_method: ties)")
-    if not data.get("models"):
-        raise ConfigError(f"{origin}: models: missing or empty; list the models to merge")
+    if data.get("models") and data.get("slices"):
+        raise ConfigError(f"{origin}: models and slices: give one of them (models: is one slice of whole models)")
+    if not data.get("models") and not data.get("slices"):
+        raise ConfigError(f"{origin}: models: missing or empty; list the models to merge (or use slices:)")
     try:
         raw = RawConfig.model_validate(dict(data))
     except ValidationError as e:
@@ -216,52 +337,155 @@ def parse_config(data: Any, *, text: str | None = None, origin: str = "config") 
     method = _method(raw.merge_method)
     dtype = _dtype(raw.dtype, "dtype")
     out_dtype = _dtype(raw.out_dtype, "out_dtype")
-    top = _check_names(method, raw.parameters or {}, "parameters", per_model_level=False)
-    notes: list[str] = []
-
-    refs: list[str] = []
-    for i, entry in enumerate(raw.models):
-        ref = _ref(entry.model, f"models[{i}].model")
-        if ref in refs:
-            raise ConfigError(f"models[{i}].model: {ref!r} is listed twice (also models[{refs.index(ref)}])")
-        refs.append(ref)
+    top = Level(_settings(method, raw.parameters or {}, "parameters", level="global"), "parameters")
     base_ref = _ref(raw.base_model, "base_model") if raw.base_model is not None else None
+    notes: list[str] = []
+    if raw.models:
+        slices = (_models_slice(method, raw.models, base_ref, top, notes),)
+        reference = base_ref if base_ref is not None else slices[0].sources()[0].ref
+    else:
+        assert raw.slices is not None
+        slices = tuple(_slice(method, i, s, base_ref, top, notes) for i, s in enumerate(raw.slices))
+        reference = base_ref if base_ref is not None else slices[0].sources()[0].ref
+        if reference == base_ref and not any(m.ref == base_ref for s in slices for m in s.sources()):
+            notes.append(
+                f"base_model {base_ref!r} is no source of any slice: it only donates config.json and the tokenizer"
+            )
 
-    inputs: list[InputModel] = []
-    for i, entry in enumerate(raw.models):
-        where = f"models[{i}]"
-        given = _check_names(method, entry.parameters or {}, f"{where}.parameters", per_model_level=True)
-        if method.requires_base and refs[i] == base_ref:
-            if given:
-                notes.append(
-                    f"{where}.parameters ({', '.join(given)}) of the base model have no effect with "
-                    f"{method.name}: the base is the reference the task vectors are taken from"
-                )
-            continue
-        inputs.append(_input(method, refs[i], where, given, top, model_id=len(inputs)))
-
-    if method.requires_base:
-        if base_ref is None:
-            raise ConfigError(f"base_model: {method.name} needs a base model (the reference of the task vectors)")
-        if not inputs:
-            raise ConfigError(f"models: {method.name} needs at least one model besides the base model {base_ref!r}")
-    elif base_ref is not None and base_ref not in refs:
-        # mergekit appends a base_model that models: does not list as one more input of a linear merge.
-        inputs.append(_input(method, base_ref, "base_model", {}, top, model_id=len(inputs)))
-
-    shared = methods.resolve_shared(method, {k: v for k, v in top.items() if k in method.shared})
+    shared: dict[str, Any] = {}
+    for name, spec in method.shared.items():
+        constant, value = params.uniform(name, slices[0].shared_levels)
+        if constant and all(params.uniform(name, s.shared_levels) == (True, value) for s in slices):
+            shared[name] = spec.default if value is None else value
     return MergeConfig(
         raw=raw,
         method=method,
+        slices=slices,
+        sliced=raw.slices is not None,
         shared=shared,
         base=base_ref if method.requires_base else None,
-        reference=base_ref if base_ref is not None else refs[0],
-        inputs=tuple(inputs),
+        reference=reference,
         dtype=dtype,
         out_dtype=out_dtype,
         text=text if text is not None else yaml.safe_dump(raw.model_dump(exclude_none=True), sort_keys=False),
         notes=tuple(notes),
     )
+
+
+def _models_slice(
+    method: MethodSpec, entries: list[ModelEntry], base_ref: str | None, top: Level, notes: list[str]
+) -> OutputSlice:
+    """``models:`` as one slice of whole models (mergekit's shorthand)."""
+    refs: list[str] = []
+    for i, entry in enumerate(entries):
+        ref = _ref(entry.model, f"models[{i}].model")
+        if ref in refs:
+            raise ConfigError(f"models[{i}].model: {ref!r} is listed twice (also models[{refs.index(ref)}])")
+        refs.append(ref)
+    sources = [
+        (refs[i], f"models[{i}]", None, _settings(method, e.parameters or {}, f"models[{i}].parameters", "model"))
+        for i, e in enumerate(entries)
+    ]
+    if base_ref is not None and base_ref not in refs:
+        # mergekit appends a base_model that models: does not list: the base of a GTA method, one more input of
+        # linear (and a second input that passthrough then rejects).
+        sources.append((base_ref, "base_model", None, {}))
+    return _build_slice(method, "models", sources, base_ref, (top,), notes)
+
+
+def _slice(
+    method: MethodSpec, index: int, entry: SliceEntry, base_ref: str | None, top: Level, notes: list[str]
+) -> OutputSlice:
+    where = f"slices[{index}]"
+    if not entry.sources:
+        raise ConfigError(f"{where}.sources: empty; list the models (with layer_range) of this slice")
+    if entry.residual_weight is not None:
+        notes.append(f"{where}.residual_weight has no effect (mergekit does not use it either)")
+    sources = []
+    refs: list[str] = []
+    for i, src in enumerate(entry.sources):
+        place = f"{where}.sources[{i}]"
+        ref = _ref(src.model, f"{place}.model")
+        if ref in refs:
+            # mergekit rejects it too ("Duplicate merge inputs"): one model contributes once per output tensor.
+            raise ConfigError(
+                f"{place}.model: {ref!r} is listed twice in {where} (also sources[{refs.index(ref)}]); "
+                "to stack its layers, put each range in its own slice"
+            )
+        refs.append(ref)
+        start, end = src.layer_range
+        if start < 0 or end <= start:
+            raise ConfigError(
+                f"{place}.layer_range: [{start}, {end}] is empty or negative; give [start, end), start < end"
+            )
+        own = _settings(method, src.parameters or {}, f"{place}.parameters", "model")
+        sources.append((ref, place, (start, end), own))
+    lengths = [r[2][1] - r[2][0] for r in sources]
+    if len(set(lengths)) > 1:
+        detail = ", ".join(f"sources[{i}] ({r[0]}) {n}" for i, (r, n) in enumerate(zip(sources, lengths)))
+        raise ConfigError(f"{where}: every source of a slice must span the same number of layers; got {detail}")
+    slice_base = _ref(entry.base_model, f"{where}.base_model") if entry.base_model is not None else base_ref
+    if entry.base_model is not None and not method.requires_base:
+        notes.append(f"{where}.base_model has no effect with {method.name}")
+    own = Level(_settings(method, entry.parameters or {}, f"{where}.parameters", "slice"), f"{where}.parameters")
+    return _build_slice(method, where, sources, slice_base, (own, top), notes)
+
+
+def _build_slice(
+    method: MethodSpec,
+    where: str,
+    sources: list[tuple[str, str, tuple[int, int] | None, dict[str, Setting]]],
+    base_ref: str | None,
+    upper: tuple[Level, ...],
+    notes: list[str],
+) -> OutputSlice:
+    """Split a slice's sources into base and inputs, and resolve what does not vary per tensor."""
+    base: InputModel | None = None
+    inputs: list[InputModel] = []
+    for ref, place, layer_range, own in sources:
+        levels = ((Level(own, f"{place}.parameters"),) if own else ()) + upper
+        if method.requires_base and ref == base_ref:
+            if own:
+                notes.append(
+                    f"{place}.parameters ({', '.join(own)}) of the base model have no effect with "
+                    f"{method.name}: the base is the reference the task vectors are taken from"
+                )
+            base = InputModel(ref, place, -1, layer_range, levels)
+            continue
+        values: dict[str, Any] = {}
+        varying: set[str] = set()
+        for name, spec in method.per_model.items():
+            constant, value = params.uniform(name, levels)
+            if not constant:
+                varying.add(name)
+            elif value is not None:
+                values[name] = value
+            elif spec.default is not None:
+                values[name] = spec.default
+            else:
+                raise ConfigError(
+                    f"Missing required parameter {name} for {ref} ({place}); "
+                    f"set it in its parameters or in the top-level parameters"
+                )
+        inputs.append(InputModel(ref, place, len(inputs), layer_range, levels, values, frozenset(varying)))
+    if method.requires_base:
+        if base_ref is None:
+            raise ConfigError(f"base_model: {method.name} needs a base model (the reference of the task vectors)")
+        if base is None:
+            # mergekit: "Base input is not present in merge inputs"; models: adds it, slices: must list it.
+            raise ConfigError(
+                f"{where}: base model {base_ref!r} is not one of its sources; {method.name} takes the task vectors "
+                f"relative to the base, so each slice must list it (with the layer_range to use)"
+            )
+        if not inputs:
+            raise ConfigError(f"{where}: {method.name} needs at least one model besides the base model {base_ref!r}")
+    if method.max_inputs is not None and len(inputs) > method.max_inputs:
+        listed = ", ".join(f"{m.where} {m.ref!r}" for m in inputs)
+        raise ConfigError(
+            f"{where}: {method.name} takes exactly {method.max_inputs} model per output tensor, got {len(inputs)} "
+            f"({listed}); to take layers from several models, give each its own slice"
+        )
+    return OutputSlice(where, tuple(inputs), base, upper)
 
 
 def _pydantic_message(e: ValidationError) -> str:
@@ -271,7 +495,8 @@ def _pydantic_message(e: ValidationError) -> str:
     for part in err["loc"]:
         place += f"[{part}]" if isinstance(part, int) else (f".{part}" if place else str(part))
     if err["type"] == "extra_forbidden":
-        return f"{place}: unknown key; known: model, parameters"
+        kind = next((str(p) for p in reversed(err["loc"][:-1]) if isinstance(p, str)), "models")
+        return f"{place}: unknown key; known: {_KNOWN_KEYS.get(kind, _KNOWN_KEYS['models'])}"
     if err["type"] == "missing":
         return f"{place}: missing"
     return f"{place}: {err['msg'].lower()}, got {err['input']!r}"
@@ -283,7 +508,7 @@ def _method(name: str) -> MethodSpec:
             f"merge_method: {name!r} is a mergekit method ferromerge does not support yet; "
             f"supported: {', '.join(sorted(methods.REGISTRY))}"
         )
-    return methods.get(name)
+    return methods.get(name, config=True)
 
 
 def _dtype(value: str | None, where: str) -> str | None:
@@ -305,56 +530,21 @@ def _ref(value: str, where: str) -> str:
     return value
 
 
-def _check_names(method: MethodSpec, params: dict[str, Any], where: str, *, per_model_level: bool) -> dict[str, Any]:
-    """Reject unknown or misplaced parameter names and unwrap values; returns ``{name: scalar}``."""
-    out: dict[str, Any] = {}
-    for name, value in params.items():
+def _settings(method: MethodSpec, given: dict[str, Any], where: str, level: str) -> dict[str, Setting]:
+    """Validate the parameter names and settings of one level (``model``, ``slice`` or ``global``)."""
+    out: dict[str, Setting] = {}
+    for name, value in given.items():
         place = f"{where}.{name}"
-        if per_model_level and name in method.shared:
+        if level == "model" and name in method.shared:
             # mergekit reads method-wide parameters only from the slice/module/top level: here it is ignored.
             raise ConfigError(
-                f"{place}: {name!r} applies to the whole merge, not to one model; set it under the top-level parameters"
+                f"{place}: {name!r} applies to the whole merge, not to one model; "
+                "set it under the top-level (or the slice's) parameters"
             )
-        known = method.per_model if per_model_level else {**method.per_model, **method.shared}
+        known = method.per_model if level == "model" else {**method.per_model, **method.shared}
         if name not in known:
             raise ConfigError(f"{place}: unknown parameter for method {method.name}; known: {', '.join(sorted(known))}")
-        scalar = _scalar(value, place)
-        if scalar is not None:
-            out[name] = scalar
+        if value is None:
+            continue
+        out[name] = params.parse_setting(value, name, known[name], place)
     return out
-
-
-def _scalar(value: Any, place: str) -> Any:
-    """A plain parameter value; an unfiltered ``{value: x}`` is the same as ``x``."""
-    if isinstance(value, Mapping):
-        if "value" not in value or not set(value) <= {"filter", "value"}:
-            raise ConfigError(f"{place}: expected a value or {{filter, value}}, got {dict(value)!r}")
-        if value.get("filter") not in (None, "*"):
-            raise ConfigError(f"{place}: parameter filters (filter: {value['filter']!r}) are not supported yet")
-        return _scalar(value["value"], place)
-    if isinstance(value, list):
-        if any(isinstance(v, Mapping) for v in value):
-            raise ConfigError(f"{place}: per-tensor parameter filters ([{{filter, value}}, ...]) are not supported yet")
-        raise ConfigError(f"{place}: gradients (a list of values across layers) are not supported yet")
-    return value
-
-
-def _input(
-    method: MethodSpec, ref: str, where: str, given: dict[str, Any], top: dict[str, Any], *, model_id: int
-) -> InputModel:
-    values: dict[str, Any] = {}
-    for name, spec in method.per_model.items():
-        if name in given:
-            values[name] = methods.coerce(spec, name, given[name], f"{where}.parameters.{name}")
-        elif name in top:
-            values[name] = methods.coerce(spec, name, top[name], f"parameters.{name}")
-        elif spec.default is None:
-            raise ConfigError(
-                f"Missing required parameter {name} for {ref} ({where}); "
-                f"set it in its parameters or in the top-level parameters"
-            )
-        else:
-            values[name] = spec.default
-    return InputModel(
-        ref=ref, where=where, weight=values["weight"], density=values.get("density", 1.0), model_id=model_id
-    )

@@ -2,6 +2,8 @@
 
 Defaults follow mergekit 0.1.5 per method (see docs/compat.md); ``rescale_mode`` is ferromerge's addition that
 chooses between mergekit's L1 norm matching (default) and the DARE paper's division by density.
+``passthrough`` has no kernel of its own: it runs ``linear`` over its single input with weight = ``scale`` and no
+normalization (float32 math, one rounding: ``scale: 1`` is an exact copy).
 This module only describes methods; the math lives in the Rust core.
 """
 
@@ -37,6 +39,14 @@ class MethodSpec:
     shared: dict[str, ParamSpec] = field(default_factory=dict)
     #: uses the seeded random stream (DARE)
     random: bool = False
+    #: the per-model parameter that becomes the kernel's input weight
+    weight_param: str = "weight"
+    #: kernel settings that are not parameters (passthrough: normalize off)
+    kernel_fixed: dict[str, Any] = field(default_factory=dict)
+    #: most inputs per output tensor (passthrough: 1), None = any number
+    max_inputs: int | None = None
+    #: offered by the in-memory API (``merge_tensors``); passthrough is a copy, only meaningful in configs
+    in_memory: bool = True
 
     @property
     def requires_base(self) -> bool:
@@ -75,16 +85,28 @@ REGISTRY: dict[str, MethodSpec] = {
     "ties": _gta("ties", sparsify=True, normalize=True, rescale=False),
     "dare_ties": _gta("dare_ties", sparsify=True, normalize=False, rescale=True, random=True),
     "dare_linear": _gta("dare_linear", sparsify=True, normalize=False, rescale=True, random=True),
+    "passthrough": MethodSpec(
+        "passthrough",
+        "joins",
+        "linear",
+        {"scale": ParamSpec(float, 1.0, doc="multiplier of the copied tensor")},
+        {},
+        weight_param="scale",
+        kernel_fixed={"normalize": False},
+        max_inputs=1,
+        in_memory=False,
+    ),
 }
 
 
-def get(name: str) -> MethodSpec:
-    try:
-        return REGISTRY[name]
-    except KeyError:
-        raise ParameterError(
-            f"unknown merge method {name!r}; ferromerge implements: {', '.join(sorted(REGISTRY))}"
-        ) from None
+def get(name: str, *, config: bool = False) -> MethodSpec:
+    """The method called ``name``; ``config=True`` includes methods only configs use (passthrough)."""
+    spec = REGISTRY.get(name)
+    if spec is None or not (config or spec.in_memory):
+        known = sorted(n for n, s in REGISTRY.items() if config or s.in_memory)
+        also = "" if spec is None else " in memory (it copies one model's tensors; use it in a merge config)"
+        raise ParameterError(f"unknown merge method {name!r}{also}; ferromerge implements: {', '.join(known)}")
+    return spec
 
 
 def coerce(spec: ParamSpec, name: str, value: Any, where: str) -> Any:
@@ -122,7 +144,7 @@ def kernel_spec(method: MethodSpec, shared: dict[str, Any], seed: int) -> dict[s
         rescale = shared.get("rescale_mode", "l1")
     return {
         "name": method.kernel,
-        "normalize": bool(shared.get("normalize", False)),
+        "normalize": bool(method.kernel_fixed.get("normalize", shared.get("normalize", False))),
         "lambda": float(shared.get("lambda", 1.0)),
         "rescale": rescale,
         "seed": int(seed),

@@ -2,7 +2,8 @@
 
 A failed or interrupted run removes its temporary directory and leaves no target, so an output directory that
 exists is always complete. Partial directories of killed runs are found and removed on the next run. Besides
-the shards, the output gets the shard index, the reference model's ``config.json`` (dtype updated), its
+the shards, the output gets the shard index, the reference model's ``config.json`` (dtype, and for slices the
+layer count, updated), its
 tokenizer files, the config as given (``mergekit_config.yml``, as mergekit names it) and the resolved merge
 (``ferromerge_config.yml``).
 """
@@ -20,6 +21,9 @@ from typing import Any
 import yaml
 
 from .errors import OutputError
+from .layers import LAYER_COUNT_KEYS, declared_layers, read_model_config
+from .models import ModelIndex
+from .plan import Plan
 
 #: copied from the reference model when present (mergekit copies the tokenizer of the base or first model too)
 TOKENIZER_FILES = (
@@ -132,8 +136,34 @@ def write_index(out: Path, weight_map: dict[str, str], total_size: int) -> None:
     _write(out / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
 
 
-def write_model_config(out: Path, source: Path, dtype: str) -> None:
-    """``config.json`` of ``source`` with its dtype keys set to ``dtype`` (nothing when ``source`` has none)."""
+def config_updates(reference: ModelIndex, plan: Plan) -> tuple[dict[str, Any], list[str]]:
+    """The ``config.json`` keys the merge changes besides the dtype, and remarks for the user.
+
+    Slices set the layer count (under the key the reference's config uses); an output lm_head that some input
+    had tied sets ``tie_word_embeddings: false``, or transformers would ignore the merged head.
+    """
+    config = read_model_config(reference)
+    updates: dict[str, Any] = {}
+    remarks: list[str] = []
+    if config is None:
+        return updates, remarks
+    if plan.num_layers is not None:
+        declared = declared_layers(config)
+        if declared is None:
+            remarks.append(
+                f"{reference.path / 'config.json'} has no layer count ({', '.join(LAYER_COUNT_KEYS)}); "
+                f"the output has {plan.num_layers} layers"
+            )
+        elif declared[1] != plan.num_layers:
+            updates[declared[0]] = plan.num_layers
+    if plan.untied_head and config.get("tie_word_embeddings") is not False:
+        updates["tie_word_embeddings"] = False
+    return updates, remarks
+
+
+def write_model_config(out: Path, source: Path, dtype: str, updates: dict[str, Any] | None = None) -> None:
+    """``config.json`` of ``source`` with its dtype keys set to ``dtype`` and ``updates`` applied (nothing when
+    ``source`` has none)."""
     src = source / "config.json"
     if not src.is_file():
         return
@@ -145,6 +175,7 @@ def write_model_config(out: Path, source: Path, dtype: str) -> None:
         config["torch_dtype"] = dtype
         if "dtype" in config:  # newer transformers write "dtype" instead of (or besides) "torch_dtype"
             config["dtype"] = dtype
+        config.update(updates or {})
     _write(out / "config.json", json.dumps(config, indent=2) + "\n")
 
 

@@ -1,9 +1,10 @@
 """Build the merge plan (docs/architecture.md): every output tensor with its inputs, method, dtypes and shard.
 
-The output has exactly the tensors of the reference model (the base, or the first model without one), in its
-shard order. Every model must hold every one of them with the same shape and a float dtype, and no model may
-hold a tensor the reference lacks: mismatches are ``InputError``s naming the model, file and tensor, raised
-before anything is written.
+Which output tensors exist and which model tensors feed them is ``layout``'s job; this module checks that those
+tensors line up (float dtypes, equal shapes: mismatches are ``InputError``s naming the model, file and tensor,
+raised before anything is written), resolves every parameter for every tensor (``params``: filters see the output
+name for method-wide parameters and each model's own tensor name for per-model ones), and cuts the output into
+shards.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import methods
-from .config import MergeConfig
-from .errors import InputError, ParameterError
+from . import methods, params
+from .config import InputModel, MergeConfig
+from .errors import ConfigError, InputError, ParameterError
+from .layout import Job, Layout, build_layout, tensor_of
 from .models import MERGEABLE_DTYPES, ModelIndex, TensorInfo
 
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -58,10 +60,19 @@ def parse_size(value: str | int) -> int:
 
 
 @dataclass(frozen=True)
-class PlanInput:
-    """One model's tensor entering an output tensor, with that model's parameters."""
+class PlanSource:
+    """A model's tensor: its file entry and its name in that file."""
 
     info: TensorInfo
+    tensor: str
+
+
+@dataclass(frozen=True)
+class PlanInput:
+    """One model's tensor entering an output tensor, with that model's parameters for it."""
+
+    info: TensorInfo
+    tensor: str
     weight: float
     density: float
     model_id: int
@@ -69,12 +80,14 @@ class PlanInput:
 
 @dataclass(frozen=True)
 class PlanTensor:
-    """One output tensor (its inputs and base have its name in their files)."""
+    """One output tensor."""
 
     name: str
     shape: tuple[int, ...]
     out_dtype: str
-    base: TensorInfo | None
+    #: the plan JSON's ``method`` object (method-wide parameters may differ per tensor)
+    method: dict[str, Any]
+    base: PlanSource | None
     inputs: tuple[PlanInput, ...]
 
     @property
@@ -90,7 +103,7 @@ class PlanTensor:
 
     @property
     def bytes_in(self) -> int:
-        infos = [i.info for i in self.inputs] + ([self.base] if self.base is not None else [])
+        infos = [i.info for i in self.inputs] + ([self.base.info] if self.base is not None else [])
         return sum(self.numel * _ITEMSIZE[MERGEABLE_DTYPES[i.dtype]] for i in infos)
 
 
@@ -108,10 +121,15 @@ class Shard:
 class Plan:
     """Everything the engine needs; ``to_json`` is the input of ``_core.execute_plan``."""
 
+    #: the method's name (as configured) and seed, for the summary
     method: dict[str, Any]
     cast_dtype: str | None
     shards: tuple[Shard, ...]
     models: tuple[ModelIndex, ...]
+    #: the output's layer count when slices changed it, else None
+    num_layers: int | None = None
+    #: the output has an explicit lm_head that some input (or the reference's config) has tied
+    untied_head: bool = False
 
     @property
     def tensors(self) -> list[PlanTensor]:
@@ -135,12 +153,12 @@ class Plan:
                 "shape": list(t.shape),
                 "out_dtype": t.out_dtype,
                 "cast_dtype": self.cast_dtype,
-                "method": self.method,
-                "base": None if t.base is None else {"file": str(t.base.file), "tensor": t.name},
+                "method": t.method,
+                "base": None if t.base is None else {"file": str(t.base.info.file), "tensor": t.base.tensor},
                 "inputs": [
                     {
                         "file": str(i.info.file),
-                        "tensor": t.name,
+                        "tensor": i.tensor,
                         "weight": i.weight,
                         "density": i.density,
                         "model_id": i.model_id,
@@ -161,7 +179,8 @@ class Plan:
         """A few human-readable lines: method, models, tensors, bytes in and out, shards."""
         lines = [f"method: {self.method['name']} (seed {self.method['seed']})"]
         lines += [f"model: {m.ref} -> {m.path} ({len(m.files)} file(s))" for m in self.models]
-        lines.append(f"tensors: {len(self.tensors)}")
+        layers = f" in {self.num_layers} layers" if self.num_layers is not None else ""
+        lines.append(f"tensors: {len(self.tensors)}{layers}")
         reads, writes = format_bytes(self.bytes_in), format_bytes(self.bytes_out)
         lines.append(f"reads: {reads}, writes: {writes} in {len(self.shards)} shard(s)")
         return "\n".join(lines)
@@ -188,24 +207,9 @@ def build_plan(
 ) -> Plan:
     """The plan of ``config`` over the indexed ``models`` (keyed by reference)."""
     max_shard = parse_size(out_shard_size)
-    reference = models[config.reference]
-    if not reference.tensors:
-        raise InputError(f"model {reference.ref!r} ({reference.path}) has no tensors")
-    others = [models[r] for r in config.model_refs() if r != config.reference]
-    for model in others:
-        _check_no_extra(reference, model)
-    base = models[config.base] if config.base is not None else None
-
-    planned: list[PlanTensor] = []
-    for name, ref_info in reference.tensors.items():
-        _check_dtype(reference, name, ref_info)
-        for model in others:
-            _check_tensor(reference, model, name, ref_info)
-        inputs = tuple(PlanInput(models[m.ref].tensors[name], m.weight, m.density, m.model_id) for m in config.inputs)
-        out_dtype = config.out_dtype or config.dtype or MERGEABLE_DTYPES[ref_info.dtype]
-        planned.append(
-            PlanTensor(name, ref_info.shape, out_dtype, base.tensors[name] if base is not None else None, inputs)
-        )
+    layout: Layout = build_layout(config, models)
+    kernels: dict[tuple[Any, ...], dict[str, Any]] = {}
+    planned = [_plan_tensor(config, models, job, seed, kernels) for job in layout.jobs]
 
     groups: list[list[PlanTensor]] = [[]]
     size = 0
@@ -218,11 +222,94 @@ def build_plan(
         size += t.bytes_out
     names = shard_names(len(groups))
     return Plan(
-        method=methods.kernel_spec(config.method, config.shared, seed),
+        method={"name": config.method.name, "seed": int(seed)},
         cast_dtype=config.dtype,
         shards=tuple(Shard(n, g) for n, g in zip(names, groups, strict=False)),
         models=tuple(models[r] for r in config.model_refs()),
+        num_layers=layout.num_layers,
+        untied_head=layout.untied_head,
     )
+
+
+def _source(models: Mapping[str, ModelIndex], job: Job, model: InputModel, template: PlanSource) -> PlanSource:
+    """The tensor ``model`` contributes to ``job``, checked against the template's dtype and shape."""
+    index = models[model.ref]
+    wanted = job.names[model.ref]
+    name = tensor_of(index, wanted)
+    if name is None:
+        where = "" if job.origin == "models" else f" ({model.where}, {job.origin})"
+        raise InputError(
+            f"model {model.ref!r} ({index.path}) has no tensor {wanted}{where}, which {job.template!r} "
+            f"({template.info.file}) has; every model must have every tensor"
+        )
+    info = index.tensors[name]
+    _check_dtype(index, name, info)
+    if info.shape != template.info.shape:
+        _shape_error(name, info, template)
+    return PlanSource(info, name)
+
+
+def _plan_tensor(
+    config: MergeConfig,
+    models: Mapping[str, ModelIndex],
+    job: Job,
+    seed: int,
+    kernels: dict[tuple[Any, ...], dict[str, Any]],
+) -> PlanTensor:
+    method = config.method
+    s = job.slice
+    tmpl_index = models[job.template]
+    tmpl_name = tensor_of(tmpl_index, job.names[job.template])
+    assert tmpl_name is not None  # layout picks a template that has the tensor
+    template = PlanSource(tmpl_index.tensors[tmpl_name], tmpl_name)
+    _check_dtype(tmpl_index, tmpl_name, template.info)
+    base = _source(models, job, s.base, template) if s.base is not None else None
+    inputs = []
+    for model in s.inputs:
+        src = _source(models, job, model, template)
+        values = _per_model(method, model, job)
+        inputs.append(
+            PlanInput(src.info, src.tensor, values[method.weight_param], values.get("density", 1.0), model.model_id)
+        )
+    shared = _shared(method, job)
+    key = tuple(sorted(shared.items()))
+    kernel = kernels.get(key)
+    if kernel is None:
+        kernel = kernels[key] = methods.kernel_spec(method, shared, seed)
+    out_dtype = config.out_dtype or config.dtype or MERGEABLE_DTYPES[template.info.dtype]
+    return PlanTensor(job.out, template.info.shape, out_dtype, kernel, base, tuple(inputs))
+
+
+def _per_model(method: methods.MethodSpec, model: InputModel, job: Job) -> dict[str, Any]:
+    """The per-model parameters of ``model`` for ``job``: filters see the model's own tensor name."""
+    tensor = job.names[model.ref]
+    out: dict[str, Any] = {}
+    for name, spec in method.per_model.items():
+        if name not in model.varying:
+            out[name] = model.values[name]
+            continue
+        found = params.resolve(name, model.levels, tensor, job.t)
+        if found is None:
+            if spec.default is None:
+                raise ConfigError(
+                    f"Missing required parameter {name} for {model.ref} ({model.where}) at tensor {tensor}: "
+                    f"no filter of {', '.join(f'{lv.place}.{name}' for lv in model.levels if name in lv.settings)} "
+                    "matches it and no lower level sets it; add a fallback entry without filter"
+                )
+            out[name] = spec.default
+        else:
+            value, place = found
+            out[name] = methods.coerce(spec, name, value, f"{place} (tensor {tensor})")
+    return out
+
+
+def _shared(method: methods.MethodSpec, job: Job) -> dict[str, Any]:
+    """The method-wide parameters for ``job``: filters see the output tensor name."""
+    out: dict[str, Any] = {}
+    for name, spec in method.shared.items():
+        found = params.resolve(name, job.slice.shared_levels, job.out, job.t)
+        out[name] = spec.default if found is None else methods.coerce(spec, name, found[0], found[1])
+    return out
 
 
 def _check_dtype(model: ModelIndex, name: str, info: TensorInfo) -> None:
@@ -233,33 +320,15 @@ def _check_dtype(model: ModelIndex, name: str, info: TensorInfo) -> None:
         )
 
 
-def _check_tensor(reference: ModelIndex, model: ModelIndex, name: str, ref_info: TensorInfo) -> None:
-    info = model.tensors.get(name)
-    if info is None:
-        raise InputError(
-            f"model {model.ref!r} ({model.path}) has no tensor {name}, which {reference.ref!r} "
-            f"({ref_info.file}) has; every model must have every tensor"
-        )
-    _check_dtype(model, name, info)
-    if info.shape == ref_info.shape:
-        return
+def _shape_error(name: str, info: TensorInfo, template: PlanSource) -> None:
+    ref_info = template.info
     if _VOCAB_TENSOR.search(name) and len(info.shape) == len(ref_info.shape) and info.shape[1:] == ref_info.shape[1:]:
         raise InputError(
             f"{info.file}: tensor {name} has shape {list(info.shape)} but {ref_info.file} has {list(ref_info.shape)}: "
             f"a vocabulary-size mismatch ({info.shape[0]} vs {ref_info.shape[0]} tokens); tokenizer-based "
             "vocabulary alignment is not supported yet, and ferromerge never truncates embeddings"
         )
+    what = "" if name == template.tensor else f" ({template.tensor} there)"
     raise InputError(
-        f"{info.file}: tensor {name} has shape {list(info.shape)} but {ref_info.file} has {list(ref_info.shape)}"
+        f"{info.file}: tensor {name} has shape {list(info.shape)} but {ref_info.file} has {list(ref_info.shape)}{what}"
     )
-
-
-def _check_no_extra(reference: ModelIndex, model: ModelIndex) -> None:
-    extra = [n for n in model.tensors if n not in reference.tensors]
-    if extra:
-        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-        raise InputError(
-            f"{model.tensors[extra[0]].file}: tensor {extra[0]}{more} of model {model.ref!r} is not in "
-            f"{reference.ref!r} ({reference.path}), which defines the output's tensors; ferromerge does not drop "
-            "tensors silently"
-        )

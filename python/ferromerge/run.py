@@ -14,7 +14,7 @@ from . import _core
 from .config import MergeConfig, load_config
 from .errors import ParameterError
 from .models import ModelIndex, index_model
-from .output import OutputDir, copy_tokenizer, write_configs, write_index, write_model_config
+from .output import OutputDir, config_updates, copy_tokenizer, write_configs, write_index, write_model_config
 from .plan import DEFAULT_SHARD_SIZE, Plan, build_plan
 from .progress import ProgressBar
 
@@ -104,7 +104,12 @@ def run(
                 bar.close()
         if len(plan.shards) > 1:
             write_index(tmp, plan.weight_map(), plan.bytes_out)
-        write_model_config(tmp, reference.path, config.out_dtype or config.dtype or plan.tensors[0].out_dtype)
+        updates, remarks = config_updates(reference, plan)
+        for remark in remarks:
+            log(f"note: {remark}")
+        write_model_config(
+            tmp, reference.path, config.out_dtype or config.dtype or plan.tensors[0].out_dtype, updates
+        )
         copy_tokenizer(tmp, reference.path)
         resolved = config.resolved()
         resolved["sources"] = {m.ref: str(m.path) for m in plan.models}
