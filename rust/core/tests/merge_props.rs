@@ -148,3 +148,37 @@ fn dare_rescales_and_is_keyed() {
     let j = job(&bb, &xs, &[1.0], &[0.25], sp, n);
     assert_ne!(out_f32(&merge_to_vec(&j, &Options::with_chunk(333)).unwrap()), l1);
 }
+
+/// Tensors above the collect-everything size take the sampled bracket; the result must equal the oracle whether
+/// the bracket holds (quantised values: many ties at the threshold) or the sample misleads and the exact
+/// histogram path takes over (a block of huge values that the sample over-represents).
+#[test]
+fn ties_large_tensors_exact_whatever_the_sample() {
+    let n = 3_000_000usize;
+    let mut s = 0x2545F4914F6CDD1Du64;
+    let mut next = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        (s >> 40) as f32 / (1u64 << 24) as f32
+    };
+    let quantised: Vec<f32> = (0..n).map(|_| ((next() * 64.0) as i32 - 32) as f32 * 0.01).collect();
+    let mut misleading: Vec<f32> = (0..n).map(|_| next() - 0.5).collect();
+    misleading[..4096].iter_mut().for_each(|v| *v = 100.0); // sample block 0 is all huge
+    let continuous: Vec<f32> = (0..n).map(|_| next() - 0.5).collect();
+    for (what, v, density) in
+        [("quantised", &quantised, 0.37), ("continuous", &continuous, 0.42), ("misleading", &misleading, 0.003)]
+    {
+        let base = vec![0f32; n];
+        let (bb, xs) = (f32_bytes(&base), vec![f32_bytes(v)]);
+        let j = job(&bb, &xs, &[1.0], &[density], spec(Method::Ties, false), n);
+        let keep = oracle_keep(v, density);
+        for threads in [1, 2] {
+            let out = out_f32(
+                &pool::pool(Some(threads)).unwrap().install(|| merge_to_vec(&j, &Options::with_chunk(65536))).unwrap(),
+            );
+            let bad = (0..n).filter(|&i| out[i] != if keep[i] { v[i] } else { 0.0 }).count();
+            assert_eq!(bad, 0, "{what}, {threads} threads");
+        }
+    }
+}

@@ -133,3 +133,140 @@ pub fn select_in_bin(cands: &[u64], high: u32, need: u64) -> TrimRule {
     }
     TrimRule { threshold_bits: bits, last_tie, keep_all: false }
 }
+
+/// Largest element index a bracket key can carry (indices are stored as `MAX_INDEX - index`, so a larger key is a
+/// larger magnitude or, at equal magnitude, a lower index: exactly the keep order).
+const INDEX_BITS: u32 = 33;
+const MAX_INDEX: u64 = (1 << INDEX_BITS) - 1;
+
+/// How many frequent values a bracket counts instead of collecting.
+pub const SPECIALS: usize = 4;
+
+/// Count the elements whose |x| bit pattern is above `hi`; of those in `[lo, hi]`, count the ones equal to a
+/// special value (in `counts`) and collect the keys of the others.
+/// Groups of 16 are first scanned with vectorisable compares (above `hi`; equal to each special; in the bracket
+/// as `b - lo <= hi - lo` in wrapping arithmetic), and only groups holding a non-special bracket element are
+/// walked element by element to collect keys (their specials were already counted by the scan).
+#[multiversion(targets = "simd")]
+pub fn bracket_collect(
+    vals: &[f32],
+    lo: u32,
+    hi: u32,
+    specials: &[u32; SPECIALS],
+    start: usize,
+    out: &mut Vec<u64>,
+    counts: &mut [u64; SPECIALS],
+) -> u64 {
+    const G: usize = 16;
+    let width = hi.wrapping_sub(lo);
+    let mut above = 0u64;
+    let walk = |group: &[f32], first: usize, out: &mut Vec<u64>, counts: &mut [u64; SPECIALS]| {
+        for (j, &v) in group.iter().enumerate() {
+            let b = abs_bits(v);
+            if b.wrapping_sub(lo) <= width {
+                match specials.iter().position(|&s| s == b) {
+                    Some(p) => counts[p] += 1,
+                    None => out.push(((b as u64) << INDEX_BITS) | (MAX_INDEX - (first + j) as u64)),
+                }
+            }
+        }
+    };
+    let mut groups = vals.chunks_exact(G);
+    for (g, group) in (&mut groups).enumerate() {
+        // Vectorisable: counts above, counts of each special, and whether any other element is in the bracket.
+        let mut n_above = 0u32;
+        let mut eq = [0u32; SPECIALS];
+        let mut hit = false;
+        for &v in group {
+            let b = abs_bits(v);
+            n_above += (b > hi) as u32;
+            let mut special = false;
+            for (e, &sv) in eq.iter_mut().zip(specials) {
+                *e += (b == sv) as u32;
+                special |= b == sv;
+            }
+            hit |= (b.wrapping_sub(lo) <= width) & !special;
+        }
+        above += n_above as u64;
+        if hit {
+            walk(group, start + g * G, out, &mut [0; SPECIALS]);
+        }
+        counts.iter_mut().zip(eq).for_each(|(c, e)| *c += e as u64);
+    }
+    let rest = groups.remainder();
+    above += rest.iter().filter(|&&v| abs_bits(v) > hi).count() as u64;
+    walk(rest, start + vals.len() - rest.len(), out, counts);
+    above
+}
+
+/// Where the `r`-th largest of a bracket lies.
+pub enum Selected {
+    Rule(TrimRule),
+    /// On a special value: the threshold is `bits`, and the last tie kept is its `nth` occurrence in the chunk
+    /// `[chunk_start, chunk_start + chunk_len)`, which the caller finds by rescanning that chunk.
+    Special {
+        bits: u32,
+        chunk_start: usize,
+        chunk_len: usize,
+        nth: u64,
+    },
+}
+
+/// The `r`-th largest (1-based, lowest index first among equals) of a bracket's elements: the collected keys
+/// `cands` plus the special values, counted per chunk in `chunk_counts` (sorted by chunk start). `None` when
+/// the bracket holds fewer than `r` elements (the sample misled).
+pub fn select_with_specials(
+    mut cands: Vec<u64>,
+    specials: &[u32; SPECIALS],
+    chunk_counts: &[(usize, usize, [u64; SPECIALS])],
+    r: u64,
+) -> Option<Selected> {
+    let totals: Vec<(u32, usize)> =
+        (0..SPECIALS).filter(|&p| specials[p] != u32::MAX).map(|p| (specials[p], p)).collect();
+    let special_total = |p: usize| chunk_counts.iter().map(|c| c.2[p]).sum::<u64>();
+    // Walk the distinct values from the top: collected keys in descending order, specials merged in.
+    cands.sort_unstable_by(|a, b| b.cmp(a));
+    let mut order: Vec<(u32, usize)> = totals.clone();
+    order.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+    let mut kept = 0u64;
+    let mut c = 0usize;
+    let mut next_special = order.iter().peekable();
+    loop {
+        let cand_bits = cands.get(c).map(|&k| (k >> INDEX_BITS) as u32);
+        let special = next_special.peek().copied();
+        let take_cand = match (cand_bits, special) {
+            (None, None) => return None,
+            (Some(cb), Some(&(sb, _))) => cb > sb,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+        };
+        if take_cand {
+            let cb = cand_bits.expect("present");
+            if kept + 1 == r {
+                let key = cands[c];
+                return Some(Selected::Rule(TrimRule {
+                    threshold_bits: cb,
+                    last_tie: (MAX_INDEX - (key & MAX_INDEX)) as usize,
+                    keep_all: false,
+                }));
+            }
+            kept += 1;
+            c += 1;
+        } else {
+            let &(sb, p) = special.expect("present");
+            let total = special_total(p);
+            if kept + total >= r {
+                let mut nth = r - kept;
+                for &(start, len, counts) in chunk_counts {
+                    if counts[p] >= nth {
+                        return Some(Selected::Special { bits: sb, chunk_start: start, chunk_len: len, nth });
+                    }
+                    nth -= counts[p];
+                }
+                unreachable!("the totals cover nth");
+            }
+            kept += total;
+            next_special.next();
+        }
+    }
+}
