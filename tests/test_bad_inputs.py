@@ -8,6 +8,7 @@ import shutil
 import struct
 import subprocess
 import sys
+from collections import namedtuple
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,13 +17,17 @@ import numpy as np
 import pytest
 
 import ferromerge
+from ferromerge import _core
 from ferromerge.cli import main
 from ferromerge.models import read_tensors
+from ferromerge.run import prepare
 from ferromerge.synth import Family, make_family, make_model, save_model, to_bf16_bits
 
 from cli_helpers import run_cli, ties_config, write_config
 
 NORM = "model.layers.1.input_layernorm.weight"
+
+DiskUsage = namedtuple("DiskUsage", "total used free")
 
 
 @pytest.fixture
@@ -46,7 +51,8 @@ def fails(
     args: tuple[str, ...] = (),
 ) -> str:
     """Run the CLI in-process; check the exit code, a single ``ferromerge: error:`` line containing every fragment,
-    and that neither the output nor a partial directory exists. Returns the message."""
+    and that neither the output nor a partial directory exists; ``ferromerge plan`` must fail the same way (exit
+    code, one line with every fragment), writing nothing. Returns the message."""
     if isinstance(config, dict):
         config = write_config(out.parent / "merge.yml", config)
     capsys.readouterr()
@@ -56,6 +62,15 @@ def fails(
     assert len(lines) == 1 and lines[0].startswith("ferromerge: error: "), err
     for fragment in fragments:
         assert fragment in lines[0]
+    assert not out.exists() and leftovers(out) == []
+    assert main(["plan", str(config), str(out), *args]) == code
+    planned = capsys.readouterr()
+    plan_lines = planned.err.strip().splitlines()
+    # every fragment rather than the exact line: where two tensors are at fault (overlapping offsets) the engine
+    # names either one
+    assert len(plan_lines) == 1 and plan_lines[0].startswith("ferromerge: error: ") and planned.out == "", planned
+    for fragment in fragments:
+        assert fragment in plan_lines[0]
     assert not out.exists() and leftovers(out) == []
     return lines[0]
 
@@ -285,6 +300,31 @@ def test_bad_out_shard_size(fam: Family, tmp_path: Path, capsys: pytest.CaptureF
     fails(capsys, ties_config(fam), tmp_path / "out", 2, "shard size '5X'", args=("--out-shard-size", "5X"))
 
 
+@pytest.mark.parametrize(
+    ("limit", "message"),
+    [
+        ("1MiB", "memory limit '1MiB' (1048576 bytes) is too small: at least 64 MiB"),
+        ("67108863", "memory limit '67108863' (67108863 bytes) is too small: at least 64 MiB"),
+        ("lots", "memory limit 'lots': expected a number of bytes"),
+        ("0", "memory limit '0': must be positive"),
+    ],
+)
+def test_bad_memory_limit(
+    fam: Family, tmp_path: Path, capsys: pytest.CaptureFixture[str], limit: str, message: str
+) -> None:
+    fails(capsys, ties_config(fam), tmp_path / "out", 2, message, args=("--memory-limit", limit))
+
+
+def test_the_engine_refuses_a_memory_limit_below_64_mib(fam: Family, tmp_path: Path) -> None:
+    # the engine is the authority (ferromerge.run checks first only to fail before indexing the models)
+    _, plan = prepare(ties_config(fam))
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ferromerge.ParameterError, match="too small"):
+        _core.execute_plan(plan.to_json(), str(out), None, None, 64 * 2**20 - 1)
+    assert list(out.iterdir()) == []
+
+
 # ---------------------------------------------------------------- the output directory
 
 
@@ -337,6 +377,35 @@ def test_stale_partial_directory_is_removed_and_mentioned(
     assert not stale.exists() and (tmp_path / "out" / "model.safetensors").exists()
 
 
+def test_too_little_disk_space_fails_before_merging(
+    fam: Family, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, plan = prepare(ties_config(fam))
+    needed = int(plan.bytes_out * 1.01)
+    asked: list[Path] = []
+
+    def disk_usage(path: str | Path) -> DiskUsage:
+        asked.append(Path(path))
+        return DiskUsage(10**12, 10**12 - free, free)
+
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+    free = needed - 1
+    out = tmp_path / "new" / "out"  # the nearest existing parent is asked
+    with pytest.raises(ferromerge.OutputError) as e:
+        ferromerge.run(ties_config(fam), out, quiet=True)
+    assert str(out) in str(e.value) and f"needs {needed} bytes" in str(e.value)
+    assert f"{tmp_path} has {free} bytes" in str(e.value)
+    assert asked == [tmp_path] and not out.parent.exists()
+    config = write_config(tmp_path / "merge.yml", ties_config(fam))
+    capsys.readouterr()
+    assert main(["run", str(config), str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ferromerge: error: not enough disk space") and err.count("\n") == 1
+    assert not out.parent.exists()
+    free = needed
+    assert ferromerge.run(ties_config(fam), out, quiet=True).tensors == 21
+
+
 # ---------------------------------------------------------------- interruptions
 
 
@@ -364,13 +433,13 @@ _SIGINT_AT_TENSOR_3 = """
 import os, signal, sys
 import ferromerge._core as core
 real = core.execute_plan
-def execute_plan(plan, out, progress=None, threads=None):
+def execute_plan(plan, out, progress=None, threads=None, memory_limit=None):
     def hook(done, total, b, bt):
         if progress is not None:
             progress(done, total, b, bt)
         if done == 3:
             os.kill(os.getpid(), signal.SIGINT)
-    return real(plan, out, hook, threads)
+    return real(plan, out, hook, threads, memory_limit)
 core.execute_plan = execute_plan
 from ferromerge.cli import main
 sys.exit(main(sys.argv[1:]))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from collections import namedtuple
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +14,15 @@ import yaml
 from safetensors.numpy import load_file
 
 import ferromerge
+from ferromerge import _core
+from ferromerge.cli import main
 from ferromerge.config import load_config
+from ferromerge.run import prepare
 from ferromerge.synth import Family, make_family, to_bf16_bits
 
 from cli_helpers import read_model, read_safetensors, run_cli, ties_config, write_config
+
+DiskUsage = namedtuple("DiskUsage", "total used free")
 
 WEIGHTS = [1.0, 0.5, 0.5]
 DENSITIES = [0.5, 0.6, 0.9]
@@ -191,3 +198,82 @@ def test_demo_refuses_a_foreign_directory(tmp_path: Path) -> None:
 def test_version() -> None:
     result = run_cli("--version")
     assert result.returncode == 0 and result.stdout.strip() == f"ferromerge {ferromerge.__version__}"
+
+
+@pytest.fixture(scope="module")
+def family_wide(tmp_path_factory: pytest.TempPathFactory) -> Family:
+    """Base + 2 fine-tunes, float32, vocab 32768 x hidden 256: each embedding is 32 MiB per model, so its inputs
+    (96 MiB) exceed a quarter of a 64 MiB budget and take the engine's large-tensor path."""
+    return make_family(
+        tmp_path_factory.mktemp("family_wide"), n_finetunes=2, vocab=32768, hidden=256, intermediate=256, layers=1,
+        dtype="float32", seed=4,
+    )
+
+
+def test_memory_limit_never_changes_the_output(family_wide: Family, tmp_path: Path) -> None:
+    cfg = ties_config(family_wide)
+    _, plan = prepare(cfg)
+    assert max(t.bytes_in for t in plan.tensors) > 64 * 2**20 // 4
+    config = write_config(tmp_path / "ties.yml", cfg)
+    assert run_cli("run", config, tmp_path / "default", "--quiet").returncode == 0
+    result = run_cli("run", config, tmp_path / "small", "--quiet", "--memory-limit", "64MiB")
+    assert result.returncode == 0, result.stderr
+    small = (tmp_path / "small" / "model.safetensors").read_bytes()
+    assert small == (tmp_path / "default" / "model.safetensors").read_bytes()
+
+
+def test_memory_limit_reaches_the_engine_in_bytes(
+    family_bf16: Family, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[int | None] = []
+    real = _core.execute_plan
+
+    def execute_plan(plan: str, out: str, progress: Any = None, threads: Any = None, memory_limit: Any = None) -> Any:
+        seen.append(memory_limit)
+        return real(plan, out, progress, threads, memory_limit)
+
+    monkeypatch.setattr(_core, "execute_plan", execute_plan)
+    ferromerge.run(ties_config(family_bf16), tmp_path / "a", quiet=True, memory_limit="100M")
+    ferromerge.run(ties_config(family_bf16), tmp_path / "b", quiet=True, memory_limit=3 * 2**26)
+    ferromerge.run(ties_config(family_bf16), tmp_path / "c", quiet=True)
+    assert main(["run", str(write_config(tmp_path / "t.yml", ties_config(family_bf16))), str(tmp_path / "d"),
+                 "--quiet", "--memory-limit", "1GiB"]) == 0
+    assert seen == [100_000_000, 3 * 2**26, None, 2**30]
+
+
+def test_plan_predicts_disk_memory_and_time(family_bf16: Family, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "ties.yml", ties_config(family_bf16))
+    result = run_cli("plan", config, tmp_path / "merged", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "disk needed: " in out and f"at {tmp_path / 'merged'} (" in out and f"free at {tmp_path}: enough)" in out
+    assert "peak memory: at most " in out and "page cache not counted" in out
+    assert "predicted time: " in out and "GB/s, read " in out and "bounded by " in out
+
+    result = run_cli("plan", config, "--json", "--memory-limit", "64MiB", "--threads", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    s = doc["summary"]
+    _, plan = prepare(ties_config(family_bf16))
+    assert doc["shards"] == json.loads(plan.to_json())["shards"]  # still the engine's plan, with the summary added
+    assert (s["bytes_in"], s["bytes_out"], s["tensors"]) == (plan.bytes_in, plan.bytes_out, 21)
+    assert s["out_dir"] == str(tmp_path) and s["disk_path"] == str(tmp_path) and s["disk_ok"] is True
+    assert s["memory_limit"] == 64 * 2**20 and s["threads"] == 1 and s["read_ahead_bytes"] == 16 * 2**20
+    largest = max(plan.tensors, key=lambda t: t.bytes_in)
+    assert (s["largest_tensor"], s["largest_tensor_bytes"]) == (largest.name, largest.bytes_in)
+    # one worker, 4 models + 5 scratch buffers of a 64 Ki-element f32 chunk
+    assert s["scratch_bytes"] == 1 * (4 + 5) * 65536 * 4
+    assert s["peak_memory"] == min(64 * 2**20, largest.bytes_in + 16 * 2**20 + s["scratch_bytes"])
+    assert s["compute_rate"] > 0 and s["read_rate"] > 0 and s["read_file"].endswith("model.safetensors")
+    assert s["bound_by"] == ("compute" if s["compute_rate"] <= s["read_rate"] else "read")
+    assert s["seconds"] == pytest.approx(plan.bytes_in / min(s["compute_rate"], s["read_rate"]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ties.yml"]
+
+
+def test_plan_says_when_the_disk_is_too_small(
+    family_bf16: Family, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: DiskUsage(10**12, 10**12 - 1000, 1000))
+    config = write_config(tmp_path / "ties.yml", ties_config(family_bf16))
+    assert main(["plan", str(config), str(tmp_path / "out")]) == 0
+    assert f"(0.0 MB free at {tmp_path}: NOT ENOUGH)" in capsys.readouterr().out

@@ -113,9 +113,18 @@ def test_passthrough_rejects_two_inputs(fam: Family) -> None:
         prepare({"merge_method": "passthrough", "base_model": str(fam.base), "models": [{"model": str(a)}]})
 
 
-def test_passthrough_is_not_an_in_memory_method() -> None:
-    with pytest.raises(ferromerge.ParameterError, match="unknown merge method 'passthrough' in memory"):
-        ferromerge.merge_tensors([np.ones(3, np.float32)], "passthrough")
+def test_passthrough_in_memory_scales_one_tensor_and_refuses_two() -> None:
+    x = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    out = ferromerge.merge_tensors([x], "passthrough", {"scale": 0.5})
+    np.testing.assert_array_equal(out, np.float32(0.5) * x)  # halving is exact in float32
+    np.testing.assert_array_equal(ferromerge.merge_tensors([x], "passthrough"), x)  # scale defaults to 1
+    sd = ferromerge.merge_state_dicts({"a": {"w": x}}, "passthrough", parameters={"scale": 2.0})
+    np.testing.assert_array_equal(sd["w"], np.float32(2) * x)
+    with pytest.raises(ferromerge.ParameterError, match=r"'passthrough' takes at most 1 input\(s\), got 2: "
+                                                        r"tensors\[0\], tensors\[1\]"):
+        ferromerge.merge_tensors([x, x], "passthrough", {"scale": 0.5})
+    with pytest.raises(ferromerge.ParameterError, match=r"got 2: model 'a', model 'b'"):
+        ferromerge.merge_state_dicts({"a": {"w": x}, "b": {"w": x}}, "passthrough")
 
 
 # ---------------------------------------------------------------- merges over slices

@@ -1,5 +1,8 @@
 """The ``ferromerge`` command: ``run``, ``plan``, ``demo``, ``--version``.
 
+``plan`` checks a config and its models like ``run`` (same errors, same exit codes) and prints what a run would
+do and need (disk, peak memory, time: see ``estimate``) without writing anything.
+
 Errors print one line, ``ferromerge: error: <message>``, and exit with 2 for config/parameter problems, 1 for
 input/output problems, 130 on Ctrl-C (no output is left behind in any of these cases).
 """
@@ -7,6 +10,7 @@ input/output problems, 130 on Ctrl-C (no output is left behind in any of these c
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 
@@ -36,6 +40,16 @@ def _seed(text: str) -> int:
 
 
 def _add_plan_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--threads", type=_positive_int, default=None, metavar="N", help="worker threads (default: all cores)"
+    )
+    p.add_argument(
+        "--memory-limit",
+        default=None,
+        metavar="SIZE",
+        help="memory budget of the engine, e.g. 2GiB (at least 64MiB; default: half of RAM or of the cgroup "
+        "limit, at most 8 GiB); never changes the output",
+    )
     p.add_argument("--seed", type=_seed, default=0, help="seed of DARE's random masks (default 0: reproducible)")
     p.add_argument(
         "--out-shard-size",
@@ -55,9 +69,6 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="merge the models of a config into OUT_DIR")
     p.add_argument("config", metavar="CONFIG", help="mergekit YAML config")
     p.add_argument("out_dir", metavar="OUT_DIR", help="output model directory (must not exist, see --overwrite)")
-    p.add_argument(
-        "--threads", type=_positive_int, default=None, metavar="N", help="worker threads (default: all cores)"
-    )
     _add_plan_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.add_argument(
@@ -67,8 +78,19 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="check a config and its models and print what a run would do (writes nothing)")
     p.add_argument("config", metavar="CONFIG", help="mergekit YAML config")
+    p.add_argument(
+        "out_dir",
+        metavar="OUT_DIR",
+        nargs="?",
+        default=None,
+        help="where a run would write, for the disk-space check (default: somewhere in the current directory)",
+    )
     _add_plan_options(p)
-    p.add_argument("--json", action="store_true", help="print the engine's plan JSON instead of a summary")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the engine's plan JSON, with the summary added under \"summary\", instead of the summary",
+    )
     p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("demo", help="make a small family of Llama-shaped models and TIES-merge them")
@@ -91,6 +113,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         out_shard_size=args.out_shard_size,
         quiet=args.quiet,
         overwrite=args.overwrite,
+        memory_limit=args.memory_limit,
     )
     if not args.quiet:
         print(
@@ -101,13 +124,28 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from .run import prepare
+    from .estimate import estimate
+    from .run import memory_limit_bytes, prepare
 
+    # run()'s checks in run()'s order (all but the output directory's): bad input fails here as it would there
+    limit = memory_limit_bytes(args.memory_limit)
     config, plan = prepare(args.config, seed=args.seed, out_shard_size=args.out_shard_size)
+    predicted = estimate(plan, args.out_dir, threads=args.threads, memory_limit=limit)
     if args.json:
-        print(plan.to_json())
+        summary = {
+            "method": plan.method,
+            "models": {m.ref: str(m.path) for m in plan.models},
+            "tensors": len(plan.tensors),
+            "num_layers": plan.num_layers,
+            "shards": len(plan.shards),
+            **predicted.to_dict(),
+            "notes": list(config.notes),
+        }
+        print(json.dumps({**json.loads(plan.to_json()), "summary": summary}))
         return 0
     print(plan.summary())
+    for line in predicted.lines():
+        print(line)
     for note in config.notes:
         print(f"note: {note}")
     return 0

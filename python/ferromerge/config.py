@@ -508,7 +508,7 @@ def _method(name: str) -> MethodSpec:
             f"merge_method: {name!r} is a mergekit method ferromerge does not support yet; "
             f"supported: {', '.join(sorted(methods.REGISTRY))}"
         )
-    return methods.get(name, config=True)
+    return methods.get(name)
 
 
 def _dtype(value: str | None, where: str) -> str | None:

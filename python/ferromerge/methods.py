@@ -45,8 +45,6 @@ class MethodSpec:
     kernel_fixed: dict[str, Any] = field(default_factory=dict)
     #: most inputs per output tensor (passthrough: 1), None = any number
     max_inputs: int | None = None
-    #: offered by the in-memory API (``merge_tensors``); passthrough is a copy, only meaningful in configs
-    in_memory: bool = True
 
     @property
     def requires_base(self) -> bool:
@@ -94,18 +92,15 @@ REGISTRY: dict[str, MethodSpec] = {
         weight_param="scale",
         kernel_fixed={"normalize": False},
         max_inputs=1,
-        in_memory=False,
     ),
 }
 
 
-def get(name: str, *, config: bool = False) -> MethodSpec:
-    """The method called ``name``; ``config=True`` includes methods only configs use (passthrough)."""
+def get(name: str) -> MethodSpec:
+    """The method called ``name``; ``ParameterError`` listing the known ones otherwise."""
     spec = REGISTRY.get(name)
-    if spec is None or not (config or spec.in_memory):
-        known = sorted(n for n, s in REGISTRY.items() if config or s.in_memory)
-        also = "" if spec is None else " in memory (it copies one model's tensors; use it in a merge config)"
-        raise ParameterError(f"unknown merge method {name!r}{also}; ferromerge implements: {', '.join(known)}")
+    if spec is None:
+        raise ParameterError(f"unknown merge method {name!r}; ferromerge implements: {', '.join(sorted(REGISTRY))}")
     return spec
 
 

@@ -23,7 +23,7 @@ import yaml
 from .errors import OutputError
 from .layers import LAYER_COUNT_KEYS, declared_layers, read_model_config
 from .models import ModelIndex
-from .plan import Plan
+from .plan import Plan, format_bytes
 
 #: copied from the reference model when present (mergekit copies the tokenizer of the base or first model too)
 TOKENIZER_FILES = (
@@ -36,6 +36,10 @@ TOKENIZER_FILES = (
     "added_tokens.json",
     "generation_config.json",
 )
+
+#: headroom of the free-space check beyond the shards' bytes (the small config and tokenizer files, filesystem
+#: block rounding)
+SPACE_MARGIN = 0.01
 
 _PARTIAL = ".ferromerge-partial-"
 _TRASH = ".ferromerge-old-"
@@ -121,6 +125,30 @@ class OutputDir:
                 os.rename(self.temp, self.target)
         except OSError as e:
             raise OutputError(f"cannot move the finished output to {self.target}: {e}") from None
+
+
+def free_space(directory: str | os.PathLike[str]) -> tuple[Path, int]:
+    """``directory`` or its nearest existing ancestor, and the bytes free on that filesystem."""
+    where = Path(directory).expanduser().absolute()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        return where, shutil.disk_usage(where).free
+    except OSError as e:
+        raise OutputError(f"cannot tell the free space at {where} (for {directory}): {e}") from None
+
+
+def check_free_space(target: str | os.PathLike[str], needed: int) -> None:
+    """``OutputError`` naming the path, the bytes needed and free when ``needed`` (+``SPACE_MARGIN``) does not fit
+    on the filesystem of ``target``'s parent (the output is built beside ``target``, then renamed onto it)."""
+    where, free = free_space(Path(target).expanduser().absolute().parent)
+    wanted = int(needed * (1 + SPACE_MARGIN))
+    if free < wanted:
+        raise OutputError(
+            f"not enough disk space for {Path(target).expanduser().absolute()}: the output needs {wanted} bytes "
+            f"({format_bytes(wanted)}, shards + {SPACE_MARGIN:.0%}) but {where} has {free} bytes "
+            f"({format_bytes(free)}) free"
+        )
 
 
 def _write(path: Path, text: str) -> None:

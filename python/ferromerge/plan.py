@@ -44,18 +44,20 @@ _UNITS = {
 }
 
 
-def parse_size(value: str | int) -> int:
+def parse_size(value: str | int, what: str = "shard size") -> int:
     """Bytes from a size: an int, or a number with mergekit's K/M/B suffixes (x1000, so "5B" is 5e9 bytes),
-    or KB/MB/GB (x1000) or KiB/MiB/GiB (x1024)."""
+    or KB/MB/GB (x1000) or KiB/MiB/GiB (x1024). ``what`` names the setting in error messages."""
     if isinstance(value, int) and not isinstance(value, bool):
         size = value
     else:
         match = _SIZE.fullmatch(str(value))
         if match is None:
-            raise ParameterError(f"shard size {value!r}: expected a number of bytes with an optional K/M/B suffix")
+            raise ParameterError(
+                f"{what} {value!r}: expected a number of bytes with an optional K/M/B or KiB/MiB/GiB suffix"
+            )
         size = int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()])
     if size <= 0:
-        raise ParameterError(f"shard size {value!r}: must be positive")
+        raise ParameterError(f"{what} {value!r}: must be positive")
     return size
 
 

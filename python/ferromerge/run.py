@@ -14,11 +14,23 @@ from . import _core
 from .config import MergeConfig, load_config
 from .errors import ParameterError
 from .models import ModelIndex, index_model
-from .output import OutputDir, config_updates, copy_tokenizer, write_configs, write_index, write_model_config
-from .plan import DEFAULT_SHARD_SIZE, Plan, build_plan
+from .output import (
+    OutputDir,
+    check_free_space,
+    config_updates,
+    copy_tokenizer,
+    write_configs,
+    write_index,
+    write_model_config,
+)
+from .plan import DEFAULT_SHARD_SIZE, Plan, build_plan, parse_size
 from .progress import ProgressBar
 
 ProgressCallback = Callable[[int, int, int, int], None]
+
+#: the engine's smallest memory budget (rust/core/src/exec.rs); checked here too so that a bad value fails before
+#: the models are indexed, and ``ferromerge plan`` rejects what ``run`` would
+MIN_MEMORY_LIMIT = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -39,6 +51,23 @@ class RunReport:
 
 def _log(quiet: bool) -> Callable[[str], None]:
     return (lambda _: None) if quiet else (lambda msg: print(f"ferromerge: {msg}", file=sys.stderr))
+
+
+def _check_threads(threads: int | None) -> None:
+    """``ParameterError`` unless ``threads`` is None (all cores) or a positive integer."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ParameterError(f"threads must be a positive integer, got {threads!r}")
+
+
+def memory_limit_bytes(memory_limit: str | int | None) -> int | None:
+    """The memory budget in bytes from a size (``plan.parse_size``: "8GiB", "500M", an int); None stays None (the
+    engine's default, ``_core.default_memory_limit()``). Below 64 MiB is a ``ParameterError``."""
+    if memory_limit is None:
+        return None
+    limit = parse_size(memory_limit, "memory limit")
+    if limit < MIN_MEMORY_LIMIT:
+        raise ParameterError(f"memory limit {memory_limit!r} ({limit} bytes) is too small: at least 64 MiB")
+    return limit
 
 
 def prepare(
@@ -65,21 +94,26 @@ def run(
     quiet: bool = False,
     overwrite: bool = False,
     on_progress: ProgressCallback | None = None,
+    memory_limit: str | int | None = None,
 ) -> RunReport:
     """Merge the models of a mergekit config into ``out_dir``.
 
     ``config_or_path``: a config file path, YAML text or a mapping. ``seed`` keys DARE's random masks (the output
     is a pure function of inputs, config and seed). ``out_shard_size``: bytes per output shard ("5B" = 5e9, as in
     mergekit). ``on_progress(tensors_done, tensors_total, bytes_done, bytes_total)`` is called after each tensor;
-    an exception it raises aborts the run. On any failure (or Ctrl-C) ``out_dir`` is left absent, never partial.
+    an exception it raises aborts the run. ``memory_limit`` (bytes or a size such as "2GiB", at least 64 MiB; None =
+    ``_core.default_memory_limit()``) bounds what the engine keeps resident; it never changes the output. Raises
+    ``OutputError`` before merging when the output's filesystem lacks room for the shards (+1%). On any failure
+    (or Ctrl-C) ``out_dir`` is left absent, never partial.
     """
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ParameterError(f"threads must be a positive integer, got {threads!r}")
+    _check_threads(threads)
+    limit = memory_limit_bytes(memory_limit)
     log = _log(quiet)
     start = time.perf_counter()
     output = OutputDir(out_dir, overwrite=overwrite)
     config, plan = prepare(config_or_path, seed=seed, out_shard_size=out_shard_size)
     output.check_inputs([m.path for m in plan.models])
+    check_free_space(output.target, plan.bytes_out)
     for note in config.notes:
         log(f"note: {note}")
     reference = plan.models[0]
@@ -98,6 +132,7 @@ def run(
                 str(tmp),
                 progress if (bar is not None or on_progress is not None) else None,
                 threads,
+                limit,
             )
         finally:
             if bar is not None:

@@ -24,8 +24,9 @@ Parameters follow mergekit: per-model ones (``weight``, ``density``) are a scala
 per non-base tensor (per tensor for ``linear``, where a base is just one more input) or a mapping (tensor position
 for ``merge_tensors``, model name for ``merge_state_dicts``); shared ones (``normalize``, ``lambda``, ``rescale``,
 ``rescale_mode``, ``int8_mask``) are scalars. Defaults and validation come from :mod:`ferromerge.methods`; unknown
-names raise ``ParameterError``. ``seed``, the tensor ``name`` and each model's position among the non-base
-models key DARE's random masks, so results are reproducible and independent of ``threads``.
+names raise ``ParameterError``. ``passthrough`` takes a single tensor and multiplies it by ``scale`` (default 1).
+``seed``, the tensor ``name`` and each model's position among the non-base models key DARE's random masks, so
+results are reproducible and independent of ``threads``.
 """
 
 from __future__ import annotations
@@ -261,6 +262,10 @@ def _resolve(
     base: Any = None,
 ) -> _Resolved:
     spec = _methods.get(method) if isinstance(method, str) else method
+    if spec.max_inputs is not None and len(keys) > spec.max_inputs:
+        raise ParameterError(
+            f"method {spec.name!r} takes at most {spec.max_inputs} input(s), got {len(keys)}: {', '.join(labels)}"
+        )
     given = dict(parameters or {})
     _check_names(spec, given)
     per = _per_model(spec, given, keys, labels, base)
@@ -268,7 +273,8 @@ def _resolve(
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
         raise ParameterError(f"seed must be a non-negative integer, got {seed!r}")
     kernel = _methods.kernel_spec(spec, shared, int(seed))
-    weights = per["weight"]
+    # the kernel's input weight is the method's weight parameter (passthrough: "scale")
+    weights = per[spec.weight_param]
     densities = per.get("density", [1.0] * len(keys))
     return _Resolved(spec, kernel, weights, densities)
 

@@ -1,0 +1,51 @@
+"""``ferromerge.estimate``: the calibration runs the plan's own kernel, and the memory bound follows the budget."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from ferromerge import _core, estimate
+from ferromerge.run import prepare
+from ferromerge.synth import Family
+
+from cli_helpers import ties_config
+
+
+def test_compute_calibration_runs_the_largest_tensors_method_with_its_parameters_and_dtypes(
+    family_bf16: Family, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = ties_config(family_bf16, dtype="float32", parameters={"lambda": 0.8})
+    _, plan = prepare(cfg, seed=5)
+    largest = max(plan.tensors, key=lambda t: t.bytes_in)
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+    real = _core.merge_arrays
+
+    def merge_arrays(*args: Any, **kwargs: Any) -> Any:
+        calls.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_core, "merge_arrays", merge_arrays)
+    rate = estimate.compute_rate(plan, largest, threads=1)
+    assert rate > 0 and len(calls) == 2  # a warm-up, then the timed call
+    (method, inputs, base, weights, densities), kw = calls[1]
+    assert method == "ties" and weights == [1.0, 0.5, 0.5] and densities == [0.5, 0.5, 0.5]
+    assert [(a.dtype, a.size) for a in [*inputs, base]] == [(np.uint16, estimate.CALIBRATION_ELEMS)] * 4
+    assert kw["cast_dtype"] == "float32" and kw["out_dtype"] == largest.out_dtype and kw["threads"] == 1
+    assert (kw["normalize"], kw["lambda_"], kw["seed"], kw["name"]) == (True, 0.8, 5, largest.name)
+
+
+def test_peak_memory_is_capped_by_the_budget_and_shrinks_chunks_for_many_threads(family_bf16: Family) -> None:
+    _, plan = prepare(ties_config(family_bf16))
+    largest = max(t.bytes_in for t in plan.tensors)
+    budget = 64 * 2**20
+    peak, tensor, read_ahead, scratch = estimate.peak_memory(plan, budget, threads=2)
+    assert (tensor.bytes_in, read_ahead, scratch) == (largest, budget // 4, 2 * (4 + 5) * 65536 * 4)
+    assert peak == largest + budget // 4 + scratch < budget
+    # 1000 workers: the engine shrinks chunks to 1024 elements, and the bound stops at the budget
+    peak, _, _, scratch = estimate.peak_memory(plan, budget, threads=1000)
+    assert scratch == 1000 * (4 + 5) * 1024 * 4 and peak == min(budget, largest + budget // 4 + scratch)
+    peak, _, _, _ = estimate.peak_memory(plan, budget, threads=4000)
+    assert peak == budget
