@@ -79,18 +79,39 @@ def read_bandwidth(files: list[Path]) -> tuple[float, int]:
 
 
 def measured(cmd: list[str], *, cgroup: Path | None = None, log: Path) -> tuple[float, float, int, int]:
-    """(wall s, CPU s, peak RSS bytes, exit code) of one child process, from wait4's rusage."""
+    """(wall s, CPU s, peak RSS bytes, exit code) of one child process.
+
+    CPU comes from wait4's rusage. Peak RSS does not: Linux carries the forked child's pre-exec high-water mark
+    (a copy of this driver) into ru_maxrss. It is the child's own VmHWM instead, read from /proc every 20 ms
+    (a high-water mark, reset at exec, so polling only misses growth in the last 20 ms of a run).
+    """
 
     def enter() -> None:
         if cgroup is not None:
             (cgroup / "cgroup.procs").write_text(f"{os.getpid()}\n")
 
+    def hwm(pid: int) -> int:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return 0
+
     with open(log, "wb") as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=err, stderr=subprocess.STDOUT, preexec_fn=enter)
-        _, status, ru = os.wait4(proc.pid, 0)
+        peak = 0
+        while True:
+            pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            peak = max(peak, hwm(proc.pid))
+            time.sleep(0.02)
         wall = time.perf_counter() - t0
-    return wall, ru.ru_utime + ru.ru_stime, ru.ru_maxrss * 1024, os.waitstatus_to_exitcode(status)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return wall, ru.ru_utime + ru.ru_stime, peak, proc.returncode
 
 
 def read_output(out: Path) -> dict[str, np.ndarray]:
@@ -109,19 +130,21 @@ def read_output(out: Path) -> dict[str, np.ndarray]:
 
 
 def agreement(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> str:
-    """How two bf16 outputs agree: share of identical elements, and the largest difference in bf16 ulps."""
+    """How two bf16 outputs agree: identical elements, elements within one bf16 step, the largest difference."""
     assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
-    same = total = 0
-    worst = 0
+    same = close = total = 0
+    worst = 0.0
     for k in a:
-        x, y = a[k].astype(np.int32), b[k].astype(np.int32)
-        same += int((x == y).sum())
+        x = (a[k].astype(np.uint32) << 16).view(np.float32)
+        y = (b[k].astype(np.uint32) << 16).view(np.float32)
+        d = np.abs(x - y)
+        same += int((a[k] == b[k]).sum())
+        # one bf16 step (2^-7 relative) of the larger magnitude
+        close += int((d <= np.maximum(np.abs(x), np.abs(y)) * 2.0**-7).sum())
         total += x.size
-        # ulp distance on the sign-magnitude bf16 line
-        ox = np.where(x & 0x8000, -(x & 0x7FFF), x)
-        oy = np.where(y & 0x8000, -(y & 0x7FFF), y)
-        worst = max(worst, int(np.abs(ox - oy).max()))
-    return f"{100 * same / total:.3f}% identical, max {worst} bf16 ulp"
+        worst = max(worst, float(d.max()))
+    return (f"{100 * same / total:.2f}% identical, {100 * close / total:.2f}% within one bf16 step, "
+            f"max |difference| {worst:.2e}")
 
 
 def sha(out: Path) -> str:
@@ -199,6 +222,16 @@ def main() -> int:
             else:
                 outputs.setdefault(tool, out)
 
+    # Where the warm time goes: the same merge writing to tmpfs (no disk writes) separates output I/O from the rest.
+    shm = Path("/dev/shm")
+    if shm.is_dir() and shutil.disk_usage(shm).free > 4 * in_bytes // 10:
+        out = Path(tempfile.mkdtemp(dir=shm)) / "out"
+        read_bandwidth(files)
+        print("running ferromerge (warm, output on tmpfs) ...", flush=True)
+        wall, cpu, rss, rc = measured([*ferro, str(out), "--quiet"], log=work / "ferromerge-tmpfs.log")
+        runs.append(Run("ferromerge", "warm, output on tmpfs", wall, cpu, rss, rc))
+        shutil.rmtree(out.parent, ignore_errors=True)
+
     checks = {}
     ref = read_output(outputs["ferromerge"]) if "ferromerge" in outputs else None
     for tool, out in outputs.items():
@@ -254,7 +287,8 @@ def main() -> int:
         c = cgroup_result
         lines.append(
             f"- cgroup proof: limit {c['limit'] / 2**30:.2f} GiB, exit {c['rc']}, cgroup peak usage "
-            f"{c['cgroup_max_usage'] / 2**30:.2f} GiB (page cache included), process peak RSS "
+            f"{c['cgroup_max_usage'] / 2**30:.2f} GiB (page cache included; the kernel reclaims it at the limit, "
+            f"{c['failcnt']} times), process peak RSS "
             f"{c['peak_rss'] / 2**30:.2f} GiB, byte-identical to the unlimited run: {c['byte_identical']}"
         )
     table = "\n".join(lines)

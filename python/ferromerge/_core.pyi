@@ -10,6 +10,8 @@ import numpy as np
 import numpy.typing as npt
 
 __version__: str
+#: The smallest memory budget a run accepts (64 MiB).
+MIN_MEMORY_LIMIT: int
 
 class MergeError(Exception):
     """Base class of every error raised by the engine."""
@@ -88,3 +90,6 @@ def save_file(
 
 def default_memory_limit() -> int:
     """The memory budget of a run when none is given: half of physical memory or of the cgroup limit, at most 8 GiB."""
+
+def chunk_elems(memory_limit: int, threads: int, inputs: int) -> int:
+    """Elements per chunk the engine uses for a budget, a worker count and the inputs of a tensor (base included)."""

@@ -37,11 +37,11 @@ READ_SECONDS = 0.25
 #: faster than this, a "disk" read is served from memory (no SSD sustains it through a single sequential reader)
 PAGE_CACHE_RATE = 4e9
 
-# The engine's chunking (rust/core/src/merge.rs, exec.rs): chunks of at most 64 Ki elements, each worker holding
-# (inputs + 5) f32 buffers of one chunk, all of them within an eighth of the budget.
-_ENGINE_CHUNK_ELEMS = 1 << 16
-_ENGINE_MIN_CHUNK_ELEMS = 1024
+# Each engine worker holds (inputs + 5) f32 buffers of one chunk; the chunk size itself comes from the engine
+# (`_core.chunk_elems`), so the two cannot drift apart.
 _SCRATCH_BUFFERS = 5
+#: elements of the warm-up call (it starts the thread pool)
+_WARM_UP_ELEMS = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -115,8 +115,7 @@ def peak_memory(plan: Plan, memory_limit: int, threads: int) -> tuple[int, PlanT
     read_ahead = memory_limit // 4
     models = max(_inputs_of(t) for t in plan.tensors)
     buffers = threads * (models + _SCRATCH_BUFFERS)
-    chunk = min(_ENGINE_CHUNK_ELEMS, max(_ENGINE_MIN_CHUNK_ELEMS, memory_limit // 8 // (buffers * 4)))
-    scratch = buffers * chunk * 4
+    scratch = buffers * _core.chunk_elems(memory_limit, threads, models) * 4
     return min(memory_limit, largest.bytes_in + read_ahead + scratch), largest, read_ahead, scratch
 
 
@@ -159,7 +158,7 @@ def compute_rate(plan: Plan, tensor: PlanTensor, threads: int | None, elems: int
         seconds = time.perf_counter() - start
         return sum(a.nbytes for a in inputs) + (0 if base is None else base.nbytes), seconds
 
-    merge(_ENGINE_CHUNK_ELEMS)  # warm-up: the first call starts the thread pool
+    merge(_WARM_UP_ELEMS)  # warm-up: the first call starts the thread pool
     nbytes, seconds = merge(elems)
     return nbytes / max(seconds, 1e-9)
 

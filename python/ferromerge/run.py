@@ -28,9 +28,9 @@ from .progress import ProgressBar
 
 ProgressCallback = Callable[[int, int, int, int], None]
 
-#: the engine's smallest memory budget (rust/core/src/exec.rs); checked here too so that a bad value fails before
-#: the models are indexed, and ``ferromerge plan`` rejects what ``run`` would
-MIN_MEMORY_LIMIT = 64 * 2**20
+#: the engine's smallest memory budget; checked here too so that a bad value fails before the models are indexed,
+#: and ``ferromerge plan`` rejects what ``run`` would
+MIN_MEMORY_LIMIT = _core.MIN_MEMORY_LIMIT
 
 
 @dataclass(frozen=True)

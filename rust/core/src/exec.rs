@@ -42,6 +42,16 @@ pub struct ExecOptions {
     pub memory_limit: Option<u64>,
 }
 
+/// The smallest memory budget a run accepts.
+pub const MIN_MEMORY_LIMIT: u64 = 64 << 20;
+
+/// Elements per chunk for a budget: each worker holds (inputs + 5) f32 buffers of one chunk, and all of them
+/// together stay within an eighth of the budget (between 1024 and the default chunk).
+pub fn chunk_elems(budget: u64, workers: usize, inputs: usize) -> usize {
+    let fit = budget / 8 / (workers.max(1) as u64 * (inputs as u64 + 5) * 4);
+    DEFAULT_CHUNK_ELEMS.min((fit as usize).max(1024))
+}
+
 /// Half of what this process may use (physical memory, or the memory cgroup's limit when lower), at most 8 GiB.
 pub fn default_memory_limit() -> u64 {
     // SAFETY: sysconf has no preconditions.
@@ -181,15 +191,13 @@ pub fn execute(
     }
     let pool = pool::pool(opts.threads)?;
     let budget = opts.memory_limit.unwrap_or_else(default_memory_limit);
-    if budget < 64 << 20 {
+    if budget < MIN_MEMORY_LIMIT {
         return Err(CoreError::param(format!("memory limit of {budget} bytes is too small (at least 64 MiB)")));
     }
     let share = budget / 4;
-    let workers = pool.current_num_threads() as u64;
-    let max_inputs = jobs.iter().map(|j| j.inputs.len() as u64 + 1).max().unwrap_or(1);
-    // Each worker holds (inputs + 5) f32 buffers of one chunk; keep all of them within an eighth of the budget.
-    let budget_chunk = (budget / 8 / (workers * (max_inputs + 5) * 4)) as usize;
-    let chunk = plan.chunk_elems.unwrap_or(DEFAULT_CHUNK_ELEMS.min(budget_chunk.max(1024))).max(1);
+    let workers = pool.current_num_threads();
+    let max_inputs = jobs.iter().map(|j| j.inputs.len() + 1).max().unwrap_or(1);
+    let chunk = plan.chunk_elems.unwrap_or_else(|| chunk_elems(budget, workers, max_inputs)).max(1);
 
     let mut outputs: Vec<(PathBuf, File, ShardLayout)> = Vec::new();
     for shard in &plan.shards {

@@ -199,6 +199,12 @@ fn default_memory_limit() -> u64 {
     exec::default_memory_limit()
 }
 
+/// Elements per chunk the engine uses for a memory budget, worker count and inputs per tensor (base included).
+#[pyfunction]
+fn chunk_elems(memory_limit: u64, threads: usize, inputs: usize) -> usize {
+    exec::chunk_elems(memory_limit, threads, inputs)
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
@@ -213,5 +219,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(execute_plan, m)?)?;
     m.add_function(wrap_pyfunction!(save_file, m)?)?;
     m.add_function(wrap_pyfunction!(default_memory_limit, m)?)?;
+    m.add_function(wrap_pyfunction!(chunk_elems, m)?)?;
+    m.add("MIN_MEMORY_LIMIT", exec::MIN_MEMORY_LIMIT)?;
     Ok(())
 }

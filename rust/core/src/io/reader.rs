@@ -44,8 +44,16 @@ impl SafetensorsFile {
         // reader (safetensors, torch). We never write through it.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| CoreError::input(path, format!("cannot mmap: {e}")))?;
         let (n, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| {
-            let culprit = diagnose(&mmap).map(|t| format!(" (tensor '{t}')")).unwrap_or_default();
-            CoreError::input(path, format!("corrupt or truncated safetensors header{culprit}: {e}"))
+            // The crate's message may name a tensor picked from a hash map (so it changes from run to run); our
+            // own diagnosis names the first offending tensor in offset order.
+            let msg = match diagnose(&mmap) {
+                Some(t) => format!(
+                    "corrupt safetensors header: tensor '{t}' has data offsets that do not match its \
+                                    dtype and shape, overlap another tensor, or run past the end of the file"
+                ),
+                None => format!("corrupt or truncated safetensors header: {e}"),
+            };
+            CoreError::input(path, msg)
         })?;
         let data_start = 8 + n;
         let mut tensors = HashMap::new();
