@@ -12,16 +12,13 @@ atol=1e-7)``, and passthrough must be bit-identical. Run with ``-s`` to see the 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import yaml
 from safetensors.numpy import save_file
-from test_mergekit_diff import DRIVER, LLAMA_CONFIG, _diffs, _report, read_safetensors_dir
+from test_mergekit_diff import LLAMA_CONFIG, _diffs, _report, read_safetensors_dir, run_mergekit
 
 pytestmark = pytest.mark.mergekit
 
@@ -166,23 +163,9 @@ def runs(family6, mergekit_python_path, tmp_path_factory) -> dict[str, tuple[Pat
 
     work = tmp_path_factory.mktemp("mk-features")
     configs = case_configs(family6)
-    jobs = []
-    for name, cfg in configs.items():
-        p = work / f"{name}.yml"
-        p.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        jobs.append((name, str(p), str(work / f"mk-{name}")))
-    (work / "jobs.json").write_text(json.dumps(jobs))
-    (work / "driver.py").write_text(DRIVER)
-    env = dict(os.environ, PYTHONHASHSEED="0", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run(
-        [str(mergekit_python_path), str(work / "driver.py"), str(work / "jobs.json"), str(work / "results.json")],
-        capture_output=True, text=True, env=env, timeout=1800,
-    )
-    assert proc.returncode == 0, f"mergekit driver failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    errors = json.loads((work / "results.json").read_text())
     out = {}
-    for name, cfg_path, mk_dir in jobs:
-        assert errors[name] is None, f"mergekit failed on {name}:\n{errors[name]}"
+    for name, (cfg_path, mk_dir, error) in run_mergekit(configs, mergekit_python_path, work).items():
+        assert error is None, f"mergekit failed on {name}:\n{error}"
         fm_dir = work / f"fm-{name}"
         ferromerge.run(cfg_path, fm_dir, quiet=True)
         out[name] = (Path(mk_dir), fm_dir, configs[name])

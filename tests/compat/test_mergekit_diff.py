@@ -213,11 +213,9 @@ def family(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
-def mk_runs(family, mergekit_python_path, tmp_path_factory):
-    """{case: (config_path, mergekit_out_dir, config, mergekit_error_or_None)}: every case through mergekit-yaml."""
-    work = tmp_path_factory.mktemp("mk-runs")
-    configs = case_configs(family)
+def run_mergekit(configs: dict[str, dict], mergekit_python: Path, work: Path) -> dict[str, tuple[Path, Path, str | None]]:
+    """Write each config as YAML in ``work`` and run them all through mergekit-yaml in one subprocess of the
+    mergekit virtualenv: ``{case: (config_path, mergekit_out_dir, mergekit_error_or_None)}``."""
     jobs = []
     for name, cfg in configs.items():
         p = work / f"{name}.yml"
@@ -227,12 +225,20 @@ def mk_runs(family, mergekit_python_path, tmp_path_factory):
     (work / "driver.py").write_text(DRIVER)
     env = dict(os.environ, PYTHONHASHSEED="0", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(
-        [str(mergekit_python_path), str(work / "driver.py"), str(work / "jobs.json"), str(work / "results.json")],
+        [str(mergekit_python), str(work / "driver.py"), str(work / "jobs.json"), str(work / "results.json")],
         capture_output=True, text=True, env=env, timeout=1800,
     )
     assert proc.returncode == 0, f"mergekit driver failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     errors = json.loads((work / "results.json").read_text())
-    return {name: (Path(cfg), Path(out), configs[name], errors[name]) for name, cfg, out in jobs}
+    return {name: (Path(cfg), Path(out), errors[name]) for name, cfg, out in jobs}
+
+
+@pytest.fixture(scope="session")
+def mk_runs(family, mergekit_python_path, tmp_path_factory):
+    """{case: (config_path, mergekit_out_dir, config, mergekit_error_or_None)}: every case through mergekit-yaml."""
+    configs = case_configs(family)
+    done = run_mergekit(configs, mergekit_python_path, tmp_path_factory.mktemp("mk-runs"))
+    return {name: (cfg, out, configs[name], err) for name, (cfg, out, err) in done.items()}
 
 
 @pytest.fixture(scope="session")
