@@ -307,9 +307,9 @@ def plot(path: Path, runs: list[Run], floors: dict[str, float], gb: float) -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     ok = [r for r in runs if r.rc == 0]
-    labels = [f"{r.tool}\n{r.cache}" for r in ok]
+    labels = [f"{r.tool}\n" + r.cache.replace(", ", "\n") for r in ok]
     ax.bar(labels, [gb / r.wall for r in ok], color=["#c0392b" if r.tool == "ferromerge" else "#7f8c8d" for r in ok])
     for cache, s in floors.items():
         ax.axhline(gb / s, linestyle="--", color="#2c3e50" if cache == "cold" else "#2980b9")
@@ -317,6 +317,7 @@ def plot(path: Path, runs: list[Run], floors: dict[str, float], gb: float) -> No
     ax.set_ylabel("input GB/s (higher is better)")
     ax.set_yscale("log")
     ax.set_title(f"TIES, 1.1B family (base + 3, bf16, {gb:.1f} GB in)")
+    ax.tick_params(axis="x", labelsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
