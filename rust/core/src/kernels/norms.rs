@@ -1,5 +1,5 @@
 //! L1 norms that do not depend on how the work was split: f64 sums over fixed blocks of `BLOCK` elements at
-//! absolute positions, each summed in index order, then added in block order.
+//! absolute positions, each summed in eight interleaved lanes combined in a fixed order, then added in block order.
 
 use multiversion::multiversion;
 pub const BLOCK: usize = 4096;
