@@ -18,29 +18,20 @@ from typing import Any
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
-from test_mergekit_diff import LLAMA_CONFIG, _diffs, _report, read_safetensors_dir, run_mergekit
+from test_mergekit_diff import (
+    INTER, LLAMA_CONFIG, VOCAB, H, _diffs, _report, llama_shapes, read_safetensors_dir, run_mergekit,
+)
 
 pytestmark = pytest.mark.mergekit
 
-H, INTER, LAYERS, VOCAB = 32, 48, 6, 64
+#: more layers than test_mergekit_diff's family, for gradients and slices (same hidden/intermediate/vocab)
+LAYERS = 6
 UNTIED = ("base", "a", "b", "c")
 TIED = ("ta", "tb")
 
 
 def shapes(tied: bool) -> dict[str, tuple[int, ...]]:
-    s: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (VOCAB, H), "model.norm.weight": (H,)}
-    if not tied:
-        s["lm_head.weight"] = (VOCAB, H)
-    for i in range(LAYERS):
-        p = f"model.layers.{i}."
-        for proj in ("q", "k", "v", "o"):
-            s[p + f"self_attn.{proj}_proj.weight"] = (H, H)
-        s[p + "mlp.gate_proj.weight"] = (INTER, H)
-        s[p + "mlp.up_proj.weight"] = (INTER, H)
-        s[p + "mlp.down_proj.weight"] = (H, INTER)
-        s[p + "input_layernorm.weight"] = (H,)
-        s[p + "post_attention_layernorm.weight"] = (H,)
-    return s
+    return llama_shapes(LAYERS, tied)
 
 
 def layer_config(tied: bool) -> dict[str, Any]:

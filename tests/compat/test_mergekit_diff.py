@@ -50,13 +50,12 @@ H, INTER, LAYERS, VOCAB, HEADS = 32, 48, 2, 64, 4
 MODELS = ("a", "b", "c")
 
 
-def llama_shapes() -> dict[str, tuple[int, ...]]:
-    s: dict[str, tuple[int, ...]] = {
-        "model.embed_tokens.weight": (VOCAB, H),
-        "model.norm.weight": (H,),
-        "lm_head.weight": (VOCAB, H),
-    }
-    for i in range(LAYERS):
+def llama_shapes(layers: int = LAYERS, tied: bool = False) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of a tiny Llama (hidden H, intermediate INTER, vocabulary VOCAB); no lm_head when tied."""
+    s: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (VOCAB, H), "model.norm.weight": (H,)}
+    if not tied:
+        s["lm_head.weight"] = (VOCAB, H)
+    for i in range(layers):
         p = f"model.layers.{i}."
         for proj in ("q", "k", "v", "o"):
             s[p + f"self_attn.{proj}_proj.weight"] = (H, H)
