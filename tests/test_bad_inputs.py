@@ -153,20 +153,7 @@ def test_header_length_larger_than_the_file(fam: Family, tmp_path: Path, capsys:
     fails(capsys, ties_config(fam), tmp_path / "out", 1, str(file))
 
 
-def test_offsets_beyond_the_data(fam: Family, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    file = fam.finetunes[0] / "model.safetensors"
-    size = file.stat().st_size
-
-    def edit(h: dict[str, Any]) -> dict[str, Any]:
-        a, b = h[NORM]["data_offsets"]
-        h[NORM]["data_offsets"] = [size + a, size + b]
-        return h
-
-    rewrite_header(file, edit)
-    fails(capsys, ties_config(fam), tmp_path / "out", 1, str(file))
-
-
-def test_offsets_beyond_the_data_name_the_tensor(
+def test_offsets_beyond_the_data_name_the_file_and_tensor(
     fam: Family, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     file = fam.finetunes[0] / "model.safetensors"
