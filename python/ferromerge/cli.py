@@ -57,6 +57,13 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
         metavar="SIZE",
         help="bytes per output shard, K/M/B = x1000 as in mergekit, also KiB/MiB/GiB (default 5B = 5e9 bytes)",
     )
+    p.add_argument(
+        "--lora-merge-cache",
+        default=None,
+        metavar="DIR",
+        help="where model+lora references are merged to, and reused from by later runs (default: a temporary "
+        "directory inside the output's, removed after the merge)",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -114,6 +121,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         quiet=args.quiet,
         overwrite=args.overwrite,
         memory_limit=args.memory_limit,
+        lora_merge_cache=args.lora_merge_cache,
     )
     if not args.quiet:
         print(
@@ -129,7 +137,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     # run()'s checks in run()'s order (all but the output directory's): bad input fails here as it would there
     limit = memory_limit_bytes(args.memory_limit)
-    config, plan = prepare(args.config, seed=args.seed, out_shard_size=args.out_shard_size)
+    config, plan = prepare(
+        args.config, seed=args.seed, out_shard_size=args.out_shard_size, lora_merge_cache=args.lora_merge_cache
+    )
     predicted = estimate(plan, args.out_dir, threads=args.threads, memory_limit=limit)
     if args.json:
         summary = {

@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from . import methods, params
+from . import lora, methods, params
 from .errors import ConfigError
 from .methods import MethodSpec
 from .params import Level, Setting
@@ -525,8 +525,8 @@ def _dtype(value: str | None, where: str) -> str | None:
 def _ref(value: str, where: str) -> str:
     if not value.strip():
         raise ConfigError(f"{where}: empty model reference")
-    if "+" in value:
-        raise ConfigError(f"{where}: {value!r}: model+LoRA references are not supported yet; merge the LoRA first")
+    # model+lora: the adapter is merged into the model first (``lora``); here only the form is checked
+    lora.split_ref(value, where)
     return value
 
 

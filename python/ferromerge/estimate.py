@@ -201,6 +201,8 @@ def estimate(
     files = {i.info.file for t in plan.tensors for i in t.inputs} | {
         t.base.info.file for t in plan.tensors if t.base is not None
     }
+    # a model+lora's cache files exist only once a run has merged the adapter; the model's own shards always do
+    files = {f for f in files if f.is_file()} or {f for m in plan.models for f in m.files if f.is_file()}
     biggest_file = max(sorted(files), key=lambda f: f.stat().st_size)
     compute = compute_rate(plan, largest, threads)
     read, cached = read_rate(biggest_file)

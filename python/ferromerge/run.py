@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -10,10 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import _core
+from . import _core, lora
 from .config import MergeConfig, load_config
 from .errors import ParameterError
-from .models import ModelIndex, index_model
+from .models import ModelIndex
 from .output import (
     OutputDir,
     check_free_space,
@@ -75,12 +76,14 @@ def prepare(
     *,
     seed: int = 0,
     out_shard_size: str | int = DEFAULT_SHARD_SIZE,
+    lora_merge_cache: str | os.PathLike[str] | None = None,
 ) -> tuple[MergeConfig, Plan]:
-    """Load the config, index every model and build the plan; nothing is written."""
+    """Load the config, index every model and build the plan; nothing is written (``model+lora`` models are
+    planned to be read from ``lora_merge_cache``, which ``run`` fills: see ``lora``)."""
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
         raise ParameterError(f"seed must be an integer in [0, 2**64), got {seed!r}")
     config = load_config(config_or_path)
-    models: dict[str, ModelIndex] = {ref: index_model(ref) for ref in config.model_refs()}
+    models: dict[str, ModelIndex] = {ref: lora.index_any(ref, lora_merge_cache) for ref in config.model_refs()}
     return config, build_plan(config, models, seed=seed, out_shard_size=out_shard_size)
 
 
@@ -95,6 +98,7 @@ def run(
     overwrite: bool = False,
     on_progress: ProgressCallback | None = None,
     memory_limit: str | int | None = None,
+    lora_merge_cache: str | os.PathLike[str] | None = None,
 ) -> RunReport:
     """Merge the models of a mergekit config into ``out_dir``.
 
@@ -104,16 +108,21 @@ def run(
     an exception it raises aborts the run. ``memory_limit`` (bytes or a size such as "2GiB", at least 64 MiB; None =
     ``_core.default_memory_limit()``) bounds what the engine keeps resident; it never changes the output. Raises
     ``OutputError`` before merging when the output's filesystem lacks room for the shards (+1%). On any failure
-    (or Ctrl-C) ``out_dir`` is left absent, never partial.
+    (or Ctrl-C) ``out_dir`` is left absent, never partial. ``lora_merge_cache``: where ``model+lora`` models are
+    merged to (kept and reused across runs); None = inside the output's temporary directory, removed after the merge.
     """
     _check_threads(threads)
     limit = memory_limit_bytes(memory_limit)
     log = _log(quiet)
     start = time.perf_counter()
     output = OutputDir(out_dir, overwrite=overwrite)
-    config, plan = prepare(config_or_path, seed=seed, out_shard_size=out_shard_size)
+    # the default LoRA cache lives in the output's temporary directory, so a failed run leaves nothing behind
+    temp_cache = output.temp / "lora-merge-cache" if lora_merge_cache is None else None
+    config, plan = prepare(
+        config_or_path, seed=seed, out_shard_size=out_shard_size, lora_merge_cache=lora_merge_cache or temp_cache
+    )
     output.check_inputs([m.path for m in plan.models])
-    check_free_space(output.target, plan.bytes_out)
+    check_free_space(output.target, plan.bytes_out + (lora.pending_bytes(plan.models) if temp_cache else 0))
     for note in config.notes:
         log(f"note: {note}")
     reference = plan.models[0]
@@ -126,6 +135,7 @@ def run(
             on_progress(done, total, bytes_done, bytes_total)
 
     with output.building(log) as tmp:
+        lora.materialise_all(plan.models, log)
         try:
             stats = _core.execute_plan(
                 plan.to_json(),
@@ -137,6 +147,8 @@ def run(
         finally:
             if bar is not None:
                 bar.close()
+        if temp_cache is not None:
+            shutil.rmtree(temp_cache, ignore_errors=True)
         if len(plan.shards) > 1:
             write_index(tmp, plan.weight_map(), plan.bytes_out)
         updates, remarks = config_updates(reference, plan)
