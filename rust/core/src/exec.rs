@@ -15,7 +15,7 @@ use crate::dtype::DType;
 use crate::error::{CoreError, Result};
 use crate::io::writer::FileSink;
 use crate::io::{SafetensorsFile, ShardLayout};
-use crate::merge::{self, Input, Job, Method, MethodSpec, Options, Rescale, Sink, Source, DEFAULT_CHUNK_ELEMS};
+use crate::merge::{self, Input, Job, Method, MethodSpec, Options, Params, Rescale, Sink, Source, DEFAULT_CHUNK_ELEMS};
 use crate::plan::{Plan, PlanTensor};
 use crate::pool;
 
@@ -141,23 +141,33 @@ fn job<'a>(t: &'a PlanTensor, files: &'a HashMap<PathBuf, SafetensorsFile>) -> R
         Ok(Source { bytes, dtype })
     };
     let m = &t.method;
+    let method = Method::parse(&m.name).map_err(ctx)?;
     let spec = MethodSpec {
-        method: Method::parse(&m.name).map_err(ctx)?,
+        method,
         normalize: m.normalize,
         lambda: m.lambda,
         rescale: Rescale::parse(&m.rescale).map_err(ctx)?,
         seed: m.seed,
+        params: Params::parse(method, &m.params).map_err(ctx)?,
     };
     let base = t.base.as_ref().map(|b| source(&b.file, &b.tensor)).transpose()?;
     let inputs = t
         .inputs
         .iter()
         .map(|i| {
-            Ok(Input { src: source(&i.file, &i.tensor)?, weight: i.weight, density: i.density, model_id: i.model_id })
+            Ok(Input {
+                src: source(&i.file, &i.tensor)?,
+                weight: i.weight,
+                density: i.density,
+                model_id: i.model_id,
+                gamma: i.gamma,
+                epsilon: i.epsilon,
+            })
         })
         .collect::<Result<Vec<_>>>()?;
     let job = Job {
         name: &t.name,
+        shape: t.shape.clone(),
         numel: t.numel(),
         base,
         inputs,

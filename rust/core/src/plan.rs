@@ -52,6 +52,9 @@ pub struct PlanMethod {
     pub rescale: String,
     #[serde(default)]
     pub seed: u64,
+    /// Method-wide parameters beyond the above (booleans as 0/1); see `merge::Params`.
+    #[serde(default)]
+    pub params: BTreeMap<String, f64>,
 }
 
 #[derive(Debug, Deserialize, Clone)]
@@ -71,10 +74,20 @@ pub struct PlanInput {
     pub density: f64,
     #[serde(default)]
     pub model_id: u32,
+    #[serde(default = "gamma")]
+    pub gamma: f64,
+    #[serde(default = "epsilon")]
+    pub epsilon: f64,
 }
 
 fn one() -> f64 {
     1.0
+}
+fn gamma() -> f64 {
+    0.01
+}
+fn epsilon() -> f64 {
+    0.15
 }
 fn none() -> String {
     "none".into()

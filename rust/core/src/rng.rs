@@ -69,6 +69,29 @@ impl Stream {
         let thresh = (density * 16_777_216.0).ceil().min(16_777_216.0) as u32;
         keep_mask(self, start, thresh, keep)
     }
+
+    /// Like `keep_mask` with a probability per element (DELLA): element `start + i` is kept iff u < `probs[i]`,
+    /// with the same draw `u` that `keep_mask` uses for that element.
+    pub fn keep_mask_each(&self, start: usize, probs: &[f32], keep: &mut [bool]) {
+        for (i, (k, &p)) in keep.iter_mut().zip(probs).enumerate() {
+            let j = start + i;
+            let thresh = (p as f64 * 16_777_216.0).ceil().clamp(0.0, 16_777_216.0) as u32;
+            *k = (self.block((j / 4) as u64)[j % 4] >> 8) < thresh;
+        }
+    }
+
+    /// `count` indices drawn uniformly from `[0, n)` with replacement (arcee_fusion's quantile sample), in draw
+    /// order; draw `d` uses two 32-bit words of block `d / 2`.
+    pub fn sample_indices(&self, n: u64, count: usize) -> Vec<u64> {
+        (0..count)
+            .map(|d| {
+                let w = self.block((d / 2) as u64);
+                let (hi, lo) = if d % 2 == 0 { (w[0], w[1]) } else { (w[2], w[3]) };
+                // 64 random bits modulo n: the bias is below n / 2^64, far from measurable.
+                (((hi as u64) << 32) | lo as u64) % n
+            })
+            .collect()
+    }
 }
 
 #[multiversion(targets = "simd")]

@@ -14,23 +14,19 @@ fn out_f32(b: &[u8]) -> Vec<f32> {
 }
 
 fn spec(method: Method, normalize: bool) -> MethodSpec {
-    MethodSpec { method, normalize, lambda: 1.0, rescale: Rescale::None, seed: 0 }
+    MethodSpec::new(method, normalize, 1.0, Rescale::None, 0)
 }
 
 fn job<'a>(base: &'a [u8], xs: &'a [Vec<u8>], w: &[f64], d: &[f64], spec: MethodSpec, n: usize) -> Job<'a> {
     Job {
         name: "t",
+        shape: vec![n],
         numel: n,
         base: Some(Source { bytes: base, dtype: DType::F32 }),
         inputs: xs
             .iter()
             .enumerate()
-            .map(|(i, x)| Input {
-                src: Source { bytes: x, dtype: DType::F32 },
-                weight: w[i],
-                density: d[i],
-                model_id: i as u32,
-            })
+            .map(|(i, x)| Input::new(Source { bytes: x, dtype: DType::F32 }, w[i], d[i], i as u32))
             .collect(),
         cast: None,
         spec,

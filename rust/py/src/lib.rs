@@ -13,7 +13,7 @@ use pyo3::types::PyDict;
 
 use ferromerge_core::exec::{self, Progress};
 use ferromerge_core::io::{write_safetensors, SafetensorsFile};
-use ferromerge_core::merge::{self, Input, Job, Method, MethodSpec, Rescale, Source};
+use ferromerge_core::merge::{self, Input, Job, Method, MethodSpec, Params, Rescale, Source};
 use ferromerge_core::plan::Plan;
 use ferromerge_core::{pool, CoreError, DType};
 
@@ -44,7 +44,8 @@ fn read_metadata(py: Python<'_>, path: PathBuf) -> PyResult<HashMap<String, Stri
 #[pyfunction]
 #[pyo3(signature = (
     method, inputs, base, weights, densities, *, out_dtype, normalize, cast_dtype=None, lambda_=1.0,
-    rescale="none", seed=0, name="", model_ids=None, threads=None, chunk_elems=None
+    rescale="none", seed=0, name="", model_ids=None, threads=None, chunk_elems=None, shape=None, params=None,
+    gammas=None, epsilons=None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn merge_arrays<'py>(
@@ -64,19 +65,28 @@ fn merge_arrays<'py>(
     model_ids: Option<Vec<u32>>,
     threads: Option<usize>,
     chunk_elems: Option<usize>,
+    shape: Option<Vec<usize>>,
+    params: Option<BTreeMap<String, f64>>,
+    gammas: Option<Vec<f64>>,
+    epsilons: Option<Vec<f64>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let held: Vec<Held> =
         inputs.iter().enumerate().map(|(i, o)| Held::extract(o, &format!("inputs[{i}]"))).collect::<PyResult<_>>()?;
     let base_held = base.as_ref().map(|b| Held::extract(b, "base")).transpose()?;
     let n = base_held.as_ref().or(held.first()).map(Held::len).unwrap_or(0);
     let model_ids = model_ids.unwrap_or_else(|| (0..held.len() as u32).collect());
-    if weights.len() != held.len() || densities.len() != held.len() || model_ids.len() != held.len() {
+    let gammas = gammas.unwrap_or_else(|| vec![0.01; held.len()]);
+    let epsilons = epsilons.unwrap_or_else(|| vec![0.15; held.len()]);
+    let m = held.len();
+    if weights.len() != m || densities.len() != m || model_ids.len() != m || gammas.len() != m || epsilons.len() != m
+    {
         return Err(PyValueError::new_err(format!(
-            "{} inputs but {} weights, {} densities, {} model_ids",
-            held.len(),
+            "{m} inputs but {} weights, {} densities, {} model_ids, {} gammas, {} epsilons",
             weights.len(),
             densities.len(),
-            model_ids.len()
+            model_ids.len(),
+            gammas.len(),
+            epsilons.len()
         )));
     }
     let mut sources = Vec::with_capacity(held.len());
@@ -90,22 +100,33 @@ fn merge_arrays<'py>(
         Some(b) => Some(Source { bytes: b.bytes("base")?, dtype: b.dtype() }),
         None => None,
     };
+    let method = Method::parse(method).map_err(to_py)?;
     let spec = MethodSpec {
-        method: Method::parse(method).map_err(to_py)?,
+        method,
         normalize,
         lambda: lambda_,
         rescale: Rescale::parse(rescale).map_err(to_py)?,
         seed,
+        params: Params::parse(method, &params.unwrap_or_default()).map_err(to_py)?,
     };
+    let inputs = sources
+        .into_iter()
+        .enumerate()
+        .map(|(i, src)| Input {
+            src,
+            weight: weights[i],
+            density: densities[i],
+            model_id: model_ids[i],
+            gamma: gammas[i],
+            epsilon: epsilons[i],
+        })
+        .collect();
     let job = Job {
         name,
+        shape: shape.unwrap_or_else(|| vec![n]),
         numel: n,
         base: base_src,
-        inputs: sources
-            .into_iter()
-            .zip(weights.iter().zip(&densities).zip(&model_ids))
-            .map(|(src, ((&weight, &density), &model_id))| Input { src, weight, density, model_id })
-            .collect(),
+        inputs,
         cast: cast_dtype.map(DType::parse).transpose().map_err(to_py)?,
         spec,
         out_dtype: DType::parse(out_dtype).map_err(to_py)?,

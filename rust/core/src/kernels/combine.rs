@@ -15,13 +15,16 @@ pub struct Scratch {
     pub total: Vec<f32>,
     pub mixed: Vec<f32>,
     pub divisor: Vec<f32>,
+    /// DELLA's keep probability of each element.
+    pub probs: Vec<f32>,
     pub bytes: Vec<u8>,
 }
 
 impl Scratch {
     pub fn resize(&mut self, models: usize, len: usize) {
         self.x.resize_with(models, Vec::new);
-        for v in self.x.iter_mut().chain([&mut self.base, &mut self.total, &mut self.mixed, &mut self.divisor]) {
+        let bufs = [&mut self.base, &mut self.total, &mut self.mixed, &mut self.divisor, &mut self.probs];
+        for v in self.x.iter_mut().chain(bufs) {
             v.resize(len, 0.0);
         }
         self.keep.resize(len, false);
@@ -50,6 +53,25 @@ pub fn weigh(x: &mut [f32], keep: Option<&[bool]>, scale: Scale, weight: f32) {
             }
         }
         (None, _) => x.iter_mut().for_each(|v| *v *= weight),
+    }
+}
+
+/// x ← w·(x/p where kept, else 0): DELLA's paper rescale, each kept value divided by its own keep probability.
+#[multiversion(targets = "simd")]
+pub fn weigh_each(x: &mut [f32], keep: &[bool], probs: &[f32], weight: f32) {
+    for ((v, &k), &p) in x.iter_mut().zip(keep).zip(probs) {
+        *v = weight * (if k { *v / p } else { 0.0 });
+    }
+}
+
+/// out ← Σ c_i·x_i, accumulated model by model in input order.
+#[multiversion(targets = "simd")]
+pub fn lincomb(xs: &[&[f32]], coefs: &[f32], out: &mut [f32]) {
+    out.fill(0.0);
+    for (x, &c) in xs.iter().zip(coefs) {
+        for (o, &v) in out.iter_mut().zip(x.iter()) {
+            *o += c * v;
+        }
     }
 }
 
@@ -87,6 +109,14 @@ pub fn sum(ws: &[Vec<f32>], mixed: &mut [f32]) {
         for (m, &v) in mixed.iter_mut().zip(w) {
             *m += v;
         }
+    }
+}
+
+/// x ← x + base.
+#[multiversion(targets = "simd")]
+pub fn add(x: &mut [f32], base: &[f32]) {
+    for (v, &b) in x.iter_mut().zip(base) {
+        *v += b;
     }
 }
 

@@ -31,3 +31,21 @@ pub fn l1_pair(vals: &[f32], keep: &[bool]) -> (f64, f64) {
     }
     (all.iter().sum(), kept.iter().sum())
 }
+
+/// Σ a·b in f64, in the same eight fixed lanes as `l1_pair` (so the same on every instruction set).
+#[multiversion(targets = "simd")]
+pub fn dot(a: &[f32], b: &[f32]) -> f64 {
+    const L: usize = 8;
+    let mut acc = [0f64; L];
+    let mut a8 = a.chunks_exact(L);
+    let mut b8 = b.chunks_exact(L);
+    for (x, y) in (&mut a8).zip(&mut b8) {
+        for l in 0..L {
+            acc[l] += x[l] as f64 * y[l] as f64;
+        }
+    }
+    for (l, (&x, &y)) in a8.remainder().iter().zip(b8.remainder()).enumerate() {
+        acc[l] += x as f64 * y as f64;
+    }
+    acc.iter().sum()
+}

@@ -59,6 +59,8 @@ pub struct TrimRule {
 
 impl TrimRule {
     pub const ALL: TrimRule = TrimRule { threshold_bits: 0, last_tie: usize::MAX, keep_all: true };
+    /// Keeps nothing: no |x| bit pattern (at most 0x7fff_ffff) reaches the threshold.
+    pub const NONE: TrimRule = TrimRule { threshold_bits: u32::MAX, last_tie: 0, keep_all: false };
 
     #[inline(always)]
     pub fn keeps(&self, index: usize, x: f32) -> bool {

@@ -1,0 +1,186 @@
+//! linear and mergekit's generalized task arithmetic family: task_arithmetic, ties, dare_ties, dare_linear,
+//! breadcrumbs, breadcrumbs_ties, della, della_linear. Each delta is sparsified (trim, Bernoulli, outlier band,
+//! DELLA's rank-dependent Bernoulli), optionally rescaled, weighted, then summed or sign-elected and
+//! disjoint-averaged, scaled by lambda and added to the base.
+
+use rayon::prelude::*;
+
+use super::trim::{self, Keys};
+use super::{chunks, emit, load_deltas, release_chunk, row_chunk, rows, Deltas, Job, Method, Options, Rescale, Sink,
+    Sparsify};
+use crate::error::Result;
+use crate::kernels::combine::{self, Scale, Scratch};
+use crate::kernels::norms::{self, BLOCK};
+use crate::kernels::select::TrimRule;
+use crate::rng::Stream;
+
+/// Top-k rules for `ks` (None: keep all; Some(0): keep none; Some(k >= n): keep all).
+pub(super) fn select_rules(keys: &dyn Keys, chunk: usize, opts: &Options, ks: &[Option<u64>]) -> Vec<TrimRule> {
+    let n = keys.numel() as u64;
+    let inner: Vec<Option<u64>> = ks.iter().map(|k| k.filter(|&k| k > 0 && k < n)).collect();
+    let mut rules = trim::trim_rules(keys, chunk, opts, &inner);
+    for (r, k) in rules.iter_mut().zip(ks) {
+        if *k == Some(0) {
+            *r = TrimRule::NONE;
+        }
+    }
+    rules
+}
+
+/// What decides each input's keep mask.
+struct Masks {
+    /// TIES: the trim; breadcrumbs: the top (n − n_bot) by |delta|.
+    rules: Vec<TrimRule>,
+    /// breadcrumbs: the top outliers removed from `rules`' set.
+    tops: Vec<TrimRule>,
+    streams: Vec<Stream>,
+    row_len: usize,
+    per_row: bool,
+}
+
+/// breadcrumbs over the whole tensor: n_bot = max(0, n − target − n_top) smallest and the largest
+/// (n − n_bot − target) go; (outer, top) are the sizes of the top sets whose difference is kept.
+pub(super) fn outlier_band(n: u64, density: f64, gamma: f64) -> (u64, u64) {
+    let target = (density * n as f64) as u64;
+    let n_top = (gamma * n as f64) as u64;
+    let n_bot = n.saturating_sub(target + n_top);
+    (n - n_bot, n - n_bot - target)
+}
+
+/// The keep mask of input `i` for chunk `[start, start+len)` (row-aligned for row-wise sparsifiers), from its
+/// delta already in `s.x[i]`; DELLA also leaves each element's keep probability in `s.probs`.
+fn mask_into(job: &Job, i: usize, mk: &Masks, start: usize, len: usize, s: &mut Scratch) {
+    let inp = &job.inputs[i];
+    let x = &s.x[i][..len];
+    let keep = &mut s.keep[..len];
+    match job.spec.method.sparsify() {
+        Sparsify::Magnitude => mk.rules[i].mask(start, x, keep),
+        Sparsify::Random => mk.streams[i].keep_mask(start, inp.density, keep),
+        Sparsify::Outliers if mk.per_row => rows::outlier_band_rows(x, mk.row_len, inp.density, inp.gamma, keep),
+        Sparsify::Outliers => {
+            let (outer, top) = (&mk.rules[i], &mk.tops[i]);
+            for (j, (k, &v)) in keep.iter_mut().zip(x).enumerate() {
+                *k = outer.keeps(start + j, v) && !top.keeps(start + j, v);
+            }
+        }
+        Sparsify::Della => {
+            rows::della_probs(x, mk.row_len, inp.density, inp.epsilon, &mut s.probs[..len]);
+            mk.streams[i].keep_mask_each(start, &s.probs[..len], keep);
+        }
+        Sparsify::None => keep.fill(true),
+    }
+}
+
+pub(super) fn merge(job: &Job, opts: &Options, sink: &dyn Sink) -> Result<()> {
+    let spec = job.spec;
+    let m = job.inputs.len();
+    let n = job.numel as u64;
+    let sparsify = spec.method.sparsify();
+    let row_len = job.row_len();
+    let per_row = sparsify == Sparsify::Della || (sparsify == Sparsify::Outliers && spec.params.per_row);
+    let chunk = if per_row { row_chunk(opts.chunk_elems.max(1), row_len) } else { opts.chunk_elems.max(1) };
+    let keys = Deltas { job, opts };
+    let (rules, tops) = match sparsify {
+        Sparsify::Magnitude => {
+            // mergekit 0.1.5: k = max(1, int(density·n)); density 1 keeps everything.
+            let ks: Vec<Option<u64>> = job
+                .inputs
+                .iter()
+                .map(|i| (i.density < 1.0).then(|| ((i.density * n as f64) as u64).max(1)))
+                .collect();
+            (select_rules(&keys, chunk, opts, &ks), Vec::new())
+        }
+        Sparsify::Outliers if !per_row => {
+            let bands: Vec<Option<(u64, u64)>> =
+                job.inputs.iter().map(|i| (i.density < 1.0).then(|| outlier_band(n, i.density, i.gamma))).collect();
+            let outer: Vec<Option<u64>> = bands.iter().map(|b| b.map(|b| b.0)).collect();
+            let top: Vec<Option<u64>> = bands.iter().map(|b| Some(b.map_or(0, |b| b.1))).collect();
+            (select_rules(&keys, chunk, opts, &outer), select_rules(&keys, chunk, opts, &top))
+        }
+        _ => (vec![TrimRule::ALL; m], Vec::new()),
+    };
+    let streams: Vec<Stream> = job.inputs.iter().map(|i| Stream::new(spec.seed, job.name, i.model_id)).collect();
+    let mk = Masks { rules, tops, streams, row_len, per_row };
+    // Density 1 is the identity and is not rescaled (as in mergekit); any lower density is, even where the
+    // selection happens to keep every element.
+    let sparse: Vec<bool> = job.inputs.iter().map(|inp| sparsify != Sparsify::None && inp.density < 1.0).collect();
+    let mut scales = vec![Scale::Mul(1.0); m];
+    let mut per_element = false;
+    match spec.rescale {
+        Rescale::None => {}
+        Rescale::InverseDensity if sparsify == Sparsify::Della => per_element = true,
+        Rescale::InverseDensity => {
+            for i in 0..m {
+                if sparse[i] {
+                    // Divide, as the DARE paper and PEFT do (not multiply by a rounded reciprocal).
+                    scales[i] = Scale::Div(job.inputs[i].density as f32);
+                }
+            }
+        }
+        Rescale::L1 if sparse.iter().any(|&s| s) => {
+            // Fixed blocks (whole rows for row-wise masks), so the norms do not depend on the chunking.
+            let block = if per_row { row_chunk(BLOCK, row_len) } else { BLOCK };
+            let per_block: Vec<Vec<(f64, f64)>> = chunks(job.numel, block)
+                .map_init(Scratch::default, |s, (start, len)| {
+                    load_deltas(job, start, len, s);
+                    release_chunk(job, opts, start, len);
+                    (0..m)
+                        .map(|i| {
+                            if !sparse[i] {
+                                return (0.0, 0.0);
+                            }
+                            mask_into(job, i, &mk, start, len, s);
+                            norms::l1_pair(&s.x[i][..len], &s.keep[..len])
+                        })
+                        .collect()
+                })
+                .collect();
+            for i in (0..m).filter(|&i| sparse[i]) {
+                let (all, kept) = per_block.iter().fold((0f64, 0f64), |(a, k), b| (a + b[i].0, k + b[i].1));
+                // mergekit skips the rescale when either norm is below 1e-7.
+                if all >= 1e-7 && kept >= 1e-7 {
+                    scales[i] = Scale::Mul((all / kept) as f32);
+                }
+            }
+        }
+        Rescale::L1 => {}
+    }
+    let weights: Vec<f32> = job.inputs.iter().map(|i| i.weight as f32).collect();
+    let weight_sum: f32 = weights.iter().sum();
+    let lambda = spec.lambda as f32;
+    emit(job, opts, chunk, sink, |s, start, len| {
+        load_deltas(job, start, len, s);
+        for i in 0..m {
+            if sparse[i] {
+                mask_into(job, i, &mk, start, len, s);
+                if per_element {
+                    combine::weigh_each(&mut s.x[i][..len], &s.keep[..len], &s.probs[..len], weights[i]);
+                } else {
+                    combine::weigh(&mut s.x[i][..len], Some(&s.keep[..len]), scales[i], weights[i]);
+                }
+            } else {
+                combine::weigh(&mut s.x[i][..len], None, scales[i], weights[i]);
+            }
+        }
+        let xs = &s.x;
+        if spec.method == Method::Linear {
+            combine::sum(xs, &mut s.mixed[..len]);
+            // Linear divides by the weight sum (validated non-zero) and has no base.
+            if spec.normalize {
+                s.divisor[..len].fill(weight_sum);
+            }
+            let divisor = spec.normalize.then_some(&s.divisor[..len]);
+            combine::finish(&mut s.mixed[..len], divisor, 1.0, None);
+        } else {
+            if spec.method.consensus() {
+                combine::elect_and_mix(xs, &weights, &mut s.total[..len], &mut s.mixed[..len], &mut s.divisor[..len]);
+            } else {
+                combine::sum(xs, &mut s.mixed[..len]);
+                let d = if weight_sum.abs() < 1e-8 { 1.0 } else { weight_sum };
+                s.divisor[..len].fill(d);
+            }
+            let divisor = spec.normalize.then_some(&s.divisor[..len]);
+            combine::finish(&mut s.mixed[..len], divisor, lambda, Some(&s.base[..len]));
+        }
+    })
+}
