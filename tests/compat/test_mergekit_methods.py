@@ -340,6 +340,33 @@ def test_slerp_endpoints_and_gradient_anchor(mk_runs, fm_run, family5):
             np.testing.assert_allclose(out[tensor], want[tensor], rtol=1e-6, atol=1e-8, err_msg=tensor)
 
 
+@pytest.mark.parametrize("case", ["karcher_base_joins", "karcher_iters", "multislerp_nobase3", "multislerp_base3",
+                                  "multislerp_base_unnormalized"])
+def test_spherical_norm_anchors(mk_runs, fm_run, family5, case):
+    """Anchors that do not come from either tool: karcher returns (Σ‖T_i‖/N)·u with ‖u‖ = 1 over *all* inputs, the
+    base_model included (mergekit adds it as an input); multislerp returns (Σ w_i‖X_i‖)·r (+ base) with ‖r‖ = 1,
+    w normalised only with normalize_weights. Per tensor, to 1e-5 relative."""
+    mk, fm, cfg = _pair(mk_runs, fm_run, case)
+    p = cfg.get("parameters", {})
+    names = [Path(m["model"]).name for m in cfg["models"]]
+    has_base = "base_model" in cfg
+    if case.startswith("karcher"):
+        names = ["base", *names] if has_base else names
+        weights = np.full(len(names), 1.0 / len(names))
+    else:
+        weights = np.array([m["parameters"]["weight"] for m in cfg["models"]])
+        if p.get("normalize_weights", True):
+            weights = weights / weights.sum()
+    base = model(family5, "base")
+    for name in sorted(mk):
+        origin = base[name].astype(np.float64) if has_base and case.startswith("multislerp") else 0.0
+        norms = [np.linalg.norm(model(family5, m)[name].astype(np.float64) - origin) for m in names]
+        want = float(np.dot(weights, norms))
+        for side, out in (("mergekit", mk), ("ferromerge", fm)):
+            got = np.linalg.norm(out[name].astype(np.float64) - origin)
+            assert got == pytest.approx(want, rel=1e-5), f"{case} {side} {name}: norm {got} vs {want}"
+
+
 def _breadcrumbs_keep(delta: np.ndarray, density: float, gamma: float) -> np.ndarray:
     """mergekit 0.1.5's magnitude_outliers mask over the flattened tensor (magnitudes here are distinct)."""
     flat = np.abs(delta.reshape(-1))
