@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from ferromerge import ConfigError, ParameterError
+from ferromerge import ConfigError, ParameterError, methods
 from ferromerge.config import load_config, parse_config
 from ferromerge.params import Const, Filtered, Gradient
 
@@ -241,9 +241,14 @@ def test_unknown_method() -> None:
         load_config(ties(merge_method="tiez"))
 
 
-def test_mergekit_method_not_implemented_yet() -> None:
-    with pytest.raises(ConfigError, match="'slerp' is a mergekit method ferromerge does not support yet"):
-        load_config(ties(merge_method="slerp"))
+def test_every_mergekit_method_is_registered() -> None:
+    # mergekit 0.1.5's registry (merge_methods/registry.py), by name
+    mergekit = {
+        "linear", "slerp", "nuslerp", "multislerp", "karcher", "task_arithmetic", "ties", "dare_ties",
+        "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce", "ram", "ramplus_tl",
+        "model_stock", "nearswap", "arcee_fusion", "passthrough",
+    }
+    assert set(methods.REGISTRY) == mergekit
 
 
 def test_gta_method_needs_a_base_and_a_non_base_model() -> None:

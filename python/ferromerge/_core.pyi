@@ -53,15 +53,27 @@ def merge_arrays(
     model_ids: Sequence[int] | None = None,
     threads: int | None = None,
     chunk_elems: int | None = None,
+    shape: Sequence[int] | None = None,
+    params: Mapping[str, float] | None = None,
+    gammas: Sequence[float] | None = None,
+    epsilons: Sequence[float] | None = None,
 ) -> npt.NDArray[np.float32] | npt.NDArray[np.float16] | npt.NDArray[np.uint16]:
     """Merge one tensor in memory with the engine's kernels; returns a flat array of ``out_dtype``.
 
     ``inputs`` are the non-base tensors (C-contiguous; float32, float16, or uint16/int16 holding bfloat16 bits),
     all with the same number of elements as ``base``. ``weights``/``densities`` have one entry per input.
-    ``method`` is one of ``linear``, ``task_arithmetic``, ``ties``, ``dare_ties``, ``dare_linear`` (``linear``
-    takes ``base=None``). ``rescale`` is ``"none"``, ``"l1"`` or ``"inverse_density"``. ``seed``, ``name`` and
-    ``model_ids`` (default ``0..len(inputs)``) key the DARE random stream. The result does not depend on
-    ``threads`` or ``chunk_elems``. The GIL is released while merging.
+    ``method`` is one of ``linear``, ``task_arithmetic``, ``ties``, ``dare_ties``, ``dare_linear``, ``slerp``,
+    ``nuslerp``, ``multislerp``, ``karcher``, ``breadcrumbs``, ``breadcrumbs_ties``, ``della``, ``della_linear``,
+    ``sce``, ``ram``, ``ramplus_tl``, ``model_stock``, ``nearswap``, ``arcee_fusion``. ``base`` is required except
+    by ``linear`` and ``karcher`` (which take ``base=None``: a base model is one more input) and ``nuslerp`` /
+    ``multislerp`` (optional). ``rescale`` is ``"none"``, ``"l1"`` or ``"inverse_density"``. ``seed``, ``name`` and
+    ``model_ids`` (default ``0..len(inputs)``) key the random streams (DARE, DELLA; arcee_fusion's quantile sample
+    of tensors over 1e6 elements). ``shape`` (default ``[numel]``) gives rows (last dim) to the row-wise methods.
+    ``params`` holds method-wide numbers (booleans as 1.0/0.0): ``t`` (slerp, nearswap), ``nuslerp_row_wise``,
+    ``nuslerp_flatten``, ``normalize_weights``, ``eps``, ``max_iter``, ``tol``, ``filter_wise``, ``select_topk``,
+    ``epsilon``, ``r``, ``alpha``, ``per_row``; a key the method does not know, or a missing required one, is a
+    ``ParameterError``. ``gammas`` (breadcrumbs, default 0.01) and ``epsilons`` (della, default 0.15) have one entry
+    per input. The result does not depend on ``threads`` or ``chunk_elems``. The GIL is released while merging.
     """
 
 def execute_plan(

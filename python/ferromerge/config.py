@@ -46,25 +46,6 @@ _NOT_YET = {
     "chat_template": "chat_template is not supported yet; the tokenizer files of the base (or first) model are copied",
 }
 
-#: mergekit methods that ferromerge does not implement yet (for a clearer message than "unknown").
-_MERGEKIT_METHODS = (
-    "slerp",
-    "nuslerp",
-    "multislerp",
-    "karcher",
-    "breadcrumbs",
-    "breadcrumbs_ties",
-    "della",
-    "della_linear",
-    "sce",
-    "ram",
-    "ramplus_tl",
-    "model_stock",
-    "nearswap",
-    "arcee_fusion",
-)
-
-
 class ModelEntry(BaseModel):
     """One item of ``models:``."""
 
@@ -124,7 +105,8 @@ _KNOWN_KEYS = {
 class InputModel:
     """One source of an output slice: a model (and, for ``slices:``, its layer range) with its parameters.
 
-    For GTA methods the slice's base is a separate ``OutputSlice.base``; every other source is an input.
+    For methods that take a base (required or optional) the slice's base is a separate ``OutputSlice.base``; every
+    other source is an input.
     """
 
     ref: str
@@ -159,7 +141,8 @@ class OutputSlice:
     #: ``slices[1]``, or ``models`` for the one slice of a ``models:`` config
     where: str
     inputs: tuple[InputModel, ...]
-    #: the reference of task vectors (GTA methods), a source of this slice; None for linear and passthrough
+    #: the reference of task vectors (or slerp's start point), a source of this slice; None for methods that take no
+    #: base (linear, karcher, passthrough) and for nuslerp/multislerp without one
     base: InputModel | None
     #: precedence levels of method-wide parameters, highest first (slice, global)
     shared_levels: tuple[Level, ...]
@@ -184,7 +167,7 @@ class MergeConfig:
     sliced: bool
     #: method-wide parameters that have one value for every tensor, defaults filled in (absent: they vary)
     shared: dict[str, Any]
-    #: the base model when the method takes one as the reference of task vectors, else None (``linear``)
+    #: the base model when the method takes one (required or optional), else None (``linear``, ``karcher``)
     base: str | None
     #: the model that donates config.json and tokenizer (and, for ``models:``, defines the output's tensors):
     #: base_model, else the first model
@@ -352,6 +335,13 @@ def parse_config(data: Any, *, text: str | None = None, origin: str = "config") 
                 f"base_model {base_ref!r} is no source of any slice: it only donates config.json and the tokenizer"
             )
 
+    for name, spec in method.shared.items():
+        if spec.default is None and not all(params.mentioned(name, s.shared_levels) for s in slices):
+            # mergekit's message; a filter-only setting that misses a tensor is caught per tensor by the planner
+            raise ConfigError(
+                f"Missing required parameter {name} for {method.name}: set it in the top-level parameters"
+                + (" (or in every slice's parameters)" if raw.slices is not None else "")
+            )
     shared: dict[str, Any] = {}
     for name, spec in method.shared.items():
         constant, value = params.uniform(name, slices[0].shared_levels)
@@ -363,7 +353,7 @@ def parse_config(data: Any, *, text: str | None = None, origin: str = "config") 
         slices=slices,
         sliced=raw.slices is not None,
         shared=shared,
-        base=base_ref if method.requires_base else None,
+        base=base_ref if method.takes_base else None,
         reference=reference,
         dtype=dtype,
         out_dtype=out_dtype,
@@ -425,7 +415,7 @@ def _slice(
         detail = ", ".join(f"sources[{i}] ({r[0]}) {n}" for i, (r, n) in enumerate(zip(sources, lengths)))
         raise ConfigError(f"{where}: every source of a slice must span the same number of layers; got {detail}")
     slice_base = _ref(entry.base_model, f"{where}.base_model") if entry.base_model is not None else base_ref
-    if entry.base_model is not None and not method.requires_base:
+    if entry.base_model is not None and not method.takes_base:
         notes.append(f"{where}.base_model has no effect with {method.name}")
     own = Level(_settings(method, entry.parameters or {}, f"{where}.parameters", "slice"), f"{where}.parameters")
     return _build_slice(method, where, sources, slice_base, (own, top), notes)
@@ -444,7 +434,7 @@ def _build_slice(
     inputs: list[InputModel] = []
     for ref, place, layer_range, own in sources:
         levels = ((Level(own, f"{place}.parameters"),) if own else ()) + upper
-        if method.requires_base and ref == base_ref:
+        if method.takes_base and ref == base_ref:
             if own:
                 notes.append(
                     f"{place}.parameters ({', '.join(own)}) of the base model have no effect with "
@@ -467,24 +457,29 @@ def _build_slice(
                     f"Missing required parameter {name} for {ref} ({place}); "
                     f"set it in its parameters or in the top-level parameters"
                 )
+        if not varying:  # else the planner checks each tensor's values
+            methods.check_model(method, values, f"{place} ({ref})")
         inputs.append(InputModel(ref, place, len(inputs), layer_range, levels, values, frozenset(varying)))
+    if method.takes_base and base_ref is not None and base is None:
+        # mergekit: "Base input is not present in merge inputs"; models: adds it, slices: must list it.
+        raise ConfigError(
+            f"{where}: base model {base_ref!r} is not one of its sources; {method.name} uses the base model of each "
+            "slice (the reference of task vectors), so each slice must list it (with the layer_range to use)"
+        )
     if method.requires_base:
         if base_ref is None:
             raise ConfigError(f"base_model: {method.name} needs a base model (the reference of the task vectors)")
-        if base is None:
-            # mergekit: "Base input is not present in merge inputs"; models: adds it, slices: must list it.
-            raise ConfigError(
-                f"{where}: base model {base_ref!r} is not one of its sources; {method.name} takes the task vectors "
-                f"relative to the base, so each slice must list it (with the layer_range to use)"
-            )
         if not inputs:
             raise ConfigError(f"{where}: {method.name} needs at least one model besides the base model {base_ref!r}")
-    if method.max_inputs is not None and len(inputs) > method.max_inputs:
-        listed = ", ".join(f"{m.where} {m.ref!r}" for m in inputs)
+    listed = ", ".join(f"{m.where} {m.ref!r}" for m in inputs)
+    if not method.takes_base and method.max_inputs is not None and len(inputs) > method.max_inputs:
         raise ConfigError(
             f"{where}: {method.name} takes exactly {method.max_inputs} model per output tensor, got {len(inputs)} "
             f"({listed}); to take layers from several models, give each its own slice"
         )
+    if not method.count_ok(len(inputs)):
+        # mergekit checks the same contract per tensor group ("Merge method requires exactly 2 inputs").
+        raise ConfigError(f"{where}: {method.name} takes {method.inputs_rule()}, got {len(inputs)} ({listed})")
     return OutputSlice(where, tuple(inputs), base, upper)
 
 
@@ -503,11 +498,6 @@ def _pydantic_message(e: ValidationError) -> str:
 
 
 def _method(name: str) -> MethodSpec:
-    if name in _MERGEKIT_METHODS:
-        raise ConfigError(
-            f"merge_method: {name!r} is a mergekit method ferromerge does not support yet; "
-            f"supported: {', '.join(sorted(methods.REGISTRY))}"
-        )
     return methods.get(name)
 
 
@@ -543,7 +533,8 @@ def _settings(method: MethodSpec, given: dict[str, Any], where: str, level: str)
             )
         known = method.per_model if level == "model" else {**method.per_model, **method.shared}
         if name not in known:
-            raise ConfigError(f"{place}: unknown parameter for method {method.name}; known: {', '.join(sorted(known))}")
+            names = ", ".join(sorted(known)) or "none (it takes no parameters here)"
+            raise ConfigError(f"{place}: unknown parameter for method {method.name}; known: {names}")
         if value is None:
             continue
         out[name] = params.parse_setting(value, name, known[name], place)

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from . import _core
+from . import _core, methods
 from .models import MERGEABLE_DTYPES
 from .output import SPACE_MARGIN, free_space
 from .plan import Plan, PlanTensor, format_bytes
@@ -135,8 +135,14 @@ def compute_rate(plan: Plan, tensor: PlanTensor, threads: int | None, elems: int
     dtypes = [MERGEABLE_DTYPES[i.info.dtype] for i in tensor.inputs]
     base_dtype = None if tensor.base is None else MERGEABLE_DTYPES[tensor.base.info.dtype]
     k = tensor.method
+    # row-wise methods (della, model_stock filter_wise, ...) cost per row: keep the tensor's row length
+    spec = methods.get(k["name"])
+    row = tensor.shape[-1] if len(tensor.shape) >= 2 and spec.row_wise else None
 
     def merge(n: int) -> tuple[int, float]:
+        shape = None if row is None else [max(1, n // row), row]
+        if shape is not None:
+            n = shape[0] * row
         inputs = [_synthetic(rng, n, d) for d in dtypes]
         base = None if base_dtype is None else _synthetic(rng, n, base_dtype)
         start = time.perf_counter()
@@ -154,6 +160,13 @@ def compute_rate(plan: Plan, tensor: PlanTensor, threads: int | None, elems: int
             seed=k["seed"],
             name=tensor.name,
             threads=threads,
+            **methods.kernel_kwargs(
+                spec,
+                shape=shape,
+                params=k.get("params"),
+                gammas=[i.gamma for i in tensor.inputs],
+                epsilons=[i.epsilon for i in tensor.inputs],
+            ),
         )
         seconds = time.perf_counter() - start
         return sum(a.nbytes for a in inputs) + (0 if base is None else base.nbytes), seconds

@@ -78,6 +78,9 @@ class PlanInput:
     weight: float
     density: float
     model_id: int
+    #: breadcrumbs' and della's per-model parameters (None for methods without them: not in the plan JSON)
+    gamma: float | None = None
+    epsilon: float | None = None
 
 
 @dataclass(frozen=True)
@@ -157,16 +160,7 @@ class Plan:
                 "cast_dtype": self.cast_dtype,
                 "method": t.method,
                 "base": None if t.base is None else {"file": str(t.base.info.file), "tensor": t.base.tensor},
-                "inputs": [
-                    {
-                        "file": str(i.info.file),
-                        "tensor": i.tensor,
-                        "weight": i.weight,
-                        "density": i.density,
-                        "model_id": i.model_id,
-                    }
-                    for i in t.inputs
-                ],
+                "inputs": [_input_json(i) for i in t.inputs],
             }
 
         return json.dumps(
@@ -186,6 +180,21 @@ class Plan:
         reads, writes = format_bytes(self.bytes_in), format_bytes(self.bytes_out)
         lines.append(f"reads: {reads}, writes: {writes} in {len(self.shards)} shard(s)")
         return "\n".join(lines)
+
+
+def _input_json(i: PlanInput) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "file": str(i.info.file),
+        "tensor": i.tensor,
+        "weight": i.weight,
+        "density": i.density,
+        "model_id": i.model_id,
+    }
+    if i.gamma is not None:
+        out["gamma"] = i.gamma
+    if i.epsilon is not None:
+        out["epsilon"] = i.epsilon
+    return out
 
 
 def format_bytes(n: int) -> str:
@@ -270,8 +279,19 @@ def _plan_tensor(
     for model in s.inputs:
         src = _source(models, job, model, template)
         values = _per_model(method, model, job)
+        methods.check_model(method, values, f"{model.where} ({model.ref}), tensor {job.names[model.ref]}")
+        # methods without weights (slerp, karcher, ...) give the kernel 1.0 each, which it ignores
+        weight = values[method.weight_param] if method.weight_param is not None else 1.0
         inputs.append(
-            PlanInput(src.info, src.tensor, values[method.weight_param], values.get("density", 1.0), model.model_id)
+            PlanInput(
+                src.info,
+                src.tensor,
+                weight,
+                values.get("density", 1.0),
+                model.model_id,
+                values.get("gamma"),
+                values.get("epsilon"),
+            )
         )
     shared = _shared(method, job)
     key = tuple(sorted(shared.items()))
@@ -310,6 +330,12 @@ def _shared(method: methods.MethodSpec, job: Job) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, spec in method.shared.items():
         found = params.resolve(name, job.slice.shared_levels, job.out, job.t)
+        if found is None and spec.default is None:
+            raise ConfigError(
+                f"Missing required parameter {name} for {method.name} at tensor {job.out}: no filter of "
+                f"{', '.join(f'{lv.place}.{name}' for lv in job.slice.shared_levels if name in lv.settings)} "
+                "matches it and no lower level sets it; add a fallback entry without filter"
+            )
         out[name] = spec.default if found is None else methods.coerce(spec, name, found[0], found[1])
     return out
 

@@ -20,13 +20,17 @@ else the first tensor). All math is float32; ``dtype`` rounds the inputs to that
 as mergekit names (``"float32"``, ``"float16"``, ``"bfloat16"``, also ``"fp32"``, ``"bf16"``, ...), NumPy dtypes,
 ``ml_dtypes.bfloat16`` or torch dtypes.
 
-Parameters follow mergekit: per-model ones (``weight``, ``density``) are a scalar (broadcast), a list with one value
-per non-base tensor (per tensor for ``linear``, where a base is just one more input) or a mapping (tensor position
-for ``merge_tensors``, model name for ``merge_state_dicts``); shared ones (``normalize``, ``lambda``, ``rescale``,
-``rescale_mode``, ``int8_mask``) are scalars. Defaults and validation come from :mod:`ferromerge.methods`; unknown
-names raise ``ParameterError``. ``passthrough`` takes a single tensor and multiplies it by ``scale`` (default 1).
-``seed``, the tensor ``name`` and each model's position among the non-base models key DARE's random masks, so
-results are reproducible and independent of ``threads``.
+Every mergekit 0.1.5 method is available (``ferromerge.methods.REGISTRY``). Parameters follow mergekit: per-model
+ones (``weight``, ``density``, ``gamma``, ``epsilon``) are a scalar (broadcast), a list with one value per non-base
+tensor (per tensor for ``linear`` and ``karcher``, where a base is just one more input) or a mapping (tensor
+position for ``merge_tensors``, model name for ``merge_state_dicts``); shared ones (``normalize``, ``lambda``,
+``t``, ``select_topk``, ...) are scalars. Defaults, required ones (slerp's and nearswap's ``t``), input counts
+(slerp: a base and exactly 1 other) and validation come from :mod:`ferromerge.methods`; unknown names raise
+``ParameterError``. A base is required by the task-vector methods, slerp, nearswap, model_stock, sce, ram and
+arcee_fusion, optional for nuslerp and multislerp (with one they merge task vectors), and one more input for
+``linear`` and ``karcher``. ``passthrough`` takes a single tensor and multiplies it by ``scale`` (default 1).
+``seed``, the tensor ``name`` and each model's position among the non-base models key the random masks of DARE and
+DELLA, so results are reproducible and independent of ``threads``.
 """
 
 from __future__ import annotations
@@ -227,7 +231,7 @@ def _per_model(
             if len(raw) != len(keys):
                 raise ParameterError(
                     f"parameter {pname!r} expects {len(keys)} values (one per "
-                    f"{'input' if not spec.requires_base else 'non-base input'}), got {len(raw)}"
+                    f"{'input' if not spec.takes_base else 'non-base input'}), got {len(raw)}"
                 )
         else:
             raw = [value] * len(keys)
@@ -255,28 +259,38 @@ class _Resolved:
     kernel: dict[str, Any]
     weights: list[float]
     densities: list[float]
+    #: breadcrumbs' gamma and della's epsilon per input (None for other methods)
+    gammas: list[float] | None = None
+    epsilons: list[float] | None = None
 
 
 def _resolve(
-    method: str, parameters: Mapping[str, Any] | None, keys: Sequence[Any], labels: Sequence[str], seed: int,
-    base: Any = None,
+    method: str | _methods.MethodSpec, parameters: Mapping[str, Any] | None, keys: Sequence[Any],
+    labels: Sequence[str], seed: int, base: Any = None, *, thing: str = "tensor", base_word: str = "base tensor",
 ) -> _Resolved:
     spec = _methods.get(method) if isinstance(method, str) else method
-    if spec.max_inputs is not None and len(keys) > spec.max_inputs:
+    if not spec.takes_base and spec.max_inputs is not None and len(keys) > spec.max_inputs:
         raise ParameterError(
             f"method {spec.name!r} takes at most {spec.max_inputs} input(s), got {len(keys)}: {', '.join(labels)}"
+        )
+    if not spec.count_ok(len(keys)):
+        raise ParameterError(
+            f"method {spec.name!r} takes {spec.inputs_rule(thing, base_word)}, got {len(keys)}: {', '.join(labels)}"
         )
     given = dict(parameters or {})
     _check_names(spec, given)
     per = _per_model(spec, given, keys, labels, base)
+    for i, lab in enumerate(labels):
+        _methods.check_model(spec, {name: values[i] for name, values in per.items()}, lab)
     shared = _shared(spec, given)
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
         raise ParameterError(f"seed must be a non-negative integer, got {seed!r}")
     kernel = _methods.kernel_spec(spec, shared, int(seed))
-    # the kernel's input weight is the method's weight parameter (passthrough: "scale")
-    weights = per[spec.weight_param]
+    # the kernel's input weight is the method's weight parameter (passthrough: "scale"); methods without weights
+    # (slerp, karcher, ...) pass 1.0, which their kernels ignore
+    weights = per[spec.weight_param] if spec.weight_param is not None else [1.0] * len(keys)
     densities = per.get("density", [1.0] * len(keys))
-    return _Resolved(spec, kernel, weights, densities)
+    return _Resolved(spec, kernel, weights, densities, per.get("gamma"), per.get("epsilon"))
 
 
 def _merge_flat(
@@ -284,6 +298,7 @@ def _merge_flat(
     inputs: Sequence[_Array],
     base: _Array | None,
     *,
+    shape: tuple[int, ...],
     name: str,
     cast: str | None,
     out_dtype: str,
@@ -308,6 +323,7 @@ def _merge_flat(
         model_ids=None if model_ids is None else list(model_ids),
         threads=threads,
         chunk_elems=chunk_elems,
+        **_methods.kernel_kwargs(r.spec, shape=shape, params=k.get("params"), gammas=r.gammas, epsilons=r.epsilons),
     )
 
 
@@ -331,10 +347,11 @@ def merge_tensors(
 ) -> Any:
     """Merge the tensors that contribute to one output tensor (mergekit 0.1.5's ``merge_tensors``).
 
-    ``tensors[base_index]`` is the base (required by every method except ``linear``, where it is one more input).
-    Per-model parameters are a scalar, a list with one value per non-base tensor (per tensor for ``linear``) or a
-    mapping keyed by position in ``tensors``. ``name`` keys DARE's random stream together with ``seed`` and each
-    model's position among the non-base tensors. ``chunk_size`` (elements) and ``threads`` never change the result.
+    ``tensors[base_index]`` is the base: required by most methods, optional for ``nuslerp``/``multislerp``, one
+    more input for ``linear`` and ``karcher``. Per-model parameters are a scalar, a list with one value per non-base
+    tensor (per tensor for ``linear``/``karcher``) or a mapping keyed by position in ``tensors``. ``name`` keys the
+    random streams (DARE, DELLA) together with ``seed`` and each model's position among the non-base tensors.
+    ``chunk_size`` (elements) and ``threads`` never change the result.
     Raises ``ParameterError`` for bad parameters and ``InputError`` for bad arrays.
     """
     if isinstance(tensors, (str, bytes)) or not isinstance(tensors, Sequence) or len(tensors) == 0:
@@ -355,7 +372,7 @@ def merge_tensors(
         if a.shape != shape:
             raise InputError(f"tensors[{i}] has shape {list(a.shape)}, expected {list(shape)} (tensors[{ref_i}])")
 
-    if spec.requires_base:
+    if spec.takes_base and base_index is not None:
         idx = [i for i in range(n) if i != base_index]
         base = arrays[base_index]
     else:
@@ -371,6 +388,7 @@ def merge_tensors(
         r,
         [arrays[i] for i in idx],
         base,
+        shape=shape,
         name=str(name),
         cast=cast,
         out_dtype=out,
@@ -415,9 +433,9 @@ def merge_state_dicts(
     """Merge whole state dicts ``{model_name: {tensor_name: array}}`` (mergekit 0.1.5's ``merge_state_dicts``).
 
     Every state dict must have the same tensor names and shapes (else ``InputError`` naming the model and tensor).
-    Per-model parameters are a scalar, a list (in mapping order, non-base models only unless ``linear``) or a dict
-    keyed by model name. DARE masks are keyed by ``seed``, the tensor name and the model's position among the
-    non-base models in mapping order. Integer/bool buffers are copied when every model agrees. Returns
+    Per-model parameters are a scalar, a list (in mapping order, non-base models only unless ``linear`` or
+    ``karcher``) or a dict keyed by model name. Random masks (DARE, DELLA) are keyed by ``seed``, the tensor name and
+    the model's position among the non-base models in mapping order. Integer/bool buffers are copied when every model agrees. Returns
     ``{tensor_name: merged array}`` in the first model's key order.
     """
     if not isinstance(state_dicts, Mapping) or not state_dicts:
@@ -428,11 +446,12 @@ def merge_state_dicts(
         raise ParameterError(f"base {base!r} is not one of the models: {names!r}")
     if spec.requires_base and base is None:
         raise ParameterError(f"method {spec.name!r} requires a base model: pass base=<model name>")
-    inputs = [m for m in names if not (spec.requires_base and m == base)]
+    with_base = spec.takes_base and base is not None
+    inputs = [m for m in names if not (with_base and m == base)]
     if not inputs:
         raise ParameterError(f"method {spec.name!r} needs at least one non-base model")
     labels = [f"model {m!r}" for m in inputs]
-    r = _resolve(spec, parameters, inputs, labels, seed, base)
+    r = _resolve(spec, parameters, inputs, labels, seed, base, thing="model", base_word="base model")
     cast = _dtype_name(dtype, "dtype")
     out_name = _dtype_name(out_dtype, "out_dtype")
     ref_model = base if base is not None else names[0]
@@ -467,7 +486,8 @@ def merge_state_dicts(
         flat = _merge_flat(
             r,
             [arrays[m] for m in inputs],
-            arrays[base] if spec.requires_base else None,
+            arrays[base] if with_base else None,
+            shape=shape,
             name=k,
             cast=cast,
             out_dtype=out,
