@@ -19,7 +19,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -28,6 +28,7 @@ from . import lora, methods, params
 from .errors import ConfigError
 from .methods import MethodSpec
 from .params import Level, Setting
+from .vocab import check_chat_template
 
 #: Output/compute dtype names, as mergekit spells them.
 DTYPES = ("float32", "float16", "bfloat16")
@@ -39,11 +40,6 @@ _DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "hal
 #: mergekit keys that a later ferromerge release will support.
 _NOT_YET = {
     "modules": "modules (multi-module architectures) are not supported yet; use models: or slices:",
-    "tokenizer_source": "tokenizer_source (vocabulary alignment) is not supported yet; "
-    "the tokenizer is copied from the base (or first) model",
-    "tokenizer": "tokenizer (vocabulary alignment) is not supported yet; "
-    "the tokenizer is copied from the base (or first) model",
-    "chat_template": "chat_template is not supported yet; the tokenizer files of the base (or first) model are copied",
 }
 
 class ModelEntry(BaseModel):
@@ -77,6 +73,47 @@ class SliceEntry(BaseModel):
     parameters: dict[str, Any] | None = None
 
 
+class ModelTokenSource(BaseModel):
+    """``tokenizer.tokens.<tok>.source: {kind: model_token, model, token | token_id}``: a row of one model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["model_token"]
+    model: str
+    token_id: int | None = None
+    token: str | None = None
+
+
+class ZeroSource(BaseModel):
+    """``tokenizer.tokens.<tok>.source: {kind: zero}``: a zero row."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["zero"]
+
+
+class TokenEmbedding(BaseModel):
+    """``tokenizer.tokens.<tok>``: where the token's embedding rows come from; ``force`` also replaces the rows
+    of models that have the token. ``source`` is a model reference (that model's row of the token), a
+    ``model_token`` or ``zero``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: ModelTokenSource | ZeroSource | str
+    force: bool = False
+
+
+class TokenizerSettings(BaseModel):
+    """``tokenizer:`` (mergekit's ``TokenizerConfig``); ``tokenizer_source: X`` is ``tokenizer: {source: X}``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: "union", "base" or a model reference
+    source: str = "union"
+    tokens: dict[str, TokenEmbedding] | None = None
+    pad_to_multiple_of: int | None = None
+
+
 class RawConfig(BaseModel):
     """The config as written, keys and types checked (values are resolved into ``MergeConfig``)."""
 
@@ -89,6 +126,10 @@ class RawConfig(BaseModel):
     parameters: dict[str, Any] | None = None
     dtype: str | None = None
     out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    tokenizer: TokenizerSettings | None = None
+    #: "auto", a built-in template name or a literal Jinja template (``vocab.chat_template``)
+    chat_template: str | None = None
     #: mergekit-multi's document name; accepted so such documents load, no effect on a single merge.
     name: str | None = None
 
@@ -179,6 +220,8 @@ class MergeConfig:
     text: str
     #: remarks about accepted keys that have no effect, for the user
     notes: tuple[str, ...]
+    #: vocabulary alignment (``tokenizer`` or ``tokenizer_source``); None: the reference's tokenizer is copied
+    tokenizer: TokenizerSettings | None = None
 
     @property
     def inputs(self) -> tuple[InputModel, ...]:
@@ -211,6 +254,10 @@ class MergeConfig:
             out["dtype"] = self.dtype
         if self.out_dtype:
             out["out_dtype"] = self.out_dtype
+        if self.tokenizer is not None:
+            out["tokenizer"] = self.tokenizer.model_dump(exclude_none=True)
+        if self.raw.chat_template is not None:
+            out["chat_template"] = self.raw.chat_template
         return out
 
 
@@ -342,6 +389,7 @@ def parse_config(data: Any, *, text: str | None = None, origin: str = "config") 
                 f"Missing required parameter {name} for {method.name}: set it in the top-level parameters"
                 + (" (or in every slice's parameters)" if raw.slices is not None else "")
             )
+    tokenizer = _tokenizer(raw, [reference] + [m.ref for s in slices for m in s.sources()])
     shared: dict[str, Any] = {}
     for name, spec in method.shared.items():
         constant, value = params.uniform(name, slices[0].shared_levels)
@@ -359,7 +407,43 @@ def parse_config(data: Any, *, text: str | None = None, origin: str = "config") 
         out_dtype=out_dtype,
         text=text if text is not None else yaml.safe_dump(raw.model_dump(exclude_none=True), sort_keys=False),
         notes=tuple(notes),
+        tokenizer=tokenizer,
     )
+
+def _tokenizer(raw: RawConfig, refs: list[str]) -> TokenizerSettings | None:
+    """The vocabulary alignment settings, checked: the source, the models that ``tokens`` take rows from (each
+    must be merged: the rows come from the tensors being merged), padding, and the chat template's form."""
+    if raw.tokenizer_source is not None and raw.tokenizer is not None:
+        raise ConfigError("tokenizer_source and tokenizer: give one of them (tokenizer_source: X is tokenizer: {source: X})")
+    if raw.chat_template is not None:
+        check_chat_template(raw.chat_template)
+    settings = raw.tokenizer
+    if raw.tokenizer_source is not None:
+        settings = TokenizerSettings(source=raw.tokenizer_source)
+    if settings is None:
+        return None
+    where = "tokenizer_source" if raw.tokenizer_source is not None else "tokenizer.source"
+    if settings.source not in ("union", "base"):
+        _ref(settings.source, where)
+    if settings.pad_to_multiple_of is not None and settings.pad_to_multiple_of < 1:
+        raise ConfigError(f"tokenizer.pad_to_multiple_of: must be a positive integer, got {settings.pad_to_multiple_of}")
+    for token, entry in (settings.tokens or {}).items():
+        place = f"tokenizer.tokens[{token!r}].source"
+        if token == "":
+            raise ConfigError("tokenizer.tokens: an empty token")
+        src = entry.source
+        model = src if isinstance(src, str) else src.model if isinstance(src, ModelTokenSource) else None
+        if isinstance(src, ModelTokenSource):
+            if (src.token is None) == (src.token_id is None):
+                raise ConfigError(f"{place}: give exactly one of token and token_id")
+            if src.token_id is not None and src.token_id < 0:
+                raise ConfigError(f"{place}.token_id: must be >= 0, got {src.token_id}")
+        if model is not None and _ref(model, place) not in refs:
+            raise ConfigError(
+                f"{place}: {model!r} is not one of the merged models ({', '.join(dict.fromkeys(refs))}); the row "
+                "is taken from the embeddings being merged"
+            )
+    return settings
 
 
 def _models_slice(

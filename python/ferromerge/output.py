@@ -24,6 +24,7 @@ from .errors import OutputError
 from .layers import LAYER_COUNT_KEYS, declared_layers, read_model_config
 from .models import ModelIndex
 from .plan import Plan, format_bytes
+from .vocab import Vocabulary
 
 #: copied from the reference model when present (mergekit copies the tokenizer of the base or first model too)
 TOKENIZER_FILES = (
@@ -35,7 +36,12 @@ TOKENIZER_FILES = (
     "merges.txt",
     "added_tokens.json",
     "generation_config.json",
+    "chat_template.jinja",
 )
+
+#: what goes with a rebuilt tokenizer.json (vocabulary alignment): files in other formats (tokenizer.model,
+#: vocab.json, ...) would describe the old vocabulary, so they are left out, as mergekit does
+ALIGNED_TOKENIZER_FILES = ("special_tokens_map.json", "generation_config.json")
 
 #: headroom of the free-space check beyond the shards' bytes (the small config and tokenizer files, filesystem
 #: block rounding)
@@ -186,6 +192,13 @@ def config_updates(reference: ModelIndex, plan: Plan) -> tuple[dict[str, Any], l
             updates[declared[0]] = plan.num_layers
     if plan.untied_head and config.get("tie_word_embeddings") is not False:
         updates["tie_word_embeddings"] = False
+    if plan.vocabulary is not None:
+        # mergekit's _update_config_vocab: the padded size; under text_config for models that keep it there
+        text = config.get("text_config")
+        if "vocab_size" not in config and isinstance(text, dict) and "vocab_size" in text:
+            updates["text_config"] = {**text, "vocab_size": plan.vocabulary.rows}
+        else:
+            updates["vocab_size"] = plan.vocabulary.rows
     return updates, remarks
 
 
@@ -219,6 +232,53 @@ def copy_tokenizer(out: Path, source: Path) -> list[str]:
                 raise OutputError(f"cannot copy {src} into the output: {e}") from None
             copied.append(name)
     return copied
+
+
+def write_tokenizer(out: Path, vocabulary: Vocabulary) -> None:
+    """The merged vocabulary's ``tokenizer.json``, and the donor's ``tokenizer_config.json`` (its
+    ``added_tokens_decoder``, when it has one, lists the new added tokens too) and special-token files."""
+    _write(out / "tokenizer.json", json.dumps(vocabulary.tokenizer, indent=2, ensure_ascii=False) + "\n")
+    src = vocabulary.donor / "tokenizer_config.json"
+    config: dict[str, Any] = {}
+    if src.is_file():
+        config = _read_json(src, "tokenizer config")
+    decoder = config.get("added_tokens_decoder")
+    if isinstance(decoder, dict):
+        for entry in vocabulary.tokenizer.get("added_tokens") or []:
+            decoder.setdefault(str(entry["id"]), {k: v for k, v in entry.items() if k != "id"})
+    _write(out / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    for name in ALIGNED_TOKENIZER_FILES:
+        if (vocabulary.donor / name).is_file():
+            try:
+                shutil.copyfile(vocabulary.donor / name, out / name)
+            except OSError as e:
+                raise OutputError(f"cannot copy {vocabulary.donor / name} into the output: {e}") from None
+    if (vocabulary.donor / "chat_template.jinja").is_file():
+        shutil.copyfile(vocabulary.donor / "chat_template.jinja", out / "chat_template.jinja")
+
+
+def set_chat_template(out: Path, template: str) -> bool:
+    """Put ``template`` into the output's ``tokenizer_config.json`` (``chat_template``, where transformers reads
+    it); a copied ``chat_template.jinja`` is removed, since transformers would prefer it. False when the output
+    has no tokenizer to carry it."""
+    path = out / "tokenizer_config.json"
+    if not path.is_file() and not (out / "tokenizer.json").is_file():
+        return False
+    config = _read_json(path, "tokenizer config") if path.is_file() else {}
+    config["chat_template"] = template
+    _write(path, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    (out / "chat_template.jinja").unlink(missing_ok=True)
+    return True
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise OutputError(f"cannot read {path} ({what}) to write the output's: {e}") from None
+    if not isinstance(data, dict):
+        raise OutputError(f"{path}: the {what} is not a JSON object")
+    return data
 
 
 def write_configs(out: Path, text: str, resolved: dict[str, Any]) -> None:

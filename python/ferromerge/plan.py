@@ -9,17 +9,21 @@ shards.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import methods, params
-from .config import InputModel, MergeConfig
+from .config import InputModel, MergeConfig, OutputSlice
+from .embeddings import Aligner, PermutedTensor, is_vocab_tensor
 from .errors import ConfigError, InputError, ParameterError
 from .layout import Job, Layout, build_layout, tensor_of
 from .models import MERGEABLE_DTYPES, ModelIndex, TensorInfo
+from .vocab import Vocabulary, build_vocabulary
 
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -135,6 +139,15 @@ class Plan:
     num_layers: int | None = None
     #: the output has an explicit lm_head that some input (or the reference's config) has tied
     untied_head: bool = False
+    #: the output vocabulary when the config aligns vocabularies (``tokenizer`` / ``tokenizer_source``)
+    vocabulary: Vocabulary | None = None
+    #: the vocabulary tensors' permuted sources, to write (``embeddings.write_permuted``) before the engine runs
+    permuted: tuple[PermutedTensor, ...] = ()
+
+    @property
+    def bytes_scratch(self) -> int:
+        """Disk taken by the permuted sources while the merge runs."""
+        return sum(p.bytes_out for p in self.permuted)
 
     @property
     def tensors(self) -> list[PlanTensor]:
@@ -215,12 +228,19 @@ def build_plan(
     *,
     seed: int = 0,
     out_shard_size: str | int = DEFAULT_SHARD_SIZE,
+    scratch: Path | None = None,
 ) -> Plan:
-    """The plan of ``config`` over the indexed ``models`` (keyed by reference)."""
+    """The plan of ``config`` over the indexed ``models`` (keyed by reference). ``scratch``: the directory where
+    the run writes the vocabulary tensors' permuted sources (vocabulary alignment only; the plan's file names
+    point there)."""
     max_shard = parse_size(out_shard_size)
     layout: Layout = build_layout(config, models)
     kernels: dict[tuple[Any, ...], dict[str, Any]] = {}
-    planned = [_plan_tensor(config, models, job, seed, kernels) for job in layout.jobs]
+    vocabulary = build_vocabulary(config, models)
+    aligner = None
+    if vocabulary is not None:
+        aligner = Aligner(vocabulary, scratch if scratch is not None else Path("vocab-scratch"), config.dtype)
+    planned = [_plan_tensor(config, models, job, seed, kernels, aligner) for job in layout.jobs]
 
     groups: list[list[PlanTensor]] = [[]]
     size = 0
@@ -239,11 +259,16 @@ def build_plan(
         models=tuple(models[r] for r in config.model_refs()),
         num_layers=layout.num_layers,
         untied_head=layout.untied_head,
+        vocabulary=vocabulary,
+        permuted=tuple(aligner.tensors) if aligner is not None else (),
     )
 
 
-def _source(models: Mapping[str, ModelIndex], job: Job, model: InputModel, template: PlanSource) -> PlanSource:
-    """The tensor ``model`` contributes to ``job``, checked against the template's dtype and shape."""
+def _source(
+    models: Mapping[str, ModelIndex], job: Job, model: InputModel, template: PlanSource, aligned: bool = False
+) -> PlanSource:
+    """The tensor ``model`` contributes to ``job``, checked against the template's dtype and shape (``aligned``:
+    a vocabulary tensor whose rows are laid out anew, checked by ``embeddings.Aligner``)."""
     index = models[model.ref]
     wanted = job.names[model.ref]
     name = tensor_of(index, wanted)
@@ -255,7 +280,7 @@ def _source(models: Mapping[str, ModelIndex], job: Job, model: InputModel, templ
         )
     info = index.tensors[name]
     _check_dtype(index, name, info)
-    if info.shape != template.info.shape:
+    if info.shape != template.info.shape and not aligned:
         _shape_error(name, info, template)
     return PlanSource(info, name)
 
@@ -266,6 +291,7 @@ def _plan_tensor(
     job: Job,
     seed: int,
     kernels: dict[tuple[Any, ...], dict[str, Any]],
+    aligner: Aligner | None = None,
 ) -> PlanTensor:
     method = config.method
     s = job.slice
@@ -274,10 +300,11 @@ def _plan_tensor(
     assert tmpl_name is not None  # layout picks a template that has the tensor
     template = PlanSource(tmpl_index.tensors[tmpl_name], tmpl_name)
     _check_dtype(tmpl_index, tmpl_name, template.info)
-    base = _source(models, job, s.base, template) if s.base is not None else None
+    aligned = aligner is not None and is_vocab_tensor(job.out)
+    base = _source(models, job, s.base, template, aligned) if s.base is not None else None
     inputs = []
     for model in s.inputs:
-        src = _source(models, job, model, template)
+        src = _source(models, job, model, template, aligned)
         values = _per_model(method, model, job)
         methods.check_model(method, values, f"{model.where} ({model.ref}), tensor {job.names[model.ref]}")
         # methods without weights (slerp, karcher, ...) give the kernel 1.0 each, which it ignores
@@ -299,7 +326,31 @@ def _plan_tensor(
     if kernel is None:
         kernel = kernels[key] = methods.kernel_spec(method, shared, seed)
     out_dtype = config.out_dtype or config.dtype or MERGEABLE_DTYPES[template.info.dtype]
-    return PlanTensor(job.out, template.info.shape, out_dtype, kernel, base, tuple(inputs))
+    shape = template.info.shape
+    if aligned:
+        assert aligner is not None
+        refs = ([s.base.ref] if s.base is not None else []) + [m.ref for m in s.inputs]
+        found = ([base] if base is not None else []) + [PlanSource(i.info, i.tensor) for i in inputs]
+        files = aligner.permute(
+            job.out, [(r, f.info, f.tensor) for r, f in zip(refs, found, strict=True)], _vocab_base(config, s)
+        )
+        shape = files[0].shape
+        if base is not None:
+            base = PlanSource(files.pop(0), job.out)
+        inputs = [dataclasses.replace(i, info=f, tensor=job.out) for i, f in zip(inputs, files, strict=True)]
+    return PlanTensor(job.out, shape, out_dtype, kernel, base, tuple(inputs))
+
+
+def _vocab_base(config: MergeConfig, s: OutputSlice) -> str | None:
+    """The model whose row a token several models have takes by default: the slice's base (mergekit's
+    ``base_model`` of the slice, else of the config), also for methods where it is one more input."""
+    if s.base is not None:
+        return s.base.ref
+    if config.sliced and config.raw.slices is not None:
+        own = config.raw.slices[int(s.where[len("slices[") : -1])].base_model
+        if own is not None:
+            return own
+    return config.raw.base_model
 
 
 def _per_model(method: methods.MethodSpec, model: InputModel, job: Job) -> dict[str, Any]:
@@ -353,8 +404,8 @@ def _shape_error(name: str, info: TensorInfo, template: PlanSource) -> None:
     if _VOCAB_TENSOR.search(name) and len(info.shape) == len(ref_info.shape) and info.shape[1:] == ref_info.shape[1:]:
         raise InputError(
             f"{info.file}: tensor {name} has shape {list(info.shape)} but {ref_info.file} has {list(ref_info.shape)}: "
-            f"a vocabulary-size mismatch ({info.shape[0]} vs {ref_info.shape[0]} tokens); tokenizer-based "
-            "vocabulary alignment is not supported yet, and ferromerge never truncates embeddings"
+            f"a vocabulary-size mismatch ({info.shape[0]} vs {ref_info.shape[0]} tokens); align the vocabularies with "
+            "tokenizer_source: union (or base, or a model) or tokenizer:; ferromerge never truncates embeddings"
         )
     what = "" if name == template.tensor else f" ({template.tensor} there)"
     raise InputError(

@@ -13,6 +13,7 @@ from typing import Any
 
 from . import _core, lora
 from .config import MergeConfig, load_config
+from .embeddings import write_permuted
 from .errors import ParameterError
 from .models import ModelIndex
 from .output import (
@@ -20,12 +21,18 @@ from .output import (
     check_free_space,
     config_updates,
     copy_tokenizer,
+    set_chat_template,
     write_configs,
     write_index,
     write_model_config,
+    write_tokenizer,
 )
 from .plan import DEFAULT_SHARD_SIZE, Plan, build_plan, parse_size
 from .progress import ProgressBar
+from .vocab import chat_template
+
+#: the directory inside the output's temporary directory that holds the permuted embeddings during the merge
+SCRATCH = ".vocab-scratch"
 
 ProgressCallback = Callable[[int, int, int, int], None]
 
@@ -77,14 +84,16 @@ def prepare(
     seed: int = 0,
     out_shard_size: str | int = DEFAULT_SHARD_SIZE,
     lora_merge_cache: str | os.PathLike[str] | None = None,
+    scratch: Path | None = None,
 ) -> tuple[MergeConfig, Plan]:
     """Load the config, index every model and build the plan; nothing is written (``model+lora`` models are
-    planned to be read from ``lora_merge_cache``, which ``run`` fills: see ``lora``)."""
+    planned to be read from ``lora_merge_cache``, which ``run`` fills: see ``lora``). ``scratch``: where a run puts
+    the permuted vocabulary tensors (``plan.build_plan``)."""
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
         raise ParameterError(f"seed must be an integer in [0, 2**64), got {seed!r}")
     config = load_config(config_or_path)
     models: dict[str, ModelIndex] = {ref: lora.index_any(ref, lora_merge_cache) for ref in config.model_refs()}
-    return config, build_plan(config, models, seed=seed, out_shard_size=out_shard_size)
+    return config, build_plan(config, models, seed=seed, out_shard_size=out_shard_size, scratch=scratch)
 
 
 def run(
@@ -118,11 +127,22 @@ def run(
     output = OutputDir(out_dir, overwrite=overwrite)
     # the default LoRA cache lives in the output's temporary directory, so a failed run leaves nothing behind
     temp_cache = output.temp / "lora-merge-cache" if lora_merge_cache is None else None
+    scratch = output.temp / SCRATCH
     config, plan = prepare(
-        config_or_path, seed=seed, out_shard_size=out_shard_size, lora_merge_cache=lora_merge_cache or temp_cache
+        config_or_path,
+        seed=seed,
+        out_shard_size=out_shard_size,
+        lora_merge_cache=lora_merge_cache or temp_cache,
+        scratch=scratch,
     )
     output.check_inputs([m.path for m in plan.models])
-    check_free_space(output.target, plan.bytes_out + (lora.pending_bytes(plan.models) if temp_cache else 0))
+    check_free_space(
+        output.target,
+        plan.bytes_out + plan.bytes_scratch + (lora.pending_bytes(plan.models) if temp_cache else 0),
+    )
+    if plan.vocabulary is not None:
+        for note in plan.vocabulary.notes:
+            log(f"note: {note}")
     for note in config.notes:
         log(f"note: {note}")
     reference = plan.models[0]
@@ -137,6 +157,9 @@ def run(
     with output.building(log) as tmp:
         lora.materialise_all(plan.models, log)
         try:
+            if plan.permuted:
+                scratch.mkdir()
+                write_permuted(plan.permuted, log)
             stats = _core.execute_plan(
                 plan.to_json(),
                 str(tmp),
@@ -147,6 +170,8 @@ def run(
         finally:
             if bar is not None:
                 bar.close()
+            # never part of the output: removed before the tokenizer and config files are written
+            shutil.rmtree(scratch, ignore_errors=True)
         if temp_cache is not None:
             shutil.rmtree(temp_cache, ignore_errors=True)
         if len(plan.shards) > 1:
@@ -157,7 +182,16 @@ def run(
         write_model_config(
             tmp, reference.path, config.out_dtype or config.dtype or plan.tensors[0].out_dtype, updates
         )
-        copy_tokenizer(tmp, reference.path)
+        if plan.vocabulary is not None:
+            write_tokenizer(tmp, plan.vocabulary)
+        else:
+            copy_tokenizer(tmp, reference.path)
+        if config.raw.chat_template is not None:
+            template = chat_template(config.raw.chat_template, [m.path for m in plan.models])
+            if template is None:
+                log("note: chat_template auto: no model has a chat template; the output keeps its tokenizer's")
+            elif not set_chat_template(tmp, template):
+                log(f"note: chat_template not written: {reference.path} has no tokenizer to carry it")
         resolved = config.resolved()
         resolved["sources"] = {m.ref: str(m.path) for m in plan.models}
         resolved["seed"] = seed

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -162,6 +162,65 @@ def _tokenizer_files(vocab: int) -> dict[str, str]:
     }
 
 
+def bpe_tokenizer(
+    words: Sequence[str],
+    *,
+    seed: int | None = None,
+    specials: Sequence[str] = ("<unk>", "<s>", "</s>"),
+    added: Sequence[str] = (),
+    chat_template: str | None = None,
+) -> dict[str, str]:
+    """Files of a BPE ``tokenizer.json`` tokenizer (whitespace pre-tokenizer) that has a token for each of
+    ``words``, for tests of vocabulary alignment: ``specials`` first (ids 0.., special added tokens, as Llama has
+    them), then every character of the words and the merge products that build each word left to right; ``seed``
+    shuffles the ids of those (so that models share tokens under different ids); ``added`` become non-special
+    added tokens after the model vocabulary. Returns {file name: text}."""
+    tokens: list[str] = []
+    merges: list[list[str]] = []
+    for ch in sorted({c for w in words for c in w}):
+        tokens.append(ch)
+    for w in words:
+        for k in range(2, len(w) + 1):
+            if w[:k] not in tokens:
+                tokens.append(w[:k])
+                merges.append([w[: k - 1], w[k - 1]])
+    if seed is not None:
+        tokens = [tokens[i] for i in np.random.default_rng(seed).permutation(len(tokens))]
+    vocab = {t: i for i, t in enumerate([*specials, *tokens])}
+    entries = [(t, i, True) for i, t in enumerate(specials)]
+    entries += [(t, len(vocab) + k, False) for k, t in enumerate(added)]
+    tokenizer = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [
+            {"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+             "normalized": not special, "special": special}
+            for t, i, special in entries
+        ],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": None,
+        "decoder": None,
+        "model": {"type": "BPE", "dropout": None, "unk_token": specials[0], "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": vocab, "merges": merges},
+    }
+    tokenizer_config: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": specials[1],
+        "eos_token": specials[2],
+        "unk_token": specials[0],
+        "model_max_length": 2048,
+    }
+    if chat_template is not None:
+        tokenizer_config["chat_template"] = chat_template
+    return {
+        "tokenizer.json": json.dumps(tokenizer, indent=1, ensure_ascii=False),
+        "tokenizer_config.json": json.dumps(tokenizer_config, indent=2),
+    }
+
+
 def save_model(
     out_dir: str | os.PathLike[str],
     tensors: Mapping[str, Array],
@@ -170,10 +229,12 @@ def save_model(
     shard_size: int | None = None,
     config: Mapping[str, Any] | None = None,
     vocab: int | None = None,
+    tokenizer: Mapping[str, str] | None = None,
 ) -> Path:
     """Write ``tensors`` (float32, rounded to ``dtype``) as a model directory; with ``shard_size`` (bytes),
     greedily into ``model-0000k-of-0000N.safetensors`` shards plus an index. ``config`` becomes config.json,
-    ``vocab`` adds a tokenizer of that many tokens."""
+    ``vocab`` adds a word-level tokenizer of that many tokens, ``tokenizer`` ({file name: text}, e.g.
+    ``bpe_tokenizer(...)``) writes those tokenizer files instead."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     encoded = {name: _encode(x, dtype) for name, x in tensors.items()}
@@ -198,7 +259,10 @@ def save_model(
         _core.save_file(str(out / file), {t: (x, dtype) for t, x in group.items()}, {"format": "pt"})
     if config is not None:
         (out / "config.json").write_text(json.dumps(dict(config), indent=2), encoding="utf-8")
-    if vocab is not None:
+    if tokenizer is not None:
+        for name, text in tokenizer.items():
+            (out / name).write_text(text, encoding="utf-8")
+    elif vocab is not None:
         for name, text in _tokenizer_files(vocab).items():
             (out / name).write_text(text, encoding="utf-8")
     return out

@@ -78,8 +78,7 @@ fn merge_arrays<'py>(
     let gammas = gammas.unwrap_or_else(|| vec![0.01; held.len()]);
     let epsilons = epsilons.unwrap_or_else(|| vec![0.15; held.len()]);
     let m = held.len();
-    if weights.len() != m || densities.len() != m || model_ids.len() != m || gammas.len() != m || epsilons.len() != m
-    {
+    if weights.len() != m || densities.len() != m || model_ids.len() != m || gammas.len() != m || epsilons.len() != m {
         return Err(PyValueError::new_err(format!(
             "{m} inputs but {} weights, {} densities, {} model_ids, {} gammas, {} epsilons",
             weights.len(),

@@ -7,8 +7,10 @@
 
 use rayon::prelude::*;
 
-use super::{block_sums, chunks, emit, load, load_deltas, load_raw, release_chunk, row_chunk, Job, Method, Options,
-    Sink, STAT_BLOCK};
+use super::{
+    block_sums, chunks, emit, load, load_deltas, load_raw, release_chunk, row_chunk, Job, Method, Options, Sink,
+    STAT_BLOCK,
+};
 use crate::error::{CoreError, Result};
 use crate::kernels::combine::{self, Scratch};
 use crate::kernels::norms;

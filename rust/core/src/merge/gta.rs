@@ -6,8 +6,9 @@
 use rayon::prelude::*;
 
 use super::trim::{self, Keys};
-use super::{chunks, emit, load_deltas, release_chunk, row_chunk, rows, Deltas, Job, Method, Options, Rescale, Sink,
-    Sparsify};
+use super::{
+    chunks, emit, load_deltas, release_chunk, row_chunk, rows, Deltas, Job, Method, Options, Rescale, Sink, Sparsify,
+};
 use crate::error::Result;
 use crate::kernels::combine::{self, Scale, Scratch};
 use crate::kernels::norms::{self, BLOCK};
@@ -83,11 +84,8 @@ pub(super) fn merge(job: &Job, opts: &Options, sink: &dyn Sink) -> Result<()> {
     let (rules, tops) = match sparsify {
         Sparsify::Magnitude => {
             // mergekit 0.1.5: k = max(1, int(density·n)); density 1 keeps everything.
-            let ks: Vec<Option<u64>> = job
-                .inputs
-                .iter()
-                .map(|i| (i.density < 1.0).then(|| ((i.density * n as f64) as u64).max(1)))
-                .collect();
+            let ks: Vec<Option<u64>> =
+                job.inputs.iter().map(|i| (i.density < 1.0).then(|| ((i.density * n as f64) as u64).max(1))).collect();
             (select_rules(&keys, chunk, opts, &ks), Vec::new())
         }
         Sparsify::Outliers if !per_row => {

@@ -312,7 +312,10 @@ pub fn validate(job: &Job) -> Result<()> {
     if method == Method::Linear && spec.normalize && job.inputs.iter().map(|i| i.weight).sum::<f64>() == 0.0 {
         return err("linear with normalize: the weights sum to zero".into());
     }
-    if method == Method::Multislerp && spec.params.normalize_weights && job.inputs.iter().map(|i| i.weight).sum::<f64>() == 0.0 {
+    if method == Method::Multislerp
+        && spec.params.normalize_weights
+        && job.inputs.iter().map(|i| i.weight).sum::<f64>() == 0.0
+    {
         return err("multislerp with normalize_weights: the weights sum to zero".into());
     }
     let sizes = job.base.iter().chain(job.inputs.iter().map(|i| &i.src));

@@ -364,4 +364,3 @@ fn add_hist<const N: usize>(mut a: Vec<[u32; N]>, b: Vec<[u32; N]>) -> Vec<[u32;
     }
     a
 }
-
