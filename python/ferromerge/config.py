@@ -38,9 +38,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 _DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
 
 #: mergekit keys that a later ferromerge release will support.
-_NOT_YET = {
-    "modules": "modules (multi-module architectures) are not supported yet; use models: or slices:",
-}
+_NOT_YET: dict[str, str] = {}
 
 class ModelEntry(BaseModel):
     """One item of ``models:``."""
@@ -70,6 +68,16 @@ class SliceEntry(BaseModel):
     base_model: str | None = None
     #: accepted like mergekit, which parses it and never uses it
     residual_weight: float | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class ModuleEntry(BaseModel):
+    """One item of ``modules:`` (multi-module models: a text decoder, a vision tower, a projector, ...)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    models: list[ModelEntry] | None = None
+    slices: list[SliceEntry] | None = None
     parameters: dict[str, Any] | None = None
 
 
@@ -122,6 +130,7 @@ class RawConfig(BaseModel):
     merge_method: str
     models: list[ModelEntry] | None = None
     slices: list[SliceEntry] | None = None
+    modules: dict[str, ModuleEntry] | None = None
     base_model: str | None = None
     parameters: dict[str, Any] | None = None
     dtype: str | None = None
@@ -198,6 +207,18 @@ class OutputSlice:
 
 
 @dataclass(frozen=True)
+class OutputModule:
+    """One entry of ``modules:``: a part of a multi-module model (its tensors: see ``modules``), with its slices."""
+
+    name: str
+    #: ``modules.vision_tower``
+    where: str
+    slices: tuple[OutputSlice, ...]
+    #: ``slices:`` was used (else ``models:``)
+    sliced: bool
+
+
+@dataclass(frozen=True)
 class MergeConfig:
     """A validated config; per-tensor parameter values are resolved by the planner."""
 
@@ -222,6 +243,8 @@ class MergeConfig:
     notes: tuple[str, ...]
     #: vocabulary alignment (``tokenizer`` or ``tokenizer_source``); None: the reference's tokenizer is copied
     tokenizer: TokenizerSettings | None = None
+    #: ``modules:`` configs: the modules in config order (``slices`` then holds all their slices); else empty
+    modules: tuple[OutputModule, ...] = ()
 
     @property
     def inputs(self) -> tuple[InputModel, ...]:
@@ -242,7 +265,9 @@ class MergeConfig:
         out: dict[str, Any] = {"merge_method": self.method.name}
         if self.raw.base_model is not None and (self.base is not None or self.sliced):
             out["base_model"] = self.raw.base_model
-        if self.sliced:
+        if self.modules:
+            out["modules"] = {m.name: _module_data(self.method, m) for m in self.modules}
+        elif self.sliced:
             out["slices"] = [_slice_data(self.method, s) for s in self.slices]
         else:
             out["models"] = [
@@ -291,6 +316,19 @@ def _slice_data(method: MethodSpec, s: OutputSlice) -> dict[str, Any]:
     if s.base is not None:
         data["base_model"] = s.base.ref
     own = s.shared_levels[0] if s.shared_levels and s.shared_levels[0].place == f"{s.where}.parameters" else None
+    if own is not None and own.settings:
+        data["parameters"] = {k: params.to_data(v) for k, v in own.settings.items()}
+    return data
+
+
+def _module_data(method: MethodSpec, m: OutputModule) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    if m.sliced:
+        data["slices"] = [_slice_data(method, s) for s in m.slices]
+    else:
+        data["models"] = [{"model": i.ref, "parameters": _model_params(method, i)} for i in m.slices[0].inputs]
+    levels = m.slices[0].shared_levels
+    own = next((lv for lv in levels if lv.place == f"{m.where}.parameters"), None)
     if own is not None and own.settings:
         data["parameters"] = {k: params.to_data(v) for k, v in own.settings.items()}
     return data
@@ -355,10 +393,19 @@ def parse_config(data: Any, *, text: str | None = None, origin: str = "config") 
             raise ConfigError(f"{origin}: {key}: unknown key; known: {known}")
     if "merge_method" not in data:
         raise ConfigError(f"{origin}: merge_method: missing (e.g. merge_method: ties)")
-    if data.get("models") and data.get("slices"):
-        raise ConfigError(f"{origin}: models and slices: give one of them (models: is one slice of whole models)")
-    if not data.get("models") and not data.get("slices"):
-        raise ConfigError(f"{origin}: models: missing or empty; list the models to merge (or use slices:)")
+    given = [k for k in ("models", "slices", "modules") if data.get(k)]
+    if len(given) > 1:
+        raise ConfigError(
+            f"{origin}: {' and '.join(given)}: give one of them (models: is one slice of whole models; modules: "
+            "gives each module of a multi-module model its own models: or slices:)"
+        )
+    if not given:
+        raise ConfigError(f"{origin}: models: missing or empty; list the models to merge (or use slices: or modules:)")
+    modules = data.get("modules")
+    for name, entry in modules.items() if isinstance(modules, Mapping) else ():
+        for key in entry if isinstance(entry, Mapping) else ():
+            if key not in ModuleEntry.model_fields:
+                raise ConfigError(f"{origin}: modules.{name}.{key}: unknown key; known: models, parameters, slices")
     try:
         raw = RawConfig.model_validate(dict(data))
     except ValidationError as e:
@@ -370,7 +417,12 @@ def parse_config(data: Any, *, text: str | None = None, origin: str = "config") 
     top = Level(_settings(method, raw.parameters or {}, "parameters", level="global"), "parameters")
     base_ref = _ref(raw.base_model, "base_model") if raw.base_model is not None else None
     notes: list[str] = []
-    if raw.models:
+    modules: tuple[OutputModule, ...] = ()
+    if raw.modules:
+        modules = tuple(_module(method, name, m, base_ref, top, notes) for name, m in raw.modules.items())
+        slices = tuple(s for m in modules for s in m.slices)
+        reference = base_ref if base_ref is not None else slices[0].sources()[0].ref
+    elif raw.models:
         slices = (_models_slice(method, raw.models, base_ref, top, notes),)
         reference = base_ref if base_ref is not None else slices[0].sources()[0].ref
     else:
@@ -408,6 +460,7 @@ def parse_config(data: Any, *, text: str | None = None, origin: str = "config") 
         text=text if text is not None else yaml.safe_dump(raw.model_dump(exclude_none=True), sort_keys=False),
         notes=tuple(notes),
         tokenizer=tokenizer,
+        modules=modules,
     )
 
 def _tokenizer(raw: RawConfig, refs: list[str]) -> TokenizerSettings | None:
@@ -446,31 +499,72 @@ def _tokenizer(raw: RawConfig, refs: list[str]) -> TokenizerSettings | None:
     return settings
 
 
+def _module(
+    method: MethodSpec, name: str, entry: ModuleEntry, base_ref: str | None, top: Level, notes: list[str]
+) -> OutputModule:
+    """One ``modules:`` entry; its ``parameters`` rank between its slices' and the top-level ones (mergekit)."""
+    where = f"modules.{name}"
+    if bool(entry.models) == bool(entry.slices):
+        raise ConfigError(f"{where}: give models: or slices: (exactly one, not empty)")
+    own = Level(_settings(method, entry.parameters or {}, f"{where}.parameters", "slice"), f"{where}.parameters")
+    if entry.models:
+        slices = (_models_slice(method, entry.models, base_ref, top, notes, prefix=f"{where}.", module=own),)
+    else:
+        assert entry.slices is not None
+        slices = tuple(
+            _slice(method, i, s, base_ref, top, notes, prefix=f"{where}.", module=own)
+            for i, s in enumerate(entry.slices)
+        )
+    return OutputModule(name, where, slices, entry.slices is not None)
+
+
 def _models_slice(
-    method: MethodSpec, entries: list[ModelEntry], base_ref: str | None, top: Level, notes: list[str]
+    method: MethodSpec,
+    entries: list[ModelEntry],
+    base_ref: str | None,
+    top: Level,
+    notes: list[str],
+    prefix: str = "",
+    module: Level | None = None,
 ) -> OutputSlice:
-    """``models:`` as one slice of whole models (mergekit's shorthand)."""
+    """``models:`` as one slice of whole models (mergekit's shorthand); ``prefix`` and ``module`` place it in a
+    ``modules:`` entry (its where-prefix, and its parameters as a level above the top-level ones)."""
     refs: list[str] = []
     for i, entry in enumerate(entries):
-        ref = _ref(entry.model, f"models[{i}].model")
+        ref = _ref(entry.model, f"{prefix}models[{i}].model")
         if ref in refs:
-            raise ConfigError(f"models[{i}].model: {ref!r} is listed twice (also models[{refs.index(ref)}])")
+            raise ConfigError(
+                f"{prefix}models[{i}].model: {ref!r} is listed twice (also {prefix}models[{refs.index(ref)}])"
+            )
         refs.append(ref)
     sources = [
-        (refs[i], f"models[{i}]", None, _settings(method, e.parameters or {}, f"models[{i}].parameters", "model"))
+        (
+            refs[i],
+            f"{prefix}models[{i}]",
+            None,
+            _settings(method, e.parameters or {}, f"{prefix}models[{i}].parameters", "model"),
+        )
         for i, e in enumerate(entries)
     ]
     if base_ref is not None and base_ref not in refs:
         # mergekit appends a base_model that models: does not list: the base of a GTA method, one more input of
         # linear (and a second input that passthrough then rejects).
         sources.append((base_ref, "base_model", None, {}))
-    return _build_slice(method, "models", sources, base_ref, (top,), notes)
+    upper = (top,) if module is None else (module, top)
+    return _build_slice(method, f"{prefix}models", sources, base_ref, upper, notes)
 
 
 def _slice(
-    method: MethodSpec, index: int, entry: SliceEntry, base_ref: str | None, top: Level, notes: list[str]
+    method: MethodSpec,
+    index: int,
+    entry: SliceEntry,
+    base_ref: str | None,
+    top: Level,
+    notes: list[str],
+    prefix: str = "",
+    module: Level | None = None,
 ) -> OutputSlice:
-    where = f"slices[{index}]"
+    where = f"{prefix}slices[{index}]"
     if not entry.sources:
         raise ConfigError(f"{where}.sources: empty; list the models (with layer_range) of this slice")
     if entry.residual_weight is not None:
@@ -502,7 +596,8 @@ def _slice(
     if entry.base_model is not None and not method.takes_base:
         notes.append(f"{where}.base_model has no effect with {method.name}")
     own = Level(_settings(method, entry.parameters or {}, f"{where}.parameters", "slice"), f"{where}.parameters")
-    return _build_slice(method, where, sources, slice_base, (own, top), notes)
+    upper = (own, top) if module is None else (own, module, top)
+    return _build_slice(method, where, sources, slice_base, upper, notes)
 
 
 def _build_slice(

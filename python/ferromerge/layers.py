@@ -70,11 +70,12 @@ def declared_layers(config: dict[str, object] | None) -> tuple[str, int] | None:
     return None
 
 
-def layer_stacks(model: ModelIndex) -> dict[str, int]:
+def layer_stacks(model: ModelIndex, *, check_declared: bool = True) -> dict[str, int]:
     """``{stack: number of layers}`` of a model, in order of first appearance.
 
     Every stack's indices must run 0..n−1 without gaps, and a single stack must have the count that config.json
-    declares (when it declares one); otherwise the model is incomplete and this is an ``InputError``.
+    declares (when it declares one, and ``check_declared``: a module's view of a multi-module model has one stack
+    whose count is under a sub-config's key); otherwise the model is incomplete and this is an ``InputError``.
     """
     seen: dict[str, set[int]] = {}
     for name in model.tensors:
@@ -91,7 +92,7 @@ def layer_stacks(model: ModelIndex) -> dict[str, int]:
                 f"{', '.join(f'{stack}.{i}' for i in missing[:5])}{' ...' if len(missing) > 5 else ''}"
             )
         counts[stack] = n
-    declared = declared_layers(read_model_config(model))
+    declared = declared_layers(read_model_config(model)) if check_declared else None
     if declared is not None and len(counts) == 1:
         key, value = declared
         ((stack, n),) = counts.items()

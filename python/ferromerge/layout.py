@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from . import layers
+from . import layers, modules
 from .config import InputModel, MergeConfig, OutputSlice
 from .errors import InputError
 from .models import ModelIndex
@@ -56,6 +56,10 @@ class Layout:
     num_layers: int | None
     #: the output has lm_head although some feeding model has it tied (or the reference lacks it)
     untied_head: bool
+    #: ``modules:`` configs: config.json keys (dotted into sub-configs) -> the new layer count of a sliced module
+    config_layers: Mapping[str, int] = field(default_factory=dict)
+    #: things the user should know about the layout (a layer count no config.json key could be found for)
+    remarks: tuple[str, ...] = ()
 
 
 def is_head(name: str) -> bool:
@@ -79,10 +83,42 @@ def tensor_of(model: ModelIndex, name: str) -> str | None:
 
 def build_layout(config: MergeConfig, models: Mapping[str, ModelIndex]) -> Layout:
     """Every output tensor of ``config`` over the indexed ``models``; ``InputError`` for tensors that do not line up."""
+    if config.modules:
+        return _modular(config, models)
     stacks = {ref: layers.layer_stacks(models[ref]) for ref in config.model_refs()}
     if not config.sliced:
         return _whole_models(config, models, stacks)
     return _sliced(config, models, stacks)
+
+
+def _modular(config: MergeConfig, models: Mapping[str, ModelIndex]) -> Layout:
+    """``modules:``: each module laid out on its own over its tensors (``modules``), in config order."""
+    views = modules.module_views(config, models)
+    out_config = layers.read_model_config(models[config.reference])
+    jobs: list[Job] = []
+    untied = False
+    counts: dict[str, int] = {}
+    remarks: list[str] = []
+    for module in config.modules:
+        sub = modules.sub_config(config, module)
+        mine = views[module.name]
+        stacks = {ref: layers.layer_stacks(mine[ref], check_declared=False) for ref in sub.model_refs()}
+        part = _sliced(sub, mine, stacks) if module.sliced else _whole_models(sub, mine, stacks)
+        jobs += part.jobs
+        untied = untied or part.untied_head
+        if part.num_layers is None:
+            continue
+        # the output's config.json is the reference's: its count for this module is under some key
+        before = layers.layer_stacks(mine[config.reference], check_declared=False) if config.reference in mine else {}
+        key = modules.layer_key(out_config, module.name, next(iter(before.values()))) if len(before) == 1 else None
+        if key is None:
+            remarks.append(
+                f"{module.where}: the output has {part.num_layers} layers in this module, but no config.json key of "
+                f"{config.reference!r} could be told to hold its layer count; set it by hand"
+            )
+        else:
+            counts[key] = part.num_layers
+    return Layout(tuple(jobs), None, untied, counts, tuple(remarks))
 
 
 def _whole_models(
@@ -127,7 +163,7 @@ def _single_stack(model: ModelIndex, counts: dict[str, int], where: str) -> tupl
         found = ", ".join(f"{k} ({n} layers)" for k, n in counts.items()) or "no layer tensors"
         raise InputError(
             f"{where}: model {model.ref!r} ({model.path}) has {found}; slices need a model with one stack of "
-            "layers (mergekit's modules: for multi-module models is not supported yet)"
+            "layers (for a multi-module model, give each module its slices under modules:)"
         )
     ((stack, n),) = counts.items()
     return stack, n

@@ -190,6 +190,14 @@ def config_updates(reference: ModelIndex, plan: Plan) -> tuple[dict[str, Any], l
             )
         elif declared[1] != plan.num_layers:
             updates[declared[0]] = plan.num_layers
+    remarks += plan.remarks
+    for key, count in plan.config_layers.items():
+        # a sliced module of a modules: config: its key may sit in a sub-config (text_config.num_hidden_layers)
+        scope, _, name = key.rpartition(".")
+        if scope:
+            updates[scope] = {**updates.get(scope, config[scope]), name: count}
+        else:
+            updates[name] = count
     if plan.untied_head and config.get("tie_word_embeddings") is not False:
         updates["tie_word_embeddings"] = False
     if plan.vocabulary is not None:

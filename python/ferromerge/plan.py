@@ -139,6 +139,10 @@ class Plan:
     num_layers: int | None = None
     #: the output has an explicit lm_head that some input (or the reference's config) has tied
     untied_head: bool = False
+    #: ``modules:``: config.json keys (dotted into sub-configs) -> new layer counts of sliced modules
+    config_layers: Mapping[str, int] = field(default_factory=dict)
+    #: remarks of the layout for the user (``Layout.remarks``)
+    remarks: tuple[str, ...] = ()
     #: the output vocabulary when the config aligns vocabularies (``tokenizer`` / ``tokenizer_source``)
     vocabulary: Vocabulary | None = None
     #: the vocabulary tensors' permuted sources, to write (``embeddings.write_permuted``) before the engine runs
@@ -259,6 +263,8 @@ def build_plan(
         models=tuple(models[r] for r in config.model_refs()),
         num_layers=layout.num_layers,
         untied_head=layout.untied_head,
+        config_layers=dict(layout.config_layers),
+        remarks=layout.remarks,
         vocabulary=vocabulary,
         permuted=tuple(aligner.tensors) if aligner is not None else (),
     )
