@@ -16,8 +16,7 @@ Which kernel runs (all math float32, one rounding into the result dtype):
 
 * ``task_arithmetic``: the ``task_arithmetic`` kernel over a zero base (δ − 0 = δ exactly), one pass.
 * ``magnitude_based_pruning``: the TIES trim of one tensor, exact ``int(density·numel)`` kept; ``magnitude_prune``
-  trims and sums in one ``breadcrumbs`` pass with ``gamma = 0`` when the core has it, else trims each tensor
-  (TIES trim) and sums them with the ``task_arithmetic`` kernel.
+  trims and sums in one ``breadcrumbs`` pass with ``gamma = 0`` (no outliers removed: the same top-k).
 * ``ties`` / ``dare_ties`` with ``"total"`` and equal weights ``w``: one ``ties`` / ``dare_ties`` kernel pass with
   weights 1 (so the election is unweighted and the divisor is the agreeing count) and ``lambda = w``. Otherwise
   (``"frequency"`` or unequal weights) the pruning runs in the kernels and the sign election and disjoint merge
@@ -49,7 +48,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from functools import lru_cache
 from typing import Any, Literal
 
 import numpy as np
@@ -87,17 +85,6 @@ def _torch() -> Any:
 def _kernel_dtype_name(dtype: Any) -> str | None:
     torch = _torch()
     return {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}.get(dtype)
-
-
-@lru_cache(maxsize=None)
-def _core_has(method: str) -> bool:
-    """Whether the built Rust core knows ``method`` (the newer kernels arrive with newer builds of ``_core``)."""
-    one = np.ones(1, np.float32)
-    try:
-        _core.merge_arrays(method, [one], one, [1.0], [1.0], out_dtype="float32", normalize=False)
-    except _core.ParameterError as e:
-        return "unknown merge method" not in str(e).lower()
-    return True
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -343,11 +330,8 @@ def magnitude_prune(task_tensors: list[Any], weights: Any, density: float) -> An
     if int(density * tasks[0].numel()) == 0:
         return torch.zeros(tasks[0].shape, dtype=out_dtype, device=tasks[0].device)
     n = len(tasks)
-    if _core_has("breadcrumbs"):
-        # breadcrumbs without outliers (gamma 0) keeps exactly the int(density·n) largest |δ|, lowest index on ties
-        return _kernel("breadcrumbs", tasks, w, [density] * n, out_dtype, gammas=[0.0] * n)
-    trimmed = [_trim(t, density) for t in tasks]
-    return _kernel("task_arithmetic", trimmed, w, [1.0] * n, out_dtype)
+    # breadcrumbs without outliers (gamma 0) keeps exactly the int(density·n) largest |δ|, lowest index on ties
+    return _kernel("breadcrumbs", tasks, w, [density] * n, out_dtype, gammas=[0.0] * n)
 
 
 def _consensus(
