@@ -312,9 +312,10 @@ BUILTIN_CHAT_TEMPLATES = {
         "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
         "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
     ),
+    # mergekit's llama3 ends every message with a newline after <|eot_id|>; kept, so both tools' outputs agree
     "llama3": (
         "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + "
-        "m['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+        "m['content'] | trim + '<|eot_id|>\\n' }}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
     ),
     "mistral": (
@@ -332,16 +333,15 @@ BUILTIN_CHAT_TEMPLATES = {
         "{%- endif -%}"
         "{%- endfor -%}"
     ),
+    # the last system message, then "### Instruction:" / "### Input:" / "### Response:" blocks, blank-line separated
     "alpaca": (
         "{%- set sys = messages | selectattr('role', 'equalto', 'system') | list -%}"
-        "{{- (sys | last)['content'] | trim if sys else '' -}}\n\n"
-        "{%- for m in messages -%}"
-        "{%- set head = {'user': '### Instruction:', 'assistant': '### Response:', 'user_context': '### Input:'}"
-        ".get(m['role']) -%}"
-        "{%- if head -%}{{- head + '\\n' + m['content'] | trim -}}{%- if not loop.last -%}\n\n\n{%- endif -%}\n"
-        "{%- endif -%}"
+        "{{- (sys | last)['content'] | trim if sys else '' -}}"
+        "{%- set heads = {'user': '### Instruction:', 'assistant': '### Response:', 'user_context': '### Input:'} -%}"
+        "{%- for m in messages if m['role'] in heads -%}"
+        "{{- '\\n\\n' + heads[m['role']] + '\\n' + m['content'] | trim -}}"
         "{%- endfor -%}"
-        "{%- if add_generation_prompt and messages[-1]['role'] != 'assistant' -%}{{- '### Response:\\n' -}}"
+        "{%- if add_generation_prompt and messages[-1]['role'] != 'assistant' -%}{{- '\\n\\n### Response:\\n' -}}"
         "{%- endif -%}"
     ),
     "exaone": (
