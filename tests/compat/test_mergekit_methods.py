@@ -9,7 +9,9 @@ tensor the non-zero ``|x − base|`` of a model are pairwise distinct, so every 
 della's ranks) has exactly one answer. The fine-tunes share a direction (``a``, ``b``, ``d`` along it, ``c``
 against it), so cosines, sign elections and model_stock's ``t`` are far from degenerate; ``c`` and ``d`` leave a
 quarter of their elements exactly at the base (sparse fine-tunes, which RAM's unique/shared split needs).
-``near`` is the base plus tiny noise (slerp's linear branch), ``base16``/``a16`` are bfloat16 copies of ``base``/``a``.
+``near`` is the base plus tiny noise (slerp's linear branch), ``far`` an independent draw (~90° from everything, so
+the spherical methods are far from linear and karcher needs its iterations), ``base16``/``a16`` are bfloat16 copies
+of ``base``/``a``.
 
 Both tools run the same YAML files (mergekit through ``mergekit-yaml`` in one interpreter with ``--random-seed``,
 see test_mergekit_diff.py). Tolerances, all float32 math on both sides:
@@ -102,6 +104,7 @@ def family5(tmp_path_factory) -> Path:
         _write_model(root, name, tensors, "float32")
     _write_model(root, "near", {k: (v + rng.normal(0.0, 1e-4, v.shape)).astype(np.float32) for k, v in base.items()},
                  "float32")
+    _write_model(root, "far", {k: _on_grid(rng.normal(0.0, 0.02, s)) for k, s in shapes.items()}, "float32")
     a = read_safetensors_dir(root / "a")
     for src, dst in (("base", "base16"), ("a", "a16")):
         values = base if src == "base" else a
@@ -148,6 +151,7 @@ def case_configs(root: Path) -> dict[str, dict[str, Any]]:
         "slerp_t03": with_base("slerp", [("a", None)], {"t": 0.3}),
         "slerp_t07_base_listed": with_base("slerp", [("base", None), ("b", None)], {"t": 0.7}),
         "slerp_lerp_branch": with_base("slerp", [("near", None)], {"t": 0.4}),  # |cos| > 0.9995: linear branch
+        "slerp_far": with_base("slerp", [("far", None)], {"t": 0.5}),
         # examples/gradient-slerp.yml, fp32
         "slerp_gradient": {
             "slices": [{"sources": [{"model": str(root / "base"), "layer_range": [0, LAYERS]},
@@ -173,6 +177,11 @@ def case_configs(root: Path) -> dict[str, dict[str, Any]]:
         "karcher_base_joins": with_base("karcher", [("a", None), ("b", None)]),
         "karcher_iters": no_base("karcher", [("a", None), ("b", None), ("c", None), ("d", None)],
                                  {"max_iter": 3, "tol": 1e-9}),
+        # wide angles: one iteration stops well short of the mean, the default ten converge
+        "karcher_far_one_iter": no_base("karcher", [("a", None), ("far", None), ("c", None)], {"max_iter": 1}),
+        "karcher_far": no_base("karcher", [("a", None), ("far", None), ("c", None)]),
+        # tol also gates inputs by norm (≤ tol: out of the direction, all out: zero) and angles (< tol: no pull)
+        "karcher_tol_gate": no_base("karcher", [("a", None), ("b", None)], {"tol": 0.5}),
         # --- breadcrumbs (per-tensor magnitude band) and breadcrumbs_ties
         "breadcrumbs_d05": with_base("breadcrumbs", [("a", w(0.5, density=0.5)), ("b", w(0.5, density=0.5))]),
         "breadcrumbs_gamma0": with_base("breadcrumbs", [("a", w(1.0, density=0.7, gamma=0.0)),
@@ -285,7 +294,8 @@ DETERMINISTIC = {
     "nuslerp_nobase": SPHERICAL, "nuslerp_base": SPHERICAL, "nuslerp_rows": SPHERICAL,
     "nuslerp_cols_base": SPHERICAL,
     "multislerp_nobase3": SPHERICAL, "multislerp_base3": SPHERICAL, "multislerp_base_unnormalized": SPHERICAL,
-    "karcher_base_joins": SPHERICAL, "karcher_iters": SPHERICAL,
+    "karcher_base_joins": SPHERICAL, "karcher_iters": SPHERICAL, "karcher_far_one_iter": SPHERICAL,
+    "karcher_far": SPHERICAL, "karcher_tol_gate": SPHERICAL, "slerp_far": SPHERICAL,
     "breadcrumbs_d05": ELEMENTWISE, "breadcrumbs_gamma0": ELEMENTWISE, "breadcrumbs_mixed": ELEMENTWISE,
     "breadcrumbs_single": ELEMENTWISE, "breadcrumbs_ties": ELEMENTWISE, "breadcrumbs_ties_norm_rescale": ELEMENTWISE,
     "sce_top1": ELEMENTWISE,
@@ -340,8 +350,8 @@ def test_slerp_endpoints_and_gradient_anchor(mk_runs, fm_run, family5):
             np.testing.assert_allclose(out[tensor], want[tensor], rtol=1e-6, atol=1e-8, err_msg=tensor)
 
 
-@pytest.mark.parametrize("case", ["karcher_base_joins", "karcher_iters", "multislerp_nobase3", "multislerp_base3",
-                                  "multislerp_base_unnormalized"])
+@pytest.mark.parametrize("case", ["karcher_base_joins", "karcher_iters", "karcher_far", "multislerp_nobase3",
+                                  "multislerp_base3", "multislerp_base_unnormalized"])
 def test_spherical_norm_anchors(mk_runs, fm_run, family5, case):
     """Anchors that do not come from either tool: karcher returns (Σ‖T_i‖/N)·u with ‖u‖ = 1 over *all* inputs, the
     base_model included (mergekit adds it as an input); multislerp returns (Σ w_i‖X_i‖)·r (+ base) with ‖r‖ = 1,
