@@ -231,7 +231,7 @@ def test_vocabulary_size_mismatch_is_named_and_never_truncated(
         str(fam.finetunes[0] / "model.safetensors"),
         "lm_head.weight",
         "vocabulary-size mismatch (260 vs 256 tokens)",
-        "not supported yet",
+        "align the vocabularies with tokenizer_source",
     )
 
 
