@@ -239,6 +239,22 @@ def test_seed_none_follows_torch_random_seed(runs, case):
     assert all(not np.array_equal(a[n], fixed[n]) for n in big), "seed=None gave seed 0's masks"
 
 
+def test_module_command_is_mergekit_yaml_with_the_kernels(runs, mergekit_python_path):
+    """``python -m ferromerge.compat.mergekit`` (mergekit-yaml's options) writes what the registered run wrote."""
+    work, _, _ = runs
+    out = work / "cli-ties"
+    env = dict(os.environ, PYTHONPATH=str(work / "path"), CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([str(mergekit_python_path), "-m", "ferromerge.compat.mergekit", str(work / "ties.yml"),
+                           str(out), "--no-copy-tokenizer", "--no-write-model-card", "--quiet"],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cli = read_safetensors_dir(out)
+    fm, _ = _out(runs, "ties", "fm")
+    assert set(cli) == set(fm)
+    for name in fm:
+        np.testing.assert_array_equal(cli[name], fm[name], err_msg=name)
+
+
 def test_unregister_restores_mergekits_methods(runs):
     _, _, results = runs
     reg = results["__registry__"]
