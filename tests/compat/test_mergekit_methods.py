@@ -545,8 +545,8 @@ def _poisson_binomial_ok(kept: int, p: np.ndarray, sigmas: float = 5.0) -> bool:
 
 def test_della_linear_single_rank_bands(mk_runs, fm_run, family5):
     """One model, weight 1, no rescale: out = base + δ·mask on both sides. Kept values are exactly the fine-tune,
-    dropped ones exactly the base; in each quarter of the normalised rank the kept count matches Σp within 5σ on
-    both sides, and the two sides' band fractions agree within a two-sample 5σ bound."""
+    dropped ones exactly the base; each tensor's kept count and, over the model, each quarter of the normalised rank's
+    kept count match Σp within 5σ on both sides; the two sides' band fractions agree within a two-sample 5σ bound."""
     case = "della_linear_single"
     mk, fm, cfg = _pair(mk_runs, fm_run, case)
     par = cfg["models"][0]["parameters"]
@@ -564,6 +564,7 @@ def test_della_linear_single_rank_bands(mk_runs, fm_run, family5):
             o = out[name].reshape(-1)
             kept = o != b0
             np.testing.assert_array_equal(o[kept], x0[kept], err_msg=f"{side} {name}")
+            assert _poisson_binomial_ok(int(kept.sum()), p), f"{side} {name}: kept {int(kept.sum())} of {p.size}"
             for i in range(4):
                 kept_band[side][i] += kept[band == i].sum()
         for i in range(4):
