@@ -161,6 +161,21 @@ def test_run_merges_like_the_in_memory_api(family_f32: Family, tmp_path: Path, c
     assert any(not np.array_equal(merged[n][1], base[n][1]) for n in merged)
 
 
+@pytest.mark.parametrize("case_name", CASES)
+def test_plan_checks_and_predicts_every_method(
+    family_f32: Family, tmp_path: Path, capsys: pytest.CaptureFixture[str], case_name: str
+) -> None:
+    # the time prediction runs the method's kernel on synthetic data with the plan's parameters
+    method = case_name.split("+")[0]
+    cfg, *_ = case(family_f32, case_name)
+    config = write_config(tmp_path / "merge.yml", {"merge_method": method, **cfg})
+    capsys.readouterr()
+    assert main(["plan", str(config), str(tmp_path / "out"), "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"method: {method} (seed 0)" in out and "tensors: 21" in out and "predicted time: " in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merge.yml"]
+
+
 def test_gradient_slerp_through_the_cli_process(family_f32: Family, tmp_path: Path) -> None:
     # mergekit's examples/gradient-slerp.yml shape: t per filter and layer; t = 0 is the base, t = 1 the other model
     cfg, *_ = case(family_f32, "slerp")
@@ -227,9 +242,10 @@ def test_optional_base_with_slices(family_f32: Family, tmp_path: Path, method: s
             out["parameters"] = {"weight": weight}
         return out
 
-    without = {"merge_method": method, "slices": [{"sources": [src(fam.finetunes[0], 1.0), src(fam.finetunes[1], 2.0)]}]}
+    weighted = [src(fam.finetunes[0], 1.0), src(fam.finetunes[1], 2.0)]
+    without = {"merge_method": method, "slices": [{"sources": weighted}]}
     with_base = {"merge_method": method, "base_model": str(fam.base),
-                 "slices": [{"sources": [src(fam.base), src(fam.finetunes[0], 1.0), src(fam.finetunes[1], 2.0)]}]}
+                 "slices": [{"sources": [src(fam.base), *weighted]}]}
     for label, cfg in [("without", without), ("with", with_base)]:
         config = write_config(tmp_path / f"{label}.yml", cfg)
         assert main(["run", str(config), str(tmp_path / label), "--quiet"]) == 0
@@ -262,7 +278,7 @@ def config_fails(
 @pytest.mark.parametrize(
     ("method", "n", "with_base", "extra", "fragments"),
     [
-        ("slerp", 2, True, {"t": 0.5}, ["models: slerp takes a base_model and exactly 1 other model, got 2 (models[0] "]),
+        ("slerp", 2, True, {"t": 0.5}, ["models: slerp takes a base_model and exactly 1 other model, got 2 (models[0"]),
         ("nearswap", 3, True, {"t": 0.5}, ["nearswap takes a base_model and exactly 1 other model, got 3"]),
         ("arcee_fusion", 2, True, {}, ["arcee_fusion takes a base_model and exactly 1 other model, got 2"]),
         ("nuslerp", 3, False, {}, ["nuslerp takes exactly 2 models besides the base_model (which is optional), got 3"]),

@@ -69,8 +69,6 @@ class MethodSpec:
     kernel_fixed: dict[str, Any] = field(default_factory=dict)
     #: shared parameters that go to the kernel's ``params`` object (numbers; booleans as 1.0/0.0)
     kernel_params: tuple[str, ...] = ()
-    #: the kernel takes normalize / lambda / rescale (linear and the task-arithmetic family)
-    gta: bool = False
     #: the kernel needs the tensor's shape (row-wise work: della, model_stock filter_wise, ...); others see a
     #: flat array, so the in-memory API only passes the shape to these
     row_wise: bool = False
@@ -150,15 +148,18 @@ def _gta(
         shared["per_row"] = _PER_ROW
         kernel_params = ("per_row",)
     return MethodSpec(
-        name, "required", name, per_model, shared, random, kernel_params=kernel_params, gta=True,
+        name, "required", name, per_model, shared, random, kernel_params=kernel_params,
         row_wise=row_wise or per_row,
     )
 
 
-def _method(name: str, base: str, shared: dict[str, ParamSpec] | None = None, **kw: Any) -> MethodSpec:
-    """A method whose only per-model parameter is ``weight`` (or none) and whose shared ones all go to the kernel."""
+def _method(
+    name: str, base: str, shared: dict[str, ParamSpec] | None = None, *, weighted: bool = False, **kw: Any
+) -> MethodSpec:
+    """A method whose only per-model parameter is ``weight`` (``weighted``, else none) and whose shared ones all go
+    to the kernel (except ``int8_mask``, accepted for mergekit compatibility)."""
     shared = shared or {}
-    per_model = {"weight": _WEIGHT} if kw.pop("weighted", False) else {}
+    per_model = {"weight": _WEIGHT} if weighted else {}
     kernel_params = tuple(n for n in shared if n != "int8_mask")
     return MethodSpec(
         name, base, name, per_model, shared, weight_param="weight" if per_model else None,
@@ -168,7 +169,7 @@ def _method(name: str, base: str, shared: dict[str, ParamSpec] | None = None, **
 
 REGISTRY: dict[str, MethodSpec] = {
     "linear": MethodSpec(
-        "linear", "joins", "linear", {"weight": _WEIGHT}, {"normalize": ParamSpec(bool, True)}, gta=True
+        "linear", "joins", "linear", {"weight": _WEIGHT}, {"normalize": ParamSpec(bool, True)}
     ),
     "task_arithmetic": _gta("task_arithmetic", sparsify=False, normalize=False, rescale=False),
     "ties": _gta("ties", sparsify=True, normalize=True, rescale=False),
@@ -254,7 +255,6 @@ REGISTRY: dict[str, MethodSpec] = {
         {},
         weight_param="scale",
         kernel_fixed={"normalize": False},
-        gta=True,
         max_inputs=1,
     ),
 }

@@ -435,8 +435,8 @@ def merge_state_dicts(
     Every state dict must have the same tensor names and shapes (else ``InputError`` naming the model and tensor).
     Per-model parameters are a scalar, a list (in mapping order, non-base models only unless ``linear`` or
     ``karcher``) or a dict keyed by model name. Random masks (DARE, DELLA) are keyed by ``seed``, the tensor name and
-    the model's position among the non-base models in mapping order. Integer/bool buffers are copied when every model agrees. Returns
-    ``{tensor_name: merged array}`` in the first model's key order.
+    the model's position among the non-base models in mapping order. Integer/bool buffers are copied when every
+    model agrees. Returns ``{tensor_name: merged array}`` in the first model's key order.
     """
     if not isinstance(state_dicts, Mapping) or not state_dicts:
         raise InputError("merge_state_dicts: expected a non-empty mapping {model_name: state_dict}")
