@@ -463,6 +463,7 @@ def parse_config(data: Any, *, text: str | None = None, origin: str = "config") 
         modules=modules,
     )
 
+
 def _tokenizer(raw: RawConfig, refs: list[str]) -> TokenizerSettings | None:
     """The vocabulary alignment settings, checked: the source, the models that ``tokens`` take rows from (each
     must be merged: the rows come from the tensors being merged), padding, and the chat template's form."""

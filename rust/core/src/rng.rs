@@ -73,10 +73,16 @@ impl Stream {
     /// Like `keep_mask` with a probability per element (DELLA): element `start + i` is kept iff u < `probs[i]`,
     /// with the same draw `u` that `keep_mask` uses for that element.
     pub fn keep_mask_each(&self, start: usize, probs: &[f32], keep: &mut [bool]) {
+        // One Philox block serves four consecutive elements.
+        let mut cached = (u64::MAX, [0u32; 4]);
         for (i, (k, &p)) in keep.iter_mut().zip(probs).enumerate() {
             let j = start + i;
+            let b = (j / 4) as u64;
+            if cached.0 != b {
+                cached = (b, self.block(b));
+            }
             let thresh = (p as f64 * 16_777_216.0).ceil().clamp(0.0, 16_777_216.0) as u32;
-            *k = (self.block((j / 4) as u64)[j % 4] >> 8) < thresh;
+            *k = (cached.1[j % 4] >> 8) < thresh;
         }
     }
 

@@ -309,6 +309,10 @@ pub fn validate(job: &Job) -> Result<()> {
     if selects_whole && job.numel as u64 >= u32::MAX as u64 {
         return err(format!("{} elements: magnitude selection supports tensors of fewer than 2^32", job.numel));
     }
+    let row_sorts = sparsify == Sparsify::Della || (sparsify == Sparsify::Outliers && spec.params.per_row);
+    if row_sorts && job.row_len() as u64 >= u32::MAX as u64 {
+        return err(format!("rows of {} elements: row-wise ranking supports rows of fewer than 2^32", job.row_len()));
+    }
     if method == Method::Linear && spec.normalize && job.inputs.iter().map(|i| i.weight).sum::<f64>() == 0.0 {
         return err("linear with normalize: the weights sum to zero".into());
     }

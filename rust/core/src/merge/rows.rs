@@ -9,11 +9,13 @@ use crate::error::Result;
 use crate::kernels::select::abs_bits;
 use crate::rng::Stream;
 
-/// Indices of `row` ordered by |x| ascending, ties lower index first.
-fn ascending(row: &[f32], order: &mut Vec<u32>) {
+/// Indices of `row` ordered by |x| ascending, ties lower index first: one u64 key per element (|x| bits
+/// above the index), which sorts much faster than a tuple key.
+fn ascending(row: &[f32], order: &mut Vec<u64>) {
     order.clear();
-    order.extend(0..row.len() as u32);
-    order.sort_unstable_by_key(|&j| (abs_bits(row[j as usize]), j));
+    order.extend(row.iter().enumerate().map(|(j, &v)| ((abs_bits(v) as u64) << 32) | j as u64));
+    order.sort_unstable();
+    order.iter_mut().for_each(|k| *k &= 0xffff_ffff);
 }
 
 /// DELLA's keep probability per element: in each row, rank r = 1..n by |x| ascending (ties: lower index
