@@ -393,6 +393,17 @@ def della(base, xs, weights, densities, epsilons, masks, shape, *, consensus: bo
     return combine(base, sparse, weights, consensus=consensus, normalize=normalize, lam=lam)
 
 
+def election_ambiguous(W: np.ndarray) -> np.ndarray:
+    """Elements whose sign election (Σ_i W_i >= 0) is too close to call in float32: |Σ W| <= 1e-5·Σ|W|, unless the
+    sum is exactly 0 with every term and partial sum exact in float32 (grid data), which any order decides alike."""
+    tot = np.abs(W).sum(0)
+    S = W.sum(0)
+    as32 = lambda a: a.astype(np.float32).astype(np.float64)  # noqa: E731
+    cs = np.cumsum(W, axis=0)
+    exact = (as32(W) == W).all(0) & (as32(cs) == cs).all(0)
+    return (tot > 0) & (np.abs(S) <= 1e-5 * tot) & ~((S == 0) & exact)
+
+
 def combine(base, sparse, weights, *, consensus: bool, normalize: bool, lam: float = 1.0) -> Ref:
     """The GTA combination of already sparsified task vectors (same rules as ``reference.gta``)."""
     b = _f64(base)
@@ -406,8 +417,7 @@ def combine(base, sparse, weights, *, consensus: bool, normalize: bool, lam: flo
         mixed, divisor, agree = ref.disjoint_mean(W, w, elected)
         used = np.where(agree, absW, 0.0).sum(0)
         used_w = np.where(agree, np.abs(w)[:, None], 0.0).sum(0)
-        tot = absW.sum(0)
-        ambiguous = (tot > 0) & (np.abs(W.sum(0)) <= 1e-5 * tot)
+        ambiguous = election_ambiguous(W)
     else:
         mixed = W.sum(0)
         s = float(w.sum())
@@ -491,8 +501,7 @@ def sce(base, xs, *, select_topk: float = 1.0) -> Ref:
     ew = np.where(agree, w[:, None], 0.0)
     den = np.maximum(ew.sum(0), 1e-6)
     mixed = (T * ew).sum(0) / den
-    tot = np.abs(T).sum(0)
-    amb = ((tot > 0) & (np.abs(S) <= 1e-5 * tot)) | w_amb
+    amb = election_ambiguous(T) | w_amb
     scale = np.abs(b) + 2.0 * (np.abs(T) * ew).sum(0) / den
     return Ref(b + mixed, scale, amb)
 
@@ -568,8 +577,10 @@ ARCEE_QUANTILES = (0.25, 0.5, 0.75)
 def arcee_importance(base, x, shape) -> tuple[np.ndarray, np.ndarray]:
     """(importance |b − a|·KL(softmax(b)+1e-8 ‖ softmax(a)+1e-8) per element, its float32 error bound).
 
-    The KL divergence is per row (last dim); a is the base. The bound covers a float32 evaluation of the softmax,
-    the logarithms and the sum (absolute error ~ eps32·Σ p(|log p| + |log q| + 1) per row).
+    The KL divergence is per row (last dim); a is the base. The bound covers a float32 evaluation as mergekit's:
+    p and q each carry a relative error of a few eps32 (exp, row sum, division), so log(p/q) is off by a few eps32
+    absolute; those errors are independent between elements, and the p-weighted sum stays within ~4·eps32 of the
+    true KL (plus a relative error of the terms).
     """
     a = _rows(_f64(base), shape)
     b = _rows(_f64(x), shape)
@@ -583,7 +594,9 @@ def arcee_importance(base, x, shape) -> tuple[np.ndarray, np.ndarray]:
     q = softmax(a) + 1e-8
     lp, lq = np.log(p), np.log(q)
     kl = (p * (lp - lq)).sum(-1, keepdims=True)
-    kl_err = 64.0 * EPS32 * (p * (np.abs(lp) + np.abs(lq) + 1.0)).sum(-1, keepdims=True)
+    kl_err = 4.0 * EPS32 * (1.0 + (p * np.abs(lp - lq)).sum(-1, keepdims=True))
+    if a.shape[-1] == 1:  # one-element rows: both softmaxes are exactly 1 in any arithmetic, KL exactly 0
+        kl_err[:] = 0.0
     imp = d * kl
     err = d * kl_err + 4.0 * EPS32 * np.abs(imp)
     return imp.reshape(-1), err.reshape(-1)
@@ -606,7 +619,12 @@ def arcee_fusion(base, x, shape) -> tuple[Ref, np.ndarray]:
     thr = arcee_threshold(imp)
     keep = imp >= thr
     out = a + np.where(keep, delta, 0.0)
-    thr_err = 4.0 * float(err.max()) if err.size else 0.0
-    amb = (np.abs(imp - thr) <= err + thr_err) & (delta != 0)
+    # the threshold moves by at most the errors of the order statistics it is made of (twice, for neighbours that
+    # could swap into those positions)
+    e = err[np.argsort(imp, kind="stable")]
+    i1, im, i3 = (int(np.float32(q) * np.float32(imp.size - 1)) for q in ARCEE_QUANTILES)
+    thr_err = 2.0 * (e[im] + 1.5 * (e[i3] + e[i1])) if imp.size else 0.0
+    window = err + thr_err
+    amb = (np.abs(imp - thr) <= window) & (window > 0) & (delta != 0)
     scale = np.abs(a) + np.abs(delta) + np.abs(_f64(x))
     return Ref(out, scale, amb), keep
