@@ -253,7 +253,10 @@ fn karcher(max_iter: u32, tol: f64, g: &G) -> Vec<f64> {
         for &i in &valid {
             let dot = (g.dot_with(&mean, i) / n[i]).clamp(-1.0, 1.0);
             let theta = dot.acos();
-            if theta < tol {
+            // Nearly antipodal (sin θ < 1e-4): the direction u_i − cos θ·u is numerically undefined, and θ/sin θ
+            // would blow the Gram-space rounding up to the size of the step; mergekit's elementwise f32 gets an
+            // exact zero for exactly antipodal inputs, which skipping reproduces.
+            if theta < tol || 1.0 - dot * dot < 1e-8 {
                 continue;
             }
             let f = alpha * theta / theta.sin();

@@ -123,7 +123,8 @@ fn sce(job: &Job, opts: &Options, sink: &dyn Sink) -> Result<()> {
             keys.load(start, len, s);
             vec![s.x[0][..len].iter().filter(|&&v| v != 0.0).count() as f64]
         })[0];
-        let k = (nonzero * topk) as u64;
+        // mergekit multiplies a count tensor by a Python float: a float32 product (180 × 0.65 → 116, not 117).
+        let k = ((nonzero as f32) * (topk as f32)) as u64;
         select_rules(&keys, chunk, opts, &[Some(k)])[0]
     } else {
         TrimRule::ALL

@@ -35,19 +35,18 @@ pub(super) fn della_probs(x: &[f32], row_len: usize, density: f64, epsilon: f64,
     }
 }
 
-/// breadcrumbs per row (the paper's variant): in each row of n, the same band as over a whole tensor.
+/// breadcrumbs per row (the paper's variant): in each row of n, the same band as over a whole tensor, ranked
+/// by |x| descending with ties lower index first (the whole-tensor selection's rule).
 pub(super) fn outlier_band_rows(x: &[f32], row_len: usize, density: f64, gamma: f64, keep: &mut [bool]) {
-    let mut order = Vec::new();
+    let mut order: Vec<u64> = Vec::new();
     for (row, k) in x.chunks(row_len).zip(keep.chunks_mut(row_len)) {
-        let n = row.len() as u64;
-        let (outer, top) = super::gta::outlier_band(n, density, gamma);
-        ascending(row, &mut order);
-        // Descending position of ascending index a is n − 1 − a (so among ties the lower index ranks higher,
-        // the same rule as the whole-tensor selection); kept positions are [top, outer).
-        k.fill(false);
-        for (a, &j) in order.iter().enumerate() {
-            let desc = n - 1 - a as u64;
-            k[j as usize] = desc >= top && desc < outer;
+        let (outer, top) = super::gta::outlier_band(row.len() as u64, density, gamma);
+        // Complemented |x| bits above the index: ascending keys are |x| descending, ties lower index first.
+        order.clear();
+        order.extend(row.iter().enumerate().map(|(j, &v)| ((!abs_bits(v) as u64) << 32) | j as u64));
+        order.sort_unstable();
+        for (desc, &key) in order.iter().enumerate() {
+            k[(key & 0xffff_ffff) as usize] = (desc as u64) >= top && (desc as u64) < outer;
         }
     }
 }
