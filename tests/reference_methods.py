@@ -222,6 +222,10 @@ def karcher(xs, *, max_iter: int = 10, tol: float = 1e-5) -> Ref:
             amb |= 1e-3 * tol <= theta <= 100.0 * tol
             if theta < tol:
                 continue
+            # nearly antipodal to the mean: θ/sinθ amplifies the rounding of the perpendicular part without bound
+            # (the Karcher mean of two antipodal points is not unique); exactly antipodal inputs (perpendicular
+            # part at float64 noise, e.g. one-element tensors or x and −x) are well defined and stay compared
+            amb |= dot < 0 and np.sin(theta) < 1e-3 and float(np.linalg.norm(u - dot * mean)) > 1e-12
             tangent += alpha * (theta / np.sin(theta)) * (u - dot * mean)
         tn = float(np.linalg.norm(tangent))
         amb |= 0.9 * tol <= tn <= 1.1 * tol
