@@ -453,19 +453,30 @@ def sce_variance(deltas: Sequence[np.ndarray]) -> np.ndarray:
     return ((T - m) ** 2).mean(0)
 
 
+def sce_variance_exact(deltas) -> list[int]:
+    """N²·2^298·variance per element as an exact integer, N·ΣX² − (ΣX)² with X = δ·2^149 (every float32 is an
+    integer multiple of 2^-149): equal variances compare equal whatever the order of the models, which no float
+    evaluation guarantees (three models: (a, b, c) and (a, c, b) round differently)."""
+    # float32 · 2^149 is an integer exactly representable in float64 (a power-of-two scaling), so int() is exact
+    cols = [[int(v) for v in np.asarray(d, dtype=np.float32).reshape(-1).astype(np.float64) * 2.0**149]
+            for d in deltas]
+    N = len(cols)
+    return [N * sum(c[j] * c[j] for c in cols) - sum(c[j] for c in cols) ** 2 for j in range(len(cols[0]))]
+
+
 def sce_topk_mask(deltas, select_topk: float) -> np.ndarray:
     """Elements kept by the variance selection: the k largest variances, ties lowest index first (all kept when
-    select_topk >= 1; none when k = 0)."""
+    select_topk >= 1; none when k = 0). Variances are compared exactly (``sce_variance_exact``)."""
     n = np.asarray(deltas[0]).size
     if select_topk >= 1.0:
         return np.ones(n, dtype=bool)
     if select_topk <= 0.0:
         return _none(n)
-    var = sce_variance(deltas)
-    k = sce_k(int(np.count_nonzero(var)), select_topk)
+    var = sce_variance_exact(deltas)
+    k = sce_k(sum(1 for v in var if v != 0), select_topk)
     mask = _none(n)
     if k > 0:
-        mask[np.lexsort((np.arange(n), -var))[:k]] = True
+        mask[sorted(range(n), key=lambda j: (-var[j], j))[:k]] = True
     return mask
 
 
