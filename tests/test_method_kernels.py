@@ -723,9 +723,6 @@ def test_sce_variance_ties_keep_the_lowest_index():
     np.testing.assert_array_equal(out, np.float32([1, 1, 0, 0]))
 
 
-@pytest.mark.xfail(strict=True, reason="kernel (pointwise.rs variance_into) ranks a float32 two-pass variance: "
-                   "equal variances of permuted or shifted deltas of three models round apart, so the tie is not "
-                   "broken by index; found by this test, reported to the lead")
 def test_sce_equal_variances_of_permuted_or_shifted_deltas_tie_by_index():
     """Three models whose deltas at two elements are the same values in another order (or shifted by a constant)
     have equal variances, so the tie rule decides: the lower index is kept (k = 1 of 2). A float evaluation of the

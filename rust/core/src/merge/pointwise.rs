@@ -85,11 +85,19 @@ struct Variance<'a> {
     opts: &'a Options,
 }
 
+/// Σx² and Σx in f64 are exact for a few f32 values of similar magnitude, so (Σx² − (Σx)²/m)/m does not depend
+/// on the order of the models (equal variances of permuted deltas stay equal and tie by index); f64 keeps the
+/// cancellation far below f32 resolution.
 fn variance_into(s: &mut Scratch, m: usize, len: usize) {
-    let inv = 1.0 / m as f32;
+    let mf = m as f64;
     for j in 0..len {
-        let mean = (0..m).map(|i| s.x[i][j]).sum::<f32>() * inv;
-        s.total[j] = (0..m).map(|i| (s.x[i][j] - mean) * (s.x[i][j] - mean)).sum::<f32>() * inv;
+        let (mut s1, mut s2) = (0f64, 0f64);
+        for x in &s.x[..m] {
+            let v = x[j] as f64;
+            s1 += v;
+            s2 += v * v;
+        }
+        s.total[j] = ((s2 - s1 * s1 / mf).max(0.0) / mf) as f32;
     }
 }
 
