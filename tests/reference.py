@@ -161,7 +161,7 @@ def linear(xs: Sequence[np.ndarray], weights: Sequence[float], normalize: bool) 
 def task_arithmetic_plain(base: np.ndarray, xs: Sequence[np.ndarray], weights: Sequence[float],
                           lam: float = 1.0) -> np.ndarray:
     """Textbook task arithmetic θ = b + λ Σ w_i (x_i − b), float64 (no normalize)."""
-    b = np.asarray(base, dtype=np.float64).reshape(-1)
+    b = np.asarray(base, dtype=np.float32).reshape(-1).astype(np.float64)
     mixed = sum(w * (np.asarray(x, dtype=np.float64).reshape(-1) - b) for w, x in zip(weights, xs))
     return b + lam * mixed
 
@@ -270,8 +270,27 @@ def gta(
     deltas = [task_vector(x, b32) for x in xs]
     if masks is None:
         masks = [np.ones(n, dtype=bool)] * m
-    sp = np.stack([sparsify(d, mk, dn, rescale) for d, mk, dn in zip(deltas, masks, dens)]) if m else np.zeros((0, n))
-    W = w[:, None] * sp
+    sp = [sparsify(d, mk, dn, rescale) for d, mk, dn in zip(deltas, masks, dens)]
+    return combine(b32, sp, w, consensus=consensus, normalize=normalize, lam=lam)
+
+
+def election_ambiguous(W: np.ndarray) -> np.ndarray:
+    """Elements whose sign election (Σ_i W_i >= 0) is too close to call in float32: |Σ W| <= 1e-5·Σ|W|, unless the
+    sum is exactly 0 with every term and partial sum exact in float32 (grid data), which any order decides alike."""
+    tot = np.abs(W).sum(0)
+    S = W.sum(0)
+    as32 = lambda a: a.astype(np.float32).astype(np.float64)  # noqa: E731
+    cs = np.cumsum(W, axis=0)
+    exact = (as32(W) == W).all(0) & (as32(cs) == cs).all(0)
+    return (tot > 0) & (np.abs(S) <= 1e-5 * tot) & ~((S == 0) & exact)
+
+
+def combine(base, sparse, weights, *, consensus: bool, normalize: bool, lam: float = 1.0) -> Ref:
+    """The GTA combination of already sparsified task vectors (shared by ``gta`` and the new methods' references)."""
+    b = np.asarray(base, dtype=np.float32).reshape(-1).astype(np.float64)
+    n = b.size
+    w = np.asarray(weights, dtype=np.float64)
+    W = w[:, None] * np.stack(sparse) if len(sparse) else np.zeros((0, n))
     absW = np.abs(W)
     ambiguous = np.zeros(n, dtype=bool)
     if consensus:
@@ -279,14 +298,7 @@ def gta(
         mixed, divisor, agree = disjoint_mean(W, w, elected)
         used = np.where(agree, absW, 0.0).sum(0)
         used_w = np.where(agree, np.abs(w)[:, None], 0.0).sum(0)
-        tot = absW.sum(0)
-        S = W.sum(0)
-        # an exactly zero sum is decided the same way (elected +1) by float32 code when every term and partial sum
-        # is exactly representable in float32 (dyadic weights on grid data); otherwise a near-zero sum is a coin flip
-        as32 = lambda a: a.astype(np.float32).astype(np.float64)  # noqa: E731
-        cs = np.cumsum(W, axis=0)
-        exact = (as32(W) == W).all(0) & (as32(cs) == cs).all(0)
-        ambiguous = (tot > 0) & (np.abs(S) <= 1e-5 * tot) & ~((S == 0) & exact)
+        ambiguous = election_ambiguous(W)
     else:
         mixed = W.sum(0)
         s = float(w.sum())
@@ -297,9 +309,7 @@ def gta(
     if normalize:
         mixed = mixed / divisor
         scale_mixed = used / np.abs(divisor) * (1.0 + used_w / np.abs(divisor))
-    out = b32.astype(np.float64) + lam * mixed
-    scale = np.abs(b32.astype(np.float64)) + abs(lam) * scale_mixed
-    return Ref(out, scale, ambiguous)
+    return Ref(b + lam * mixed, np.abs(b) + abs(lam) * scale_mixed, ambiguous)
 
 
 def ties(base, xs, weights, densities, *, normalize=True, lam=1.0, rescale="none") -> Ref:

@@ -394,45 +394,7 @@ def della(base, xs, weights, densities, epsilons, masks, shape, *, consensus: bo
         elif rescale != "none":
             raise ValueError(rescale)
         sparse.append(kept)
-    return combine(base, sparse, weights, consensus=consensus, normalize=normalize, lam=lam)
-
-
-def election_ambiguous(W: np.ndarray) -> np.ndarray:
-    """Elements whose sign election (Σ_i W_i >= 0) is too close to call in float32: |Σ W| <= 1e-5·Σ|W|, unless the
-    sum is exactly 0 with every term and partial sum exact in float32 (grid data), which any order decides alike."""
-    tot = np.abs(W).sum(0)
-    S = W.sum(0)
-    as32 = lambda a: a.astype(np.float32).astype(np.float64)  # noqa: E731
-    cs = np.cumsum(W, axis=0)
-    exact = (as32(W) == W).all(0) & (as32(cs) == cs).all(0)
-    return (tot > 0) & (np.abs(S) <= 1e-5 * tot) & ~((S == 0) & exact)
-
-
-def combine(base, sparse, weights, *, consensus: bool, normalize: bool, lam: float = 1.0) -> Ref:
-    """The GTA combination of already sparsified task vectors (same rules as ``reference.gta``)."""
-    b = _f64(base)
-    n = b.size
-    w = np.asarray(weights, dtype=np.float64)
-    W = w[:, None] * np.stack(sparse) if len(sparse) else np.zeros((0, n))
-    absW = np.abs(W)
-    ambiguous = _none(n)
-    if consensus:
-        elected = ref.elect_sign(W)
-        mixed, divisor, agree = ref.disjoint_mean(W, w, elected)
-        used = np.where(agree, absW, 0.0).sum(0)
-        used_w = np.where(agree, np.abs(w)[:, None], 0.0).sum(0)
-        ambiguous = election_ambiguous(W)
-    else:
-        mixed = W.sum(0)
-        s = float(w.sum())
-        divisor = np.full(n, 1.0 if abs(s) < 1e-8 else s)
-        used = absW.sum(0)
-        used_w = np.full(n, float(np.abs(w).sum()))
-    scale_mixed = used
-    if normalize:
-        mixed = mixed / divisor
-        scale_mixed = used / np.abs(divisor) * (1.0 + used_w / np.abs(divisor))
-    return Ref(b + lam * mixed, np.abs(b) + abs(lam) * scale_mixed, ambiguous)
+    return ref.combine(base, sparse, weights, consensus=consensus, normalize=normalize, lam=lam)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -516,7 +478,7 @@ def sce(base, xs, *, select_topk: float = 1.0) -> Ref:
     ew = np.where(agree, w[:, None], 0.0)
     den = np.maximum(ew.sum(0), 1e-6)
     mixed = (T * ew).sum(0) / den
-    amb = election_ambiguous(T) | w_amb
+    amb = ref.election_ambiguous(T) | w_amb
     scale = np.abs(b) + 2.0 * (np.abs(T) * ew).sum(0) / den
     return Ref(b + mixed, scale, amb)
 
