@@ -6,6 +6,7 @@
 
 from ._core import InputError, MergeError, OutputError, ParameterError, __version__
 from .errors import ConfigError
+from .extract_lora import extract_lora
 from .run import RunReport, run
 from .tensors import merge_state_dicts, merge_tensors
 
@@ -17,6 +18,7 @@ __all__ = [
     "ParameterError",
     "RunReport",
     "__version__",
+    "extract_lora",
     "merge_state_dicts",
     "merge_tensors",
     "run",

@@ -14,7 +14,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from . import _core
+from . import _core, extract_lora_cli
 from .errors import MergeError, ParameterError
 from .plan import DEFAULT_SHARD_SIZE, format_bytes
 
@@ -106,6 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quiet", action="store_true", help="print nothing")
     p.set_defaults(func=_cmd_demo)
+
+    extract_lora_cli.add_parser(sub)  # dispatches to extract_lora_cli.main
     return parser
 
 
