@@ -75,6 +75,8 @@ class MethodSpec:
     #: fewest and most kernel inputs per output tensor (non-base ones when the method takes a base); None = any
     min_inputs: int = 1
     max_inputs: int | None = None
+    #: SVD-heavy: handed to torch (``torch_path``) when the run's device is a torch one
+    gpu_bound: bool = False
 
     @property
     def requires_base(self) -> bool:
@@ -117,6 +119,16 @@ _EPSILON = ParamSpec(
 )
 _PER_ROW = ParamSpec(bool, False, doc="ferromerge: select per row (last dim), as the breadcrumbs paper's code does")
 _T = ParamSpec(float, None, doc="interpolation factor (required)")
+_ALPHA = ParamSpec(float, 1.0, doc="scale of the merged task vector (the papers sweep 0.1-3.0; 1.0 is their default)")
+_TALL_LAMBDA = ParamSpec(
+    float, 0.4, doc="TALL mask: keep |tau_t| > lambda * |tau_MTL - tau_t| (the papers pick 0.2-0.6 per task)", low=0.0
+)
+
+
+def _spectral(name: str, shared: dict[str, ParamSpec]) -> MethodSpec:
+    """A method of the singular-vector space of each 2-D task vector (TSV-M, Iso-C/CTS, STAR): no weights, every
+    parameter to the kernel, the shape too (it factorizes matrices), and torch may take it on a GPU."""
+    return _method(name, "required", shared, row_wise=True, gpu_bound=True)
 
 
 def _gta(
@@ -247,6 +259,53 @@ REGISTRY: dict[str, MethodSpec] = {
     ),
     "nearswap": _method("nearswap", "required", {"t": _T}, min_inputs=1, max_inputs=1),
     "arcee_fusion": _method("arcee_fusion", "required", {}, random=True, min_inputs=1, max_inputs=1, row_wise=True),
+    "tsv_m": _spectral(
+        "tsv_m",
+        {
+            "alpha": _ALPHA,
+            "exact_svd": ParamSpec(bool, False, doc="exact SVDs instead of randomized ones (only the top r/T are used)"),
+            "oversample": ParamSpec(float, 10, doc="randomized SVD: extra sketch columns", low=0.0, high=1e6, integer=True),
+            "power_iters": ParamSpec(float, 2, doc="randomized SVD: power iterations", low=0.0, high=100.0, integer=True),
+        },
+    ),
+    "iso_c": _spectral("iso_c", {"alpha": _ALPHA}),
+    "iso_cts": _spectral(
+        "iso_cts",
+        {
+            "alpha": _ALPHA,
+            "common_space_fraction": ParamSpec(
+                float, 0.8, doc="share of the spectrum given to the common subspace", low=0.0, high=1.0
+            ),
+        },
+    ),
+    "star": _spectral(
+        "star",
+        {"eta": ParamSpec(float, 40.0, doc="percent of each task vector's nuclear norm kept", low=0.0, high=100.0,
+                          low_open=True)},
+    ),
+    "consensus": MethodSpec(
+        "consensus",
+        "required",
+        "consensus",
+        {},
+        {
+            "k": ParamSpec(float, 2, doc="keep elements where at least k TALL masks agree", low=0.0, high=1e6,
+                           integer=True),
+            "tall_mask_lambda": _TALL_LAMBDA,
+            "lambda": _LAMBDA,
+        },
+        weight_param=None,
+        kernel_params=("k", "tall_mask_lambda"),
+    ),
+    "tall_masks": _method(
+        "tall_masks",
+        "required",
+        {
+            "task": ParamSpec(float, None, doc="which model to rebuild: 0-based index among the non-base models",
+                              low=0.0, high=1e6, integer=True),
+            "tall_mask_lambda": _TALL_LAMBDA,
+        },
+    ),
     "passthrough": MethodSpec(
         "passthrough",
         "joins",

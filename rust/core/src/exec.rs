@@ -179,12 +179,30 @@ fn job<'a>(t: &'a PlanTensor, files: &'a HashMap<PathBuf, SafetensorsFile>) -> R
     Ok(job)
 }
 
+/// A merge done outside the core for some tensors (the torch hand-off of the spectral methods to a GPU): asked
+/// first for every tensor, it returns the merged values (f32, θ whole) or `None` to leave the tensor to the
+/// kernels. It reads inputs with [`merge::decode`]; the executor encodes and writes what it returns.
+pub trait External: Sync {
+    fn merge(&self, job: &Job) -> Result<Option<Vec<f32>>>;
+}
+
 /// Run a plan, writing its output files into `out_dir` (which must exist). `progress` is called on the calling
 /// thread after each tensor; an error from it aborts the run.
 pub fn execute(
     plan: &Plan,
     out_dir: &Path,
     opts: &ExecOptions,
+    progress: &mut dyn FnMut(&Progress) -> Result<()>,
+) -> Result<Stats> {
+    execute_with(plan, out_dir, opts, None, progress)
+}
+
+/// [`execute`] with an [`External`] merge consulted before the kernels.
+pub fn execute_with(
+    plan: &Plan,
+    out_dir: &Path,
+    opts: &ExecOptions,
+    external: Option<&dyn External>,
     progress: &mut dyn FnMut(&Progress) -> Result<()>,
 ) -> Result<Stats> {
     let files = open_all(plan)?;
@@ -248,7 +266,14 @@ pub fn execute(
                 eager: large,
             };
             let mopts = Options { chunk_elems: chunk, candidate_bytes: share as usize, release_inputs: large };
-            pool.install(|| merge::merge_with(job, &mopts, &sink))?;
+            let outside = match external {
+                Some(ext) => pool.install(|| ext.merge(job))?,
+                None => None,
+            };
+            match outside {
+                Some(values) => pool.install(|| merge::emit_values(job, &mopts, &values, &sink))?,
+                None => pool.install(|| merge::merge_with(job, &mopts, &sink))?,
+            }
             for r in all[idx].refs() {
                 let n = uses.get_mut(&r).expect("counted");
                 *n -= 1;

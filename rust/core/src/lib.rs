@@ -7,6 +7,7 @@ pub mod error;
 pub mod exec;
 pub mod io;
 pub mod kernels;
+pub mod linalg;
 pub mod merge;
 pub mod plan;
 pub mod pool;

@@ -45,7 +45,7 @@ fn fnv1a64(bytes: &[u8]) -> u64 {
 }
 
 /// The random stream of one (seed, tensor, model): uniform draws indexed by element.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Stream {
     key: [u32; 2],
     model: u32,
@@ -83,6 +83,20 @@ impl Stream {
             }
             let thresh = (p as f64 * 16_777_216.0).ceil().clamp(0.0, 16_777_216.0) as u32;
             *k = (cached.1[j % 4] >> 8) < thresh;
+        }
+    }
+
+    /// Standard normal draws for elements `start..start + out.len()` (the randomized SVD's Gaussian sketch):
+    /// element `j` uses two words of block `j / 2` through Box–Muller, so any split of the range gives the same
+    /// values. u1 = (w + 1) / 2^32 lies in (0, 1], so the logarithm is finite.
+    pub fn normals(&self, start: u64, out: &mut [f32]) {
+        for (i, o) in out.iter_mut().enumerate() {
+            let j = start + i as u64;
+            let w = self.block(j / 2);
+            let (a, b) = if j % 2 == 0 { (w[0], w[1]) } else { (w[2], w[3]) };
+            let u1 = (a as f64 + 1.0) / 4_294_967_296.0;
+            let u2 = b as f64 / 4_294_967_296.0;
+            *o = ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32;
         }
     }
 

@@ -3,6 +3,8 @@
 
 mod arrays;
 mod errors;
+mod hook;
+mod linalg;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -141,7 +143,7 @@ fn merge_arrays<'py>(
 }
 
 #[pyfunction]
-#[pyo3(signature = (plan_json, out_dir, progress=None, threads=None, memory_limit=None))]
+#[pyo3(signature = (plan_json, out_dir, progress=None, threads=None, memory_limit=None, external=None))]
 fn execute_plan(
     py: Python<'_>,
     plan_json: &str,
@@ -149,7 +151,9 @@ fn execute_plan(
     progress: Option<Py<PyAny>>,
     threads: Option<usize>,
     memory_limit: Option<u64>,
+    external: Option<Py<PyAny>>,
 ) -> PyResult<HashMap<String, u64>> {
+    let hook = external.map(|h| hook::PyHook { hook: h, raised: std::sync::Mutex::new(None) });
     let plan = Plan::from_json(plan_json).map_err(to_py)?;
     // An exception raised by the callback (or a signal) is kept here and re-raised as itself.
     let mut raised: Option<PyErr> = None;
@@ -169,8 +173,12 @@ fn execute_plan(
             })
         };
         let opts = exec::ExecOptions { threads, memory_limit };
-        exec::execute(&plan, Path::new(&out_dir), &opts, &mut on_progress)
+        let ext = hook.as_ref().map(|h| h as &dyn exec::External);
+        exec::execute_with(&plan, Path::new(&out_dir), &opts, ext, &mut on_progress)
     });
+    if let Some(e) = hook.as_ref().and_then(|h| h.raised.lock().unwrap_or_else(|p| p.into_inner()).take()) {
+        return Err(e);
+    }
     match result {
         Ok(s) => Ok(HashMap::from([
             ("tensors".to_string(), s.tensors as u64),
@@ -240,6 +248,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(save_file, m)?)?;
     m.add_function(wrap_pyfunction!(default_memory_limit, m)?)?;
     m.add_function(wrap_pyfunction!(chunk_elems, m)?)?;
+    m.add_function(wrap_pyfunction!(linalg::svd, m)?)?;
+    m.add_function(wrap_pyfunction!(linalg::polar, m)?)?;
     m.add("MIN_MEMORY_LIMIT", exec::MIN_MEMORY_LIMIT)?;
     Ok(())
 }

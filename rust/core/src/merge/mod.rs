@@ -15,6 +15,7 @@ mod gta;
 mod params;
 mod pointwise;
 mod rows;
+mod spectral;
 pub(crate) mod trim;
 
 pub use params::Params;
@@ -56,9 +57,15 @@ pub enum Method {
     RamplusTl,
     Nearswap,
     ArceeFusion,
+    TsvM,
+    IsoC,
+    IsoCts,
+    Star,
+    Consensus,
+    TallMasks,
 }
 
-const METHODS: [(&str, Method); 19] = [
+const METHODS: [(&str, Method); 25] = [
     ("linear", Method::Linear),
     ("task_arithmetic", Method::TaskArithmetic),
     ("ties", Method::Ties),
@@ -78,6 +85,12 @@ const METHODS: [(&str, Method); 19] = [
     ("ramplus_tl", Method::RamplusTl),
     ("nearswap", Method::Nearswap),
     ("arcee_fusion", Method::ArceeFusion),
+    ("tsv_m", Method::TsvM),
+    ("iso_c", Method::IsoC),
+    ("iso_cts", Method::IsoCts),
+    ("star", Method::Star),
+    ("consensus", Method::Consensus),
+    ("tall_masks", Method::TallMasks),
 ];
 
 /// How a task-arithmetic-family method sparsifies each delta.
@@ -144,6 +157,11 @@ impl Method {
                 | Method::Della
                 | Method::DellaLinear
         )
+    }
+
+    /// Methods that work in the singular-vector space of each whole 2-D task vector (`spectral`).
+    pub fn is_spectral(self) -> bool {
+        matches!(self, Method::TsvM | Method::IsoC | Method::IsoCts | Method::Star)
     }
 
     pub fn base_policy(self) -> BasePolicy {
@@ -313,6 +331,12 @@ pub fn validate(job: &Job) -> Result<()> {
     if row_sorts && job.row_len() as u64 >= u32::MAX as u64 {
         return err(format!("rows of {} elements: row-wise ranking supports rows of fewer than 2^32", job.row_len()));
     }
+    if method == Method::TallMasks && spec.params.task >= job.inputs.len() {
+        return err(format!("tall_masks: task {} is out of range ({m} models)", spec.params.task));
+    }
+    if method.is_spectral() && job.shape.len() == 2 && job.shape[0].max(job.shape[1]) as u64 >= 1 << 31 {
+        return err(format!("shape {:?}: a dimension of 2^31 or more is beyond the SVD kernels", job.shape));
+    }
     if method == Method::Linear && spec.normalize && job.inputs.iter().map(|i| i.weight).sum::<f64>() == 0.0 {
         return err("linear with normalize: the weights sum to zero".into());
     }
@@ -433,6 +457,35 @@ where
     })
 }
 
+/// Write a whole tensor's merged values computed elsewhere (the torch hand-off), encoded like any merge.
+pub fn emit_values(job: &Job, opts: &Options, values: &[f32], sink: &dyn Sink) -> Result<()> {
+    if values.len() != job.numel {
+        return Err(CoreError::param(format!(
+            "tensor '{}': {} merged values for {} elements",
+            job.name,
+            values.len(),
+            job.numel
+        )));
+    }
+    emit(job, opts, opts.chunk_elems, sink, |s, start, len| {
+        s.resize(0, len);
+        s.mixed[..len].copy_from_slice(&values[start..start + len]);
+    })
+}
+
+/// Input `i` of a job (`None`: the base) decoded whole to f32, after the job's cast.
+pub fn decode(job: &Job, input: Option<usize>) -> Result<Vec<f32>> {
+    let src = match input {
+        None => job.base.as_ref(),
+        Some(i) => job.inputs.get(i).map(|x| &x.src),
+    }
+    .ok_or_else(|| CoreError::param(format!("tensor '{}': no input {input:?}", job.name)))?;
+    let mut out = vec![0f32; job.numel];
+    let chunk = DEFAULT_CHUNK_ELEMS;
+    out.par_chunks_mut(chunk).enumerate().for_each(|(c, o)| load(src, job.cast, c * chunk, o));
+    Ok(out)
+}
+
 /// How a merge is split up; none of it changes the result.
 #[derive(Clone, Copy, Debug)]
 pub struct Options {
@@ -467,6 +520,7 @@ pub fn merge_with(job: &Job, opts: &Options, sink: &dyn Sink) -> Result<()> {
             gram::merge(job, opts, sink)
         }
         Method::ArceeFusion => rows::arcee_fusion(job, opts, sink),
+        m if m.is_spectral() => spectral::merge(job, opts, sink),
         _ => pointwise::merge(job, opts, sink),
     }
 }

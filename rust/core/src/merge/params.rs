@@ -31,6 +31,20 @@ pub struct Params {
     pub alpha: f64,
     /// breadcrumbs: select per row (the paper) instead of over the whole tensor (mergekit).
     pub per_row: bool,
+    /// tsv_m: exact SVDs instead of randomized ones; the randomized sketch's extra columns and power iterations.
+    pub exact_svd: bool,
+    pub oversample: usize,
+    pub power_iters: usize,
+    /// iso_cts: share of the spectrum given to the common subspace.
+    pub common_space_fraction: f64,
+    /// star: percent of each task vector's nuclear norm kept.
+    pub eta: f64,
+    /// consensus: models whose TALL mask must agree for an element to be kept.
+    pub k: usize,
+    /// consensus, tall_masks: λ of the TALL mask |τ_t| > λ·|τ_MTL − τ_t|.
+    pub tall_mask_lambda: f64,
+    /// tall_masks: which model (0-based, among the non-base inputs) to rebuild.
+    pub task: usize,
 }
 
 impl Default for Params {
@@ -49,6 +63,14 @@ impl Default for Params {
             r: 0.1,
             alpha: 0.2,
             per_row: false,
+            exact_svd: false,
+            oversample: 10,
+            power_iters: 2,
+            common_space_fraction: 0.8,
+            eta: 40.0,
+            k: 2,
+            tall_mask_lambda: 0.4,
+            task: usize::MAX,
         }
     }
 }
@@ -64,6 +86,12 @@ fn known(method: Method) -> &'static [&'static str] {
         Method::Ram => &["epsilon"],
         Method::RamplusTl => &["epsilon", "r", "alpha"],
         Method::Breadcrumbs | Method::BreadcrumbsTies => &["per_row"],
+        Method::TsvM => &["alpha", "exact_svd", "oversample", "power_iters"],
+        Method::IsoC => &["alpha"],
+        Method::IsoCts => &["alpha", "common_space_fraction"],
+        Method::Star => &["eta"],
+        Method::Consensus => &["k", "tall_mask_lambda"],
+        Method::TallMasks => &["task", "tall_mask_lambda"],
         _ => &[],
     }
 }
@@ -89,7 +117,18 @@ impl Params {
             }
         };
         let num = |k: &str, default: f64| given.get(k).copied().unwrap_or(default);
-        let d = Params::default();
+        let count = |k: &str, default: usize, max: f64| -> Result<usize> {
+            let v = num(k, default as f64);
+            if v < 0.0 || v.fract() != 0.0 || v > max {
+                return Err(err(format!("{k} must be a whole number in [0, {max}], got {v}")));
+            }
+            Ok(v as usize)
+        };
+        let mut d = Params::default();
+        if method.is_spectral() {
+            // The spectral methods' final scale (TSV-M, Iso-C/CTS papers): 1.0; ramplus_tl's alpha is a clamp.
+            d.alpha = 1.0;
+        }
         let p = Params {
             t: num("t", d.t),
             row_wise: flag("nuslerp_row_wise", d.row_wise)?,
@@ -110,7 +149,27 @@ impl Params {
             r: num("r", d.r),
             alpha: num("alpha", d.alpha),
             per_row: flag("per_row", d.per_row)?,
+            exact_svd: flag("exact_svd", d.exact_svd)?,
+            oversample: count("oversample", d.oversample, 1e6)?,
+            power_iters: count("power_iters", d.power_iters, 100.0)?,
+            common_space_fraction: num("common_space_fraction", d.common_space_fraction),
+            eta: num("eta", d.eta),
+            k: count("k", d.k, 1e6)?,
+            tall_mask_lambda: num("tall_mask_lambda", d.tall_mask_lambda),
+            task: if given.contains_key("task") { count("task", 0, 1e6)? } else { d.task },
         };
+        if method == Method::TallMasks && p.task == usize::MAX {
+            return Err(err("missing required parameter 'task' (0-based index of the model to rebuild)".into()));
+        }
+        if !(0.0..=1.0).contains(&p.common_space_fraction) {
+            return Err(err(format!("common_space_fraction must be in [0, 1], got {}", p.common_space_fraction)));
+        }
+        if !(p.eta > 0.0 && p.eta <= 100.0) {
+            return Err(err(format!("eta must be in (0, 100] (percent of the nuclear norm), got {}", p.eta)));
+        }
+        if p.tall_mask_lambda < 0.0 {
+            return Err(err(format!("tall_mask_lambda must not be negative, got {}", p.tall_mask_lambda)));
+        }
         if matches!(method, Method::Slerp | Method::Nearswap) && p.t.is_nan() {
             return Err(err("missing required parameter 't'".into()));
         }

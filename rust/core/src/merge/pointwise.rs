@@ -1,5 +1,6 @@
 //! Methods decided element by element, after at most a few whole-tensor scalars: nearswap, ram, ramplus_tl
-//! (per-model counts of unique and shared contributions) and sce (variance selection, per-model weights).
+//! (per-model counts of unique and shared contributions), sce (variance selection, per-model weights), and the
+//! TALL-mask methods consensus and tall_masks.
 
 use super::gta::select_rules;
 use super::trim::Keys;
@@ -13,6 +14,7 @@ pub(super) fn merge(job: &Job, opts: &Options, sink: &dyn Sink) -> Result<()> {
         Method::Nearswap => nearswap(job, opts, sink),
         Method::Ram | Method::RamplusTl => ram(job, opts, sink),
         Method::Sce => sce(job, opts, sink),
+        Method::Consensus | Method::TallMasks => tall(job, opts, sink),
         m => unreachable!("{m:?} is not a pointwise method"),
     }
 }
@@ -26,6 +28,33 @@ fn nearswap(job: &Job, opts: &Options, sink: &dyn Sink) -> Result<()> {
         for ((o, &a), &b) in s.mixed[..len].iter_mut().zip(&s.base[..len]).zip(&s.x[0][..len]) {
             let w = (t / (a - b).abs().max(1e-6)).clamp(0.0, 1.0);
             *o = w * b + (1.0 - w) * a;
+        }
+    })
+}
+
+/// TALL masks (Wang et al., ICML 2024): with τ_MTL = Σ τ_t, model t's mask keeps the elements where
+/// |τ_t| > λ·|τ_MTL − τ_t| (strict). consensus keeps τ_MTL where at least k masks agree and scales it by the
+/// method's lambda; tall_masks rebuilds one model as base + m_task ⊙ τ_MTL. The mask decision is taken in f64 on
+/// deltas formed from the stored values, so it matches an exact reference except at true ties.
+fn tall(job: &Job, opts: &Options, sink: &dyn Sink) -> Result<()> {
+    let p = job.spec.params;
+    let lam = p.tall_mask_lambda;
+    let scale = job.spec.lambda;
+    let m = job.inputs.len();
+    emit(job, opts, opts.chunk_elems, sink, |s, start, len| {
+        load_raw(job, start, len, s);
+        let mut tau = vec![0f64; m];
+        for j in 0..len {
+            let b = s.base[j] as f64;
+            tau.iter_mut().zip(&s.x).for_each(|(t, x)| *t = x[j] as f64 - b);
+            let mtl: f64 = tau.iter().sum();
+            let masked = |t: f64| t.abs() > lam * (mtl - t).abs();
+            let keep = match job.spec.method {
+                Method::TallMasks => masked(tau[p.task]),
+                _ => tau.iter().filter(|&&t| masked(t)).count() >= p.k,
+            };
+            let factor = if job.spec.method == Method::TallMasks { 1.0 } else { scale };
+            s.mixed[j] = if keep { (b + factor * mtl) as f32 } else { s.base[j] };
         }
     })
 }

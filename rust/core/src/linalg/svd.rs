@@ -1,0 +1,197 @@
+//! Truncated SVD: exact (faer's thin SVD) or randomized (Halko, Martinsson & Tropp 2011, Algorithm 4.4: a
+//! Gaussian sketch, power iterations re-orthonormalized by QR after every product, then the thin SVD of the
+//! small projected factor). The sketch comes from the counter RNG keyed by (seed, tensor name, model), so a
+//! result is a pure function of its inputs.
+
+use faer::{Mat, MatRef};
+use rayon::prelude::*;
+
+use super::{mul, pin};
+use crate::error::{CoreError, Result};
+use crate::rng::Stream;
+
+/// `a ≈ u · diag(s) · vᵀ` with `u` m×r, `v` n×r, `s` non-increasing.
+pub struct Svd {
+    pub u: Mat<f32>,
+    pub s: Vec<f32>,
+    pub v: Mat<f32>,
+}
+
+impl Svd {
+    pub fn rank(&self) -> usize {
+        self.s.len()
+    }
+
+    /// Keep the first `r` triplets.
+    pub fn truncate(self, r: usize) -> Svd {
+        let r = r.min(self.s.len());
+        Svd {
+            u: self.u.as_ref().subcols(0, r).to_owned(),
+            s: self.s[..r].to_vec(),
+            v: self.v.as_ref().subcols(0, r).to_owned(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Solver {
+    Exact,
+    /// `oversample` extra sketch columns and `power_iters` power iterations; the sketch is keyed by `stream`.
+    Randomized { oversample: usize, power_iters: usize, stream: Stream },
+}
+
+/// How many singular triplets to keep. Every given limit applies (the smallest wins); none given keeps
+/// min(m, n).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RankRule {
+    /// At most this many.
+    pub max: Option<usize>,
+    /// At most ⌊fraction · min(m, n)⌋ (at least 1).
+    pub fraction: Option<f64>,
+    /// The fewest whose squared singular values reach this share of ‖A‖²_F.
+    pub energy: Option<f64>,
+    /// The fewest whose singular values reach this share of the nuclear norm (needs the whole spectrum).
+    pub nuclear: Option<f64>,
+    /// Drop singular values ≤ this.
+    pub sv_epsilon: f64,
+}
+
+impl RankRule {
+    pub fn validate(&self) -> Result<()> {
+        let share = |name: &str, v: Option<f64>| match v {
+            Some(x) if !(x > 0.0 && x <= 1.0) => Err(CoreError::param(format!("{name} must be in (0, 1], got {x}"))),
+            _ => Ok(()),
+        };
+        share("fraction", self.fraction)?;
+        share("energy", self.energy)?;
+        share("nuclear", self.nuclear)?;
+        if self.max == Some(0) {
+            return Err(CoreError::param("rank must be at least 1"));
+        }
+        if !(self.sv_epsilon >= 0.0 && self.sv_epsilon.is_finite()) {
+            return Err(CoreError::param(format!("sv_epsilon must be finite and ≥ 0, got {}", self.sv_epsilon)));
+        }
+        Ok(())
+    }
+
+    /// The most triplets the rule can keep for an m×n matrix (what a randomized solver must compute).
+    pub fn cap(&self, m: usize, n: usize) -> usize {
+        let r = m.min(n);
+        let mut k = self.max.unwrap_or(r).min(r);
+        if let Some(f) = self.fraction {
+            k = k.min(((f * r as f64).floor() as usize).max(1));
+        }
+        k
+    }
+
+    /// How many of the (non-increasing) singular values `s` to keep; `frob2` is ‖A‖²_F.
+    pub fn count(&self, s: &[f32], frob2: f64) -> usize {
+        let mut k = s.len();
+        if let Some(e) = self.energy {
+            k = k.min(reach(s.iter().map(|&x| x as f64 * x as f64), e * frob2));
+        }
+        if let Some(f) = self.nuclear {
+            let total: f64 = s.iter().map(|&x| x as f64).sum();
+            k = k.min(reach(s.iter().map(|&x| x as f64), f * total));
+        }
+        let above = s.iter().take_while(|&&x| x as f64 > self.sv_epsilon).count();
+        k.min(above)
+    }
+}
+
+/// The fewest leading terms whose running sum reaches `target` (all of them if it is never reached).
+fn reach(terms: impl Iterator<Item = f64>, target: f64) -> usize {
+    let mut sum = 0.0;
+    let mut n = 0;
+    for t in terms {
+        sum += t;
+        n += 1;
+        if sum >= target {
+            return n;
+        }
+    }
+    n
+}
+
+fn no_convergence(_: faer::linalg::svd::SvdError) -> CoreError {
+    CoreError::param("the SVD did not converge")
+}
+
+/// The thin SVD of `a` (all min(m, n) triplets).
+pub fn exact(a: MatRef<'_, f32>) -> Result<Svd> {
+    pin();
+    if a.nrows() == 0 || a.ncols() == 0 {
+        return Ok(Svd { u: Mat::zeros(a.nrows(), 0), s: vec![], v: Mat::zeros(a.ncols(), 0) });
+    }
+    let svd = a.thin_svd().map_err(no_convergence)?;
+    let s = svd.S().column_vector().iter().copied().collect();
+    Ok(Svd { u: svd.U().to_owned(), s, v: svd.V().to_owned() })
+}
+
+/// The singular values of `a`, non-increasing.
+pub fn singular_values(a: MatRef<'_, f32>) -> Result<Vec<f32>> {
+    pin();
+    if a.nrows() == 0 || a.ncols() == 0 {
+        return Ok(vec![]);
+    }
+    a.singular_values().map_err(no_convergence)
+}
+
+/// An orthonormal basis of the columns of `y` (thin Q of its QR).
+fn orth(y: MatRef<'_, f32>) -> Mat<f32> {
+    y.qr().compute_thin_Q()
+}
+
+/// The top `k` triplets of `a` from a Gaussian sketch of `k + oversample` columns and `power_iters` power
+/// iterations. Falls back to the exact SVD when the sketch would span min(m, n) anyway.
+pub fn randomized(a: MatRef<'_, f32>, k: usize, oversample: usize, power_iters: usize, stream: &Stream) -> Result<Svd> {
+    pin();
+    let (m, n) = a.shape();
+    let r = m.min(n);
+    let q = k.saturating_add(oversample);
+    if q >= r {
+        return Ok(exact(a)?.truncate(k));
+    }
+    // Ω (n × q): element (i, j) is draw i·q + j of the stream, so Ω is the same however it is filled.
+    let mut omega_rows = vec![0f32; n * q];
+    omega_rows.par_chunks_mut(q).enumerate().for_each(|(i, row)| stream.normals((i * q) as u64, row));
+    let omega = super::view(&omega_rows, n, q);
+    let mut basis = orth(mul(a, omega).as_ref());
+    drop(omega_rows);
+    for _ in 0..power_iters {
+        let z = orth(mul(a.transpose(), basis.as_ref()).as_ref());
+        basis = orth(mul(a, z.as_ref()).as_ref());
+    }
+    // B = Qᵀ A (q × n) carries the top of A's spectrum; its SVD rotates the basis into A's singular vectors.
+    let b = mul(basis.as_ref().transpose(), a);
+    let small = exact(b.as_ref())?;
+    let u = mul(basis.as_ref(), small.u.as_ref());
+    Ok(Svd { u, s: small.s, v: small.v }.truncate(k))
+}
+
+/// The triplets `rule` keeps, by `solver`. A nuclear-norm share needs the whole spectrum, so it always takes
+/// the exact SVD.
+pub fn truncated(a: MatRef<'_, f32>, rule: &RankRule, solver: &Solver) -> Result<Svd> {
+    rule.validate()?;
+    let (m, n) = a.shape();
+    let cap = rule.cap(m, n);
+    let svd = match solver {
+        Solver::Randomized { oversample, power_iters, stream } if rule.nuclear.is_none() => {
+            randomized(a, cap, *oversample, *power_iters, stream)?
+        }
+        _ => exact(a)?,
+    };
+    let frob2 = if rule.energy.is_some() { frobenius2(a) } else { 0.0 };
+    let keep = rule.count(&svd.s, frob2).min(cap);
+    Ok(svd.truncate(keep))
+}
+
+/// ‖A‖²_F in f64, summed over columns in order (independent of threads).
+fn frobenius2(a: MatRef<'_, f32>) -> f64 {
+    (0..a.nrows())
+        .into_par_iter()
+        .map(|i| a.row(i).iter().map(|&x| x as f64 * x as f64).sum::<f64>())
+        .collect::<Vec<f64>>()
+        .iter()
+        .sum()
+}

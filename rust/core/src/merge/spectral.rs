@@ -1,0 +1,217 @@
+//! Methods that work in the singular-vector space of each whole 2-D task vector: TSV-M (Gargiulo et al., CVPR
+//! 2025), Iso-C and Iso-CTS (Marczak et al., ICML 2025) and STAR (Lee et al., NAACL 2025). A matrix is
+//! factorized whole, so these load one task vector at a time (f32, m·n) next to the base and the method's
+//! accumulators; tensors of other ranks get the mean task vector, as in the reference code. The result is
+//! θ = θ0 + α·τ, written back chunk by chunk.
+
+use faer::{Mat, MatRef};
+use rayon::prelude::*;
+
+use super::{emit, load, load_deltas, Job, Method, Options, Sink, Source};
+use crate::error::{CoreError, Result};
+use crate::io::reader;
+use crate::linalg::{self, Svd};
+use crate::rng::Stream;
+
+pub(super) fn merge(job: &Job, opts: &Options, sink: &dyn Sink) -> Result<()> {
+    let alpha = if job.spec.method == Method::Star { 1.0 } else { job.spec.params.alpha as f32 };
+    if job.shape.len() != 2 {
+        return mean_delta(job, opts, sink, alpha);
+    }
+    let (m, n) = (job.shape[0], job.shape[1]);
+    let base = whole(job, opts, job.base.as_ref().expect("validated: a base is required"));
+    let tau = match job.spec.method {
+        Method::TsvM => tsv_m(job, opts, &base, m, n)?,
+        Method::IsoC => iso_c(job, opts, &base, m, n)?,
+        Method::IsoCts => iso_cts(job, opts, &base, m, n)?,
+        Method::Star => star(job, opts, &base, m, n)?,
+        other => unreachable!("{other:?} is not spectral"),
+    };
+    emit(job, opts, opts.chunk_elems, sink, |s, start, len| {
+        s.resize(0, len);
+        let out = &mut s.mixed[..len];
+        for ((o, &b), &t) in out.iter_mut().zip(&base[start..start + len]).zip(&tau[start..start + len]) {
+            *o = b + alpha * t;
+        }
+    })
+}
+
+/// θ0 + α·mean(τ_t), elementwise (tensors that are not matrices).
+fn mean_delta(job: &Job, opts: &Options, sink: &dyn Sink, alpha: f32) -> Result<()> {
+    let inv = 1.0 / job.inputs.len() as f32;
+    emit(job, opts, opts.chunk_elems, sink, |s, start, len| {
+        load_deltas(job, start, len, s);
+        for j in 0..len {
+            let sum: f32 = s.x.iter().map(|x| x[j]).sum();
+            s.mixed[j] = s.base[j] + alpha * (sum * inv);
+        }
+    })
+}
+
+/// One stored tensor decoded whole (its pages are released afterwards when the tensor is large).
+fn whole(job: &Job, opts: &Options, src: &Source) -> Vec<f32> {
+    let mut out = vec![0f32; job.numel];
+    let chunk = opts.chunk_elems.max(1);
+    out.par_chunks_mut(chunk).enumerate().for_each(|(c, o)| load(src, job.cast, c * chunk, o));
+    if opts.release_inputs {
+        reader::release(src.bytes);
+    }
+    out
+}
+
+/// Input `i`'s task vector, checked finite (an SVD of NaN or infinity has no meaning).
+fn task_vector(job: &Job, opts: &Options, base: &[f32], i: usize) -> Result<Vec<f32>> {
+    let mut t = whole(job, opts, &job.inputs[i].src);
+    t.par_iter_mut().zip(base).for_each(|(x, &b)| *x -= b);
+    if !linalg::all_finite(&t) {
+        return Err(CoreError::param(format!(
+            "tensor '{}': input {i} has non-finite values, which the SVD of {} cannot take",
+            job.name,
+            job.spec.method.name()
+        )));
+    }
+    Ok(t)
+}
+
+fn svd_error(job: &Job, e: CoreError) -> CoreError {
+    CoreError::param(format!("tensor '{}': {e}", job.name))
+}
+
+/// Copy the first `k` triplets of `svd` into slots `at..at + k` of the concatenated factors.
+fn place(svd: &Svd, k: usize, at: usize, ucat: &mut Mat<f32>, scat: &mut [f32], vcat: &mut Mat<f32>) {
+    ucat.as_mut().subcols_mut(at, k).copy_from(svd.u.as_ref().subcols(0, k));
+    vcat.as_mut().subcols_mut(at, k).copy_from(svd.v.as_ref().subcols(0, k));
+    scat[at..at + k].copy_from_slice(&svd.s[..k]);
+}
+
+/// `polar(U_cat) · diag(s) · polar(V_cat)ᵀ` as a row-major buffer.
+fn recombine(ucat: MatRef<'_, f32>, s: &[f32], vcat: MatRef<'_, f32>) -> Result<Vec<f32>> {
+    let mut pu = linalg::polar(ucat)?;
+    let pv = linalg::polar(vcat)?;
+    for (j, &sj) in s.iter().enumerate() {
+        pu.as_mut().col_mut(j).iter_mut().for_each(|x| *x *= sj);
+    }
+    Ok(linalg::to_row_major(linalg::mul(pu.as_ref(), pv.as_ref().transpose()).as_ref()))
+}
+
+/// TSV-M: each task keeps its top k = ⌊min(m, n)/T⌋ singular triplets; the concatenated singular vectors are
+/// replaced by their polar factors (the nearest orthonormal sets), singular values kept as they are. Slots past
+/// T·k stay zero, as in the reference. Randomized SVDs by default (only the top k are used).
+fn tsv_m(job: &Job, opts: &Options, base: &[f32], m: usize, n: usize) -> Result<Vec<f32>> {
+    let t = job.inputs.len();
+    let r = m.min(n);
+    let k = r / t;
+    let p = job.spec.params;
+    let (mut ucat, mut vcat, mut scat) = (Mat::zeros(m, r), Mat::zeros(n, r), vec![0f32; r]);
+    for i in 0..t {
+        if k == 0 {
+            break;
+        }
+        let tau = task_vector(job, opts, base, i)?;
+        let a = linalg::view(&tau, m, n);
+        let svd = if p.exact_svd {
+            linalg::exact(a).map(|s| s.truncate(k))
+        } else {
+            let stream = Stream::new(job.spec.seed, job.name, job.inputs[i].model_id);
+            linalg::randomized(a, k, p.oversample, p.power_iters, &stream)
+        }
+        .map_err(|e| svd_error(job, e))?;
+        place(&svd, k, i * k, &mut ucat, &mut scat, &mut vcat);
+    }
+    recombine(ucat.as_ref(), &scat, vcat.as_ref()).map_err(|e| svd_error(job, e))
+}
+
+/// Σ_t τ_t as a row-major buffer, one task vector resident at a time.
+fn sum_of_tasks(job: &Job, opts: &Options, base: &[f32]) -> Result<Vec<f32>> {
+    let mut sum = vec![0f32; job.numel];
+    for i in 0..job.inputs.len() {
+        let tau = task_vector(job, opts, base, i)?;
+        sum.par_iter_mut().zip(&tau).for_each(|(s, &x)| *s += x);
+    }
+    Ok(sum)
+}
+
+/// Iso-C: the summed task vector with a flat spectrum, mean(σ)·U Vᵀ (needs the whole spectrum: exact SVD).
+fn iso_c(job: &Job, opts: &Options, base: &[f32], m: usize, n: usize) -> Result<Vec<f32>> {
+    let sum = sum_of_tasks(job, opts, base)?;
+    let svd = linalg::exact(linalg::view(&sum, m, n)).map_err(|e| svd_error(job, e))?;
+    drop(sum);
+    let mean = (svd.s.iter().map(|&x| x as f64).sum::<f64>() / svd.rank().max(1) as f64) as f32;
+    let mut u = svd.u;
+    u.as_mut().col_iter_mut().for_each(|c| c.iter_mut().for_each(|x| *x *= mean));
+    Ok(linalg::to_row_major(linalg::mul(u.as_ref(), svd.v.as_ref().transpose()).as_ref()))
+}
+
+/// Iso-CTS: the top `common` directions of Σ τ_t (common = ⌊f·r⌋, then adjusted so the remaining r − common
+/// slots split evenly over the T tasks, with Python's round-half-even as in the reference), plus each task's top
+/// directions after projecting out the common left subspace; both sets orthonormalized by polar factors, every
+/// slot weighted by the mean of all r concatenated singular values.
+fn iso_cts(job: &Job, opts: &Options, base: &[f32], m: usize, n: usize) -> Result<Vec<f32>> {
+    let t = job.inputs.len();
+    let r = m.min(n);
+    let f = job.spec.params.common_space_fraction;
+    let common0 = (r as f64 * f).floor() as usize;
+    let ts_total = (((r - common0) as f64 / t as f64).round_ties_even() as usize) * t;
+    let common = r - ts_total;
+    let dims = ts_total / t;
+    let sum = sum_of_tasks(job, opts, base)?;
+    let svd = linalg::exact(linalg::view(&sum, m, n)).map_err(|e| svd_error(job, e))?;
+    drop(sum);
+    let (mut ucat, mut vcat, mut scat) = (Mat::zeros(m, r), Mat::zeros(n, r), vec![0f32; r]);
+    place(&svd, common, ts_total, &mut ucat, &mut scat, &mut vcat);
+    let uc = svd.u.as_ref().subcols(0, common);
+    for i in 0..t {
+        if dims == 0 {
+            break;
+        }
+        let mut tau = task_vector(job, opts, base, i)?;
+        let mut a = linalg::view_mut(&mut tau, m, n);
+        // τ_t − U_c (U_cᵀ τ_t): the part of the task outside the common left subspace.
+        let proj = linalg::mul(uc, linalg::mul(uc.transpose(), a.as_ref()).as_ref());
+        faer::zip!(a.as_mut(), proj.as_ref()).for_each(|faer::unzip!(x, p)| *x -= *p);
+        let own = linalg::exact(a.as_ref()).map_err(|e| svd_error(job, e))?;
+        place(&own, dims, i * dims, &mut ucat, &mut scat, &mut vcat);
+    }
+    let mean = (scat.iter().map(|&x| x as f64).sum::<f64>() / r.max(1) as f64) as f32;
+    recombine(ucat.as_ref(), &vec![mean; r], vcat.as_ref()).map_err(|e| svd_error(job, e))
+}
+
+/// STAR: each task vector keeps the fewest top singular values reaching eta% of its nuclear norm (the
+/// reference's left `searchsorted` + 1), rescaled so the nuclear norm is unchanged; the results are averaged.
+/// A task vector that is zero contributes zero (the reference divides 0 by 0 there).
+fn star(job: &Job, opts: &Options, base: &[f32], m: usize, n: usize) -> Result<Vec<f32>> {
+    let t = job.inputs.len();
+    let eta = job.spec.params.eta / 100.0;
+    let mut acc = vec![0f32; job.numel];
+    for i in 0..t {
+        let tau = task_vector(job, opts, base, i)?;
+        let svd = linalg::exact(linalg::view(&tau, m, n)).map_err(|e| svd_error(job, e))?;
+        drop(tau);
+        let total: f64 = svd.s.iter().map(|&x| x as f64).sum();
+        if total == 0.0 {
+            continue;
+        }
+        let mut run = 0.0;
+        let below = svd
+            .s
+            .iter()
+            .take_while(|&&x| {
+                run += x as f64;
+                run < eta * total
+            })
+            .count();
+        let keep = (below + 1).min(svd.rank());
+        let kept: f64 = svd.s[..keep].iter().map(|&x| x as f64).sum();
+        let scale = total / kept;
+        let mut u = svd.u.as_ref().subcols(0, keep).to_owned();
+        for j in 0..keep {
+            let sj = (svd.s[j] as f64 * scale) as f32;
+            u.as_mut().col_mut(j).iter_mut().for_each(|x| *x *= sj);
+        }
+        let part = linalg::to_row_major(linalg::mul(u.as_ref(), svd.v.as_ref().subcols(0, keep).transpose()).as_ref());
+        acc.par_iter_mut().zip(&part).for_each(|(a, &x)| *a += x);
+    }
+    let inv = 1.0 / t as f32;
+    acc.par_iter_mut().for_each(|a| *a *= inv);
+    Ok(acc)
+}

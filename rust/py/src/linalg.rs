@@ -1,0 +1,87 @@
+//! `_core.svd` and `_core.polar`: the core's truncated SVD and polar factor on float32 NumPy matrices (used by
+//! extract-lora and compress, and tested against NumPy's LAPACK).
+
+use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray2, PyUntypedArrayMethods};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+use ferromerge_core::linalg::{self, RankRule, Solver};
+use ferromerge_core::pool;
+use ferromerge_core::rng::Stream;
+
+use crate::errors::to_py;
+
+type Matrix<'py> = Bound<'py, PyArray2<f32>>;
+
+fn matrix<'a>(a: &'a PyReadonlyArray2<'_, f32>, what: &str) -> PyResult<(&'a [f32], usize, usize)> {
+    let shape = a.shape();
+    let data = a
+        .as_slice()
+        .map_err(|_| PyValueError::new_err(format!("{what} must be a C-contiguous float32 matrix")))?;
+    Ok((data, shape[0], shape[1]))
+}
+
+fn to_numpy<'py>(py: Python<'py>, a: faer::MatRef<'_, f32>) -> PyResult<Matrix<'py>> {
+    let (m, n) = a.shape();
+    PyArray1::from_vec(py, linalg::to_row_major(a)).reshape([m, n])
+}
+
+/// `(U, S, Vt)` of the triplets the rank rule keeps; see `ferromerge_core::linalg::RankRule`.
+#[pyfunction]
+#[pyo3(signature = (
+    a, *, rank=None, fraction=None, energy=None, nuclear=None, exact=false, oversample=10, power_iters=2,
+    seed=0, name="", sv_epsilon=0.0, threads=None
+))]
+#[allow(clippy::too_many_arguments)]
+pub fn svd<'py>(
+    py: Python<'py>,
+    a: PyReadonlyArray2<'py, f32>,
+    rank: Option<usize>,
+    fraction: Option<f64>,
+    energy: Option<f64>,
+    nuclear: Option<f64>,
+    exact: bool,
+    oversample: usize,
+    power_iters: usize,
+    seed: u64,
+    name: &str,
+    sv_epsilon: f64,
+    threads: Option<usize>,
+) -> PyResult<(Matrix<'py>, Bound<'py, PyArray1<f32>>, Matrix<'py>)> {
+    let (data, m, n) = matrix(&a, "a")?;
+    let rule = RankRule { max: rank, fraction, energy, nuclear, sv_epsilon };
+    let solver = if exact {
+        Solver::Exact
+    } else {
+        Solver::Randomized { oversample, power_iters, stream: Stream::new(seed, name, 0) }
+    };
+    let pool = pool::pool(threads).map_err(to_py)?;
+    let out = py
+        .detach(|| {
+            if !linalg::all_finite(data) {
+                return Err(ferromerge_core::CoreError::param(format!("matrix '{name}' has non-finite values")));
+            }
+            pool.install(|| linalg::truncated(linalg::view(data, m, n), &rule, &solver))
+        })
+        .map_err(to_py)?;
+    let u = to_numpy(py, out.u.as_ref())?;
+    let vt = to_numpy(py, out.v.as_ref().transpose())?;
+    Ok((u, PyArray1::from_vec(py, out.s), vt))
+}
+
+/// The nearest matrix with orthonormal columns (rows, for a wide matrix): `U Vᵀ` of the thin SVD.
+#[pyfunction]
+#[pyo3(signature = (a, *, threads=None))]
+pub fn polar<'py>(py: Python<'py>, a: PyReadonlyArray2<'py, f32>, threads: Option<usize>) -> PyResult<Matrix<'py>> {
+    let (data, m, n) = matrix(&a, "a")?;
+    let pool = pool::pool(threads).map_err(to_py)?;
+    let out = py
+        .detach(|| {
+            if !linalg::all_finite(data) {
+                return Err(ferromerge_core::CoreError::param("matrix has non-finite values"));
+            }
+            pool.install(|| linalg::polar(linalg::view(data, m, n)))
+        })
+        .map_err(to_py)?;
+    to_numpy(py, out.as_ref())
+}
