@@ -14,7 +14,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from . import _core, extract_lora_cli
+from . import _core, compress_cli, extract_lora_cli
 from .errors import MergeError, ParameterError
 from .plan import DEFAULT_SHARD_SIZE, format_bytes
 
@@ -64,6 +64,14 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
         help="where model+lora references are merged to, and reused from by later runs (default: a temporary "
         "directory inside the output's, removed after the merge)",
     )
+    p.add_argument(
+        "--device",
+        default=None,
+        metavar="DEVICE",
+        help="where SVD-heavy methods (tsv_m, iso_c, iso_cts, star) run: cpu (the Rust kernels, default), cuda, "
+        "cuda:N or torch:cpu (torch); overrides the config's device:. Without torch or a GPU the Rust kernels run",
+    )
+    p.add_argument("--cuda", action="store_const", const="cuda", dest="device", help="mergekit's spelling of --device cuda")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -108,6 +116,7 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     extract_lora_cli.add_parser(sub)  # dispatches to extract_lora_cli.main
+    compress_cli.add_parser(sub)  # compress, decompress: dispatch to compress_cli.main
     return parser
 
 
@@ -124,6 +133,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         memory_limit=args.memory_limit,
         lora_merge_cache=args.lora_merge_cache,
+        device=args.device,
     )
     if not args.quiet:
         print(

@@ -28,6 +28,7 @@ from . import lora, methods, params
 from .errors import ConfigError
 from .methods import MethodSpec
 from .params import Level, Setting
+from .torch_path import check_device
 from .vocab import check_chat_template
 
 #: Output/compute dtype names, as mergekit spells them.
@@ -141,6 +142,8 @@ class RawConfig(BaseModel):
     chat_template: str | None = None
     #: mergekit-multi's document name; accepted so such documents load, no effect on a single merge.
     name: str | None = None
+    #: where SVD-heavy methods run: "cpu" (the Rust kernels), "cuda", "cuda:N" or "torch:cpu" (``torch_path``)
+    device: str | None = None
 
 
 #: the keys each kind of entry knows, for "unknown key" messages
@@ -245,6 +248,8 @@ class MergeConfig:
     tokenizer: TokenizerSettings | None = None
     #: ``modules:`` configs: the modules in config order (``slices`` then holds all their slices); else empty
     modules: tuple[OutputModule, ...] = ()
+    #: the config's ``device`` (None: not given; the run's own ``device`` argument wins over it)
+    device: str | None = None
 
     @property
     def inputs(self) -> tuple[InputModel, ...]:
@@ -283,6 +288,8 @@ class MergeConfig:
             out["tokenizer"] = self.tokenizer.model_dump(exclude_none=True)
         if self.raw.chat_template is not None:
             out["chat_template"] = self.raw.chat_template
+        if self.device is not None:
+            out["device"] = self.device
         return out
 
 
@@ -414,6 +421,7 @@ def parse_config(data: Any, *, text: str | None = None, origin: str = "config") 
     method = _method(raw.merge_method)
     dtype = _dtype(raw.dtype, "dtype")
     out_dtype = _dtype(raw.out_dtype, "out_dtype")
+    device = check_device(raw.device) if raw.device is not None else None
     top = Level(_settings(method, raw.parameters or {}, "parameters", level="global"), "parameters")
     base_ref = _ref(raw.base_model, "base_model") if raw.base_model is not None else None
     notes: list[str] = []
@@ -461,6 +469,7 @@ def parse_config(data: Any, *, text: str | None = None, origin: str = "config") 
         notes=tuple(notes),
         tokenizer=tokenizer,
         modules=modules,
+        device=device,
     )
 
 

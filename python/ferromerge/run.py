@@ -15,6 +15,7 @@ from . import _core, lora
 from .config import MergeConfig, load_config
 from .embeddings import write_permuted
 from .errors import ParameterError
+from .methods import MethodSpec
 from .models import ModelIndex
 from .output import (
     OutputDir,
@@ -29,6 +30,7 @@ from .output import (
 )
 from .plan import DEFAULT_SHARD_SIZE, Plan, build_plan, parse_size
 from .progress import ProgressBar
+from .torch_path import check_device, make_hook, torch_unavailable_reason
 from .vocab import chat_template
 
 #: the directory inside the output's temporary directory that holds the permuted embeddings during the merge
@@ -78,6 +80,24 @@ def memory_limit_bytes(memory_limit: str | int | None) -> int | None:
     return limit
 
 
+def torch_hook(device: str | None, method: MethodSpec, log: Callable[[str], None]) -> Callable[..., Any] | None:
+    """The executor's torch hand-off for ``device``, or None when the Rust kernels run everything (device ``cpu``,
+    a method that is not SVD-heavy, or torch/CUDA missing: then a note says why)."""
+    if device is None:
+        return None
+    check_device(device)
+    if device == "cpu":
+        return None
+    if not method.gpu_bound:
+        log(f"note: device {device}: {method.name} is not SVD-heavy and runs on the Rust kernels")
+        return None
+    why = torch_unavailable_reason(device)
+    if why is not None:
+        log(f"note: device {device}: {why}; the Rust kernels run instead")
+        return None
+    return make_hook(device)
+
+
 def prepare(
     config_or_path: str | os.PathLike[str] | Mapping[str, Any],
     *,
@@ -108,6 +128,7 @@ def run(
     on_progress: ProgressCallback | None = None,
     memory_limit: str | int | None = None,
     lora_merge_cache: str | os.PathLike[str] | None = None,
+    device: str | None = None,
 ) -> RunReport:
     """Merge the models of a mergekit config into ``out_dir``.
 
@@ -119,6 +140,9 @@ def run(
     ``OutputError`` before merging when the output's filesystem lacks room for the shards (+1%). On any failure
     (or Ctrl-C) ``out_dir`` is left absent, never partial. ``lora_merge_cache``: where ``model+lora`` models are
     merged to (kept and reused across runs); None = inside the output's temporary directory, removed after the merge.
+    ``device`` (overrides the config's ``device:``): ``cpu`` (default) runs the Rust kernels; ``cuda``, ``cuda:N`` or
+    ``torch:cpu`` hand the SVD-heavy methods' matrices to torch (``torch_path``), falling back to the Rust kernels
+    with a note when torch or the GPU is missing.
     """
     _check_threads(threads)
     limit = memory_limit_bytes(memory_limit)
@@ -145,6 +169,7 @@ def run(
             log(f"note: {note}")
     for note in config.notes:
         log(f"note: {note}")
+    hook = torch_hook(device if device is not None else config.device, config.method, log)
     reference = plan.models[0]
     bar = None if quiet else ProgressBar()
 
@@ -166,6 +191,7 @@ def run(
                 progress if (bar is not None or on_progress is not None) else None,
                 threads,
                 limit,
+                hook,
             )
         finally:
             if bar is not None:
