@@ -9,7 +9,7 @@ use ferromerge_core::merge::{
 use ferromerge_core::{pool, DType};
 use proptest::prelude::*;
 
-const METHODS: [&str; 19] = [
+const METHODS: [&str; 25] = [
     "linear",
     "task_arithmetic",
     "ties",
@@ -29,6 +29,12 @@ const METHODS: [&str; 19] = [
     "ramplus_tl",
     "nearswap",
     "arcee_fusion",
+    "tsv_m",
+    "iso_c",
+    "iso_cts",
+    "star",
+    "consensus",
+    "tall_masks",
 ];
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
@@ -46,6 +52,12 @@ fn params_for(method: Method, flip: bool) -> BTreeMap<String, f64> {
         Method::Breadcrumbs | Method::BreadcrumbsTies => vec![("per_row", b)],
         Method::RamplusTl => vec![("epsilon", 0.02)],
         Method::Karcher => vec![("max_iter", 5.0)],
+        // A small sketch so the randomized path runs (not the exact fallback) on these small matrices.
+        Method::TsvM => vec![("exact_svd", b), ("oversample", 1.0), ("power_iters", 1.0)],
+        Method::IsoCts => vec![("common_space_fraction", 0.5)],
+        Method::Star => vec![("eta", 60.0)],
+        Method::Consensus => vec![("k", 1.0 + b)],
+        Method::TallMasks => vec![("task", 0.0)],
         _ => vec![],
     };
     pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
@@ -57,7 +69,7 @@ proptest! {
     #[test]
     fn every_method_independent_of_chunks_and_threads(
         rows in 1usize..40, cols in 1usize..60, m in 1usize..4, density in 0.2f64..0.8, chunk in 1usize..500,
-        seed in 0u64..1000, which in 0usize..19, flip: bool,
+        seed in 0u64..1000, which in 0usize..25, flip: bool,
     ) {
         let method = Method::parse(METHODS[which]).unwrap();
         let (lo, hi) = method.input_counts();
@@ -94,6 +106,42 @@ proptest! {
                 prop_assert_eq!(&got, &reference, "{} with chunk {} threads {}", METHODS[which], chunk, threads);
             }
         }
+    }
+}
+
+/// The randomized SVD at sizes where faer's factorizations split work across threads: the same bytes at any
+/// thread count (faer is pinned to a fixed split) and for repeated runs.
+#[test]
+fn spectral_methods_independent_of_threads_on_large_matrices() {
+    let (rows, cols) = (384, 320);
+    let n = rows * cols;
+    let mut s = 0x2545F4914F6CDD1Du64;
+    let mut next = || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+    };
+    let base: Vec<f32> = (0..n).map(|_| next()).collect();
+    let xs: Vec<Vec<u8>> =
+        (0..3).map(|_| f32_bytes(&base.iter().map(|b| b + 0.1 * next()).collect::<Vec<_>>())).collect();
+    let bb = f32_bytes(&base);
+    for name in ["tsv_m", "iso_c", "iso_cts", "star"] {
+        let method = Method::parse(name).unwrap();
+        let inputs = xs
+            .iter()
+            .enumerate()
+            .map(|(i, x)| Input::new(Source { bytes: x, dtype: DType::F32 }, 1.0, 1.0, i as u32))
+            .collect();
+        let spec = MethodSpec::new(method, false, 1.0, Rescale::None, 7);
+        let base = Some(Source { bytes: &bb, dtype: DType::F32 });
+        let job =
+            Job { name: "w", shape: vec![rows, cols], numel: n, base, inputs, cast: None, spec, out_dtype: DType::F32 };
+        let run = |t: usize| pool::pool(Some(t)).unwrap().install(|| merge_to_vec(&job, &Options::with_chunk(4096))).unwrap();
+        let one = run(1);
+        assert_eq!(one, run(2), "{name}: 1 vs 2 threads");
+        assert_eq!(one, run(3), "{name}: 1 vs 3 threads");
+        assert_eq!(one, run(1), "{name}: repeated");
     }
 }
 
