@@ -5,6 +5,7 @@
 """
 
 from ._core import InputError, MergeError, OutputError, ParameterError, __version__
+from .compress import compress, decompress
 from .errors import ConfigError
 from .extract_lora import extract_lora
 from .run import RunReport, run
@@ -18,6 +19,8 @@ __all__ = [
     "ParameterError",
     "RunReport",
     "__version__",
+    "compress",
+    "decompress",
     "extract_lora",
     "merge_state_dicts",
     "merge_tensors",
