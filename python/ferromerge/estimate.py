@@ -116,7 +116,13 @@ def peak_memory(plan: Plan, memory_limit: int, threads: int) -> tuple[int, PlanT
     models = max(_inputs_of(t) for t in plan.tensors)
     buffers = threads * (models + _SCRATCH_BUFFERS)
     scratch = buffers * _core.chunk_elems(memory_limit, threads, models) * 4
-    return min(memory_limit, largest.bytes_in + read_ahead + scratch), largest, read_ahead, scratch
+    # spectral methods (tsv_m, ...) hold whole matrices and their factors on top (the engine refuses a run where
+    # one does not fit the budget)
+    working = max(
+        (_core.working_bytes(t.method["name"], list(t.shape), t.method.get("params")) for t in plan.tensors), default=0
+    )
+    bound = largest.bytes_in + read_ahead + scratch + working
+    return min(memory_limit, bound), largest, read_ahead, scratch
 
 
 def _synthetic(rng: np.random.Generator, n: int, dtype: str) -> npt.NDArray[Any]:

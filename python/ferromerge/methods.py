@@ -17,7 +17,8 @@ This module only describes methods; the math lives in the Rust core.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from collections.abc import Sequence
 from typing import Any
 
@@ -125,10 +126,25 @@ _TALL_LAMBDA = ParamSpec(
 )
 
 
+_EXCLUDE = ParamSpec(
+    str, "",
+    doc="regex of tensor names given the mean task vector instead of the SVD (e.g. 'embed_tokens|lm_head'; the "
+    "reference code factorizes every 2-D tensor, which for LLM embeddings costs the most memory)",
+)
+
+
 def _spectral(name: str, shared: dict[str, ParamSpec]) -> MethodSpec:
     """A method of the singular-vector space of each 2-D task vector (TSV-M, Iso-C/CTS, STAR): no weights, every
-    parameter to the kernel, the shape too (it factorizes matrices), and torch may take it on a GPU."""
-    return _method(name, "required", shared, row_wise=True, gpu_bound=True)
+    numeric parameter to the kernel, the shape too (it factorizes matrices), and torch may take it on a GPU.
+    ``exclude`` is resolved by the planner into the kernel's per-tensor ``mean_only``."""
+    spec = _method(name, "required", {**shared, "exclude": _EXCLUDE}, row_wise=True, gpu_bound=True)
+    return replace(spec, kernel_params=tuple(p for p in spec.kernel_params if p != "exclude"))
+
+
+def mean_only(method: MethodSpec, shared: dict[str, Any], tensor: str) -> bool:
+    """Whether a spectral method's ``exclude`` pattern takes ``tensor`` out of the SVD treatment."""
+    pattern = shared.get("exclude") or ""
+    return method.gpu_bound and bool(pattern) and re.search(pattern, tensor) is not None
 
 
 def _gta(
@@ -398,6 +414,11 @@ def kernel_spec(method: MethodSpec, shared: dict[str, Any], seed: int) -> dict[s
     }
     if method.kernel_params:
         out["params"] = {name: float(shared[name]) for name in method.kernel_params}
+    if "exclude" in shared and shared["exclude"]:
+        try:
+            re.compile(shared["exclude"])
+        except re.error as e:
+            raise ParameterError(f"parameter 'exclude' is not a valid regular expression: {e}") from None
     return out
 
 

@@ -331,6 +331,8 @@ def _plan_tensor(
     kernel = kernels.get(key)
     if kernel is None:
         kernel = kernels[key] = methods.kernel_spec(method, shared, seed)
+    if methods.mean_only(method, shared, job.out):
+        kernel = {**kernel, "params": {**kernel["params"], "mean_only": 1.0}}
     out_dtype = config.out_dtype or config.dtype or MERGEABLE_DTYPES[template.info.dtype]
     shape = template.info.shape
     if aligned:

@@ -262,6 +262,8 @@ class _Resolved:
     #: breadcrumbs' gamma and della's epsilon per input (None for other methods)
     gammas: list[float] | None = None
     epsilons: list[float] | None = None
+    #: the method-wide parameters (spectral methods' ``exclude`` is matched against each tensor's name)
+    shared: dict[str, Any] | None = None
 
 
 def _resolve(
@@ -290,7 +292,7 @@ def _resolve(
     # (slerp, karcher, ...) pass 1.0, which their kernels ignore
     weights = per[spec.weight_param] if spec.weight_param is not None else [1.0] * len(keys)
     densities = per.get("density", [1.0] * len(keys))
-    return _Resolved(spec, kernel, weights, densities, per.get("gamma"), per.get("epsilon"))
+    return _Resolved(spec, kernel, weights, densities, per.get("gamma"), per.get("epsilon"), shared)
 
 
 def _merge_flat(
@@ -307,6 +309,9 @@ def _merge_flat(
     model_ids: Sequence[int] | None = None,
 ) -> np.ndarray:
     k = r.kernel
+    params = k.get("params")
+    if _methods.mean_only(r.spec, r.shared or {}, name):
+        params = {**(params or {}), "mean_only": 1.0}
     return _core.merge_arrays(
         k["name"],
         [a.flat for a in inputs],
@@ -323,7 +328,7 @@ def _merge_flat(
         model_ids=None if model_ids is None else list(model_ids),
         threads=threads,
         chunk_elems=chunk_elems,
-        **_methods.kernel_kwargs(r.spec, shape=shape, params=k.get("params"), gammas=r.gammas, epsilons=r.epsilons),
+        **_methods.kernel_kwargs(r.spec, shape=shape, params=params, gammas=r.gammas, epsilons=r.epsilons),
     )
 
 

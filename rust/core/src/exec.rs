@@ -223,6 +223,23 @@ pub fn execute_with(
         return Err(CoreError::param(format!("memory limit of {budget} bytes is too small (at least 64 MiB)")));
     }
     let share = budget / 4;
+    // Spectral methods factorize whole matrices: refuse before writing anything when one cannot fit the budget
+    // (an external merge, torch on a GPU, holds its factors on the device instead).
+    for job in jobs.iter().filter(|_| external.is_none()) {
+        let need = merge::working_bytes(job);
+        if need > budget {
+            return Err(CoreError::param(format!(
+                "tensor '{}' {:?}: {} factorizes whole matrices and needs about {:.1} GiB for this one, above the \
+                 memory limit of {:.1} GiB; raise the limit (--memory-limit), or give such tensors the mean task \
+                 vector with the method's `exclude` parameter (a regex of tensor names, e.g. \"embed_tokens|lm_head\")",
+                job.name,
+                job.shape,
+                job.spec.method.name(),
+                need as f64 / (1u64 << 30) as f64,
+                budget as f64 / (1u64 << 30) as f64
+            )));
+        }
+    }
     let workers = pool.current_num_threads();
     let max_inputs = jobs.iter().map(|j| j.inputs.len() + 1).max().unwrap_or(1);
     let chunk = plan.chunk_elems.unwrap_or_else(|| chunk_elems(budget, workers, max_inputs)).max(1);

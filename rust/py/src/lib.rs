@@ -233,6 +233,19 @@ fn chunk_elems(memory_limit: u64, threads: usize, inputs: usize) -> usize {
     exec::chunk_elems(memory_limit, threads, inputs)
 }
 
+/// Bytes the merge of one tensor of `shape` by `method` holds beyond the streaming buffers (spectral methods'
+/// whole-matrix working set; 0 for the rest).
+#[pyfunction]
+#[pyo3(signature = (method, shape, params=None))]
+fn working_bytes(method: &str, shape: Vec<usize>, params: Option<BTreeMap<String, f64>>) -> PyResult<u64> {
+    let method = Method::parse(method).map_err(to_py)?;
+    let params = Params::parse(method, &params.unwrap_or_default()).map_err(to_py)?;
+    let spec = MethodSpec { method, normalize: false, lambda: 1.0, rescale: Rescale::None, seed: 0, params };
+    let numel = shape.iter().product();
+    let job = Job { name: "", shape, numel, base: None, inputs: vec![], cast: None, spec, out_dtype: DType::F32 };
+    Ok(merge::working_bytes(&job))
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
@@ -249,6 +262,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(default_memory_limit, m)?)?;
     m.add_function(wrap_pyfunction!(chunk_elems, m)?)?;
     m.add_function(wrap_pyfunction!(linalg::svd, m)?)?;
+    m.add_function(wrap_pyfunction!(working_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(linalg::polar, m)?)?;
     m.add("MIN_MEMORY_LIMIT", exec::MIN_MEMORY_LIMIT)?;
     Ok(())

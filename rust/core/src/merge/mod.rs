@@ -457,6 +457,16 @@ where
     })
 }
 
+/// Bytes a tensor's merge holds beyond the streaming chunk buffers: the whole-matrix working set of a spectral
+/// method (0 for every other method and for tensors a spectral method only averages).
+pub fn working_bytes(job: &Job) -> u64 {
+    if job.spec.method.is_spectral() && !job.spec.params.mean_only {
+        spectral::working_bytes(&job.shape)
+    } else {
+        0
+    }
+}
+
 /// Write a whole tensor's merged values computed elsewhere (the torch hand-off), encoded like any merge.
 pub fn emit_values(job: &Job, opts: &Options, values: &[f32], sink: &dyn Sink) -> Result<()> {
     if values.len() != job.numel {

@@ -45,6 +45,9 @@ pub struct Params {
     pub tall_mask_lambda: f64,
     /// tall_masks: which model (0-based, among the non-base inputs) to rebuild.
     pub task: usize,
+    /// Spectral methods: this tensor gets the mean task vector instead of the SVD treatment (the config's
+    /// `exclude` pattern matched its name; the reference code does this for CLIP's text_projection).
+    pub mean_only: bool,
 }
 
 impl Default for Params {
@@ -71,6 +74,7 @@ impl Default for Params {
             k: 2,
             tall_mask_lambda: 0.4,
             task: usize::MAX,
+            mean_only: false,
         }
     }
 }
@@ -86,10 +90,10 @@ fn known(method: Method) -> &'static [&'static str] {
         Method::Ram => &["epsilon"],
         Method::RamplusTl => &["epsilon", "r", "alpha"],
         Method::Breadcrumbs | Method::BreadcrumbsTies => &["per_row"],
-        Method::TsvM => &["alpha", "exact_svd", "oversample", "power_iters"],
-        Method::IsoC => &["alpha"],
-        Method::IsoCts => &["alpha", "common_space_fraction"],
-        Method::Star => &["eta"],
+        Method::TsvM => &["alpha", "exact_svd", "oversample", "power_iters", "mean_only"],
+        Method::IsoC => &["alpha", "mean_only"],
+        Method::IsoCts => &["alpha", "common_space_fraction", "mean_only"],
+        Method::Star => &["eta", "mean_only"],
         Method::Consensus => &["k", "tall_mask_lambda"],
         Method::TallMasks => &["task", "tall_mask_lambda"],
         _ => &[],
@@ -157,6 +161,7 @@ impl Params {
             k: count("k", d.k, 1e6)?,
             tall_mask_lambda: num("tall_mask_lambda", d.tall_mask_lambda),
             task: if given.contains_key("task") { count("task", 0, 1e6)? } else { d.task },
+            mean_only: flag("mean_only", d.mean_only)?,
         };
         if method == Method::TallMasks && p.task == usize::MAX {
             return Err(err("missing required parameter 'task' (0-based index of the model to rebuild)".into()));
