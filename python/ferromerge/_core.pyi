@@ -82,8 +82,14 @@ def execute_plan(
     progress: Callable[[int, int, int, int], None] | None = None,
     threads: int | None = None,
     memory_limit: int | None = None,
+    external: Callable[..., npt.NDArray[np.float32] | None] | None = None,
 ) -> dict[str, int]:
     """Write every output shard of a plan (see docs/architecture.md) into ``out_dir``.
+
+    ``external(name, method, shape, params, seed, n_inputs, load)`` (the torch hand-off, ``torch_path.make_hook``)
+    is asked first for every tensor: ``load(i)`` decodes input ``i`` (-1: the base) to a new float32 array; it
+    returns the merged tensor (float32, ``shape``) or None for the kernels to merge it. An exception it raises is
+    re-raised as itself.
 
     ``memory_limit`` (bytes, default ``default_memory_limit()``) bounds what the run keeps resident: chunking,
     read-ahead, and when input pages are released; it never changes the output.
@@ -105,3 +111,27 @@ def default_memory_limit() -> int:
 
 def chunk_elems(memory_limit: int, threads: int, inputs: int) -> int:
     """Elements per chunk the engine uses for a budget, a worker count and the inputs of a tensor (base included)."""
+
+def working_bytes(method: str, shape: Sequence[int], params: Mapping[str, float] | None = None) -> int:
+    """Bytes a tensor's merge holds beyond the streaming buffers (spectral methods: 16 · m · n · 4; others 0)."""
+
+def svd(
+    a: npt.NDArray[np.float32],
+    *,
+    rank: int | None = None,
+    fraction: float | None = None,
+    energy: float | None = None,
+    nuclear: float | None = None,
+    exact: bool = False,
+    oversample: int = 10,
+    power_iters: int = 2,
+    seed: int = 0,
+    name: str = "",
+    sv_epsilon: float = 0.0,
+    threads: int | None = None,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """``(U, S, Vt)`` of a C-contiguous float32 matrix, truncated by every rank rule given (docs/svd.md):
+    randomized (seeded by ``seed`` and ``name``) unless ``exact`` or ``nuclear``. Same bytes at any thread count."""
+
+def polar(a: npt.NDArray[np.float32], *, threads: int | None = None) -> npt.NDArray[np.float32]:
+    """The nearest matrix with orthonormal columns (rows, for a wide matrix): ``U Vᵀ`` of the thin SVD."""
