@@ -225,7 +225,7 @@ def test_reported_error_is_the_error_of_the_rebuilt_directory(family_bf16: Famil
             e = t["models"][i]
             b, w, g = (values(x[t["name"]]) for x in (base, want, got))
             measured = np.linalg.norm(w - g) / np.linalg.norm(w - b)
-            assert e["error"] == pytest.approx(measured, rel=1e-9, abs=1e-12), t["name"]
+            assert e["error"] == pytest.approx(measured, rel=1e-5, abs=1e-12), t["name"]  # float32 norms
             if len(t["shape"]) == 2:
                 errors.append(measured)
         s = report.models[i]

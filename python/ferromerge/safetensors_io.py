@@ -1,7 +1,7 @@
 """Raw safetensors tensors read and written one block at a time (the compress archive and its rebuilt models).
 
-``ShardReader`` maps each file once and hands out zero-copy views of a tensor's bytes, or of a block of its rows
-(dim 0), as stored: bfloat16 as ``uint16`` bits. ``to_f32`` / ``from_f32`` convert blocks exactly / with the
+``ShardReader`` reads a tensor's bytes, a block of its rows (dim 0) or its bytes in chunks, as stored (bfloat16
+as ``uint16`` bits), into fresh buffers. ``to_f32`` / ``from_f32`` convert blocks exactly / with the
 engine's rounding. ``StreamWriter`` writes a file whose tensors arrive block by block: when its tensors are
 known in advance (``planned``) the header goes first and the data follows; otherwise (the low-rank factors' ranks
 are known only after each SVD) the data is spooled to sidecar files and the header is written at ``close``, then
@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -72,24 +72,23 @@ def from_f32(values: npt.NDArray[np.float32], dtype: str) -> npt.NDArray[Any]:
 
 
 class ShardReader:
-    """Read-only views of tensors' bytes; each file is validated (by the engine) and mapped once."""
+    """Tensors' bytes read on demand (``pread``-style into fresh buffers, never memory-mapped: pages of tensors
+    already processed are not kept resident); each file's header is validated by the engine and parsed once."""
 
     def __init__(self) -> None:
-        self._files: dict[Path, tuple[npt.NDArray[np.uint8], dict[str, tuple[str, list[int], int, int]]]] = {}
+        self._files: dict[Path, tuple[Any, dict[str, tuple[str, list[int], int, int]]]] = {}
 
     def header(self, file: Path) -> dict[str, tuple[str, list[int], int, int]]:
         """``{tensor: (dtype, shape, start, end)}``, byte offsets in the file."""
         return self._open(file)[1]
 
-    def _open(self, file: Path) -> tuple[npt.NDArray[np.uint8], dict[str, tuple[str, list[int], int, int]]]:
+    def _open(self, file: Path) -> tuple[Any, dict[str, tuple[str, list[int], int, int]]]:
         if file not in self._files:
             _core.read_header(str(file))  # InputError naming the file when missing, truncated or corrupt
             try:
-                with open(file, "rb") as f:
-                    (n,) = struct.unpack("<Q", f.read(8))
-                    header = json.loads(f.read(n))
-                size = file.stat().st_size
-                data = np.memmap(file, dtype=np.uint8, mode="r") if size else np.empty(0, np.uint8)
+                f = open(file, "rb", buffering=0)  # noqa: SIM115 - closed by close()
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
             except (OSError, ValueError) as e:
                 raise InputError(f"{file}: cannot read: {e}") from None
             header.pop("__metadata__", None)
@@ -97,7 +96,7 @@ class ShardReader:
                 k: (v["dtype"], list(v["shape"]), 8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1])
                 for k, v in header.items()
             }
-            self._files[file] = (data, spans)
+            self._files[file] = (f, spans)
         return self._files[file]
 
     def entry(self, file: Path, name: str, what: str = "") -> tuple[str, list[int]]:
@@ -108,22 +107,50 @@ class ShardReader:
         dtype, shape, _, _ = spans[name]
         return dtype, shape
 
+    def _read(self, file: Path, start: int, size: int) -> npt.NDArray[np.uint8]:
+        f, _ = self._open(file)
+        buf = np.empty(size, np.uint8)
+        view = memoryview(buf)
+        done = 0
+        try:
+            f.seek(start)
+            while done < size:
+                got = f.readinto(view[done:])
+                if not got:
+                    raise InputError(f"{file}: truncated (changed while being read?)")
+                done += got
+        except OSError as e:
+            raise InputError(f"{file}: cannot read: {e}") from None
+        return buf
+
+    def chunks(self, file: Path, name: str, size: int = _COPY_CHUNK) -> Iterator[npt.NDArray[np.uint8]]:
+        """The tensor's bytes, ``size`` at a time."""
+        _, _, start, end = self._open(file)[1][name]
+        for at in range(start, end, size):
+            yield self._read(file, at, min(size, end - at))
+
+    def bytes_at(self, file: Path, name: str, offset: int, size: int) -> npt.NDArray[np.uint8]:
+        """``size`` bytes of the tensor from byte ``offset`` of its data."""
+        _, _, start, end = self._open(file)[1][name]
+        if offset + size > end - start:
+            raise AssertionError(f"{file}: read past the end of tensor {name}")
+        return self._read(file, start + offset, size)
+
     def raw(self, file: Path, name: str) -> npt.NDArray[np.uint8]:
-        """The tensor's bytes (a view of the mapping)."""
-        data, spans = self._open(file)
-        _, _, start, end = spans[name]
-        return data[start:end]
+        """All of the tensor's bytes (for small tensors: factors, masks)."""
+        _, _, start, end = self._open(file)[1][name]
+        return self._read(file, start, end - start)
 
     def rows(self, file: Path, name: str, rows: slice) -> npt.NDArray[Any]:
-        """Rows ``rows`` (dim 0) of a float or U8 tensor as stored, shape kept (0-d: its one value)."""
-        data, spans = self._open(file)
-        dtype, shape, start, _ = spans[name]
+        """Rows ``rows`` (dim 0) of a float or U8 tensor as stored, in a fresh array (0-d: its one value)."""
+        dtype, shape, start, _ = self._open(file)[1][name]
         row = numel(shape[1:]) * ITEMSIZE[dtype] if len(shape) > 1 else ITEMSIZE[dtype]
-        lo, hi = start + rows.start * row, start + rows.stop * row
-        block = data[lo:hi].view(RAW[dtype])
+        block = self._read(file, start + rows.start * row, (rows.stop - rows.start) * row).view(RAW[dtype])
         return block.reshape((rows.stop - rows.start, *shape[1:]) if shape else ())
 
     def close(self) -> None:
+        for f, _ in self._files.values():
+            f.close()
         self._files.clear()
 
 
