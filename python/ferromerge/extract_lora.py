@@ -49,7 +49,7 @@ import numpy.typing as npt
 from . import _core
 from .errors import InputError, MergeError, ParameterError
 from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, _data_layout, from_f32, to_f32
-from .models import MERGEABLE_DTYPES, ModelIndex, TensorInfo, index_model
+from .models import MERGEABLE_DTYPES, ModelIndex, TensorInfo, _natural_key, index_model
 from .output import OutputDir, check_free_space
 from .safetensors_stream import Planned, StreamWriter
 
@@ -180,7 +180,8 @@ def plan_modules(
             f"{ft.ref!r} ({ft.path}); an adapter cannot remove tensors"
         )
     groups: dict[str, list[str]] = {}
-    for name in ft.tensors:
+    # natural name order, not shard order: the adapter does not depend on how the fine-tune is sharded
+    for name in sorted(ft.tensors, key=_natural_key):
         module, dot, _ = name.rpartition(".")
         if not dot:
             raise InputError(f"{ft.tensors[name].file}: tensor {name} belongs to no module (no '.' in its name); a "
