@@ -228,9 +228,11 @@ def test_memory_limit_reaches_the_engine_in_bytes(
     seen: list[int | None] = []
     real = _core.execute_plan
 
-    def execute_plan(plan: str, out: str, progress: Any = None, threads: Any = None, memory_limit: Any = None) -> Any:
+    def execute_plan(
+        plan: str, out: str, progress: Any = None, threads: Any = None, memory_limit: Any = None, external: Any = None
+    ) -> Any:
         seen.append(memory_limit)
-        return real(plan, out, progress, threads, memory_limit)
+        return real(plan, out, progress, threads, memory_limit, external)
 
     monkeypatch.setattr(_core, "execute_plan", execute_plan)
     ferromerge.run(ties_config(family_bf16), tmp_path / "a", quiet=True, memory_limit="100M")
