@@ -1,0 +1,329 @@
+"""The torch hand-off of the SVD-space methods (``tsv_m``, ``iso_c``, ``iso_cts``, ``star``), for ``--device cuda``.
+
+``_core.execute_plan(..., external=hook)`` offers every tensor to ``hook(name, method, shape, params, seed,
+n_inputs, load)`` before its Rust kernel runs. The hook made here takes the 2-D tensors of those four methods and
+returns theta (base included, float32, ``shape``); for anything else it returns None and the Rust kernels run.
+``load(i)`` decodes input i (0..n_inputs-1, ``-1`` the base) to a fresh float32 array, so the hook streams over
+the tasks: the base is moved to the device once, then one task at a time is loaded, moved, turned into its task
+vector and dropped. Host memory stays at about one task matrix; the device holds the base, one task vector and
+the method's factors (for TSV-M the concatenated U and V: about one more matrix).
+
+All math is float32 on the device. TSV-M's per-task top-k SVD is randomized (``torch.svd_lowrank``, Halko et
+al.'s algorithm 5.1 with q = k + oversample columns and ``power_iters`` power iterations), exact
+(``torch.linalg.svd``) when ``exact_svd`` is set or when q would reach min(m, n). The sketch is seeded from
+(seed, tensor name) inside a forked RNG, so a run is reproducible and leaves the global RNG alone; torch's
+sketch is not the Rust kernel's (different generators), so the two paths agree within the randomized error, and
+exactly-specified (exact SVD) results within float32 rounding. Iso-C, Iso-CTS and STAR need the full spectrum and
+always use the exact SVD. Polar factors are U·Vᵀ of a thin SVD.
+
+torch is optional: nothing here imports it at module import time, and ``import ferromerge`` never imports this
+module's dependencies. Device strings: ``cpu`` (the Rust kernels, no torch), ``cuda``, ``cuda:N`` and
+``torch:cpu`` (the torch path on the CPU: tests, and machines where torch's LAPACK beats the Rust SVD).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import re
+import threading
+import warnings
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+import numpy as np
+
+from ._core import ParameterError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+#: the methods the hook takes (2-D tensors only)
+TORCH_METHODS = frozenset({"tsv_m", "iso_c", "iso_cts", "star"})
+
+#: parameter defaults (the method registry passes every parameter; these cover a hook called directly)
+DEFAULTS = {
+    "alpha": 1.0,
+    "exact_svd": 0.0,
+    "oversample": 10.0,
+    "power_iters": 2.0,
+    "common_space_fraction": 0.8,
+    "eta": 40.0,
+}
+
+_DEVICE_RE = re.compile(r"^(?:cpu|torch:cpu|cuda|cuda:(\d+))$")
+
+Load = Callable[[int], np.ndarray]
+Hook = Callable[[str, str, tuple, dict, int, int, Load], "np.ndarray | None"]
+
+# svd_lowrank draws its sketch from the global RNG; the fork/seed/draw sequence must not interleave between
+# threads (torch releases the GIL inside its kernels)
+_RNG_LOCK = threading.Lock()
+
+
+class TorchUnavailableWarning(UserWarning):
+    """A torch device was asked for but cannot be used; the Rust kernels run instead."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# devices
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def check_device(device: str) -> str:
+    """Validate a device string without importing torch; returns it unchanged. Raises ``ParameterError``."""
+    if not isinstance(device, str) or not _DEVICE_RE.match(device):
+        raise ParameterError(
+            f"device must be 'cpu' (Rust kernels), 'cuda', 'cuda:N' or 'torch:cpu' (torch on the CPU), got {device!r}"
+        )
+    return device
+
+
+def _import_torch() -> tuple[Any, str | None]:
+    try:
+        import torch
+    except ImportError:
+        return None, "torch is not installed (pip install 'ferromerge[torch]', with a CUDA build for a GPU)"
+    except Exception as e:  # a broken install (missing CUDA libraries, ...) must not stop a CPU merge
+        return None, f"torch failed to import ({type(e).__name__}: {e})"
+    return torch, None
+
+
+def torch_unavailable_reason(device: str) -> str | None:
+    """Why ``device`` cannot run the torch path (None when it can). ``cpu`` always has a reason: it means the Rust
+    kernels. Raises ``ParameterError`` for a malformed device string."""
+    check_device(device)
+    if device == "cpu":
+        return "device 'cpu' runs the Rust kernels"
+    torch, why = _import_torch()
+    if torch is None:
+        return why
+    if device == "torch:cpu":
+        return None
+    if not torch.cuda.is_available():
+        built = torch.version.cuda
+        return (f"torch {torch.__version__} was built without CUDA" if built is None
+                else f"torch {torch.__version__} (CUDA {built}) sees no CUDA device")
+    if device != "cuda":
+        index = int(device.split(":", 1)[1])
+        count = torch.cuda.device_count()
+        if index >= count:
+            return f"{device} asked for, but torch sees {count} CUDA device(s) (cuda:0..cuda:{count - 1})"
+    return None
+
+
+def torch_device(device: str, *, warn: bool = False) -> "torch.device | None":
+    """The torch device for ``cuda``, ``cuda:N`` or ``torch:cpu``; None for ``cpu`` and when torch or CUDA is
+    missing (``torch_unavailable_reason`` says why; with ``warn`` a ``TorchUnavailableWarning`` says it too, so
+    the caller can simply fall back to the Rust kernels)."""
+    why = torch_unavailable_reason(device)
+    if why is not None:
+        if warn and device != "cpu":
+            warnings.warn(f"{why}; using the Rust kernels instead of {device}", TorchUnavailableWarning,
+                          stacklevel=2)
+        return None
+    import torch
+
+    if device == "torch:cpu":
+        return torch.device("cpu")
+    if device == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# building blocks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def sketch_seed(seed: int, name: str) -> int:
+    """A 63-bit seed from (seed, tensor name), the same in every process (Python's ``hash`` is salted)."""
+    digest = hashlib.blake2b(f"{int(seed)}\x00{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+@contextlib.contextmanager
+def _seeded(torch: Any, device: "torch.device", seed: int) -> Iterator[None]:
+    """Seed the default generator of ``device`` inside a forked RNG (the caller's RNG state is restored)."""
+    with _RNG_LOCK:
+        if device.type == "cuda":
+            with torch.random.fork_rng(devices=[device.index]), torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+                yield
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(seed)
+                yield
+
+
+class _Tasks:
+    """Streams task vectors onto the device: the base stays there, tasks are loaded one at a time.
+
+    ``load`` returns fresh arrays (the executor's contract), so on the CPU, where ``.to(device)`` does not copy,
+    task vectors and theta are formed in place in that memory instead of in a second matrix."""
+
+    def __init__(self, torch: Any, device: "torch.device", load: Load, n_inputs: int, shape: tuple[int, ...]):
+        self.torch, self.device, self.load, self.n, self.shape = torch, device, load, n_inputs, shape
+        self.base = self._to_device(-1)
+
+    def _to_device(self, i: int) -> "torch.Tensor":
+        a = np.asarray(self.load(i))
+        if a.shape != self.shape:
+            raise ValueError(f"load({i}) returned shape {a.shape}, expected {self.shape}")
+        if a.dtype != np.float32 or not a.flags.c_contiguous or not a.flags.writeable:
+            a = np.array(a, dtype=np.float32, order="C")
+        return self.torch.from_numpy(a).to(self.device)
+
+    def tau(self, i: int) -> "torch.Tensor":
+        x = self._to_device(i)
+        if x.data_ptr() == self.base.data_ptr():  # never subtract in place from the base itself
+            x = x.clone()
+        return x.sub_(self.base)
+
+    def total(self) -> "torch.Tensor":
+        acc = self.tau(0)
+        for i in range(1, self.n):
+            acc.add_(self.tau(i))
+        return acc
+
+
+def _polar(torch: Any, a: "torch.Tensor") -> "torch.Tensor":
+    p, _, qh = torch.linalg.svd(a, full_matrices=False)
+    return p @ qh
+
+
+def _top_k(torch: Any, a: "torch.Tensor", k: int, *, exact: bool, oversample: int,
+           power_iters: int) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
+    """(U_k, S_k, Vt_k) of ``a``: randomized unless ``exact`` or the sketch would be the whole space."""
+    q = k + max(0, oversample)
+    if exact or q >= min(a.shape):
+        u, s, vh = torch.linalg.svd(a, full_matrices=False)
+        return u[:, :k], s[:k], vh[:k, :]
+    u, s, v = torch.svd_lowrank(a, q=q, niter=max(0, power_iters))
+    return u[:, :k], s[:k], v[:, :k].mT
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the four methods on one 2-D tensor (merged task vector, before alpha)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def tsv_m(torch: Any, tasks: _Tasks, params: dict, seed: int) -> "torch.Tensor":
+    """Each task's top k = floor(min(m, n)/T) triplets, concatenated; U and V replaced by their polar factors.
+
+    Only the T·k filled slots are kept: leftover zero slots meet zero singular values, and the polar factor of
+    the filled columns alone equals those columns of the full one (zero columns decouple)."""
+    m, n = tasks.shape
+    k = min(m, n) // tasks.n
+    if k == 0:
+        return torch.zeros((m, n), dtype=torch.float32, device=tasks.device)
+    width = tasks.n * k
+    u_cat = torch.empty((m, width), dtype=torch.float32, device=tasks.device)
+    s_cat = torch.empty(width, dtype=torch.float32, device=tasks.device)
+    v_cat = torch.empty((width, n), dtype=torch.float32, device=tasks.device)
+    opts = dict(exact=bool(params["exact_svd"]), oversample=int(params["oversample"]),
+                power_iters=int(params["power_iters"]))
+    with _seeded(torch, tasks.device, seed):
+        for i in range(tasks.n):
+            tau = tasks.tau(i)
+            u, s, vt = _top_k(torch, tau, k, **opts)
+            del tau
+            u_cat[:, i * k:(i + 1) * k], s_cat[i * k:(i + 1) * k], v_cat[i * k:(i + 1) * k, :] = u, s, vt
+    return _polar(torch, u_cat) @ (s_cat[:, None] * _polar(torch, v_cat))
+
+
+def iso_c(torch: Any, tasks: _Tasks, params: dict, seed: int) -> "torch.Tensor":
+    """mean(S)·U·Vᵀ of M = Σ tau_t (full thin SVD)."""
+    u, s, vh = torch.linalg.svd(tasks.total(), full_matrices=False)
+    return s.mean() * (u @ vh)
+
+
+def iso_cts(torch: Any, tasks: _Tasks, params: dict, seed: int) -> "torch.Tensor":
+    """Common space from the SVD of Σ tau_t, task-specific blocks from each tau_t with the common left subspace
+    projected out (a second pass over the tasks), polar factors, every singular value replaced by the mean."""
+    m, n = tasks.shape
+    r = min(m, n)
+    t_count = tasks.n
+    common = int(r * float(params["common_space_fraction"]))
+    ts_total = round((r - common) / t_count) * t_count  # Python's round, half to even, as iso.py
+    if ts_total > r:  # only for small fractions; the reference would slice with a negative index
+        ts_total -= t_count
+    common, d = r - ts_total, ts_total // t_count
+    u, s, vh = torch.linalg.svd(tasks.total(), full_matrices=False)
+    uc, sc, vc = u[:, :common], s[:common], vh[:common, :]
+    del u, vh
+    u_cat = torch.empty((m, r), dtype=torch.float32, device=tasks.device)
+    v_cat = torch.empty((r, n), dtype=torch.float32, device=tasks.device)
+    s_sum = sc.sum()
+    for i in range(t_count if d > 0 else 0):
+        tau = tasks.tau(i)
+        tau.sub_(uc @ (uc.mT @ tau))
+        ut, st, vht = torch.linalg.svd(tau, full_matrices=False)
+        del tau
+        u_cat[:, i * d:(i + 1) * d], v_cat[i * d:(i + 1) * d, :] = ut[:, :d], vht[:d, :]
+        s_sum = s_sum + st[:d].sum()
+    j = t_count * d
+    u_cat[:, j:], v_cat[j:, :] = uc, vc
+    return (s_sum / r) * (_polar(torch, u_cat) @ _polar(torch, v_cat))
+
+
+def star(torch: Any, tasks: _Tasks, params: dict, seed: int) -> "torch.Tensor":
+    """(1/T)·Σ_t STAR(tau_t): keep the smallest r with Σ_{i<r} S_i >= eta % of ΣS, rescaled to the full nuclear
+    norm. The rank is chosen on float64 sums of the float32 singular values; a zero task vector adds zero."""
+    eta = float(params["eta"])
+    acc = torch.zeros(tasks.shape, dtype=torch.float32, device=tasks.device)
+    for i in range(tasks.n):
+        tau = tasks.tau(i)
+        u, s, vh = torch.linalg.svd(tau, full_matrices=False)
+        del tau
+        s64 = s.double().cpu().numpy()
+        total = float(s64.sum())
+        if total == 0.0:
+            continue
+        r = min(int(np.searchsorted(np.cumsum(s64), total * eta / 100.0, side="left")) + 1, s64.size)
+        scale = total / float(s64[:r].sum())
+        acc.add_(u[:, :r] @ ((s[:r] * scale)[:, None] * vh[:r, :]))
+    return acc.div_(tasks.n)
+
+
+_METHODS = {"tsv_m": tsv_m, "iso_c": iso_c, "iso_cts": iso_cts, "star": star}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the hook
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def merge_tensor(device: "torch.device", name: str, method: str, shape: tuple[int, ...], params: dict,
+                 seed: int, n_inputs: int, load: Load) -> np.ndarray | None:
+    """theta of one tensor on ``device`` (float32, ``shape``), or None when the torch path does not take it."""
+    shape = tuple(int(d) for d in shape)
+    if method not in TORCH_METHODS or len(shape) != 2 or min(shape) == 0 or n_inputs < 1:
+        return None
+    import torch
+
+    p = {**DEFAULTS, **{k: float(v) for k, v in (params or {}).items()}}
+    with torch.inference_mode():
+        tasks = _Tasks(torch, device, load, int(n_inputs), shape)
+        tau = _METHODS[method](torch, tasks, p, sketch_seed(seed, name))
+        alpha = 1.0 if method == "star" else p["alpha"]
+        theta = tasks.base.add_(tau, alpha=alpha) if alpha != 1.0 else tasks.base.add_(tau)
+        del tau
+        out = theta.cpu().numpy()
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def make_hook(device: str) -> Hook:
+    """The ``external`` hook of ``_core.execute_plan`` for ``device`` (``cuda``, ``cuda:N`` or ``torch:cpu``).
+
+    Raises ``ParameterError`` when the device cannot run torch (``torch_device``/``torch_unavailable_reason``
+    first, to fall back with a warning instead)."""
+    dev = torch_device(device)
+    if dev is None:
+        raise ParameterError(f"device {device!r} cannot run the torch path: {torch_unavailable_reason(device)}")
+
+    def hook(name: str, method: str, shape: tuple, params: dict, seed: int, n_inputs: int,
+             load: Load) -> np.ndarray | None:
+        return merge_tensor(dev, name, method, shape, params, seed, n_inputs, load)
+
+    hook.device = dev  # type: ignore[attr-defined]
+    return hook
