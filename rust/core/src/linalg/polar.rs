@@ -2,9 +2,10 @@
 //! Procrustes), `P Qᵀ` from the thin SVD `a = P Σ Qᵀ`. TSV-M replaces its concatenated singular-vector blocks by
 //! theirs; Iso-C's merged update is mean(σ) times the polar factor of the summed task vectors.
 
-use faer::{Mat, MatRef};
+use faer::{Mat, MatRef, Par};
 
-use super::{exact, mul};
+use super::svd::{narrow, no_convergence, widen};
+use super::pin;
 use crate::error::Result;
 
 /// `P Qᵀ` of `a` (m × c). Columns of `a` in its null space (e.g. TSV-M's unfilled slots) get some orthonormal
@@ -14,6 +15,13 @@ pub fn polar(a: MatRef<'_, f32>) -> Result<Mat<f32>> {
         // The polar factor of a wide matrix is the transpose of its transpose's.
         return Ok(polar(a.transpose())?.transpose().to_owned());
     }
-    let svd = exact(a)?;
-    Ok(mul(svd.u.as_ref(), svd.v.as_ref().transpose()))
+    // In f64 throughout (see `svd::exact`): the factor is then orthonormal to f32 rounding.
+    pin();
+    if a.nrows() == 0 || a.ncols() == 0 {
+        return Ok(Mat::zeros(a.nrows(), a.ncols()));
+    }
+    let svd = widen(a).thin_svd().map_err(no_convergence)?;
+    let mut p = Mat::<f64>::zeros(a.nrows(), a.ncols());
+    faer::linalg::matmul::matmul(p.as_mut(), faer::Accum::Replace, svd.U(), svd.V().transpose(), 1.0, Par::rayon(0));
+    Ok(narrow(p.as_ref()))
 }
