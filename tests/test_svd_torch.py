@@ -300,6 +300,15 @@ def test_hook_streams_tasks_and_returns_theta_with_the_base(method, passes):
     assert float(np.linalg.norm(theta - base)) < 0.5 * float(np.linalg.norm(base))
 
 
+def test_hook_declines_excluded_matrices():
+    """``mean_only`` (the config's ``exclude``) asks for the mean task vector, which the Rust kernel computes."""
+    hook = tp.make_hook("torch:cpu")
+    for method in sorted(METHOD_PARAMS):
+        calls = []
+        assert hook("embed_tokens.weight", method, (6, 5), {"mean_only": 1.0}, 0, 2, calls.append) is None
+        assert calls == []
+
+
 def test_hook_uses_defaults_for_missing_parameters():
     base, xs = family(13, (20, 16), 2)
     for method in ("iso_cts", "star", "iso_c"):

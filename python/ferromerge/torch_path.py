@@ -2,7 +2,8 @@
 
 ``_core.execute_plan(..., external=hook)`` offers every tensor to ``hook(name, method, shape, params, seed,
 n_inputs, load)`` before its Rust kernel runs. The hook made here takes the 2-D tensors of those four methods and
-returns theta (base included, float32, ``shape``); for anything else it returns None and the Rust kernels run.
+returns theta (base included, float32, ``shape``); for anything else (and for matrices whose ``mean_only`` parameter
+is set: the config's ``exclude``) it returns None and the Rust kernels run.
 ``load(i)`` decodes input i (0..n_inputs-1, ``-1`` the base) to a fresh float32 array, so the hook streams over
 the tasks: the base is moved to the device once, then one task at a time is loaded, moved, turned into its task
 vector and dropped. Host memory stays at about one task matrix; the device holds the base, one task vector and
@@ -298,6 +299,8 @@ def merge_tensor(device: "torch.device", name: str, method: str, shape: tuple[in
     """theta of one tensor on ``device`` (float32, ``shape``), or None when the torch path does not take it."""
     shape = tuple(int(d) for d in shape)
     if method not in TORCH_METHODS or len(shape) != 2 or min(shape) == 0 or n_inputs < 1:
+        return None
+    if float((params or {}).get("mean_only", 0.0)):  # an ``exclude``d matrix: the Rust kernel takes the mean
         return None
     import torch
 
