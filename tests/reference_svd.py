@@ -5,9 +5,10 @@ Written from ``methods.md`` §2.7, §2.10–2.12 (the authors' reference code: n
 AntoAndGar/task_singular_vectors, danielm1405/iso-merging, IBM/STAR), ``mergekit-compat.md`` §4
 (mergekit-extract-lora) and the issue-5 contract; it never calls ferromerge. Conventions:
 
-* inputs are float32 values (already decoded from their storage dtype); task vectors ``tau = x - b`` are formed in
-  float32 (one IEEE subtraction, as every float32 implementation does, so masks built from them match bit for bit)
-  and everything after that runs in float64 with ``np.linalg.svd`` (LAPACK gesdd);
+* inputs are float32 values (already decoded from their storage dtype). The SVD-space methods form task vectors
+  ``tau = x - b`` in float32 (one IEEE subtraction, as a float32 implementation does) and run everything after
+  that in float64 with ``np.linalg.svd`` (LAPACK gesdd); TALL / Consensus form them exactly in float64, so their
+  masks are exact and only elements within rounding of a mask threshold are left open (``tall_mask_ambiguous``);
 * every method takes the base and the list of non-base models as full tensors of any ndim and returns theta in
   float64 with the base's shape. 2-D tensors get the SVD treatment; every other ndim gets ``base + alpha·mean(tau)``
   (STAR: ``base + mean(tau)``), as the reference code does for non-matrix keys. TALL / Consensus are elementwise
@@ -46,6 +47,13 @@ def task_vectors(base, xs: Sequence) -> list[np.ndarray]:
             raise ValueError(f"model shape {x.shape} != base shape {b.shape}")
         out.append((x - b).astype(np.float64))
     return out
+
+
+def exact_task_vectors(base, xs: Sequence) -> list[np.ndarray]:
+    """tau_t = x_t - base in float64: exact (a difference of two float32 values always fits a float64). The
+    elementwise TALL / Consensus references use these, so their masks have no rounding to depend on."""
+    b = _f32(base).astype(np.float64)
+    return [_f32(x).astype(np.float64) - b for x in xs]
 
 
 def _theta(base, merged_tau: np.ndarray, alpha: float) -> np.ndarray:
@@ -109,8 +117,9 @@ def svd_rank(s, shape: Sequence[int], *, rank: int | None = None, fraction: floa
     * ``fraction``: r <= max(1, floor(fraction·min(m, n))) (float64 product, as a float64 parameter gives);
     * ``energy``: the smallest r >= 1 with Σ_{i<r} S_i² >= energy·‖A‖_F² (‖A‖_F² = Σ S_i²);
     * ``nuclear``: the smallest r >= 1 with Σ_{i<r} S_i >= nuclear·‖A‖_* (‖A‖_* = Σ S_i);
-    * ``sv_epsilon`` > 0: drop S_i <= sv_epsilon (mergekit-extract-lora: r = min(r, #(S > eps)); 0 disables it,
-      as in mergekit, so a zero matrix keeps its zero singular values).
+    * ``sv_epsilon``: drop S_i <= sv_epsilon (the contract's rule, also at its default 0: exactly zero singular
+      values are dropped, so a zero matrix has rank 0; mergekit-extract-lora applies its ``--sv-epsilon`` only when
+      it is > 0, see ``lora_factors``).
 
     A cumulative rule whose target rounding leaves unreached (energy or nuclear 1 with float64 sums) gives
     min(m, n).
@@ -127,9 +136,7 @@ def svd_rank(s, shape: Sequence[int], *, rank: int | None = None, fraction: floa
             c = np.cumsum(w)
             hit = np.flatnonzero(c >= share * w.sum())
             r = min(r, max(1, int(hit[0]) + 1) if hit.size else full)
-    if sv_epsilon > 0:
-        r = min(r, int(np.count_nonzero(s > sv_epsilon)))
-    return r
+    return min(r, int(np.count_nonzero(s > sv_epsilon)))
 
 
 def rank_margin(s, *, energy: float | None = None, nuclear: float | None = None,
@@ -143,8 +150,12 @@ def rank_margin(s, *, energy: float | None = None, nuclear: float | None = None,
         # the last cumulative sum does not matter: reached or (by rounding) not, the rank is min(m, n)
         if share is not None and w.sum() > 0 and w.size > 1:
             m = min(m, float(np.min(np.abs(np.cumsum(w)[:-1] - share * w.sum()))) / float(w.sum()))
-    if sv_epsilon > 0 and s.size:
-        m = min(m, float(np.min(np.abs(s - sv_epsilon))) / max(float(s[0]), sv_epsilon))
+    if s.size and (sv_epsilon > 0 or np.any(s == 0)):
+        near = np.abs(s - sv_epsilon)
+        # exact zeros at sv_epsilon 0 are dropped in any arithmetic; only values near a positive epsilon are close
+        near = near[s != 0] if sv_epsilon == 0 else near
+        if near.size:
+            m = min(m, float(np.min(near)) / max(float(s[0]), sv_epsilon))
     return m
 
 
@@ -159,12 +170,15 @@ def lora_factors(delta, rank: int, distribute_scale: bool = True,
                  sv_epsilon: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """mergekit-extract-lora's split of a 2-D task vector into (A, B) with B @ A the rank-r truncation.
 
-    r = min(rank, min(m, n)), then min(r, #(S > sv_epsilon)) when sv_epsilon > 0. ``distribute_scale``:
+    r = min(rank, min(m, n)), then min(r, #(S > sv_epsilon)) only when sv_epsilon > 0 (mergekit; unlike
+    ``svd_rank``, zero singular values are kept at sv_epsilon 0). ``distribute_scale``:
     A = diag(√S_r)·Vt_r (r×n), B = U_r·diag(√S_r) (m×r); otherwise A = diag(S_r)·Vt_r, B = U_r. Singular vectors
     have arbitrary signs, so compare B @ A, not the factors.
     """
     u, s, vt = thin_svd(delta)
-    r = svd_rank(s, np.shape(delta), rank=rank, sv_epsilon=sv_epsilon)
+    r = min(int(rank), s.size)
+    if sv_epsilon > 0:
+        r = min(r, int(np.count_nonzero(s > sv_epsilon)))
     u, s, vt = u[:, :r], s[:r], vt[:r, :]
     if distribute_scale:
         root = np.sqrt(s)
@@ -189,6 +203,10 @@ def tsv_m_tau(taus: Sequence[np.ndarray]) -> np.ndarray:
     of Vt) likewise. When T·k < r the leftover slots stay zero: their polar columns are arbitrary but meet zero
     singular values (methods.md §2.10). k = 0 (T > min(m, n), e.g. a 1×n matrix and two tasks) keeps nothing, so
     the merged task vector is 0 (the reference code's outcome: every slot is zero).
+
+    Not unique: a task whose top k triplets include zero singular values (a task vector of rank < k, e.g. a
+    tensor one fine-tune left unchanged) contributes arbitrary unit vectors to U_cat, which the polar factor mixes
+    into every other task's directions; implementations then differ by O(‖tau‖) (the reference code too).
     """
     if taus[0].ndim != 2:
         return _mean(taus)
@@ -336,11 +354,12 @@ def tall_mask_list(taus: Sequence[np.ndarray], tall_mask_lambda: float = 0.4) ->
     return [np.abs(t) > tall_mask_lambda * np.abs(mtl - t) for t in taus]
 
 
-def tall_mask_ambiguous(taus: Sequence[np.ndarray], tall_mask_lambda: float = 0.4, rel: float = 1e-5) -> np.ndarray:
-    """Elements where some task's mask comparison is within float32 rounding of its threshold, so a float32 kernel
-    (which may sum tau_MTL in another order or hold lambda in float32) could decide either way:
-    ||tau_t| - lambda·|tau_MTL - tau_t|| <= rel·(|tau_t| + lambda·Σ_s |tau_s|), unless both sides are exactly 0.
-    (Equal sides that are exact in any arithmetic, e.g. zero task vectors, are not ambiguous: 0 > 0 is false.)"""
+def tall_mask_ambiguous(taus: Sequence[np.ndarray], tall_mask_lambda: float = 0.4, rel: float = 1e-9) -> np.ndarray:
+    """Elements where some task's mask comparison is within rounding of its threshold, so a kernel that sums
+    tau_MTL in another order could decide either way:
+    ||tau_t| - lambda·|tau_MTL - tau_t|| <= rel·(|tau_t| + lambda·Σ_s |tau_s|), unless both sides are exactly 0
+    (0 > 0 is false in any arithmetic). The default ``rel`` suits a float64 kernel with exact task vectors (a
+    float32 one needs ~1e-5 and float32 task vectors)."""
     stack = np.stack(taus)
     mtl = stack.sum(0)
     tot = np.abs(stack).sum(0)
@@ -360,12 +379,12 @@ def consensus_tau(taus: Sequence[np.ndarray], k: int = 2, tall_mask_lambda: floa
 
 def consensus(base, xs: Sequence, k: int = 2, tall_mask_lambda: float = 0.4, lam: float = 1.0) -> np.ndarray:
     """theta = base + lam·(m_cons ⊙ tau_MTL), elementwise on every tensor."""
-    return _theta(base, consensus_tau(task_vectors(base, xs), k, tall_mask_lambda), lam)
+    return _theta(base, consensus_tau(exact_task_vectors(base, xs), k, tall_mask_lambda), lam)
 
 
 def tall_masks(base, xs: Sequence, task: int, tall_mask_lambda: float = 0.4) -> np.ndarray:
     """Task ``task``'s (0-based among the non-base models) reconstruction base + m_task ⊙ tau_MTL (scale 1)."""
-    taus = task_vectors(base, xs)
+    taus = exact_task_vectors(base, xs)
     if not 0 <= task < len(taus):
         raise ValueError(f"task {task} out of range for {len(taus)} models")
     mask = tall_mask_list(taus, tall_mask_lambda)[task]
