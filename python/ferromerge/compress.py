@@ -84,7 +84,9 @@ from .errors import InputError, ParameterError
 from .models import INDEX_FILE, ModelIndex, TensorInfo, index_model
 from .output import OutputDir, check_free_space, write_index
 from .plan import format_bytes
-from .safetensors_io import ITEMSIZE, ST_NAME, ShardReader, StreamWriter, from_f32, numel, row_blocks, to_f32
+from .safetensors_dtypes import ITEMSIZE, numel
+from .safetensors_reader import ST_NAME, ShardReader, from_f32, row_blocks, to_f32
+from .safetensors_writer import PlannedTensor, SafetensorsWriter
 
 #: elements per row block (4 MiB per float32 array; tall keeps one such block per model), whatever the tensor's size
 BLOCK_ELEMS = 1 << 20
@@ -278,12 +280,12 @@ class _Compressor:
     def __init__(self, tmp: Path, base: ModelIndex, models: list[ModelIndex], opts: _Options) -> None:
         self.tmp, self.base, self.models, self.opts = tmp, base, models, opts
         self.rd = ShardReader()
-        self._own: dict[int, StreamWriter] = {}
+        self._own: dict[int, SafetensorsWriter] = {}
 
-    def own(self, i: int) -> StreamWriter:
+    def own(self, i: int) -> SafetensorsWriter:
         """model-<i>.safetensors, created when model i first stores a tensor."""
         if i not in self._own:
-            self._own[i] = StreamWriter(self.tmp / model_file(i), metadata={"ferromerge_archive": "model"})
+            self._own[i] = SafetensorsWriter(self.tmp / model_file(i), metadata={"ferromerge_archive": "model"})
         return self._own[i]
 
     def store_whole(self, i: int, name: str, info: TensorInfo) -> None:
@@ -309,11 +311,11 @@ class _Compressor:
         self.rd.close()
         return tensors
 
-    def _shared_writers(self) -> tuple[StreamWriter, ...]:
+    def _shared_writers(self) -> tuple[SafetensorsWriter, ...]:
         if self.opts.scheme == "lowrank":
             return ()
-        return (StreamWriter(self.tmp / TAU_FILE, metadata={"ferromerge_archive": "tau_mtl"}),
-                StreamWriter(self.tmp / MASK_FILE, streams=len(self.models),
+        return (SafetensorsWriter(self.tmp / TAU_FILE, metadata={"ferromerge_archive": "tau_mtl"}),
+                SafetensorsWriter(self.tmp / MASK_FILE, streams=len(self.models),
                              metadata={"ferromerge_archive": "masks"}))
 
     # lowrank ----------------------------------------------------------------------------------------------
@@ -392,7 +394,7 @@ class _Compressor:
 
     # tall -------------------------------------------------------------------------------------------------
 
-    def tall_tensor(self, name: str, binfo: TensorInfo, tau_w: StreamWriter, mask_w: StreamWriter
+    def tall_tensor(self, name: str, binfo: TensorInfo, tau_w: SafetensorsWriter, mask_w: SafetensorsWriter
                     ) -> list[dict[str, Any]]:
         infos = [m.tensors[name] for m in self.models]
         out: list[dict[str, Any]] = [{"dtype": x.dtype, "kind": "base", "error": 0.0, "delta_norm": 0.0}
@@ -578,7 +580,7 @@ class _Rebuilder:
         if e["dtype"] not in FLOATS and e["kind"] not in ("full", "base"):
             raise InputError(f"{self.archive / MANIFEST}: tensor {name} of dtype {e['dtype']} cannot be {e['kind']}")
 
-    def write(self, w: StreamWriter, t: dict[str, Any]) -> None:
+    def write(self, w: SafetensorsWriter, t: dict[str, Any]) -> None:
         name, shape, e = t["name"], tuple(t["shape"]), t["models"][self.i]
         binfo = self.base.tensors[name]
         dtype = e["dtype"]
@@ -650,8 +652,8 @@ def decompress(
     written = 0
     with target.building() as tmp:
         for shard, members in by_shard.items():
-            planned = [(t["name"], t["models"][i]["dtype"], t["shape"]) for t in members]
-            w = StreamWriter(tmp / shard, planned=planned, metadata=dict(_SAFETENSORS_META))
+            planned = [PlannedTensor.of(t["name"], t["models"][i]["dtype"], t["shape"]) for t in members]
+            w = SafetensorsWriter(tmp / shard, planned=planned, in_order=True, metadata=dict(_SAFETENSORS_META))
             for t in members:
                 rebuild.write(w, t)
             written += w.close()

@@ -51,7 +51,7 @@ from .errors import InputError, MergeError, ParameterError
 from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, _data_layout, from_f32, to_f32
 from .models import MERGEABLE_DTYPES, ModelIndex, TensorInfo, _natural_key, index_model
 from .output import OutputDir, check_free_space
-from .safetensors_stream import Planned, StreamWriter
+from .safetensors_writer import PlannedTensor, SafetensorsWriter
 
 __all__ = ["extract_lora", "INPUT_EMBEDDINGS", "HEADS"]
 
@@ -67,7 +67,6 @@ HEADS = frozenset({"lm_head", "embed_out"})
 _CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt"})
 #: bytes of float32 rows handled at once when subtracting, measuring errors and copying (bounds memory beyond ΔW)
 BLOCK_BYTES = 64 << 20
-_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2}
 _NP = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
 
 Progress = Callable[[int, int, int, int], None]
@@ -358,14 +357,15 @@ def _factor_keys(module: Module) -> tuple[str, str]:
     return f"{PREFIX}{module.name}.lora_A.weight", f"{PREFIX}{module.name}.lora_B.weight"
 
 
-def _planned(base: ModelIndex, ft: ModelIndex, modules: Sequence[Module], rank: int, reader: _Reader) -> list[Planned]:
+def _planned(base: ModelIndex, ft: ModelIndex, modules: Sequence[Module], rank: int, reader: _Reader
+             ) -> list[PlannedTensor]:
     """Every tensor the adapter may get, at its largest (the rank is known only after each SVD)."""
     out = []
     for m in modules:
         if m.kind == "save":
             for name in m.tensors:
                 info = ft.tensors[name]
-                out.append(Planned(PREFIX + name, info.dtype, info.shape, reader._span(info, name)[1]))
+                out.append(PlannedTensor(PREFIX + name, info.dtype, info.shape, reader._span(info, name)[1]))
         elif m.kind in ("lora", "embed_lora"):
             info = ft.tensors[m.weight]
             dtype = _out_dtype(base.tensors[m.weight], info)
@@ -373,11 +373,11 @@ def _planned(base: ModelIndex, ft: ModelIndex, modules: Sequence[Module], rank: 
             # a zero ΔW with a bias keeps one zero triplet to carry lora_B.bias (see _factorise)
             r = max(1, min(rank, rows, cols))
             key_a, key_b = _factor_keys(m)
-            out.append(Planned(key_a, dtype, (r, cols), r * cols * _ITEMSIZE[dtype]))
-            out.append(Planned(key_b, dtype, (rows, r), rows * r * _ITEMSIZE[dtype]))
+            out.append(PlannedTensor.of(key_a, dtype, (r, cols)))
+            out.append(PlannedTensor.of(key_b, dtype, (rows, r)))
             if m.bias is not None:
                 bdt = _out_dtype(base.tensors[m.bias], ft.tensors[m.bias])
-                out.append(Planned(f"{PREFIX}{m.name}.lora_B.bias", bdt, (rows,), rows * _ITEMSIZE[bdt]))
+                out.append(PlannedTensor.of(f"{PREFIX}{m.name}.lora_B.bias", bdt, (rows,)))
     return out
 
 
@@ -392,7 +392,7 @@ def _factorise(
     base: ModelIndex,
     ft: ModelIndex,
     reader: _Reader,
-    writer: StreamWriter,
+    writer: SafetensorsWriter,
     svd_args: dict[str, Any],
     distribute_scale: bool,
 ) -> _Factored:
@@ -422,24 +422,25 @@ def _factorise(
         a, b = np.zeros((1, delta.shape[1]), np.float32), np.zeros((delta.shape[0], 1), np.float32)
     a_st, b_st = from_f32(a, dtype), from_f32(b, dtype)
     key_a, key_b = _factor_keys(module)
-    writer.add(key_a, dtype, a.shape, [a_st])
-    writer.add(key_b, dtype, b.shape, [b_st])
+    writer.add(key_a, dtype, a.shape, a_st)
+    writer.add(key_b, dtype, b.shape, b_st)
     # the error of what the adapter holds: the factors after rounding to their dtype
     error = _rel_error(delta, to_f32(b_st, dtype), to_f32(a_st, dtype))
     if module.bias is not None:
         bdt = _out_dtype(base.tensors[module.bias], ft.tensors[module.bias])
         writer.add(f"{PREFIX}{module.name}.lora_B.bias", bdt, ft.tensors[module.bias].shape,
-                   [from_f32(_delta(reader, base, ft, module.bias), bdt)])
+                   from_f32(_delta(reader, base, ft, module.bias), bdt))
     return _Factored(int(s.size) if s.size else 1, error)
 
 
-def _copy(module: Module, ft: ModelIndex, reader: _Reader, writer: StreamWriter) -> None:
+def _copy(module: Module, ft: ModelIndex, reader: _Reader, writer: SafetensorsWriter) -> None:
     """The fine-tune's tensors of a module to save, byte for byte."""
     for name in module.tensors:
         info = ft.tensors[name]
         raw = reader.raw(info, name)
-        step = BLOCK_BYTES
-        writer.add(PREFIX + name, info.dtype, info.shape, (raw[i : i + step] for i in range(0, raw.size, step)))
+        writer.begin(PREFIX + name, info.dtype, info.shape)
+        for i in range(0, raw.size, BLOCK_BYTES):
+            writer.write(raw[i : i + BLOCK_BYTES])
 
 
 def adapter_config(base_ref: str, ranks: dict[str, int], modules_to_save: list[str], lora_bias: bool) -> dict[str, Any]:
@@ -569,7 +570,7 @@ def extract_lora(
     errors: dict[str, float] = {}
     unchanged: list[str] = []
     with output.building(log) as tmp:
-        writer = StreamWriter(tmp / ADAPTER_WEIGHTS, planned, {"format": "pt"})
+        writer = SafetensorsWriter(tmp / ADAPTER_WEIGHTS, planned=planned, metadata={"format": "pt"})
         try:
             done, tensors_done, tensors = 0, 0, sum(len(m.tensors) for m in work)
             for i, m in enumerate(work):
@@ -588,7 +589,7 @@ def extract_lora(
                 tensors_done += len(m.tensors)
                 if on_progress is not None:
                     on_progress(tensors_done, tensors, done, sum(sizes))
-            writer.close()
+            bytes_written = writer.close()
         except BaseException:
             writer.abort()
             raise
@@ -618,7 +619,7 @@ def extract_lora(
             "unchanged": unchanged,
             "skipped": [m.name for m in modules if m.kind == "skip"],
             "notes": notes,
-            "bytes_written": writer.bytes_written,
+            "bytes_written": bytes_written,
         }
         params = dict(rank=rank, sv_epsilon=sv_epsilon, exact=exact, distribute_scale=distribute_scale,
                       embed_lora=embed_lora, seed=seed, oversample=oversample, power_iters=power_iters)
