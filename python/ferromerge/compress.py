@@ -84,8 +84,8 @@ from .errors import InputError, ParameterError
 from .models import INDEX_FILE, ModelIndex, TensorInfo, index_model
 from .output import OutputDir, check_free_space, write_index
 from .plan import format_bytes
-from .safetensors_dtypes import ITEMSIZE, numel
-from .safetensors_reader import ST_NAME, ShardReader, from_f32, row_blocks, to_f32
+from .safetensors_dtypes import ITEMSIZE, ST_NAME, from_f32, numel, to_f32
+from .safetensors_reader import ShardReader, row_blocks
 from .safetensors_writer import PlannedTensor, SafetensorsWriter
 
 #: elements per row block (4 MiB per float32 array; tall keeps one such block per model), whatever the tensor's size

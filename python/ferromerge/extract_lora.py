@@ -48,9 +48,10 @@ import numpy.typing as npt
 
 from . import _core
 from .errors import InputError, MergeError, ParameterError
-from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, _data_layout, from_f32, to_f32
+from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, _data_layout
 from .models import MERGEABLE_DTYPES, ModelIndex, TensorInfo, _natural_key, index_model
 from .output import OutputDir, check_free_space
+from .safetensors_dtypes import RAW, from_f32, to_f32
 from .safetensors_writer import PlannedTensor, SafetensorsWriter
 
 __all__ = ["extract_lora", "INPUT_EMBEDDINGS", "HEADS"]
@@ -67,7 +68,6 @@ HEADS = frozenset({"lm_head", "embed_out"})
 _CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt"})
 #: bytes of float32 rows handled at once when subtracting, measuring errors and copying (bounds memory beyond ΔW)
 BLOCK_BYTES = 64 << 20
-_NP = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
 
 Progress = Callable[[int, int, int, int], None]
 
@@ -299,8 +299,8 @@ class _Reader:
         """A float tensor in its stored dtype (bfloat16: uint16 bits), shaped."""
         start, size = self._span(info, name)
         if size == 0:
-            return np.zeros(info.shape, _NP[info.dtype])
-        return np.memmap(info.file, dtype=_NP[info.dtype], mode="r", offset=start, shape=info.shape)
+            return np.zeros(info.shape, RAW[info.dtype])
+        return np.memmap(info.file, dtype=RAW[info.dtype], mode="r", offset=start, shape=info.shape)
 
 
 def _rows(n_rows: int, row_elems: int) -> Iterator[slice]:

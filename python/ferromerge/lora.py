@@ -36,6 +36,7 @@ import numpy.typing as npt
 from . import _core
 from .errors import ConfigError, InputError
 from .models import MERGEABLE_DTYPES, ModelIndex, TensorInfo, index_model, resolve
+from .safetensors_dtypes import ITEMSIZE, RAW, from_f32, to_f32
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -96,7 +97,7 @@ class LoraModelIndex(ModelIndex):
     def cache_bytes(self) -> int:
         """Bytes the cache files take (0 once they exist)."""
         return sum(
-            sum(int(np.prod(u.weight.shape, dtype=np.int64)) * _ITEMSIZE[u.weight.dtype] for u in ups)
+            sum(int(np.prod(u.weight.shape, dtype=np.int64)) * ITEMSIZE[u.weight.dtype] for u in ups)
             for f, ups in self.cache_files.items()
             if not f.is_file()
         )
@@ -108,9 +109,6 @@ class LoraModelIndex(ModelIndex):
                 continue
             log(f"merging LoRA {self.adapter} into {self.path}: {len(updates)} tensor(s) -> {file}")
             _write_cache_file(file, updates, str(self.adapter))
-
-
-_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2}
 
 
 def index_lora_model(ref: str, cache_dir: str | os.PathLike[str]) -> LoraModelIndex:
@@ -323,34 +321,13 @@ def _data_layout(file: Path) -> tuple[int, dict[str, tuple[int, int]]]:
     return 8 + n, {k: tuple(v["data_offsets"]) for k, v in header.items()}  # type: ignore[misc]
 
 
-_NP = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
-
-
 def _open(stored: _Stored, layouts: dict[Path, tuple[int, dict[str, tuple[int, int]]]]) -> np.memmap:
     """The stored tensor as a read-only memory map of its raw dtype (bfloat16: uint16 bits)."""
     if stored.file not in layouts:
         layouts[stored.file] = _data_layout(stored.file)
     base, offsets = layouts[stored.file]
     start, _ = offsets[stored.name]
-    return np.memmap(stored.file, dtype=_NP[stored.dtype], mode="r", offset=base + start, shape=stored.shape)
-
-
-def to_f32(raw: npt.NDArray[Any], dtype: str) -> npt.NDArray[np.float32]:
-    """Exact float32 values of raw stored data (bfloat16 given as uint16 bits)."""
-    if dtype == "BF16":
-        return (np.asarray(raw, dtype=np.uint32) << 16).view(np.float32)
-    return np.asarray(raw, dtype=np.float32)
-
-
-def from_f32(values: npt.NDArray[np.float32], dtype: str) -> npt.NDArray[Any]:
-    """float32 rounded to ``dtype`` by the engine's own codec (round to nearest even), as raw little-endian data."""
-    if dtype == "F32":
-        return np.ascontiguousarray(values, dtype="<f4")
-    flat = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
-    # linear over one input with weight 1 is an exact copy plus the output rounding: the engine's cast
-    out = _core.merge_arrays("linear", [flat], None, [1.0], [1.0], out_dtype=MERGEABLE_DTYPES[dtype],
-                             normalize=False, threads=1)
-    return np.asarray(out).astype(_NP[dtype], copy=False).reshape(values.shape)
+    return np.memmap(stored.file, dtype=RAW[stored.dtype], mode="r", offset=base + start, shape=stored.shape)
 
 
 def merged_rows(update: Update, rows: slice, layouts: dict[Path, Any]) -> npt.NDArray[np.float32]:
@@ -385,7 +362,7 @@ def _header_bytes(updates: tuple[Update, ...], adapter: str) -> tuple[bytes, lis
     spans = []
     offset = 0
     for u in updates:
-        size = int(np.prod(u.weight.shape, dtype=np.int64)) * _ITEMSIZE[u.weight.dtype]
+        size = int(np.prod(u.weight.shape, dtype=np.int64)) * ITEMSIZE[u.weight.dtype]
         entries[u.target] = {"dtype": u.weight.dtype, "shape": list(u.weight.shape),
                              "data_offsets": [offset, offset + size]}
         spans.append((u, offset, offset + size))

@@ -1,8 +1,8 @@
 """Raw safetensors tensors read one block at a time (the compress archive and the models it holds).
 
 ``ShardReader`` reads a tensor's bytes, a block of its rows (dim 0) or its bytes in chunks, as stored (bfloat16
-as ``uint16`` bits), into fresh buffers, so memory holds one block, never a whole model. ``to_f32`` / ``from_f32``
-convert blocks exactly / with the engine's rounding. (Their counterpart for writing is ``safetensors_writer``.)
+as ``uint16`` bits), into fresh buffers, so memory holds one block, never a whole model. ``safetensors_dtypes``
+decodes the blocks; ``safetensors_writer`` is the counterpart for writing.
 """
 
 from __future__ import annotations
@@ -18,13 +18,7 @@ import numpy.typing as npt
 
 from . import _core
 from .errors import InputError
-from .models import MERGEABLE_DTYPES
-from .safetensors_dtypes import ITEMSIZE, numel
-
-#: how the float dtypes are stored (bfloat16: its bit patterns)
-RAW = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"), "U8": np.dtype("u1")}
-#: mergekit's names of the float dtypes -> safetensors names
-ST_NAME = {v: k for k, v in MERGEABLE_DTYPES.items()}
+from .safetensors_dtypes import ITEMSIZE, RAW, numel
 
 _COPY_CHUNK = 16 << 20
 
@@ -36,26 +30,6 @@ def row_blocks(shape: Sequence[int], block_elems: int) -> list[slice]:
     row = numel(shape[1:]) if len(shape) > 1 else 1
     step = max(8, (block_elems // max(row, 1)) // 8 * 8)
     return [slice(r, min(rows, r + step)) for r in range(0, rows, step)] or [slice(0, 0)]
-
-
-def to_f32(raw: npt.NDArray[Any], dtype: str) -> npt.NDArray[np.float32]:
-    """Exact float32 values of stored float data (bfloat16 given as uint16 bits); a fresh array."""
-    if dtype == "BF16":
-        return (np.asarray(raw, dtype=np.uint32) << 16).view(np.float32)
-    return np.array(raw, dtype=np.float32)
-
-
-def from_f32(values: npt.NDArray[np.float32], dtype: str) -> npt.NDArray[Any]:
-    """float32 rounded to ``dtype`` as the engine rounds (to nearest even), as raw little-endian data."""
-    if dtype == "F32":
-        return np.ascontiguousarray(values, dtype="<f4")
-    flat = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
-    if flat.size == 0:
-        return np.empty(values.shape, RAW[dtype])
-    # linear over one input with weight 1 is an exact copy followed by the output rounding: the engine's codec
-    out = _core.merge_arrays("linear", [flat], None, [1.0], [1.0], out_dtype=MERGEABLE_DTYPES[dtype],
-                             normalize=False, threads=1)
-    return np.asarray(out).astype(RAW[dtype], copy=False).reshape(values.shape)
 
 
 class ShardReader:

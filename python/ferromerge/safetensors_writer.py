@@ -152,7 +152,7 @@ class SafetensorsWriter:
         return plan.nbytes if shape == plan.shape else numel(shape) * ITEMSIZE[dtype]
 
     def write(self, data: npt.NDArray[Any] | bytes | memoryview, stream: int = 0) -> None:
-        """The next bytes of the current tensor of ``stream`` (arrays: little-endian; any layout, written in C order)."""
+        """The current tensor's next bytes in ``stream`` (arrays: little-endian, any layout, written in C order)."""
         if isinstance(data, np.ndarray):
             flat = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
             buf = memoryview(flat) if flat.size else memoryview(b"")  # a view of an empty shape cannot be cast
