@@ -70,6 +70,7 @@ impl PyHook {
             ("power_iters", p.power_iters as f64),
             ("common_space_fraction", p.common_space_fraction),
             ("eta", p.eta),
+            ("mean_only", f64::from(u8::from(p.mean_only))),
         ] {
             params.set_item(k, v)?;
         }
