@@ -15,33 +15,14 @@ import sys
 from collections.abc import Sequence
 
 from . import _core, compress_cli, extract_lora_cli
+from .cli_args import positive_int, seed
 from .errors import MergeError, ParameterError
 from .plan import DEFAULT_SHARD_SIZE, format_bytes
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if not 0 <= value < 2**64:
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**64), got {text!r}")
-    return value
-
-
 def _add_plan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--threads", type=_positive_int, default=None, metavar="N", help="worker threads (default: all cores)"
+        "--threads", type=positive_int, default=None, metavar="N", help="worker threads (default: all cores)"
     )
     p.add_argument(
         "--memory-limit",
@@ -50,7 +31,7 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
         help="memory budget of the engine, e.g. 2GiB (at least 64MiB; default: half of RAM or of the cgroup "
         "limit, at most 8 GiB); never changes the output",
     )
-    p.add_argument("--seed", type=_seed, default=0, help="seed of DARE's random masks (default 0: reproducible)")
+    p.add_argument("--seed", type=seed, default=0, help="seed of DARE's random masks (default 0: reproducible)")
     p.add_argument(
         "--out-shard-size",
         default=DEFAULT_SHARD_SIZE,

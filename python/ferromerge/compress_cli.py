@@ -8,30 +8,10 @@ from __future__ import annotations
 
 import argparse
 
-
-def _unit_fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
+from .cli_args import non_negative, positive_int, seed, unit_fraction
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from .cli import _positive_int, _seed  # the main command's validators (imported here: cli imports us)
-
     p = sub.add_parser(
         "compress",
         help="store fine-tunes of one base as low-rank or TALL-masked task vectors (an archive directory)",
@@ -44,19 +24,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--out", required=True, metavar="ARCHIVE", help="archive directory to write")
     p.add_argument("--scheme", choices=("lowrank", "tall"), default="lowrank", help="default: lowrank")
     rank = p.add_mutually_exclusive_group()
-    rank.add_argument("--rank", type=_positive_int, default=None, metavar="R",
+    rank.add_argument("--rank", type=positive_int, default=None, metavar="R",
                       help="lowrank: singular triplets kept per matrix (default: floor(min(m, n) / number of models))")
-    rank.add_argument("--fraction", type=_unit_fraction, default=None, metavar="F",
+    rank.add_argument("--fraction", type=unit_fraction, default=None, metavar="F",
                       help="lowrank: keep floor(F * min(m, n)) triplets per matrix")
-    rank.add_argument("--energy", type=_unit_fraction, default=None, metavar="E",
+    rank.add_argument("--energy", type=unit_fraction, default=None, metavar="E",
                       help="lowrank: keep the fewest triplets holding E of each task vector's squared Frobenius norm")
     p.add_argument("--exact", action="store_true", help="lowrank: exact thin SVD (default: randomized)")
-    p.add_argument("--tall-mask-lambda", type=_non_negative, default=0.4, metavar="L",
+    p.add_argument("--tall-mask-lambda", type=non_negative, default=0.4, metavar="L",
                    help="tall: mask = |tau_t| > L * |tau_MTL - tau_t| (default 0.4)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                    help="storage dtype of the factors / tau_MTL (default: the models' dtype)")
-    p.add_argument("--seed", type=_seed, default=0, help="seed of the randomized SVD's sketches (default 0)")
-    p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--seed", type=seed, default=0, help="seed of the randomized SVD's sketches (default 0)")
+    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
                    help="SVD worker threads (default: all cores)")
     p.add_argument("--overwrite", action="store_true", help="replace ARCHIVE if it exists (once done)")
     p.set_defaults(func=main, compress_command="compress")
