@@ -242,7 +242,9 @@ def test_every_mergekit_method_is_registered() -> None:
         "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce", "ram", "ramplus_tl",
         "model_stock", "nearswap", "arcee_fusion", "passthrough",
     }
-    assert set(methods.REGISTRY) == mergekit
+    # ours beyond mergekit's: the singular-vector and TALL-mask methods of issue 5 (docs/svd.md)
+    ours = {"tsv_m", "iso_c", "iso_cts", "star", "consensus", "tall_masks"}
+    assert set(methods.REGISTRY) == mergekit | ours
 
 
 def test_gta_method_needs_a_base_and_a_non_base_model() -> None:
