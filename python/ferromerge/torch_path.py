@@ -208,6 +208,10 @@ def _top_k(torch: Any, a: "torch.Tensor", k: int, *, exact: bool, oversample: in
 # ----------------------------------------------------------------------------------------------------------------
 
 
+#: singular values at or below this share of a task's largest count as zero in TSV-M (rust: spectral::NULL_SV)
+NULL_SV = 1e-6
+
+
 def tsv_m(torch: Any, tasks: _Tasks, params: dict, seed: int) -> "torch.Tensor":
     """Each task's top k = floor(min(m, n)/T) triplets, concatenated; U and V replaced by their polar factors.
 
@@ -228,6 +232,10 @@ def tsv_m(torch: Any, tasks: _Tasks, params: dict, seed: int) -> "torch.Tensor":
             tau = tasks.tau(i)
             u, s, vt = _top_k(torch, tau, k, **opts)
             del tau
+            # as the Rust kernel: singular vectors of (numerically) zero singular values are arbitrary and would
+            # steer the polar factors of every other slot, so those slots stay zero
+            null = s <= NULL_SV * s[0]
+            u, s, vt = u.masked_fill(null[None, :], 0), s.masked_fill(null, 0), vt.masked_fill(null[:, None], 0)
             u_cat[:, i * k:(i + 1) * k], s_cat[i * k:(i + 1) * k], v_cat[i * k:(i + 1) * k, :] = u, s, vt
     return _polar(torch, u_cat) @ (s_cat[:, None] * _polar(torch, v_cat))
 

@@ -60,6 +60,16 @@ impl<'py> Held<'py> {
 
     pub fn bytes(&self, what: &str) -> PyResult<&[u8]> {
         let err = |_| PyValueError::new_err(format!("{what}: array must be C-contiguous"));
+        // `as_slice` also accepts Fortran order, whose bytes are not the row-major tensor.
+        let c_order = match self {
+            Held::F32(a) => a.is_c_contiguous(),
+            Held::F16(a) => a.is_c_contiguous(),
+            Held::U16(a) => a.is_c_contiguous(),
+            Held::I16(a) => a.is_c_contiguous(),
+        };
+        if !c_order {
+            return Err(PyValueError::new_err(format!("{what}: array must be C-contiguous")));
+        }
         Ok(match self {
             Held::F32(a) => as_bytes(a.as_slice().map_err(err)?),
             Held::F16(a) => as_bytes(a.as_slice().map_err(err)?),

@@ -1,7 +1,7 @@
 //! `_core.svd` and `_core.polar`: the core's truncated SVD and polar factor on float32 NumPy matrices (used by
 //! extract-lora and compress, and tested against NumPy's LAPACK).
 
-use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray2, PyUntypedArrayMethods};
+use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
@@ -9,15 +9,21 @@ use ferromerge_core::linalg::{self, RankRule, Solver};
 use ferromerge_core::pool;
 use ferromerge_core::rng::Stream;
 
-use crate::errors::to_py;
+use crate::errors::{to_py, ParameterError};
 
 type Matrix<'py> = Bound<'py, PyArray2<f32>>;
 
-fn matrix<'a>(a: &'a PyReadonlyArray2<'_, f32>, what: &str) -> PyResult<(&'a [f32], usize, usize)> {
+fn matrix<'a>(a: &'a PyReadonlyArrayDyn<'_, f32>, what: &str) -> PyResult<(&'a [f32], usize, usize)> {
     let shape = a.shape();
+    if shape.len() != 2 {
+        return Err(ParameterError::new_err(format!("{what} must be a matrix (2-D), got shape {shape:?}")));
+    }
+    // `as_slice` also accepts Fortran order, whose bytes are not the row-major matrix.
     let data = a
         .as_slice()
-        .map_err(|_| PyValueError::new_err(format!("{what} must be a C-contiguous float32 matrix")))?;
+        .ok()
+        .filter(|_| a.is_c_contiguous())
+        .ok_or_else(|| PyValueError::new_err(format!("{what} must be a C-contiguous float32 matrix")))?;
     Ok((data, shape[0], shape[1]))
 }
 
@@ -35,7 +41,7 @@ fn to_numpy<'py>(py: Python<'py>, a: faer::MatRef<'_, f32>) -> PyResult<Matrix<'
 #[allow(clippy::too_many_arguments)]
 pub fn svd<'py>(
     py: Python<'py>,
-    a: PyReadonlyArray2<'py, f32>,
+    a: PyReadonlyArrayDyn<'py, f32>,
     rank: Option<usize>,
     fraction: Option<f64>,
     energy: Option<f64>,
@@ -72,7 +78,7 @@ pub fn svd<'py>(
 /// The nearest matrix with orthonormal columns (rows, for a wide matrix): `U Vᵀ` of the thin SVD.
 #[pyfunction]
 #[pyo3(signature = (a, *, threads=None))]
-pub fn polar<'py>(py: Python<'py>, a: PyReadonlyArray2<'py, f32>, threads: Option<usize>) -> PyResult<Matrix<'py>> {
+pub fn polar<'py>(py: Python<'py>, a: PyReadonlyArrayDyn<'py, f32>, threads: Option<usize>) -> PyResult<Matrix<'py>> {
     let (data, m, n) = matrix(&a, "a")?;
     let pool = pool::pool(threads).map_err(to_py)?;
     let out = py

@@ -191,7 +191,13 @@ pub fn truncated(a: MatRef<'_, f32>, rule: &RankRule, solver: &Solver) -> Result
         }
         _ => exact(a)?,
     };
-    let frob2 = if rule.energy.is_some() { frobenius2(a) } else { 0.0 };
+    // ‖A‖²_F: the sum of σ² when the whole spectrum is known (consistent with the σ the rule counts), else
+    // summed from the elements.
+    let frob2 = match rule.energy {
+        None => 0.0,
+        Some(_) if svd.rank() == m.min(n) => svd.s.iter().map(|&x| x as f64 * x as f64).sum(),
+        Some(_) => frobenius2(a),
+    };
     let keep = rule.count(&svd.s, frob2).min(cap);
     Ok(svd.truncate(keep))
 }

@@ -54,7 +54,9 @@ fn tall(job: &Job, opts: &Options, sink: &dyn Sink) -> Result<()> {
                 _ => tau.iter().filter(|&&t| masked(t)).count() >= p.k,
             };
             let factor = if job.spec.method == Method::TallMasks { 1.0 } else { scale };
-            s.mixed[j] = if keep { (b + factor * mtl) as f32 } else { s.base[j] };
+            // A NaN or infinite input stays visible in the output rather than silently becoming the base.
+            let kept = keep || !mtl.is_finite();
+            s.mixed[j] = if kept { (b + factor * mtl) as f32 } else { s.base[j] };
         }
     })
 }

@@ -126,10 +126,18 @@ fn tsv_m(job: &Job, opts: &Options, base: &[f32], m: usize, n: usize) -> Result<
             linalg::randomized(a, k, p.oversample, p.power_iters, &stream)
         }
         .map_err(|e| svd_error(job, e))?;
-        place(&svd, k, i * k, &mut ucat, &mut scat, &mut vcat);
+        // A task vector of rank below k has singular vectors for (numerically) zero singular values that are
+        // arbitrary; left in, they would steer the polar factors of every other slot. They are left out (zero
+        // columns, weight zero), which is what the reference computes whenever its SVD returns exact zeros.
+        let kept = svd.s.iter().take(k).take_while(|&&x| x as f64 > NULL_SV * svd.s[0] as f64).count();
+        place(&svd, kept, i * k, &mut ucat, &mut scat, &mut vcat);
     }
     recombine(ucat.as_ref(), &scat, vcat.as_ref()).map_err(|e| svd_error(job, e))
 }
+
+/// Singular values at or below this share of the largest are treated as zero by TSV-M (f32 data: its rounding
+/// noise sits near 1e-7 of the largest).
+const NULL_SV: f64 = 1e-6;
 
 /// Σ_t τ_t as a row-major buffer, one task vector resident at a time.
 fn sum_of_tasks(job: &Job, opts: &Options, base: &[f32]) -> Result<Vec<f32>> {
@@ -161,7 +169,11 @@ fn iso_cts(job: &Job, opts: &Options, base: &[f32], m: usize, n: usize) -> Resul
     let r = m.min(n);
     let f = job.spec.params.common_space_fraction;
     let common0 = (r as f64 * f).floor() as usize;
-    let ts_total = (((r - common0) as f64 / t as f64).round_ties_even() as usize) * t;
+    let mut ts_total = (((r - common0) as f64 / t as f64).round_ties_even() as usize) * t;
+    // Rounding up can ask for more task slots than there are (r = 3, T = 2, f < 1/3): one block fewer each.
+    while ts_total > r {
+        ts_total -= t;
+    }
     let common = r - ts_total;
     let dims = ts_total / t;
     let sum = sum_of_tasks(job, opts, base)?;
