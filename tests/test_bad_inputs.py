@@ -420,13 +420,13 @@ _SIGINT_AT_TENSOR_3 = """
 import os, signal, sys
 import ferromerge._core as core
 real = core.execute_plan
-def execute_plan(plan, out, progress=None, threads=None, memory_limit=None):
+def execute_plan(plan, out, progress=None, threads=None, memory_limit=None, external=None):
     def hook(done, total, b, bt):
         if progress is not None:
             progress(done, total, b, bt)
         if done == 3:
             os.kill(os.getpid(), signal.SIGINT)
-    return real(plan, out, hook, threads, memory_limit)
+    return real(plan, out, hook, threads, memory_limit, external)
 core.execute_plan = execute_plan
 from ferromerge.cli import main
 sys.exit(main(sys.argv[1:]))

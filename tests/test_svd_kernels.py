@@ -674,7 +674,7 @@ def test_tall_methods_match_the_reference(data, method):
     bad = ~amb & ~(np.abs(got - expected) <= tol)
     assert not bad.any(), (f"{method} {params} lam={lam} shape={shape} {kind}: {int(bad.sum())} elements off; "
                            f"got {got[bad][:5]} expected {expected[bad][:5]}")
-    assert amb.mean() <= 0.05 or amb.size < 20, f"{amb.mean():.0%} of the elements are ambiguous"
+    assert amb.mean() <= 0.05 or amb.sum() <= 2, f"{amb.mean():.0%} of the elements are ambiguous"
     # elements left out of the merge are the base itself (rounded to the output dtype only)
     kept = expected != bv
     base_out = ref.round_to(bv.astype(np.float32), out_dtype)
