@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 import reference as ref
 import reference_methods as rm
+from kernel_helpers import run_variants
 
 _core = pytest.importorskip("ferromerge._core")
 
@@ -115,17 +116,6 @@ def merge(method, inputs, base, *, shape, weights=None, densities=None, params=N
     )
 
 
-def run_variants(call, vs):
-    """``call(chunk_elems, threads)`` for every variant; the bytes must be identical; returns the first output."""
-    outs = [(c, t, call(c, t)) for c, t in vs]
-    first = outs[0][2]
-    for c, t, o in outs[1:]:
-        assert o.dtype == first.dtype and o.shape == first.shape
-        assert o.tobytes() == first.tobytes(), (
-            f"output bytes differ: chunk_elems={outs[0][0]}, threads={outs[0][1]} vs chunk_elems={c}, threads={t}; "
-            f"first differing element {int(np.flatnonzero(o.view(np.uint8) != first.view(np.uint8))[0]) // o.itemsize}"
-        )
-    return first
 
 
 def check(out, expected: ref.Ref, out_dtype: str, context: str, max_ambiguous: float = 0.25):

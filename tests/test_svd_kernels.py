@@ -35,6 +35,7 @@ from hypothesis import strategies as st
 
 import reference as ref
 import reference_svd as R
+from kernel_helpers import run_variants
 
 _core = pytest.importorskip("ferromerge._core")
 if not hasattr(_core, "svd"):
@@ -140,15 +141,6 @@ def merge(method, inputs, base, *, shape, params=None, out_dtype="float32", cast
     )
 
 
-def run_variants(call, vs):
-    """``call(chunk_elems, threads)`` for every variant; the bytes must be identical; returns the first output."""
-    outs = [(c, t, call(c, t)) for c, t in vs]
-    first = outs[0][2]
-    for c, t, o in outs[1:]:
-        assert o.dtype == first.dtype and o.shape == first.shape
-        assert o.tobytes() == first.tobytes(), (
-            f"output bytes differ: chunk_elems={outs[0][0]}, threads={outs[0][1]} vs chunk_elems={c}, threads={t}")
-    return first
 
 
 def prepared(data, shape, n_tasks, kinds):
