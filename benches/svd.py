@@ -55,7 +55,7 @@ def thread_env(threads: int) -> dict[str, str]:
 
     OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads (torch's MKL) sleep instead of spinning. On a machine shared
     with other work, spinning threads steal the cores their partners need, and torch's 2-thread SVD measured here
-    ran 5-12x slower than its 1-thread one without it; it costs nothing on an idle machine."""
+    ran 4-16x slower than its 1-thread one without it (1024x1024, loaded 2-core VM)."""
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
     for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "RAYON_NUM_THREADS"):
         env[k] = str(threads)
@@ -303,7 +303,7 @@ def kernel_table(results: list[dict]) -> str:
         return f"{peer['wall'] / ours['wall']:.2f}×" if ours and peer else "–"
 
     controls = sorted({t for (_, t) in (k for c in cases.values() for k in c) if t != main_t}, reverse=True)
-    head = (f"| shape | op | " + " | ".join(f"{t} s" for t in tools) + " | numpy ÷ ours | torch ÷ ours | "
+    head = ("| shape | op | " + " | ".join(f"{t} s" for t in tools) + " | numpy ÷ ours | torch ÷ ours | "
             + " | ".join(f"{t} s, {c} thread{'s' * (c > 1)}" for c in controls for t in tools)
             + " | peak RSS GB (" + " / ".join(tools) + ") |")
     lines = [f"Wall seconds at {main_t} threads: median (range) of the runs; a ratio above 1 means ferromerge is faster.",
@@ -560,10 +560,13 @@ def e2e_table(e2e: dict) -> str:
     runs = e2e["runs"]
     peer = runs.get("torch full-SVD TSV-M (peer)")
     lines = [f"{e2e['what']}: {e2e['input_bytes'] / 1e9:.2f} GB in", "",
-             "| tool | wall s | runs | CPU s | peak RSS GB | vs peer |", "|---|---|---|---|---|---|"]
+             "| tool | wall s | runs | CPU s | peak RSS GB | peer wall ÷ tool wall | load at start |",
+             "|---|---|---|---|---|---|---|"]
     for tool, r in runs.items():
-        ratio = f"{peer['wall'] / r['wall']:.1f}× faster" if peer and r is not peer else "–"
-        lines.append(f"| {tool} | {r['wall']:.1f} | {r['runs']} | {r['cpu']:.1f} | {r['peak_rss'] / 1e9:.2f} | {ratio} |")
+        ratio = f"{peer['wall'] / r['wall']:.2f}×" if peer and r is not peer else "–"
+        loads = " / ".join(f"{x:.1f}" for x in r["loads"])
+        lines.append(f"| {tool} | {r['wall']:.1f} | {r['runs']} | {r['cpu']:.1f} | {r['peak_rss'] / 1e9:.2f} | {ratio} | "
+                     f"{loads} |")
     lines += ["", "| outputs | identical | within 1 bf16 step | 2-D: max abs | 2-D: rel. median / max | "
               "other: max abs | other: rel. max |", "|---|---|---|---|---|---|---|"]
     for pair, c in e2e["checks"].items():
