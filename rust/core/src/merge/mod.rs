@@ -490,10 +490,16 @@ pub fn decode(job: &Job, input: Option<usize>) -> Result<Vec<f32>> {
         Some(i) => job.inputs.get(i).map(|x| &x.src),
     }
     .ok_or_else(|| CoreError::param(format!("tensor '{}': no input {input:?}", job.name)))?;
+    Ok(load_whole(job, src))
+}
+
+/// One stored tensor of a job decoded whole to f32, after the job's cast (in parallel blocks; decoding is
+/// elementwise, so the block size does not matter).
+fn load_whole(job: &Job, src: &Source) -> Vec<f32> {
     let mut out = vec![0f32; job.numel];
     let chunk = DEFAULT_CHUNK_ELEMS;
     out.par_chunks_mut(chunk).enumerate().for_each(|(c, o)| load(src, job.cast, c * chunk, o));
-    Ok(out)
+    out
 }
 
 /// How a merge is split up; none of it changes the result.

@@ -7,7 +7,7 @@
 use faer::{Mat, MatRef};
 use rayon::prelude::*;
 
-use super::{emit, load, load_deltas, Job, Method, Options, Sink, Source};
+use super::{emit, load_deltas, load_whole, Job, Method, Options, Sink, Source};
 use crate::error::{CoreError, Result};
 use crate::io::reader;
 use crate::linalg::{self, Svd};
@@ -60,9 +60,7 @@ fn mean_delta(job: &Job, opts: &Options, sink: &dyn Sink, alpha: f32) -> Result<
 
 /// One stored tensor decoded whole (its pages are released afterwards when the tensor is large).
 fn whole(job: &Job, opts: &Options, src: &Source) -> Vec<f32> {
-    let mut out = vec![0f32; job.numel];
-    let chunk = opts.chunk_elems.max(1);
-    out.par_chunks_mut(chunk).enumerate().for_each(|(c, o)| load(src, job.cast, c * chunk, o));
+    let out = load_whole(job, src);
     if opts.release_inputs {
         reader::release(src.bytes);
     }
