@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+from hypothesis import strategies as st
+
+import reference as ref
+
+#: the storage dtypes the kernels read and write
+dtypes = st.sampled_from(ref.DTYPES)
 
 
 def run_variants(call, variants):
@@ -16,3 +22,13 @@ def run_variants(call, variants):
             f"first differing element {int(np.flatnonzero(o.view(np.uint8) != first.view(np.uint8))[0]) // o.itemsize}"
         )
     return first
+
+
+@st.composite
+def io_dtypes(draw, n_inputs: int):
+    """Storage dtypes of the inputs (all equal half the time), the output dtype and an optional cast dtype."""
+    if draw(st.booleans()):
+        ins = [draw(dtypes)] * n_inputs
+    else:
+        ins = draw(st.lists(dtypes, min_size=n_inputs, max_size=n_inputs))
+    return ins, draw(dtypes), draw(st.one_of(st.none(), st.none(), dtypes))

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 import reference as ref
 import reference_methods as rm
-from kernel_helpers import run_variants
+from kernel_helpers import io_dtypes, run_variants
 
 _core = pytest.importorskip("ferromerge._core")
 
@@ -125,16 +125,6 @@ def check(out, expected: ref.Ref, out_dtype: str, context: str, max_ambiguous: f
     # excluded elements must stay rare, or the comparison would be vacuous
     assert expected.ambiguous.mean() <= max_ambiguous or expected.out.size < 8, (
         f"{context}: {expected.ambiguous.mean():.0%} of the elements are ambiguous")
-
-
-@st.composite
-def io_dtypes(draw, n_inputs: int):
-    """Storage dtypes of the inputs (all equal half the time), the output dtype and an optional cast dtype."""
-    if draw(st.booleans()):
-        ins = [draw(dtypes)] * n_inputs
-    else:
-        ins = draw(st.lists(dtypes, min_size=n_inputs, max_size=n_inputs))
-    return ins, draw(dtypes), draw(st.one_of(st.none(), st.none(), dtypes))
 
 
 def prepared(data, shape, n_models, kinds=("near", "far", "grid"), zero_fracs=(0.0, 0.1, 0.5), with_base=True):
