@@ -35,7 +35,7 @@ from hypothesis import strategies as st
 
 import reference as ref
 import reference_svd as R
-from kernel_helpers import run_variants
+from kernel_helpers import io_dtypes, run_variants
 
 _core = pytest.importorskip("ferromerge._core")
 if not hasattr(_core, "svd"):
@@ -65,16 +65,6 @@ threads = st.sampled_from([1, 2, 3])
 @st.composite
 def variants(draw):
     return [(None, 1)] + draw(st.lists(st.tuples(chunk_sizes, threads), min_size=2, max_size=3))
-
-
-@st.composite
-def io_dtypes(draw, n_inputs: int):
-    """Storage dtypes of the inputs (all equal half the time), the output dtype and an optional cast dtype."""
-    if draw(st.booleans()):
-        ins = [draw(dtypes)] * n_inputs
-    else:
-        ins = draw(st.lists(dtypes, min_size=n_inputs, max_size=n_inputs))
-    return ins, draw(dtypes), draw(st.one_of(st.none(), st.none(), dtypes))
 
 
 @st.composite
@@ -666,7 +656,9 @@ def test_tall_methods_match_the_reference(data, method):
     bad = ~amb & ~(np.abs(got - expected) <= tol)
     assert not bad.any(), (f"{method} {params} lam={lam} shape={shape} {kind}: {int(bad.sum())} elements off; "
                            f"got {got[bad][:5]} expected {expected[bad][:5]}")
-    assert amb.mean() <= 0.05 or amb.sum() <= 2, f"{amb.mean():.0%} of the elements are ambiguous"
+    # a draw where many elements sit on a mask threshold (tiny bf16 tensors with a dyadic lambda) compared too
+    # little: it counts as invalid, so hypothesis draws another, rather than failing at random
+    assume(amb.mean() <= 0.05 or amb.sum() <= 2)
     # elements left out of the merge are the base itself (rounded to the output dtype only)
     kept = expected != bv
     base_out = ref.round_to(bv.astype(np.float32), out_dtype)
