@@ -240,7 +240,7 @@ def main() -> int:
 
     cgroup_result = None
     if args.cgroup_limit and root_user:
-        from ferromerge.plan import parse_size
+        from ferromerge._validate import parse_size
 
         limit = parse_size(args.cgroup_limit)
         cg = Path("/sys/fs/cgroup/memory") / f"ferromerge-bench-{os.getpid()}"

@@ -5,10 +5,10 @@
 """
 
 from ._core import InputError, MergeError, OutputError, ParameterError, __version__
-from .compress import compress, decompress
+from ._compress import compress, decompress
 from .errors import ConfigError
-from .extract_lora import extract_lora
-from .run import RunReport, run
+from ._extract_lora import extract_lora
+from ._run import RunReport, run
 from .tensors import merge_state_dicts, merge_tensors
 
 __all__ = [

@@ -10,8 +10,8 @@ import numpy as np
 import yaml
 
 from .errors import OutputError
-from .models import read_tensors
-from .run import RunReport, run
+from .models.index import read_tensors
+from ._run import RunReport, run
 from .synth import make_family
 
 MARKER = ".ferromerge-demo"

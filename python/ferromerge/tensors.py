@@ -44,148 +44,14 @@ import numpy as np
 from . import _core
 from . import methods as _methods
 from ._core import InputError, ParameterError
+from .arrays import FlatArray, as_array, dtype_name, give_back, is_torch
 
 __all__ = ["merge_tensors", "merge_state_dicts"]
-
-_DTYPE_ALIASES = {
-    "float32": "float32",
-    "fp32": "float32",
-    "f32": "float32",
-    "float": "float32",
-    "float16": "float16",
-    "fp16": "float16",
-    "f16": "float16",
-    "half": "float16",
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-}
-
-
-def _is_torch(x: Any) -> bool:
-    return type(x).__module__.split(".", 1)[0] == "torch"
-
-
-def _ml_bfloat16() -> Any:
-    try:
-        import ml_dtypes
-    except ImportError:  # pragma: no cover - optional
-        return None
-    return np.dtype(ml_dtypes.bfloat16)
-
-
-def _dtype_name(dtype: Any, what: str = "dtype") -> str | None:
-    """Normalise a dtype given as a name, NumPy/ml_dtypes dtype or torch dtype to a mergekit name."""
-    if dtype is None:
-        return None
-    if isinstance(dtype, str):
-        key = dtype.lower().removeprefix("torch.")
-        if key in _DTYPE_ALIASES:
-            return _DTYPE_ALIASES[key]
-        raise ParameterError(f"{what}: unsupported dtype {dtype!r}; use float32, float16 or bfloat16")
-    if _is_torch(dtype):
-        return _dtype_name(str(dtype), what)
-    try:
-        npd = np.dtype(dtype)
-    except TypeError:
-        raise ParameterError(f"{what}: unsupported dtype {dtype!r}; use float32, float16 or bfloat16") from None
-    if npd == np.float32:
-        return "float32"
-    if npd == np.float16:
-        return "float16"
-    bf = _ml_bfloat16()
-    if bf is not None and npd == bf:
-        return "bfloat16"
-    raise ParameterError(f"{what}: unsupported dtype {dtype!r}; use float32, float16 or bfloat16")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # array adapters
 # ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Kind:
-    """How to give a result back: "numpy", "ml_dtypes" or "torch" (with the device)."""
-
-    kind: str
-    device: Any = None
-
-
-@dataclass
-class _Array:
-    flat: np.ndarray  # C-contiguous 1-D float32/float16/uint16
-    dtype: str
-    shape: tuple[int, ...]
-    kind: _Kind
-
-
-def _from_torch(x: Any, where: str) -> _Array:
-    import torch
-
-    t = x.detach()
-    kind = _Kind("torch", t.device)
-    if t.device.type != "cpu":
-        t = t.to("cpu")
-    shape = tuple(t.shape)
-    t = t.contiguous()
-    if t.dtype == torch.float32:
-        arr, name = t.numpy(), "float32"
-    elif t.dtype == torch.float16:
-        arr, name = t.numpy(), "float16"
-    elif t.dtype == torch.bfloat16:
-        arr, name = t.view(torch.int16).numpy().view(np.uint16), "bfloat16"
-    else:
-        raise InputError(f"{where}: unsupported torch dtype {t.dtype}; use float32, float16 or bfloat16")
-    return _Array(arr.reshape(-1), name, shape, kind)
-
-
-def _as_array(x: Any, where: str) -> _Array:
-    if _is_torch(x):
-        return _from_torch(x, where)
-    if not isinstance(x, np.ndarray):
-        raise InputError(f"{where}: expected a NumPy array or torch tensor, got {type(x).__name__}")
-    kind = _Kind("numpy")
-    bf = _ml_bfloat16()
-    if bf is not None and x.dtype == bf:
-        kind = _Kind("ml_dtypes")
-        x = x.view(np.uint16)
-    dt = x.dtype
-    if dt == np.float32:
-        name = "float32"
-    elif dt == np.float16:
-        name = "float16"
-    elif dt in (np.uint16, np.int16):
-        name = "bfloat16"
-    else:
-        raise InputError(
-            f"{where}: unsupported array dtype {dt}; use float32, float16, or uint16/ml_dtypes.bfloat16 for bfloat16"
-        )
-    if not dt.isnative:
-        x = x.astype(dt.newbyteorder("="))
-    shape = tuple(x.shape)
-    flat = np.ascontiguousarray(x).reshape(-1)
-    if flat.dtype == np.int16:
-        flat = flat.view(np.uint16)
-    return _Array(flat, name, shape, kind)
-
-
-def _give_back(flat: np.ndarray, out_dtype: str, shape: tuple[int, ...], kind: _Kind) -> Any:
-    arr = np.asarray(flat).reshape(shape)
-    if out_dtype == "bfloat16" and arr.dtype == np.int16:
-        arr = arr.view(np.uint16)
-    if kind.kind == "torch":
-        import torch
-
-        if out_dtype == "bfloat16":
-            t = torch.from_numpy(np.ascontiguousarray(arr).view(np.int16)).view(torch.bfloat16)
-        else:
-            t = torch.from_numpy(np.ascontiguousarray(arr))
-        if kind.device is not None and kind.device.type != "cpu":
-            t = t.to(kind.device)
-        return t
-    if kind.kind == "ml_dtypes" and out_dtype == "bfloat16":
-        return arr.view(_ml_bfloat16())
-    return arr
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -297,8 +163,8 @@ def _resolve(
 
 def _merge_flat(
     r: _Resolved,
-    inputs: Sequence[_Array],
-    base: _Array | None,
+    inputs: Sequence[FlatArray],
+    base: FlatArray | None,
     *,
     shape: tuple[int, ...],
     name: str,
@@ -370,7 +236,7 @@ def merge_tensors(
     if spec.requires_base and base_index is None:
         raise ParameterError(f"method {spec.name!r} requires a base tensor: pass base_index")
 
-    arrays = [_as_array(t, f"tensors[{i}]") for i, t in enumerate(tensors)]
+    arrays = [as_array(t, f"tensors[{i}]") for i, t in enumerate(tensors)]
     ref_i = base_index if base_index is not None else 0
     shape = arrays[ref_i].shape
     for i, a in enumerate(arrays):
@@ -387,8 +253,8 @@ def merge_tensors(
         raise ParameterError(f"method {spec.name!r} needs at least one non-base tensor")
     r = _resolve(spec, parameters, idx, [f"tensors[{i}]" for i in idx], seed, base_index)
 
-    cast = _dtype_name(dtype, "dtype")
-    out = _dtype_name(out_dtype, "out_dtype") or cast or arrays[ref_i].dtype
+    cast = dtype_name(dtype, "dtype")
+    out = dtype_name(out_dtype, "out_dtype") or cast or arrays[ref_i].dtype
     flat = _merge_flat(
         r,
         [arrays[i] for i in idx],
@@ -400,7 +266,7 @@ def merge_tensors(
         threads=threads,
         chunk_elems=chunk_size,
     )
-    return _give_back(flat, out, shape, arrays[ref_i].kind)
+    return give_back(flat, out, shape, arrays[ref_i].kind)
 
 
 def _copy_nonfloat(values: list[Any], tname: str, labels: list[str]) -> Any | None:
@@ -409,11 +275,11 @@ def _copy_nonfloat(values: list[Any], tname: str, labels: list[str]) -> Any | No
     Returns None when the tensor is a floating-point one (to be merged).
     """
     first = values[0]
-    if _is_torch(first):
+    if is_torch(first):
         if first.is_floating_point():
             return None
         for lab, v in zip(labels[1:], values[1:]):
-            if not (_is_torch(v) and v.dtype == first.dtype and v.shape == first.shape and bool((v == first).all())):
+            if not (is_torch(v) and v.dtype == first.dtype and v.shape == first.shape and bool((v == first).all())):
                 raise InputError(f"model {lab!r}, tensor {tname!r}: non-floating tensor differs between models")
         return first.clone()
     if isinstance(first, np.ndarray) and (first.dtype.kind in "biu" and first.dtype not in (np.uint16, np.int16)):
@@ -457,8 +323,8 @@ def merge_state_dicts(
         raise ParameterError(f"method {spec.name!r} needs at least one non-base model")
     labels = [f"model {m!r}" for m in inputs]
     r = _resolve(spec, parameters, inputs, labels, seed, base, thing="model", base_word="base model")
-    cast = _dtype_name(dtype, "dtype")
-    out_name = _dtype_name(out_dtype, "out_dtype")
+    cast = dtype_name(dtype, "dtype")
+    out_name = dtype_name(out_dtype, "out_dtype")
     ref_model = base if base is not None else names[0]
 
     keys = list(state_dicts[ref_model])
@@ -479,7 +345,7 @@ def merge_state_dicts(
         if copied is not None:
             result[k] = copied
             continue
-        arrays = {m: _as_array(state_dicts[m][k], f"model {m!r}, tensor {k!r}") for m in names}
+        arrays = {m: as_array(state_dicts[m][k], f"model {m!r}, tensor {k!r}") for m in names}
         shape = arrays[ref_model].shape
         for m in names:
             if arrays[m].shape != shape:
@@ -500,5 +366,5 @@ def merge_state_dicts(
             chunk_elems=None,
             model_ids=list(range(len(inputs))),
         )
-        result[k] = _give_back(flat, out, shape, arrays[ref_model].kind)
+        result[k] = give_back(flat, out, shape, arrays[ref_model].kind)
     return result

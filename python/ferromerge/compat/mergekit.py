@@ -46,7 +46,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .. import _core
-from ..tensors import _as_array, _give_back
+from ..arrays import as_array, give_back
 
 __all__ = ["SUPPORTED", "register", "registered", "unregister", "main"]
 
@@ -210,8 +210,8 @@ def _merge_group(method: str, group: Any, params: Mapping[str, Any], dtype: Any,
         extra["seed"] = int(torch.randint(0, 2**62, ())) if seed is None else seed
 
     name = group.metadata.name or ""
-    arrays = [_as_array(e.tensor, f"{e.id}: {name}") for e in inputs]
-    base_array = None if base is None else _as_array(base.tensor, f"{base.id}: {name}")
+    arrays = [as_array(e.tensor, f"{e.id}: {name}") for e in inputs]
+    base_array = None if base is None else as_array(base.tensor, f"{base.id}: {name}")
     shape = list(tensors[0].shape)
     flat = _core.merge_arrays(
         kernel,
@@ -231,7 +231,7 @@ def _merge_group(method: str, group: Any, params: Mapping[str, Any], dtype: Any,
         **extra,
     )
     ref = base_array if base_array is not None else arrays[0]
-    return _give_back(flat, out_name, tuple(shape), ref.kind)
+    return give_back(flat, out_name, tuple(shape), ref.kind)
 
 
 def register(methods: Sequence[str] | None = None, *, seed: int | None = None, threads: int | None = None) -> list[str]:

@@ -53,7 +53,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .. import _core
-from ..tensors import _as_array, _give_back
+from ..arrays import as_array, give_back
 
 __all__ = [
     "calculate_majority_sign_mask",
@@ -174,7 +174,7 @@ def _kernel(
 ) -> Any:
     """``method`` over ``tasks`` as deltas from a zero base (δ − 0 is exact); the result as a tensor of ``out_dtype``
     (computed in float32 and widened when ``out_dtype`` is wider than the kernels' dtypes)."""
-    arrays = [_as_array(t, f"task_tensors[{i}]") for i, t in enumerate(tasks)]
+    arrays = [as_array(t, f"task_tensors[{i}]") for i, t in enumerate(tasks)]
     first = arrays[0]
     # a zero base of the first tensor's storage type: bfloat16 +0.0 is the bit pattern 0
     base = np.zeros(first.flat.size, dtype=first.flat.dtype)
@@ -195,7 +195,7 @@ def _kernel(
         model_ids=list(range(len(arrays))) if model_ids is None else list(model_ids),
         **extra,
     )
-    result = _give_back(flat, out_name, first.shape, first.kind)
+    result = give_back(flat, out_name, first.shape, first.kind)
     return result if result.dtype == out_dtype else result.to(out_dtype)
 
 

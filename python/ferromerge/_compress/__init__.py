@@ -1,0 +1,7 @@
+"""Compress a family of fine-tunes of one base into task-vector archives, and rebuild them (docs/compress.md).
+
+Private (``_compress``) because ``ferromerge.compress`` is the public function."""
+
+from .pack import CompressReport, DecompressReport, ModelSummary, compress, decompress
+
+__all__ = ["CompressReport", "DecompressReport", "ModelSummary", "compress", "decompress"]

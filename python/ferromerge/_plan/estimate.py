@@ -1,0 +1,247 @@
+"""What a run of a plan will need, predicted before anything is written: disk, peak memory and time.
+
+* **Disk**: the output shards' bytes, against the free space of the filesystem the output goes to.
+* **Peak memory**: a bound on what the engine keeps resident under its memory budget (``memory_limit``): the
+  inputs of the tensor being merged (all models), the next tensor's inputs read ahead (a quarter of the budget)
+  and the workers' chunk buffers (threads x (inputs + 5) f32 buffers of one chunk), capped by the budget itself,
+  which the engine never exceeds (tensors whose inputs are larger than a quarter of it are merged with their
+  pages released chunk by chunk). It does not count the OS page cache, which the kernel reclaims on demand.
+* **Time**: calibrated on this machine in well under a second: the compute rate of the engine's kernel with the
+  plan's method and parameters on synthetic data (same number of models and dtypes as the largest tensor), and
+  the sequential read rate of the largest input file. A merge streams its inputs once, so it takes about
+  input bytes / the slower of the two rates.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from .. import _core, methods
+from ..models.index import MERGEABLE_DTYPES
+from ..io.output_dir import SPACE_MARGIN, free_space
+from .build import Plan, PlanTensor
+from .._validate import format_bytes
+
+#: elements per model of the compute calibration: large enough to amortise the per-call overhead, small enough
+#: to stay in tens of milliseconds
+CALIBRATION_ELEMS = 2_000_000
+#: most bytes read, and most seconds spent reading, to measure the read rate (a slow disk stops at the time cap)
+READ_BYTES = 256 * 2**20
+READ_SECONDS = 0.25
+#: faster than this, a "disk" read is served from memory (no SSD sustains it through a single sequential reader)
+PAGE_CACHE_RATE = 4e9
+
+# Each engine worker holds (inputs + 5) f32 buffers of one chunk; the chunk size itself comes from the engine
+# (`_core.chunk_elems`), so the two cannot drift apart.
+_SCRATCH_BUFFERS = 5
+#: elements of the warm-up call (it starts the thread pool)
+_WARM_UP_ELEMS = 1 << 16
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """The predictions for one plan; ``to_dict`` is its JSON form, ``lines`` its human-readable one."""
+
+    bytes_in: int
+    bytes_out: int
+    #: where the output goes, the existing directory whose filesystem holds it, and its free bytes
+    out_dir: str
+    disk_path: str
+    disk_free: int
+    threads: int
+    memory_limit: int
+    #: the bound on resident memory (see the module docstring) and its parts
+    peak_memory: int
+    largest_tensor: str
+    largest_tensor_bytes: int
+    read_ahead_bytes: int
+    scratch_bytes: int
+    #: bytes of input merged per second by the kernel, and read per second from the largest input file
+    compute_rate: float
+    read_rate: float
+    read_file: str
+    read_cached: bool
+    seconds: float
+
+    @property
+    def disk_ok(self) -> bool:
+        """Whether ``run``'s free-space check (shards + ``SPACE_MARGIN``) passes."""
+        return self.disk_free >= int(self.bytes_out * (1 + SPACE_MARGIN))
+
+    @property
+    def bound_by(self) -> str:
+        return "compute" if self.compute_rate <= self.read_rate else "read"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "disk_ok": self.disk_ok, "bound_by": self.bound_by}
+
+    def lines(self) -> list[str]:
+        room = "enough" if self.disk_ok else "NOT ENOUGH"
+        source = "page cache" if self.read_cached else "disk"
+        return [
+            f"disk needed: {format_bytes(self.bytes_out)} at {self.out_dir} "
+            f"({format_bytes(self.disk_free)} free at {self.disk_path}: {room})",
+            f"peak memory: at most {format_bytes(self.peak_memory)} resident (budget "
+            f"{format_bytes(self.memory_limit)}; largest tensor {self.largest_tensor}: "
+            f"{format_bytes(self.largest_tensor_bytes)} of inputs, read-ahead {format_bytes(self.read_ahead_bytes)}, "
+            f"scratch {format_bytes(self.scratch_bytes)} for {self.threads} thread(s); page cache not counted)",
+            f"predicted time: {self.seconds:.1f} s (compute {self.compute_rate / 1e9:.2f} GB/s, read "
+            f"{self.read_rate / 1e9:.2f} GB/s from {source}: bounded by {self.bound_by})",
+        ]
+
+
+def default_threads() -> int:
+    """The engine's default thread count: the cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _inputs_of(t: PlanTensor) -> int:
+    # The engine counts the base slot for every tensor (rust/core/src/exec.rs: inputs + 1).
+    return len(t.inputs) + 1
+
+
+def peak_memory(plan: Plan, memory_limit: int, threads: int) -> tuple[int, PlanTensor, int, int]:
+    """The resident-memory bound (module docstring) with the largest tensor, the read-ahead and scratch bytes."""
+    largest = max(plan.tensors, key=lambda t: t.bytes_in)
+    read_ahead = memory_limit // 4
+    models = max(_inputs_of(t) for t in plan.tensors)
+    buffers = threads * (models + _SCRATCH_BUFFERS)
+    scratch = buffers * _core.chunk_elems(memory_limit, threads, models) * 4
+    # spectral methods (tsv_m, ...) hold whole matrices and their factors on top (the engine refuses a run where
+    # one does not fit the budget)
+    working = max(
+        (_core.working_bytes(t.method["name"], list(t.shape), t.method.get("params")) for t in plan.tensors), default=0
+    )
+    bound = largest.bytes_in + read_ahead + scratch + working
+    return min(memory_limit, bound), largest, read_ahead, scratch
+
+
+def _synthetic(rng: np.random.Generator, n: int, dtype: str) -> npt.NDArray[Any]:
+    x = rng.standard_normal(n, dtype=np.float32)
+    if dtype == "float32":
+        return x
+    if dtype == "float16":
+        return x.astype(np.float16)
+    return (x.view(np.uint32) >> 16).astype(np.uint16)  # bfloat16 bit patterns (truncated: fine for timing)
+
+
+def compute_rate(plan: Plan, tensor: PlanTensor, threads: int | None, elems: int = CALIBRATION_ELEMS) -> float:
+    """Input bytes per second that ``_core.merge_arrays`` merges with ``tensor``'s method, parameters, model count
+    and dtypes, timed on ``elems`` synthetic elements per model."""
+    rng = np.random.default_rng(0)
+    dtypes = [MERGEABLE_DTYPES[i.info.dtype] for i in tensor.inputs]
+    base_dtype = None if tensor.base is None else MERGEABLE_DTYPES[tensor.base.info.dtype]
+    k = tensor.method
+    # row-wise methods (della, model_stock filter_wise, ...) cost per row: keep the tensor's row length
+    spec = methods.get(k["name"])
+    row = tensor.shape[-1] if len(tensor.shape) >= 2 and spec.row_wise else None
+
+    def merge(n: int) -> tuple[int, float]:
+        shape = None if row is None else [max(1, n // row), row]
+        if shape is not None:
+            n = shape[0] * row
+        inputs = [_synthetic(rng, n, d) for d in dtypes]
+        base = None if base_dtype is None else _synthetic(rng, n, base_dtype)
+        start = time.perf_counter()
+        _core.merge_arrays(
+            k["name"],
+            inputs,
+            base,
+            [i.weight for i in tensor.inputs],
+            [i.density for i in tensor.inputs],
+            out_dtype=tensor.out_dtype,
+            normalize=k["normalize"],
+            cast_dtype=plan.cast_dtype,
+            lambda_=k["lambda"],
+            rescale=k["rescale"],
+            seed=k["seed"],
+            name=tensor.name,
+            threads=threads,
+            **methods.kernel_kwargs(
+                spec,
+                shape=shape,
+                params=k.get("params"),
+                gammas=[i.gamma for i in tensor.inputs],
+                epsilons=[i.epsilon for i in tensor.inputs],
+            ),
+        )
+        seconds = time.perf_counter() - start
+        return sum(a.nbytes for a in inputs) + (0 if base is None else base.nbytes), seconds
+
+    merge(_WARM_UP_ELEMS)  # warm-up: the first call starts the thread pool
+    nbytes, seconds = merge(elems)
+    return nbytes / max(seconds, 1e-9)
+
+
+def read_rate(path: Path, limit: int = READ_BYTES, max_seconds: float = READ_SECONDS) -> tuple[float, bool]:
+    """Bytes per second of reading ``path`` sequentially (up to ``limit`` bytes or ``max_seconds``), and whether
+    that was probably served by the page cache (faster than ``PAGE_CACHE_RATE``)."""
+    buf = bytearray(8 * 2**20)
+    view = memoryview(buf)
+    done = 0
+    start = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        while done < limit:
+            n = f.readinto(view[: min(len(buf), limit - done)])
+            if not n:
+                break
+            done += n
+            if time.perf_counter() - start > max_seconds:
+                break
+    rate = done / max(time.perf_counter() - start, 1e-9)
+    return rate, rate > PAGE_CACHE_RATE
+
+
+def estimate(
+    plan: Plan,
+    out_dir: str | os.PathLike[str] | None = None,
+    *,
+    threads: int | None = None,
+    memory_limit: int | None = None,
+) -> Estimate:
+    """Disk, peak memory and time of running ``plan`` into ``out_dir`` (None: some directory in the current one)
+    with ``threads`` (None: all cores) and ``memory_limit`` bytes (None: ``_core.default_memory_limit()``); reads
+    at most ``READ_BYTES`` of one input file."""
+    budget = _core.default_memory_limit() if memory_limit is None else memory_limit
+    workers = threads or default_threads()
+    peak, largest, read_ahead, scratch = peak_memory(plan, budget, workers)
+    target = Path.cwd() if out_dir is None else Path(out_dir).expanduser().absolute()
+    # a run builds its output beside the target, so the target's parent's filesystem must hold it
+    where, free = free_space(target if out_dir is None else target.parent)
+    files = {i.info.file for t in plan.tensors for i in t.inputs} | {
+        t.base.info.file for t in plan.tensors if t.base is not None
+    }
+    # a model+lora's cache files exist only once a run has merged the adapter; the model's own shards always do
+    files = {f for f in files if f.is_file()} or {f for m in plan.models for f in m.files if f.is_file()}
+    biggest_file = max(sorted(files), key=lambda f: f.stat().st_size)
+    compute = compute_rate(plan, largest, threads)
+    read, cached = read_rate(biggest_file)
+    return Estimate(
+        bytes_in=plan.bytes_in,
+        bytes_out=plan.bytes_out,
+        out_dir=str(target),
+        disk_path=str(where),
+        disk_free=free,
+        threads=workers,
+        memory_limit=budget,
+        peak_memory=peak,
+        largest_tensor=largest.name,
+        largest_tensor_bytes=largest.bytes_in,
+        read_ahead_bytes=read_ahead,
+        scratch_bytes=scratch,
+        compute_rate=compute,
+        read_rate=read,
+        read_file=str(biggest_file),
+        read_cached=cached,
+        seconds=plan.bytes_in / min(compute, read),
+    )

@@ -1,0 +1,46 @@
+"""Validation of the values users give the CLI and the API (seed, threads, sizes): one rule and one message each."""
+
+from __future__ import annotations
+
+import re
+
+from .errors import ParameterError
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgb]|kb|mb|gb|kib|mib|gib)?\s*", re.IGNORECASE)
+
+
+_UNITS = {
+    "": 1,
+    "k": 10**3,
+    "m": 10**6,
+    "b": 10**9,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "g": 10**9,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+}
+
+
+def parse_size(value: str | int, what: str = "shard size") -> int:
+    """Bytes from a size: an int, or a number with mergekit's K/M/B suffixes (x1000, so "5B" is 5e9 bytes),
+    or KB/MB/GB (x1000) or KiB/MiB/GiB (x1024). ``what`` names the setting in error messages."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    else:
+        match = _SIZE.fullmatch(str(value))
+        if match is None:
+            raise ParameterError(
+                f"{what} {value!r}: expected a number of bytes with an optional K/M/B or KiB/MiB/GiB suffix"
+            )
+        size = int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()])
+    if size <= 0:
+        raise ParameterError(f"{what} {value!r}: must be positive")
+    return size
+
+
+def format_bytes(n: int) -> str:
+    """Decimal units, as disks and ``--out-shard-size`` count: ``1.23 GB``, ``45.6 MB``."""
+    return f"{n / 1e9:.2f} GB" if n >= 10**9 else f"{n / 1e6:.1f} MB"

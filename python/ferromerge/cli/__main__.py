@@ -1,0 +1,7 @@
+"""``python -m ferromerge.cli``: the ``ferromerge`` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

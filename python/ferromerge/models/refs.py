@@ -1,0 +1,70 @@
+"""Model references: local directories, Hugging Face ids (``org/name``, ``org/name@revision``) looked up in the
+local HF cache, and the ``model+lora`` form."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from ..errors import ConfigError, InputError
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def hf_cache_dir() -> Path:
+    """The Hugging Face hub cache: ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return Path("~/.cache/huggingface/hub").expanduser()
+
+
+def resolve(ref: str) -> Path:
+    """The absolute directory of a model reference; ``InputError`` naming every place looked at if absent."""
+    local = Path(ref).expanduser()
+    if local.is_dir():
+        return local.resolve()
+    if local.exists():
+        raise InputError(f"model {ref!r}: {local.resolve()} is not a directory")
+    name, _, revision = ref.partition("@")
+    if not _HUB_ID.fullmatch(name) or (revision == "" and "@" in ref):
+        raise InputError(f"model {ref!r}: directory not found: {local.resolve()}")
+    return _from_hf_cache(ref, name, revision or "main", local.resolve())
+
+
+def _from_hf_cache(ref: str, name: str, revision: str, local: Path) -> Path:
+    repo = hf_cache_dir() / ("models--" + name.replace("/", "--"))
+    absent = (
+        f"model {ref!r}: not a local directory ({local}) and not in the Hugging Face cache"
+        " (ferromerge never downloads; fetch it first, e.g. `huggingface-cli download "
+        f"{name}{'' if revision == 'main' else ' --revision ' + revision}`)"
+    )
+    ref_file = repo / "refs" / revision
+    if ref_file.is_file():
+        commit = ref_file.read_text(encoding="utf-8").strip()
+        snapshot = repo / "snapshots" / commit
+        if snapshot.is_dir():
+            return snapshot.resolve()
+        raise InputError(f"{absent}: {ref_file} points to commit {commit}, but {snapshot} does not exist")
+    if _COMMIT.fullmatch(revision):
+        snapshot = repo / "snapshots" / revision
+        if snapshot.is_dir():
+            return snapshot.resolve()
+        raise InputError(f"{absent}: looked for {snapshot}")
+    raise InputError(f"{absent}: looked for {ref_file}")
+
+
+def split_ref(ref: str, where: str) -> tuple[str, str] | None:
+    """``(model, adapter)`` of a ``model+lora`` reference, None for a plain one (``where`` names it in errors)."""
+    if "+" not in ref:
+        return None
+    parts = ref.split("+")
+    # mergekit splits the same way and rejects more than one "+"
+    if len(parts) != 2 or not parts[0].strip() or not parts[1].strip():
+        raise ConfigError(f"{where}: {ref!r}: expected MODEL+LORA (one '+' between a model and a LoRA adapter)")
+    return parts[0], parts[1]
