@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 use crate::error::{CoreError, Result};
+use crate::merge::params::{DELLA_EPSILON, DENSITY, GAMMA};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -52,7 +53,7 @@ pub struct PlanMethod {
     pub rescale: String,
     #[serde(default)]
     pub seed: u64,
-    /// Method-wide parameters beyond the above (booleans as 0/1); see `merge::Params`.
+    /// Method-wide parameters beyond the above (booleans as 0/1); see `merge::params`.
     #[serde(default)]
     pub params: BTreeMap<String, f64>,
 }
@@ -70,7 +71,36 @@ pub struct PlanInput {
     pub file: PathBuf,
     pub tensor: String,
     pub weight: f64,
-    #[serde(default = "one")]
+    #[serde(default = "density")]
+    pub density: f64,
+    #[serde(default)]
+    pub model_id: u32,
+    #[serde(default = "gamma")]
+    pub gamma: f64,
+    #[serde(default = "epsilon")]
+    pub epsilon: f64,
+}
+
+impl PlanInput {
+    /// This input's values without its file (what a merge reads besides the bytes).
+    #[must_use]
+    pub fn values(&self) -> InputValues {
+        InputValues {
+            weight: self.weight,
+            density: self.density,
+            model_id: self.model_id,
+            gamma: self.gamma,
+            epsilon: self.epsilon,
+        }
+    }
+}
+
+/// One input's values, as the plan's inputs carry them (the in-memory merge's input objects have this form).
+#[derive(Debug, Deserialize, Clone, Copy)]
+#[serde(deny_unknown_fields)]
+pub struct InputValues {
+    pub weight: f64,
+    #[serde(default = "density")]
     pub density: f64,
     #[serde(default)]
     pub model_id: u32,
@@ -83,17 +113,33 @@ pub struct PlanInput {
 fn one() -> f64 {
     1.0
 }
+// The per-input defaults live with the method parameters (`merge::params`).
+fn density() -> f64 {
+    DENSITY.default_value()
+}
 fn gamma() -> f64 {
-    0.01
+    GAMMA.default_value()
 }
 fn epsilon() -> f64 {
-    0.15
+    DELLA_EPSILON.default_value()
 }
 fn none() -> String {
     "none".into()
 }
 
+impl PlanMethod {
+    /// The method object from its JSON form (the in-memory merge's `method` argument).
+    ///
+    /// # Errors
+    /// A parameter error for malformed JSON or unknown keys.
+    pub fn from_json(s: &str) -> Result<Self> {
+        serde_json::from_str(s).map_err(|e| CoreError::param(format!("invalid method object: {e}")))
+    }
+}
+
 impl Plan {
+    /// # Errors
+    /// A parameter error for malformed JSON, unknown keys, or an output file name that is not a plain name.
     pub fn from_json(s: &str) -> Result<Self> {
         let plan: Plan = serde_json::from_str(s).map_err(|e| CoreError::param(format!("invalid plan: {e}")))?;
         for shard in &plan.shards {

@@ -96,7 +96,7 @@ proptest! {
             .collect();
         let mut spec = MethodSpec::new(method, flip, 1.0, if flip { Rescale::L1 } else { Rescale::InverseDensity }, seed);
         spec.params = Params::parse(method, &params_for(method, flip)).unwrap();
-        let base = (method.base_policy() != BasePolicy::Forbidden).then_some(Source { bytes: &bb, dtype: DType::F32 });
+        let base = (method.base_policy() != BasePolicy::Joins).then_some(Source { bytes: &bb, dtype: DType::F32 });
         let job = Job { name: "w", shape: vec![rows, cols], numel: n, base, inputs, cast: None, spec, out_dtype: DType::F32 };
         let reference = pool::pool(Some(1)).unwrap().install(|| merge_to_vec(&job, &Options::with_chunk(1 << 16))).unwrap();
         for threads in [1, 3] {

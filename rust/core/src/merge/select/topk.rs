@@ -10,13 +10,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use rayon::prelude::*;
 
-use super::{chunks, Options};
+use crate::merge::passes::chunks;
+use crate::merge::Options;
 use crate::kernels::combine::Scratch;
 use crate::kernels::select::{self, TrimRule, HIGH_BINS, LOW_BINS};
 
 /// The vectors a selection ranks: `count()` of them, `numel()` elements each, decoded chunk by chunk into
 /// `s.x[0..count()]` by `load`.
-pub(crate) trait Keys: Sync {
+pub(crate) trait SelectionKeys: Sync {
     fn numel(&self) -> usize;
     fn count(&self) -> usize;
     fn load(&self, start: usize, len: usize, s: &mut Scratch);
@@ -25,7 +26,7 @@ pub(crate) trait Keys: Sync {
 
 /// The keep rule of each key vector: for `Some(k)` (0 < k < numel) the k largest |x|, ties lowest index first;
 /// `None` keeps everything.
-pub(crate) fn trim_rules(keys: &dyn Keys, chunk: usize, opts: &Options, ks: &[Option<u64>]) -> Vec<TrimRule> {
+fn trim_rules(keys: &dyn SelectionKeys, chunk: usize, opts: &Options, ks: &[Option<u64>]) -> Vec<TrimRule> {
     let mut rules = vec![TrimRule::ALL; keys.count()];
     if ks.iter().all(Option::is_none) {
         return rules;
@@ -123,6 +124,19 @@ pub(crate) fn trim_rules(keys: &dyn Keys, chunk: usize, opts: &Options, ks: &[Op
     rules
 }
 
+/// Top-k rules for `ks` (None: keep all; Some(0): keep none; Some(k >= n): keep all).
+pub(crate) fn select_rules(keys: &dyn SelectionKeys, chunk: usize, opts: &Options, ks: &[Option<u64>]) -> Vec<TrimRule> {
+    let n = keys.numel() as u64;
+    let inner: Vec<Option<u64>> = ks.iter().map(|k| k.filter(|&k| k > 0 && k < n)).collect();
+    let mut rules = trim_rules(keys, chunk, opts, &inner);
+    for (r, k) in rules.iter_mut().zip(ks) {
+        if *k == Some(0) {
+            *r = TrimRule::NONE;
+        }
+    }
+    rules
+}
+
 /// Elements per sample block, blocks per sample, and the size up to which a whole tensor is simply collected.
 const SAMPLE_BLOCK: usize = 4096;
 const SAMPLE_BLOCKS: usize = 256;
@@ -140,7 +154,7 @@ struct Bracket {
     specials: [u32; select::SPECIALS],
 }
 
-fn sample_brackets(keys: &dyn Keys, ks: &[Option<u64>], budget_bytes: usize) -> Vec<Option<Bracket>> {
+fn sample_brackets(keys: &dyn SelectionKeys, ks: &[Option<u64>], budget_bytes: usize) -> Vec<Option<Bracket>> {
     let n = keys.numel();
     let mut budget = (budget_bytes / 8) as u64;
     let mut take = |expected: u64| {
@@ -220,7 +234,7 @@ fn frequent_values(sample: &mut [u32], lo: u32, hi: u32) -> [u32; select::SPECIA
 /// Radix select over histograms of the |delta| bit patterns, for the inputs with `Some(k)` in `ks`: a pass for the
 /// high 15 bits, one for the low 16 bits of the bin holding the k-th largest (or collecting that bin's elements
 /// when they fit the budget), and one counting ties when they straddle the threshold.
-fn radix_rules(keys: &dyn Keys, chunk: usize, opts: &Options, ks: &[Option<u64>]) -> Vec<TrimRule> {
+fn radix_rules(keys: &dyn SelectionKeys, chunk: usize, opts: &Options, ks: &[Option<u64>]) -> Vec<TrimRule> {
     let ks = ks.to_vec();
     if ks.iter().all(Option::is_none) {
         return vec![TrimRule::ALL; keys.count()];

@@ -2,29 +2,40 @@
 //! 2025), Iso-C and Iso-CTS (Marczak et al., ICML 2025) and STAR (Lee et al., NAACL 2025). A matrix is
 //! factorized whole, so these load one task vector at a time (f32, m·n) next to the base and the method's
 //! accumulators; tensors of other ranks get the mean task vector, as in the reference code. The result is
-//! θ = θ0 + α·τ, written back chunk by chunk.
+//! θ = θ0 + α·τ, written back chunk by chunk, with τ per method (T task vectors τ_t = U_t Σ_t V_tᵀ):
+//!
+//! - tsv_m: the top r/T singular triplets of each τ_t concatenated, U and V orthogonalized (polar factors):
+//!   τ = U_⊥ diag(Σ) V_⊥ᵀ.
+//! - iso_c: the sum of task vectors with a flat spectrum: τ = σ̄·U Vᵀ over the nonzero singular values of Σ_t τ_t.
+//! - iso_cts: the common subspace (a `common_space_fraction` share of the rank) plus each task's own top
+//!   directions orthogonal to it, all with the mean singular value.
+//! - star: each τ_t truncated to keep `eta` percent of its nuclear norm and rescaled to its original nuclear
+//!   norm, then averaged (α = 1).
 
 use faer::{Mat, MatRef};
 use rayon::prelude::*;
 
-use super::{emit, load_deltas, load_whole, Job, Method, Options, Sink, Source};
+use crate::merge::params::SpectralParams;
+use crate::merge::passes::{emit, load_deltas, load_whole};
+use crate::merge::{Job, Method, Options, Sink, Source};
 use crate::error::{CoreError, Result};
 use crate::io::reader;
 use crate::linalg::{self, Svd};
 use crate::rng::Stream;
 
-pub(super) fn merge(job: &Job, opts: &Options, sink: &dyn Sink) -> Result<()> {
-    let alpha = if job.spec.method == Method::Star { 1.0 } else { job.spec.params.alpha as f32 };
-    if job.shape.len() != 2 || job.spec.params.mean_only {
+#[allow(clippy::cast_possible_truncation)] // f32 math
+pub(crate) fn merge(job: &Job, params: &SpectralParams, opts: &Options, sink: &dyn Sink) -> Result<()> {
+    let alpha = if job.spec.method == Method::Star { 1.0 } else { params.alpha as f32 };
+    if job.shape.len() != 2 || params.mean_only {
         return mean_delta(job, opts, sink, alpha);
     }
     let (m, n) = (job.shape[0], job.shape[1]);
     let base = whole(job, opts, job.base.as_ref().expect("validated: a base is required"));
     let tau = match job.spec.method {
-        Method::TsvM => tsv_m(job, opts, &base, m, n)?,
+        Method::TsvM => tsv_m(job, params, opts, &base, m, n)?,
         Method::IsoC => iso_c(job, opts, &base, m, n)?,
-        Method::IsoCts => iso_cts(job, opts, &base, m, n)?,
-        Method::Star => star(job, opts, &base, m, n)?,
+        Method::IsoCts => iso_cts(job, params, opts, &base, m, n)?,
+        Method::Star => star(job, params, opts, &base, m, n)?,
         other => unreachable!("{other:?} is not spectral"),
     };
     emit(job, opts, opts.chunk_elems, sink, |s, start, len| {
@@ -105,11 +116,10 @@ fn recombine(ucat: MatRef<'_, f32>, s: &[f32], vcat: MatRef<'_, f32>) -> Result<
 /// TSV-M: each task keeps its top k = ⌊min(m, n)/T⌋ singular triplets; the concatenated singular vectors are
 /// replaced by their polar factors (the nearest orthonormal sets), singular values kept as they are. Slots past
 /// T·k stay zero, as in the reference. Randomized SVDs by default (only the top k are used).
-fn tsv_m(job: &Job, opts: &Options, base: &[f32], m: usize, n: usize) -> Result<Vec<f32>> {
+fn tsv_m(job: &Job, p: &SpectralParams, opts: &Options, base: &[f32], m: usize, n: usize) -> Result<Vec<f32>> {
     let t = job.inputs.len();
     let r = m.min(n);
     let k = r / t;
-    let p = job.spec.params;
     let (mut ucat, mut vcat, mut scat) = (Mat::zeros(m, r), Mat::zeros(n, r), vec![0f32; r]);
     for i in 0..t {
         if k == 0 {
@@ -162,10 +172,10 @@ fn iso_c(job: &Job, opts: &Options, base: &[f32], m: usize, n: usize) -> Result<
 /// slots split evenly over the T tasks, with Python's round-half-even as in the reference), plus each task's top
 /// directions after projecting out the common left subspace; both sets orthonormalized by polar factors, every
 /// slot weighted by the mean of all r concatenated singular values.
-fn iso_cts(job: &Job, opts: &Options, base: &[f32], m: usize, n: usize) -> Result<Vec<f32>> {
+fn iso_cts(job: &Job, p: &SpectralParams, opts: &Options, base: &[f32], m: usize, n: usize) -> Result<Vec<f32>> {
     let t = job.inputs.len();
     let r = m.min(n);
-    let f = job.spec.params.common_space_fraction;
+    let f = p.common_space_fraction;
     let common0 = (r as f64 * f).floor() as usize;
     let mut ts_total = (((r - common0) as f64 / t as f64).round_ties_even() as usize) * t;
     // Rounding up can ask for more task slots than there are (r = 3, T = 2, f < 1/3): one block fewer each.
@@ -199,9 +209,9 @@ fn iso_cts(job: &Job, opts: &Options, base: &[f32], m: usize, n: usize) -> Resul
 /// STAR: each task vector keeps the fewest top singular values reaching eta% of its nuclear norm (the
 /// reference's left `searchsorted` + 1), rescaled so the nuclear norm is unchanged; the results are averaged.
 /// A task vector that is zero contributes zero (the reference divides 0 by 0 there).
-fn star(job: &Job, opts: &Options, base: &[f32], m: usize, n: usize) -> Result<Vec<f32>> {
+fn star(job: &Job, p: &SpectralParams, opts: &Options, base: &[f32], m: usize, n: usize) -> Result<Vec<f32>> {
     let t = job.inputs.len();
-    let eta = job.spec.params.eta / 100.0;
+    let eta = p.eta / 100.0;
     let mut acc = vec![0f32; job.numel];
     for i in 0..t {
         let tau = task_vector(job, opts, base, i)?;

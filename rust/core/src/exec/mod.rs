@@ -1,23 +1,29 @@
 //! Executing a whole plan: open and validate every input first (so bad input fails before any byte is
 //! written), lay out every output file, then merge tensor after tensor.
 //!
-//! Memory follows the budget (`memory_limit`), not the model: a quarter of it may hold the inputs of the tensor
-//! being merged and a quarter is read ahead (the next tensor's inputs); a tensor whose inputs are larger than
-//! that is merged with each chunk's input pages unmapped as soon as a pass is done with them. Input pages are
-//! unmapped once their last consumer is done; output pages are written back one tensor behind and dropped from
-//! the page cache, so neither the inputs nor the output accumulate in memory.
+//! Memory follows the budget (`memory_limit`), not the model (`budget`: the memory plan): a tensor whose inputs
+//! are larger than the read-ahead share is merged with each chunk's input pages unmapped as soon as a pass is
+//! done with them. Input pages are unmapped once their last consumer is done; output pages are written back one
+//! tensor behind and dropped from the page cache (`writeback`), so neither the inputs nor the output accumulate
+//! in memory.
+
+mod budget;
+mod writeback;
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+pub use budget::{chunk_elems, default_memory_limit, memory_plan, MemoryPlan, TensorNeeds, MIN_MEMORY_LIMIT};
+
 use crate::dtype::DType;
 use crate::error::{CoreError, Result};
 use crate::io::writer::FileSink;
 use crate::io::{SafetensorsFile, ShardLayout};
-use crate::merge::{self, Input, Job, Method, MethodSpec, Options, Params, Rescale, Sink, Source, DEFAULT_CHUNK_ELEMS};
+use crate::merge::{self, Job, Options, Source};
 use crate::plan::{Plan, PlanTensor};
 use crate::pool;
+use writeback::{finish_writeback, start_writeback, TensorSink};
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Progress {
@@ -42,83 +48,6 @@ pub struct ExecOptions {
     pub memory_limit: Option<u64>,
 }
 
-/// The smallest memory budget a run accepts.
-pub const MIN_MEMORY_LIMIT: u64 = 64 << 20;
-
-/// Elements per chunk for a budget: each worker holds (inputs + 5) f32 buffers of one chunk, and all of them
-/// together stay within an eighth of the budget (between 1024 and the default chunk).
-pub fn chunk_elems(budget: u64, workers: usize, inputs: usize) -> usize {
-    let fit = budget / 8 / (workers.max(1) as u64 * (inputs as u64 + 5) * 4);
-    DEFAULT_CHUNK_ELEMS.min((fit as usize).max(1024))
-}
-
-/// Half of what this process may use (physical memory, or the memory cgroup's limit when lower), at most 8 GiB.
-pub fn default_memory_limit() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    let ram = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) as u64 * libc::sysconf(libc::_SC_PAGESIZE) as u64 };
-    let avail = cgroup_limit().map_or(ram, |c| c.min(ram));
-    (avail / 2).min(8 << 30)
-}
-
-/// The memory limit of this process's cgroup (v1 `memory.limit_in_bytes` or v2 `memory.max`), if any.
-fn cgroup_limit() -> Option<u64> {
-    let groups = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-    for line in groups.lines() {
-        let mut parts = line.splitn(3, ':');
-        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
-        let file = if controllers.split(',').any(|c| c == "memory") {
-            format!("/sys/fs/cgroup/memory{path}/memory.limit_in_bytes")
-        } else if controllers.is_empty() {
-            format!("/sys/fs/cgroup{path}/memory.max")
-        } else {
-            continue;
-        };
-        if let Ok(v) = std::fs::read_to_string(file) {
-            if let Ok(n) = v.trim().parse::<u64>() {
-                return Some(n);
-            }
-        }
-    }
-    None
-}
-
-/// Writes one tensor's chunks at its offset in an output file.
-struct TensorSink<'a> {
-    file: FileSink<'a>,
-    offset: u64,
-    elem_size: u64,
-    /// Start writing back each chunk at once (for tensors larger than the budget's share).
-    eager: bool,
-}
-
-impl Sink for TensorSink<'_> {
-    fn put(&self, elem_start: usize, bytes: &[u8]) -> Result<()> {
-        let off = self.offset + elem_start as u64 * self.elem_size;
-        self.file.write_at(off, bytes)?;
-        if self.eager {
-            start_writeback(self.file.file, off, bytes.len() as u64);
-        }
-        Ok(())
-    }
-}
-
-fn start_writeback(file: &File, off: u64, len: u64) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: plain syscalls on a file we own; failures only mean the kernel writes back later on its own.
-    unsafe { libc::sync_file_range(file.as_raw_fd(), off as i64, len as i64, libc::SYNC_FILE_RANGE_WRITE) };
-}
-
-/// Wait until a written range is on disk, then drop it from the page cache.
-fn finish_writeback(file: &File, off: u64, len: u64) {
-    use std::os::fd::AsRawFd;
-    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER;
-    // SAFETY: as above; both calls are advisory for correctness (the final fsync makes the data durable).
-    unsafe {
-        libc::sync_file_range(file.as_raw_fd(), off as i64, len as i64, flags);
-        libc::posix_fadvise(file.as_raw_fd(), off as i64, len as i64, libc::POSIX_FADV_DONTNEED);
-    }
-}
-
 fn open_all(plan: &Plan) -> Result<HashMap<PathBuf, SafetensorsFile>> {
     let mut files = HashMap::new();
     for t in plan.tensors() {
@@ -131,58 +60,28 @@ fn open_all(plan: &Plan) -> Result<HashMap<PathBuf, SafetensorsFile>> {
     Ok(files)
 }
 
+/// The job of one plan tensor over the opened input files, validated; parameter errors name the tensor.
 fn job<'a>(t: &'a PlanTensor, files: &'a HashMap<PathBuf, SafetensorsFile>) -> Result<Job<'a>> {
-    let ctx = |e: CoreError| match e {
-        CoreError::Parameter(m) => CoreError::param(format!("tensor '{}': {m}", t.name)),
-        other => other,
-    };
     let source = |file: &PathBuf, tensor: &str| -> Result<Source<'a>> {
         let (bytes, dtype) = files[file].checked(tensor, &t.shape)?;
         Ok(Source { bytes, dtype })
     };
-    let m = &t.method;
-    let method = Method::parse(&m.name).map_err(ctx)?;
-    let spec = MethodSpec {
-        method,
-        normalize: m.normalize,
-        lambda: m.lambda,
-        rescale: Rescale::parse(&m.rescale).map_err(ctx)?,
-        seed: m.seed,
-        params: Params::parse(method, &m.params).map_err(ctx)?,
-    };
     let base = t.base.as_ref().map(|b| source(&b.file, &b.tensor)).transpose()?;
-    let inputs = t
-        .inputs
-        .iter()
-        .map(|i| {
-            Ok(Input {
-                src: source(&i.file, &i.tensor)?,
-                weight: i.weight,
-                density: i.density,
-                model_id: i.model_id,
-                gamma: i.gamma,
-                epsilon: i.epsilon,
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let job = Job {
-        name: &t.name,
-        shape: t.shape.clone(),
-        numel: t.numel(),
-        base,
-        inputs,
-        cast: t.cast_dtype.as_deref().map(DType::parse).transpose().map_err(ctx)?,
-        spec,
-        out_dtype: DType::parse(&t.out_dtype).map_err(ctx)?,
-    };
+    let inputs =
+        t.inputs.iter().map(|i| Ok((source(&i.file, &i.tensor)?, i.values()))).collect::<Result<Vec<_>>>()?;
+    let job = Job::from_plan(&t.name, t.shape.clone(), &t.method, &t.out_dtype, t.cast_dtype.as_deref(), base, inputs)
+        .map_err(|e| match e {
+            CoreError::Parameter(m) => CoreError::param(format!("tensor '{}': {m}", t.name)),
+            other => other,
+        })?;
     merge::validate(&job)?;
     Ok(job)
 }
 
-/// A merge done outside the core for some tensors (the torch hand-off of the spectral methods to a GPU): asked
-/// first for every tensor, it returns the merged values (f32, θ whole) or `None` to leave the tensor to the
-/// kernels. It reads inputs with [`merge::decode`]; the executor encodes and writes what it returns.
-pub trait External: Sync {
+/// An external merge: a merge done outside the core for some tensors (the torch hand-off of the spectral methods
+/// to a GPU). Asked first for every tensor, it returns the merged values (f32, θ whole) or `None` to leave the
+/// tensor to the kernels. It reads inputs with [`merge::decode`]; the executor encodes and writes what it returns.
+pub trait ExternalMerge: Sync {
     fn merge(&self, job: &Job) -> Result<Option<Vec<f32>>>;
 }
 
@@ -197,12 +96,12 @@ pub fn execute(
     execute_with(plan, out_dir, opts, None, progress)
 }
 
-/// [`execute`] with an [`External`] merge consulted before the kernels.
+/// [`execute`] with an [`ExternalMerge`] consulted before the kernels.
 pub fn execute_with(
     plan: &Plan,
     out_dir: &Path,
     opts: &ExecOptions,
-    external: Option<&dyn External>,
+    external: Option<&dyn ExternalMerge>,
     progress: &mut dyn FnMut(&Progress) -> Result<()>,
 ) -> Result<Stats> {
     let files = open_all(plan)?;
@@ -222,11 +121,21 @@ pub fn execute_with(
     if budget < MIN_MEMORY_LIMIT {
         return Err(CoreError::param(format!("memory limit of {budget} bytes is too small (at least 64 MiB)")));
     }
-    let share = budget / 4;
+    let workers = pool.current_num_threads();
+    let needs: Vec<TensorNeeds> = jobs
+        .iter()
+        .map(|j| TensorNeeds {
+            input_bytes: in_bytes(j),
+            inputs: j.inputs.len(),
+            working_bytes: merge::working_bytes(&j.spec.params, &j.shape),
+        })
+        .collect();
+    let memory = memory_plan(budget, workers, &needs, plan.chunk_elems);
+    let share = memory.read_ahead;
     // Spectral methods factorize whole matrices: refuse before writing anything when one cannot fit the budget
     // (an external merge, torch on a GPU, holds its factors on the device instead).
-    for job in jobs.iter().filter(|_| external.is_none()) {
-        let need = merge::working_bytes(job);
+    for (job, need) in jobs.iter().zip(&needs).filter(|_| external.is_none()) {
+        let need = need.working_bytes;
         if need > budget {
             return Err(CoreError::param(format!(
                 "tensor '{}' {:?}: {} factorizes whole matrices and needs about {:.1} GiB for this one, above the \
@@ -240,9 +149,7 @@ pub fn execute_with(
             )));
         }
     }
-    let workers = pool.current_num_threads();
-    let max_inputs = jobs.iter().map(|j| j.inputs.len() + 1).max().unwrap_or(1);
-    let chunk = plan.chunk_elems.unwrap_or_else(|| chunk_elems(budget, workers, max_inputs)).max(1);
+    let chunk = memory.chunk_elems;
 
     let mut outputs: Vec<(PathBuf, File, ShardLayout)> = Vec::new();
     for shard in &plan.shards {
@@ -282,7 +189,7 @@ pub fn execute_with(
                 elem_size: job.out_dtype.size() as u64,
                 eager: large,
             };
-            let mopts = Options { chunk_elems: chunk, candidate_bytes: share as usize, release_inputs: large };
+            let mopts = Options { chunk_elems: chunk, candidate_bytes: usize::try_from(share).unwrap_or(usize::MAX), release_inputs: large };
             let outside = match external {
                 Some(ext) => pool.install(|| ext.merge(job))?,
                 None => None,

@@ -1,35 +1,50 @@
 //! linear and mergekit's generalized task arithmetic family: task_arithmetic, ties, dare_ties, dare_linear,
-//! breadcrumbs, breadcrumbs_ties, della, della_linear. Each delta is sparsified (trim, Bernoulli, outlier band,
-//! DELLA's rank-dependent Bernoulli), optionally rescaled, weighted, then summed or sign-elected and
-//! disjoint-averaged, scaled by lambda and added to the base.
+//! breadcrumbs, breadcrumbs_ties, della, della_linear.
+//!
+//! With base θ₀ and task vectors τ_i = θ_i − θ₀, each τ_i is sparsified to m_i ⊙ τ_i (the method table's
+//! sparsifier: TIES keeps the ⌊density·n⌋ largest |τ|, DARE a Bernoulli(density) mask, breadcrumbs the outlier
+//! band, DELLA a Bernoulli with rank-dependent probabilities; see `select/`), optionally rescaled (L1 norm
+//! matching or division by the keep probability), and weighted: δ_i = w_i·s_i·(m_i ⊙ τ_i). Then
+//! θ = θ₀ + λ·Σ δ_i (optionally divided by Σ w_i), or, with consensus (ties, dare_ties, breadcrumbs_ties, della),
+//! θ = θ₀ + λ·Σ_{i: sign δ_i = sign Σ δ} δ_i / Σ_{i: agrees} w_i elementwise. linear has no base:
+//! θ = Σ w_i θ_i (/ Σ w_i with normalize).
 
 use rayon::prelude::*;
 
-use super::trim::{self, Keys};
-use super::{
-    chunks, emit, load_deltas, release_chunk, row_chunk, rows, Deltas, Job, Method, Options, Rescale, Sink, Sparsify,
-};
 use crate::error::Result;
 use crate::kernels::combine::{self, Scale, Scratch};
 use crate::kernels::norms::{self, BLOCK};
 use crate::kernels::select::TrimRule;
+use crate::merge::params::TaskArithmeticParams;
+use crate::merge::passes::{chunks, emit, load_deltas, release_chunk, row_chunk};
+use crate::merge::select::sparsify::{della_probs, outlier_band, outlier_band_rows};
+use crate::merge::select::topk::{select_rules, SelectionKeys};
+use crate::merge::{Job, Method, Options, Rescale, Sink, Sparsify};
 use crate::rng::Stream;
 
-/// Top-k rules for `ks` (None: keep all; Some(0): keep none; Some(k >= n): keep all).
-pub(super) fn select_rules(keys: &dyn Keys, chunk: usize, opts: &Options, ks: &[Option<u64>]) -> Vec<TrimRule> {
-    let n = keys.numel() as u64;
-    let inner: Vec<Option<u64>> = ks.iter().map(|k| k.filter(|&k| k > 0 && k < n)).collect();
-    let mut rules = trim::trim_rules(keys, chunk, opts, &inner);
-    for (r, k) in rules.iter_mut().zip(ks) {
-        if *k == Some(0) {
-            *r = TrimRule::NONE;
-        }
+/// The task vectors (deltas from the base) of a job's inputs, as selection keys.
+struct TaskVectorKeys<'a> {
+    job: &'a Job<'a>,
+    opts: &'a Options,
+}
+
+impl SelectionKeys for TaskVectorKeys<'_> {
+    fn numel(&self) -> usize {
+        self.job.numel
     }
-    rules
+    fn count(&self) -> usize {
+        self.job.inputs.len()
+    }
+    fn load(&self, start: usize, len: usize, s: &mut Scratch) {
+        load_deltas(self.job, start, len, s);
+    }
+    fn release(&self, start: usize, len: usize) {
+        release_chunk(self.job, self.opts, start, len);
+    }
 }
 
 /// What decides each input's keep mask.
-struct Masks {
+struct MaskRules {
     /// TIES: the trim; breadcrumbs: the top (n − n_bot) by |delta|.
     rules: Vec<TrimRule>,
     /// breadcrumbs: the top outliers removed from `rules`' set.
@@ -39,48 +54,39 @@ struct Masks {
     per_row: bool,
 }
 
-/// breadcrumbs over the whole tensor: n_bot = max(0, n − target − n_top) smallest and the largest
-/// (n − n_bot − target) go; (outer, top) are the sizes of the top sets whose difference is kept.
-pub(super) fn outlier_band(n: u64, density: f64, gamma: f64) -> (u64, u64) {
-    let target = (density * n as f64) as u64;
-    let n_top = (gamma * n as f64) as u64;
-    let n_bot = n.saturating_sub(target + n_top);
-    (n - n_bot, n - n_bot - target)
-}
-
 /// The keep mask of input `i` for chunk `[start, start+len)` (row-aligned for row-wise sparsifiers), from its
 /// delta already in `s.x[i]`; DELLA also leaves each element's keep probability in `s.probs`.
-fn mask_into(job: &Job, i: usize, mk: &Masks, start: usize, len: usize, s: &mut Scratch) {
+fn mask_into(job: &Job, i: usize, masks: &MaskRules, start: usize, len: usize, s: &mut Scratch) {
     let inp = &job.inputs[i];
     let x = &s.x[i][..len];
     let keep = &mut s.keep[..len];
     match job.spec.method.sparsify() {
-        Sparsify::Magnitude => mk.rules[i].mask(start, x, keep),
-        Sparsify::Random => mk.streams[i].keep_mask(start, inp.density, keep),
-        Sparsify::Outliers if mk.per_row => rows::outlier_band_rows(x, mk.row_len, inp.density, inp.gamma, keep),
+        Sparsify::Magnitude => masks.rules[i].mask(start, x, keep),
+        Sparsify::Random => masks.streams[i].keep_mask(start, inp.density, keep),
+        Sparsify::Outliers if masks.per_row => outlier_band_rows(x, masks.row_len, inp.density, inp.gamma, keep),
         Sparsify::Outliers => {
-            let (outer, top) = (&mk.rules[i], &mk.tops[i]);
+            let (outer, top) = (&masks.rules[i], &masks.tops[i]);
             for (j, (k, &v)) in keep.iter_mut().zip(x).enumerate() {
                 *k = outer.keeps(start + j, v) && !top.keeps(start + j, v);
             }
         }
         Sparsify::Della => {
-            rows::della_probs(x, mk.row_len, inp.density, inp.epsilon, &mut s.probs[..len]);
-            mk.streams[i].keep_mask_each(start, &s.probs[..len], keep);
+            della_probs(x, masks.row_len, inp.density, inp.epsilon, &mut s.probs[..len]);
+            masks.streams[i].keep_mask_each(start, &s.probs[..len], keep);
         }
         Sparsify::None => keep.fill(true),
     }
 }
 
-pub(super) fn merge(job: &Job, opts: &Options, sink: &dyn Sink) -> Result<()> {
+pub(crate) fn merge(job: &Job, params: &TaskArithmeticParams, opts: &Options, sink: &dyn Sink) -> Result<()> {
     let spec = job.spec;
     let m = job.inputs.len();
     let n = job.numel as u64;
     let sparsify = spec.method.sparsify();
     let row_len = job.row_len();
-    let per_row = sparsify == Sparsify::Della || (sparsify == Sparsify::Outliers && spec.params.per_row);
+    let per_row = sparsify == Sparsify::Della || (sparsify == Sparsify::Outliers && params.per_row);
     let chunk = if per_row { row_chunk(opts.chunk_elems.max(1), row_len) } else { opts.chunk_elems.max(1) };
-    let keys = Deltas { job, opts };
+    let keys = TaskVectorKeys { job, opts };
     let (rules, tops) = match sparsify {
         Sparsify::Magnitude => {
             // mergekit 0.1.5: k = max(1, int(density·n)); density 1 keeps everything.
@@ -98,7 +104,7 @@ pub(super) fn merge(job: &Job, opts: &Options, sink: &dyn Sink) -> Result<()> {
         _ => (vec![TrimRule::ALL; m], Vec::new()),
     };
     let streams: Vec<Stream> = job.inputs.iter().map(|i| Stream::new(spec.seed, job.name, i.model_id)).collect();
-    let mk = Masks { rules, tops, streams, row_len, per_row };
+    let masks = MaskRules { rules, tops, streams, row_len, per_row };
     // Density 1 is the identity and is not rescaled (as in mergekit); any lower density is, even where the
     // selection happens to keep every element.
     let sparse: Vec<bool> = job.inputs.iter().map(|inp| sparsify != Sparsify::None && inp.density < 1.0).collect();
@@ -127,7 +133,7 @@ pub(super) fn merge(job: &Job, opts: &Options, sink: &dyn Sink) -> Result<()> {
                             if !sparse[i] {
                                 return (0.0, 0.0);
                             }
-                            mask_into(job, i, &mk, start, len, s);
+                            mask_into(job, i, &masks, start, len, s);
                             norms::l1_pair(&s.x[i][..len], &s.keep[..len])
                         })
                         .collect()
@@ -150,7 +156,7 @@ pub(super) fn merge(job: &Job, opts: &Options, sink: &dyn Sink) -> Result<()> {
         load_deltas(job, start, len, s);
         for i in 0..m {
             if sparse[i] {
-                mask_into(job, i, &mk, start, len, s);
+                mask_into(job, i, &masks, start, len, s);
                 if per_element {
                     combine::weigh_each(&mut s.x[i][..len], &s.keep[..len], &s.probs[..len], weights[i]);
                 } else {

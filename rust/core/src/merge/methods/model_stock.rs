@@ -1,0 +1,47 @@
+//! model_stock (Jang et al., 2024, as mergekit 0.1.5): with the task vectors τ_i of N models and their mean
+//! pairwise cosine cos (from the Gram matrix, `merge/gram.rs`; per row with `filter_wise`),
+//! t = N·cos/(1 + (N − 1)·cos) (0 where the denominator vanishes) and θ = t·mean(θ_i) + (1 − t)·θ₀.
+
+use crate::error::Result;
+use crate::merge::gram::{gram, GramMatrix, Groups, Vectors};
+use crate::merge::params::ModelStockParams;
+use crate::merge::passes::{emit, load_raw};
+use crate::merge::{Job, Options, Sink};
+
+/// t of one group.
+#[allow(clippy::cast_precision_loss)] // model counts
+fn interpolation_factor(g: &GramMatrix) -> f64 {
+    let q = g.q;
+    let (mut sum, mut pairs) = (0.0, 0.0);
+    for i in 0..q {
+        for j in i + 1..q {
+            sum += (g.at(i, j) / (g.norm(i) * g.norm(j)).max(1e-6)).clamp(-1.0, 1.0);
+            pairs += 1.0;
+        }
+    }
+    let cos = sum / pairs;
+    let den = 1.0 + (q as f64 - 1.0) * cos;
+    if den.abs() < 1e-6 {
+        0.0
+    } else {
+        q as f64 * cos / den
+    }
+}
+
+#[allow(clippy::cast_possible_truncation, clippy::cast_precision_loss)] // f32 math, model counts
+pub(crate) fn merge(job: &Job, params: &ModelStockParams, opts: &Options, sink: &dyn Sink) -> Result<()> {
+    let m = job.inputs.len();
+    let groups = if params.filter_wise { Groups::Rows(job.row_len()) } else { Groups::Whole };
+    let stats = gram(job, opts, groups, Vectors::Deltas);
+    let factors: Vec<f32> = GramMatrix::each(&stats, m).map(|g| interpolation_factor(&g) as f32).collect();
+    emit(job, opts, opts.chunk_elems, sink, |s, start, len| {
+        // t·mean(models) + (1 − t)·base on the stored tensors, as mergekit writes it.
+        load_raw(job, start, len, s);
+        let inv = m as f32;
+        for j in 0..len {
+            let t = factors[groups.of_element(start + j)];
+            let avg = (0..m).map(|i| s.x[i][j]).sum::<f32>() / inv;
+            s.mixed[j] = t * avg + (1.0 - t) * s.base[j];
+        }
+    })
+}

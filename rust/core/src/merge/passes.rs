@@ -1,0 +1,139 @@
+//! The streaming passes every kernel is built from: decoding a chunk of the inputs (as stored or as deltas from
+//! the base), releasing its pages, fixed-block sums whose result does not depend on the chunking, and the final
+//! pass that encodes merged values into a [`Sink`]. Also whole-tensor decoding, for the spectral methods and the
+//! external merge (the torch hand-off).
+
+use rayon::prelude::*;
+
+use super::{Job, Options, Sink, Source, DEFAULT_CHUNK_ELEMS};
+use crate::dtype::{self, DType};
+use crate::error::{CoreError, Result};
+use crate::kernels::combine::{self, Scratch};
+
+/// Elements per block of whole-tensor dot products and sums (a fixed partition: results do not depend on chunks).
+pub(crate) const STAT_BLOCK: usize = 1 << 16;
+
+/// Decode `out.len()` elements of `src` from `start`, after the job's cast.
+pub(crate) fn load(src: &Source, cast: Option<DType>, start: usize, out: &mut [f32]) {
+    let sz = src.dtype.size();
+    dtype::decode(src.dtype, &src.bytes[start * sz..(start + out.len()) * sz], out);
+    if let Some(c) = cast {
+        // Widening casts are exact; only a narrower (or differently rounded) dtype changes values.
+        if c != DType::F32 && c != src.dtype {
+            dtype::round_to(c, out);
+        }
+    }
+}
+
+/// Decode chunk `[start, start+len)` of every input into `s.x` (as deltas from the base when there is one).
+pub(crate) fn load_deltas(job: &Job, start: usize, len: usize, s: &mut Scratch) {
+    load_raw(job, start, len, s);
+    if job.base.is_some() {
+        for x in &mut s.x {
+            combine::sub(&mut x[..len], &s.base[..len]);
+        }
+    }
+}
+
+/// Decode chunk `[start, start+len)` of the base into `s.base` and of every input into `s.x`, as stored.
+pub(crate) fn load_raw(job: &Job, start: usize, len: usize, s: &mut Scratch) {
+    s.resize(job.inputs.len(), len);
+    if let Some(b) = &job.base {
+        load(b, job.cast, start, &mut s.base[..len]);
+    }
+    for (inp, x) in job.inputs.iter().zip(s.x.iter_mut()) {
+        load(&inp.src, job.cast, start, &mut x[..len]);
+    }
+}
+
+/// Unmap the chunk's input pages when the options say the inputs are file maps to release.
+pub(crate) fn release_chunk(job: &Job, opts: &Options, start: usize, len: usize) {
+    if opts.release_inputs {
+        for src in job.base.iter().chain(job.inputs.iter().map(|i| &i.src)) {
+            let sz = src.dtype.size();
+            crate::io::reader::release(&src.bytes[start * sz..(start + len) * sz]);
+        }
+    }
+}
+
+/// `(start, len)` of each chunk of `size` elements over `n`, in parallel.
+pub(crate) fn chunks(n: usize, size: usize) -> impl IndexedParallelIterator<Item = (usize, usize)> {
+    let size = size.max(1);
+    (0..n.div_ceil(size)).into_par_iter().map(move |c| (c * size, size.min(n - c * size)))
+}
+
+/// A chunk size rounded to whole rows (at least one row), for passes that need rows whole.
+pub(crate) fn row_chunk(chunk: usize, row_len: usize) -> usize {
+    (chunk / row_len).max(1) * row_len
+}
+
+/// Sums of per-block vectors over fixed blocks of `block` elements, added in block order (so independent of
+/// threads); `f` computes one block's vector.
+pub(crate) fn block_sums<F>(numel: usize, block: usize, width: usize, f: F) -> Vec<f64>
+where
+    F: Fn(&mut Scratch, usize, usize) -> Vec<f64> + Sync,
+{
+    let parts: Vec<Vec<f64>> = chunks(numel, block).map_init(Scratch::default, |s, (st, len)| f(s, st, len)).collect();
+    let mut total = vec![0f64; width];
+    for p in parts {
+        total.iter_mut().zip(p).for_each(|(t, v)| *t += v);
+    }
+    total
+}
+
+/// The final pass: `f` fills `s.mixed[..len]` with the merged values of chunk `[start, start+len)`, which are
+/// encoded to the output dtype and handed to the sink.
+pub(crate) fn emit<F>(job: &Job, opts: &Options, chunk: usize, sink: &dyn Sink, f: F) -> Result<()>
+where
+    F: Fn(&mut Scratch, usize, usize) + Sync,
+{
+    let out_size = job.out_dtype.size();
+    chunks(job.numel, chunk).try_for_each_init(Scratch::default, |s, (start, len)| {
+        f(s, start, len);
+        release_chunk(job, opts, start, len);
+        s.bytes.resize(len * out_size, 0);
+        dtype::encode(job.out_dtype, &s.mixed[..len], &mut s.bytes);
+        sink.put(start, &s.bytes)
+    })
+}
+
+/// Write a whole tensor's merged values computed elsewhere (the torch hand-off), encoded like any merge.
+///
+/// # Errors
+/// A parameter error when `values` does not hold the tensor's elements; the sink's errors.
+pub fn emit_values(job: &Job, opts: &Options, values: &[f32], sink: &dyn Sink) -> Result<()> {
+    if values.len() != job.numel {
+        return Err(CoreError::param(format!(
+            "tensor '{}': {} merged values for {} elements",
+            job.name,
+            values.len(),
+            job.numel
+        )));
+    }
+    emit(job, opts, opts.chunk_elems, sink, |s, start, len| {
+        s.resize(0, len);
+        s.mixed[..len].copy_from_slice(&values[start..start + len]);
+    })
+}
+
+/// Input `i` of a job (`None`: the base) decoded whole to f32, after the job's cast.
+///
+/// # Errors
+/// A parameter error when the job has no such input.
+pub fn decode(job: &Job, input: Option<usize>) -> Result<Vec<f32>> {
+    let src = match input {
+        None => job.base.as_ref(),
+        Some(i) => job.inputs.get(i).map(|x| &x.src),
+    }
+    .ok_or_else(|| CoreError::param(format!("tensor '{}': no input {input:?}", job.name)))?;
+    Ok(load_whole(job, src))
+}
+
+/// One stored tensor of a job decoded whole to f32, after the job's cast (in parallel blocks; decoding is
+/// elementwise, so the block size does not matter).
+pub(crate) fn load_whole(job: &Job, src: &Source) -> Vec<f32> {
+    let mut out = vec![0f32; job.numel];
+    let chunk = DEFAULT_CHUNK_ELEMS;
+    out.par_chunks_mut(chunk).enumerate().for_each(|(c, o)| load(src, job.cast, c * chunk, o));
+    out
+}
