@@ -1,14 +1,16 @@
-"""ferromerge: Rust-accelerated, streaming merges of LLM weights (TIES, DARE, task arithmetic, linear).
+"""ferromerge: Rust-accelerated, streaming merges of LLM weights with mergekit's methods and YAML configs.
 
-``run`` merges the models of a mergekit YAML config into an output directory; ``merge_tensors`` and
-``merge_state_dicts`` merge in memory.
+``run`` merges the models of a mergekit YAML config into an output directory, and ``plan`` checks such a config
+and predicts the run's disk, memory and time without writing anything; ``merge_tensors`` and
+``merge_state_dicts`` merge in memory; ``extract_lora`` factors a fine-tune's difference from its base into a
+LoRA adapter; ``compress`` and ``decompress`` store a family of fine-tunes as task-vector archives.
 """
 
 from ._core import InputError, MergeError, OutputError, ParameterError, __version__
 from ._compress import compress, decompress
 from .errors import ConfigError
 from ._extract_lora import extract_lora
-from ._run import RunReport, run
+from ._run import PlanReport, RunReport, plan, run
 from .tensors import merge_state_dicts, merge_tensors
 
 __all__ = [
@@ -17,6 +19,7 @@ __all__ = [
     "MergeError",
     "OutputError",
     "ParameterError",
+    "PlanReport",
     "RunReport",
     "__version__",
     "compress",
@@ -24,5 +27,6 @@ __all__ = [
     "extract_lora",
     "merge_state_dicts",
     "merge_tensors",
+    "plan",
     "run",
 ]

@@ -47,6 +47,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _core
+from ._validate import check_seed, check_threads
 from .errors import InputError, MergeError, ParameterError
 from .models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, _data_layout
 from .models.index import MERGEABLE_DTYPES, ModelIndex, TensorInfo, _natural_key, index_model
@@ -97,9 +98,9 @@ class Module:
 # --- parameters ----------------------------------------------------------------------------------------------------
 
 
-def _int(value: Any, what: str, lo: int, hi: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo or (hi and value >= hi):
-        bound = f"an integer ≥ {lo}" if hi is None else f"an integer in [{lo}, {hi})"
+def _int(value: Any, what: str, lo: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
+        bound = f"an integer ≥ {lo}"
         raise ParameterError(f"{what} must be {bound}, got {value!r}")
     return int(value)
 
@@ -540,9 +541,8 @@ def extract_lora(
         raise ParameterError(f"sv_epsilon must be a finite number ≥ 0, got {sv_epsilon!r}")
     oversample = _int(oversample, "oversample", 0)
     power_iters = _int(power_iters, "power_iters", 0)
-    seed = _int(seed, "seed", 0, 2**64)
-    if threads is not None:
-        threads = _int(threads, "threads", 1)
+    seed = check_seed(seed)
+    threads = check_threads(threads)
     inc, exc = _regexes(include, "include"), _regexes(exclude, "exclude")
     if isinstance(save_modules, str):
         save_modules = [save_modules]

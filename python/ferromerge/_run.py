@@ -1,4 +1,5 @@
-"""``run``: one merge from a config to a finished output directory (config -> models -> plan -> engine -> output)."""
+"""``run``: one merge from a config to a finished output directory (config -> models -> plan -> engine -> output);
+``plan``: the same checks and a prediction of the run's cost, writing nothing."""
 
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ from .output_files import (
     write_tokenizer,
 )
 from ._plan.build import DEFAULT_SHARD_SIZE, Plan, build_plan
-from ._validate import parse_size
+from ._validate import check_seed, check_threads, parse_size
+from ._plan.estimate import Estimate, estimate
 from .progress import ProgressBar
 from .torch_spectral import check_device, make_hook, torch_unavailable_reason
 from .tokenizer.chat_template import chat_template
@@ -64,15 +66,9 @@ def _log(quiet: bool) -> Callable[[str], None]:
     return (lambda _: None) if quiet else (lambda msg: print(f"ferromerge: {msg}", file=sys.stderr))
 
 
-def _check_threads(threads: int | None) -> None:
-    """``ParameterError`` unless ``threads`` is None (all cores) or a positive integer."""
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ParameterError(f"threads must be a positive integer, got {threads!r}")
-
-
 def memory_limit_bytes(memory_limit: str | int | None) -> int | None:
-    """The memory budget in bytes from a size (``plan.parse_size``: "8GiB", "500M", an int); None stays None (the
-    engine's default, ``_core.default_memory_limit()``). Below 64 MiB is a ``ParameterError``."""
+    """The memory budget in bytes from a size (``_validate.parse_size``: "8GiB", "500M", an int); None stays None
+    (the engine's default, ``_core.default_memory_limit()``). Below 64 MiB is a ``ParameterError``."""
     if memory_limit is None:
         return None
     limit = parse_size(memory_limit, "memory limit")
@@ -108,13 +104,140 @@ def prepare(
     scratch: Path | None = None,
 ) -> tuple[MergeConfig, Plan]:
     """Load the config, index every model and build the plan; nothing is written (``model+lora`` models are
-    planned to be read from ``lora_merge_cache``, which ``run`` fills: see ``lora``). ``scratch``: where a run puts
-    the permuted vocabulary tensors (``plan.build_plan``)."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
-        raise ParameterError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+    planned to be read from ``lora_merge_cache``, which ``run`` fills: see ``models.lora``). ``scratch``: where a
+    run puts the permuted vocabulary tensors (``_plan.build.build_plan``)."""
+    check_seed(seed)
     config = load_config(config_or_path)
     models: dict[str, ModelIndex] = {ref: lora.index_any(ref, lora_merge_cache) for ref in config.model_refs()}
     return config, build_plan(config, models, seed=seed, out_shard_size=out_shard_size, scratch=scratch)
+
+
+@dataclass(frozen=True)
+class PlanReport:
+    """What ``plan`` found: the validated config, the engine's plan and the predicted cost of running it."""
+
+    config: MergeConfig
+    plan: Plan
+    estimate: Estimate
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON summary ``ferromerge plan --json`` adds to the plan under ``"summary"``."""
+        return {
+            "method": self.plan.method,
+            "models": {m.ref: str(m.path) for m in self.plan.models},
+            "tensors": len(self.plan.tensors),
+            "num_layers": self.plan.num_layers,
+            "shards": len(self.plan.shards),
+            **self.estimate.to_dict(),
+            "notes": list(self.config.notes),
+        }
+
+    def lines(self) -> list[str]:
+        """The human-readable report ``ferromerge plan`` prints."""
+        return [self.plan.summary(), *self.estimate.lines(), *(f"note: {note}" for note in self.config.notes)]
+
+
+def plan(
+    config_or_path: str | os.PathLike[str] | Mapping[str, Any],
+    out_dir: str | os.PathLike[str] | None = None,
+    *,
+    threads: int | None = None,
+    seed: int = 0,
+    out_shard_size: str | int = DEFAULT_SHARD_SIZE,
+    memory_limit: str | int | None = None,
+    lora_merge_cache: str | os.PathLike[str] | None = None,
+) -> PlanReport:
+    """Check a config and its models as ``run`` does (same errors, in the same order, all but the output
+    directory's) and predict the run's disk, peak memory and time (``_plan.estimate``); writes nothing.
+    ``out_dir``: where a run would write, for the disk-space check (None: the current directory). The other
+    arguments are ``run``'s."""
+    check_threads(threads)
+    limit = memory_limit_bytes(memory_limit)
+    config, built = prepare(config_or_path, seed=seed, out_shard_size=out_shard_size, lora_merge_cache=lora_merge_cache)
+    return PlanReport(config, built, estimate(built, out_dir, threads=threads, memory_limit=limit))
+
+
+def _check_output(output: OutputDir, plan: Plan, temp_cache: Path | None) -> None:
+    """The output must not be an input, and its filesystem must hold the shards, the permuted vocabulary and the
+    LoRA merges a temporary cache will hold during the run."""
+    output.check_inputs([m.path for m in plan.models])
+    check_free_space(
+        output.target,
+        plan.bytes_out + plan.bytes_scratch + (lora.pending_bytes(plan.models) if temp_cache else 0),
+    )
+
+
+def _log_notes(config: MergeConfig, plan: Plan, log: Callable[[str], None]) -> None:
+    if plan.vocabulary is not None:
+        for note in plan.vocabulary.notes:
+            log(f"note: {note}")
+    for note in config.notes:
+        log(f"note: {note}")
+
+
+def _progress(bar: ProgressBar | None, on_progress: ProgressCallback | None) -> ProgressCallback | None:
+    """The engine's progress callback: the bar and the caller's callback, or None when neither is wanted."""
+    if bar is None and on_progress is None:
+        return None
+
+    def progress(done: int, total: int, bytes_done: int, bytes_total: int) -> None:
+        if bar is not None:
+            bar(done, total, bytes_done, bytes_total)
+        if on_progress is not None:
+            on_progress(done, total, bytes_done, bytes_total)
+
+    return progress
+
+
+def _merge_tensors(
+    plan: Plan,
+    out: Path,
+    scratch: Path,
+    *,
+    threads: int | None,
+    limit: int | None,
+    hook: Callable[..., Any] | None,
+    bar: ProgressBar | None,
+    on_progress: ProgressCallback | None,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """Write the permuted vocabulary tensors (if any), then run the engine over the plan into ``out``."""
+    try:
+        if plan.permuted:
+            scratch.mkdir()
+            write_permuted(plan.permuted, log)
+        return _core.execute_plan(plan.to_json(), str(out), _progress(bar, on_progress), threads, limit, hook)
+    finally:
+        if bar is not None:
+            bar.close()
+        # never part of the output: removed before the tokenizer and config files are written
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _write_side_files(out: Path, config: MergeConfig, plan: Plan, seed: int, log: Callable[[str], None]) -> None:
+    """Everything besides the shards: the index, config.json, the tokenizer, the chat template, the configs."""
+    reference = plan.models[0]
+    if len(plan.shards) > 1:
+        write_index(out, plan.weight_map(), plan.bytes_out)
+    updates, remarks = config_updates(reference, plan)
+    for remark in remarks:
+        log(f"note: {remark}")
+    write_model_config(out, reference.path, config.out_dtype or config.dtype or plan.tensors[0].out_dtype, updates)
+    if plan.vocabulary is not None:
+        write_tokenizer(out, plan.vocabulary)
+    else:
+        copy_tokenizer(out, reference.path)
+    if config.raw.chat_template is not None:
+        template = chat_template(config.raw.chat_template, [m.path for m in plan.models])
+        if template is None:
+            log("note: chat_template auto: no model has a chat template; the output keeps its tokenizer's")
+        elif not set_chat_template(out, template):
+            log(f"note: chat_template not written: {reference.path} has no tokenizer to carry it")
+    resolved = config.resolved()
+    resolved["sources"] = {m.ref: str(m.path) for m in plan.models}
+    resolved["seed"] = seed
+    resolved["ferromerge_version"] = _core.__version__
+    write_configs(out, config.text, resolved)
 
 
 def run(
@@ -133,19 +256,23 @@ def run(
 ) -> RunReport:
     """Merge the models of a mergekit config into ``out_dir``.
 
-    ``config_or_path``: a config file path, YAML text or a mapping. ``seed`` keys DARE's random masks (the output
-    is a pure function of inputs, config and seed). ``out_shard_size``: bytes per output shard ("5B" = 5e9, as in
-    mergekit). ``on_progress(tensors_done, tensors_total, bytes_done, bytes_total)`` is called after each tensor;
-    an exception it raises aborts the run. ``memory_limit`` (bytes or a size such as "2GiB", at least 64 MiB; None =
+    ``config_or_path``: a config file path, YAML text or a mapping. ``seed`` keys every random choice (DARE and
+    DELLA masks, arcee_fusion's sample of large tensors, randomized SVD sketches: the output is a pure function of
+    inputs, config and seed). ``out_shard_size``: bytes per output shard ("5B" = 5e9, as in mergekit).
+    ``on_progress(tensors_done, tensors_total, bytes_done, bytes_total)`` is called after each tensor; an exception
+    it raises aborts the run. ``memory_limit`` (bytes or a size such as "2GiB", at least 64 MiB; None =
     ``_core.default_memory_limit()``) bounds what the engine keeps resident; it never changes the output. Raises
     ``OutputError`` before merging when the output's filesystem lacks room for the shards (+1%). On any failure
     (or Ctrl-C) ``out_dir`` is left absent, never partial. ``lora_merge_cache``: where ``model+lora`` models are
     merged to (kept and reused across runs); None = inside the output's temporary directory, removed after the merge.
     ``device`` (overrides the config's ``device:``): ``cpu`` (default) runs the Rust kernels; ``cuda``, ``cuda:N`` or
-    ``torch:cpu`` hand the SVD-heavy methods' matrices to torch (``torch_path``), falling back to the Rust kernels
-    with a note when torch or the GPU is missing.
+    ``torch:cpu`` hand the SVD-heavy methods' matrices to torch (``torch_spectral``), falling back to the Rust
+    kernels with a note when torch or the GPU is missing.
+
+    The steps: check the arguments; ``prepare`` (config -> models -> plan); check the output's place; merge the
+    tensors; write the side files; rename the finished directory into place (``OutputDir.building``).
     """
-    _check_threads(threads)
+    check_threads(threads)
     limit = memory_limit_bytes(memory_limit)
     log = _log(quiet)
     start = time.perf_counter()
@@ -160,70 +287,18 @@ def run(
         lora_merge_cache=lora_merge_cache or temp_cache,
         scratch=scratch,
     )
-    output.check_inputs([m.path for m in plan.models])
-    check_free_space(
-        output.target,
-        plan.bytes_out + plan.bytes_scratch + (lora.pending_bytes(plan.models) if temp_cache else 0),
-    )
-    if plan.vocabulary is not None:
-        for note in plan.vocabulary.notes:
-            log(f"note: {note}")
-    for note in config.notes:
-        log(f"note: {note}")
+    _check_output(output, plan, temp_cache)
+    _log_notes(config, plan, log)
     hook = torch_hook(device if device is not None else config.device, config.method, log)
-    reference = plan.models[0]
     bar = None if quiet else ProgressBar()
-
-    def progress(done: int, total: int, bytes_done: int, bytes_total: int) -> None:
-        if bar is not None:
-            bar(done, total, bytes_done, bytes_total)
-        if on_progress is not None:
-            on_progress(done, total, bytes_done, bytes_total)
-
     with output.building(log) as tmp:
         lora.materialise_all(plan.models, log)
-        try:
-            if plan.permuted:
-                scratch.mkdir()
-                write_permuted(plan.permuted, log)
-            stats = _core.execute_plan(
-                plan.to_json(),
-                str(tmp),
-                progress if (bar is not None or on_progress is not None) else None,
-                threads,
-                limit,
-                hook,
-            )
-        finally:
-            if bar is not None:
-                bar.close()
-            # never part of the output: removed before the tokenizer and config files are written
-            shutil.rmtree(scratch, ignore_errors=True)
+        stats = _merge_tensors(
+            plan, tmp, scratch, threads=threads, limit=limit, hook=hook, bar=bar, on_progress=on_progress, log=log
+        )
         if temp_cache is not None:
             shutil.rmtree(temp_cache, ignore_errors=True)
-        if len(plan.shards) > 1:
-            write_index(tmp, plan.weight_map(), plan.bytes_out)
-        updates, remarks = config_updates(reference, plan)
-        for remark in remarks:
-            log(f"note: {remark}")
-        write_model_config(
-            tmp, reference.path, config.out_dtype or config.dtype or plan.tensors[0].out_dtype, updates
-        )
-        if plan.vocabulary is not None:
-            write_tokenizer(tmp, plan.vocabulary)
-        else:
-            copy_tokenizer(tmp, reference.path)
-        if config.raw.chat_template is not None:
-            template = chat_template(config.raw.chat_template, [m.path for m in plan.models])
-            if template is None:
-                log("note: chat_template auto: no model has a chat template; the output keeps its tokenizer's")
-            elif not set_chat_template(tmp, template):
-                log(f"note: chat_template not written: {reference.path} has no tokenizer to carry it")
-        resolved = config.resolved()
-        resolved["sources"] = {m.ref: str(m.path) for m in plan.models}
-        resolved["seed"] = seed
-        resolved["ferromerge_version"] = _core.__version__
-        write_configs(tmp, config.text, resolved)
+        _write_side_files(tmp, config, plan, seed, log)
     return RunReport(
         tensors=stats["tensors"],
         bytes_read=stats["bytes_read"],

@@ -1,10 +1,41 @@
-"""Validation of the values users give the CLI and the API (seed, threads, sizes): one rule and one message each."""
+"""The values users give both the API functions and the CLI (seed, threads, sizes): one rule and one message each.
+
+The API functions call these directly (a bad value is a ``ParameterError``); ``cli/args.py`` wraps the same
+functions as argparse ``type=`` converters, so ``--seed -1`` and ``seed=-1`` fail with the same words.
+"""
 
 from __future__ import annotations
 
 import re
+from typing import Any
+
+import numpy as np
 
 from .errors import ParameterError
+
+#: seeds are u64 in the engine
+SEED_LIMIT = 2**64
+
+
+def check_seed(value: Any, error: type[Exception] = ParameterError) -> int:
+    """``value`` as a seed: an integer in [0, 2**64). ``error`` is the exception raised otherwise (``compat``
+    raises the ``ValueError`` of the libraries it stands in for)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < SEED_LIMIT:
+        raise error(f"seed must be an integer in [0, 2**64), got {value!r}")
+    return int(value)
+
+
+def check_positive_int(value: Any, what: str) -> int:
+    """``value`` as a positive integer; ``what`` names it in the message."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ParameterError(f"{what} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def check_threads(value: Any) -> int | None:
+    """Worker threads: None (all cores) or a positive integer."""
+    return None if value is None else check_positive_int(value, "threads")
+
 
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgb]|kb|mb|gb|kib|mib|gib)?\s*", re.IGNORECASE)
 

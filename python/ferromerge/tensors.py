@@ -44,6 +44,7 @@ import numpy as np
 from . import _core
 from . import methods as _methods
 from ._core import InputError, ParameterError
+from ._validate import check_seed
 from .arrays import FlatArray, as_array, dtype_name, give_back, is_torch
 
 __all__ = ["merge_tensors", "merge_state_dicts"]
@@ -151,9 +152,7 @@ def _resolve(
     for i, lab in enumerate(labels):
         _methods.check_model(spec, {name: values[i] for name, values in per.items()}, lab)
     shared = _shared(spec, given)
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-        raise ParameterError(f"seed must be a non-negative integer, got {seed!r}")
-    kernel = _methods.kernel_spec(spec, shared, int(seed))
+    kernel = _methods.kernel_spec(spec, shared, check_seed(seed))
     # the kernel's input weight is the method's weight parameter (passthrough: "scale"); methods without weights
     # (slerp, karcher, ...) pass 1.0, which their kernels ignore
     weights = per[spec.weight_param] if spec.weight_param is not None else [1.0] * len(keys)

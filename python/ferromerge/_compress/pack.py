@@ -84,7 +84,7 @@ from ..errors import InputError, ParameterError
 from ..models.index import INDEX_FILE, ModelIndex, TensorInfo, index_model
 from ..io.output_dir import OutputDir, check_free_space
 from ..output_files import write_index
-from .._validate import format_bytes
+from .._validate import check_positive_int, check_seed, check_threads, format_bytes
 from ..io.dtypes import ITEMSIZE, ST_NAME, from_f32, numel, to_f32
 from ..io.reader import ShardReader, row_blocks
 from ..io.writer import PlannedTensor, SafetensorsWriter
@@ -183,8 +183,8 @@ def _options(scheme: str, rank: Any, fraction: Any, energy: Any, exact: Any, lam
         raise ParameterError(f"give at most one of rank, fraction, energy (got {', '.join(given)})")
     if scheme == "tall" and (given or exact):
         raise ParameterError(f"{', '.join(given) or 'exact'}: the tall scheme has no SVD (these apply to lowrank)")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise ParameterError(f"rank must be a positive integer, got {rank!r}")
+    if rank is not None:
+        check_positive_int(rank, "rank")
     for key, v in (("fraction", fraction), ("energy", energy)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1):
             raise ParameterError(f"{key} must be in (0, 1], got {v!r}")
@@ -192,10 +192,8 @@ def _options(scheme: str, rank: Any, fraction: Any, energy: Any, exact: Any, lam
         raise ParameterError(f"tall_mask_lambda must be a finite number >= 0, got {lam!r}")
     if dtype is not None and dtype not in ST_NAME:
         raise ParameterError(f"dtype must be one of {', '.join(ST_NAME)} (or None: the models'), got {dtype!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
-        raise ParameterError(f"seed must be an integer in [0, 2**64), got {seed!r}")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ParameterError(f"threads must be a positive integer, got {threads!r}")
+    seed = check_seed(seed)
+    threads = check_threads(threads)
     return _Options(scheme, rank, None if fraction is None else float(fraction),
                     None if energy is None else float(energy), bool(exact), float(lam),
                     None if dtype is None else ST_NAME[dtype], seed, threads)

@@ -1,7 +1,5 @@
-"""The ``ferromerge`` command: ``run``, ``plan``, ``demo``, ``--version``.
-
-``plan`` checks a config and its models like ``run`` (same errors, same exit codes) and prints what a run would
-do and need (disk, peak memory, time: see ``estimate``) without writing anything.
+"""The ``ferromerge`` command: ``run``, ``plan``, ``demo`` (``cli.merge``), ``extract-lora`` (``cli.extract_lora``),
+``compress`` and ``decompress`` (``cli.compress``), ``--version``.
 
 Errors print one line, ``ferromerge: error: <message>``, and exit with 2 for config/parameter problems, 1 for
 input/output problems, 130 on Ctrl-C (no output is left behind in any of these cases).
@@ -10,51 +8,14 @@ input/output problems, 130 on Ctrl-C (no output is left behind in any of these c
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 
 from .. import _core
-from . import compress as compress_cli, extract_lora as extract_lora_cli
-from .args import positive_int, seed
 from ..errors import MergeError, ParameterError
-from .._plan.build import DEFAULT_SHARD_SIZE
-from .._validate import format_bytes
+from . import compress, extract_lora, merge
 
-
-def _add_plan_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--threads", type=positive_int, default=None, metavar="N", help="worker threads (default: all cores)"
-    )
-    p.add_argument(
-        "--memory-limit",
-        default=None,
-        metavar="SIZE",
-        help="memory budget of the engine, e.g. 2GiB (at least 64MiB; default: half of RAM or of the cgroup "
-        "limit, at most 8 GiB); never changes the output",
-    )
-    p.add_argument("--seed", type=seed, default=0, help="seed of DARE's random masks (default 0: reproducible)")
-    p.add_argument(
-        "--out-shard-size",
-        default=DEFAULT_SHARD_SIZE,
-        metavar="SIZE",
-        help="bytes per output shard, K/M/B = x1000 as in mergekit, also KiB/MiB/GiB (default 5B = 5e9 bytes)",
-    )
-    p.add_argument(
-        "--lora-merge-cache",
-        default=None,
-        metavar="DIR",
-        help="where model+lora references are merged to, and reused from by later runs (default: a temporary "
-        "directory inside the output's, removed after the merge)",
-    )
-    p.add_argument(
-        "--device",
-        default=None,
-        metavar="DEVICE",
-        help="where SVD-heavy methods (tsv_m, iso_c, iso_cts, star) run: cpu (the Rust kernels, default), cuda, "
-        "cuda:N or torch:cpu (torch); overrides the config's device:. Without torch or a GPU the Rust kernels run",
-    )
-    p.add_argument("--cuda", action="store_const", const="cuda", dest="device", help="mergekit's spelling of --device cuda")
+__all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,103 +25,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ferromerge {_core.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("run", help="merge the models of a config into OUT_DIR")
-    p.add_argument("config", metavar="CONFIG", help="mergekit YAML config")
-    p.add_argument("out_dir", metavar="OUT_DIR", help="output model directory (must not exist, see --overwrite)")
-    _add_plan_options(p)
-    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-    p.add_argument(
-        "--overwrite", action="store_true", help="replace OUT_DIR if it exists (only once the merge is done)"
-    )
-    p.set_defaults(func=_cmd_run)
-
-    p = sub.add_parser("plan", help="check a config and its models and print what a run would do (writes nothing)")
-    p.add_argument("config", metavar="CONFIG", help="mergekit YAML config")
-    p.add_argument(
-        "out_dir",
-        metavar="OUT_DIR",
-        nargs="?",
-        default=None,
-        help="where a run would write, for the disk-space check (default: somewhere in the current directory)",
-    )
-    _add_plan_options(p)
-    p.add_argument(
-        "--json",
-        action="store_true",
-        help="print the engine's plan JSON, with the summary added under \"summary\", instead of the summary",
-    )
-    p.set_defaults(func=_cmd_plan)
-
-    p = sub.add_parser("demo", help="make a small family of Llama-shaped models and TIES-merge them")
-    p.add_argument(
-        "--out", default="ferromerge-demo", metavar="DIR", help="working directory (default ./ferromerge-demo)"
-    )
-    p.add_argument("--quiet", action="store_true", help="print nothing")
-    p.set_defaults(func=_cmd_demo)
-
-    extract_lora_cli.add_parser(sub)  # dispatches to extract_lora_cli.main
-    compress_cli.add_parser(sub)  # compress, decompress: dispatch to compress_cli.main
+    merge.add_parsers(sub)  # run, plan, demo
+    extract_lora.add_parser(sub)
+    compress.add_parser(sub)  # compress, decompress
     return parser
-
-
-def _cmd_run(args: argparse.Namespace) -> int:
-    from .._run import run
-
-    report = run(
-        args.config,
-        args.out_dir,
-        threads=args.threads,
-        seed=args.seed,
-        out_shard_size=args.out_shard_size,
-        quiet=args.quiet,
-        overwrite=args.overwrite,
-        memory_limit=args.memory_limit,
-        lora_merge_cache=args.lora_merge_cache,
-        device=args.device,
-    )
-    if not args.quiet:
-        print(
-            f"merged {report.tensors} tensors into {report.out_dir}: read {format_bytes(report.bytes_read)}, "
-            f"wrote {format_bytes(report.bytes_written)} in {report.seconds:.2f} s ({report.gb_per_s:.2f} GB/s read)"
-        )
-    return 0
-
-
-def _cmd_plan(args: argparse.Namespace) -> int:
-    from .._plan.estimate import estimate
-    from .._run import memory_limit_bytes, prepare
-
-    # run()'s checks in run()'s order (all but the output directory's): bad input fails here as it would there
-    limit = memory_limit_bytes(args.memory_limit)
-    config, plan = prepare(
-        args.config, seed=args.seed, out_shard_size=args.out_shard_size, lora_merge_cache=args.lora_merge_cache
-    )
-    predicted = estimate(plan, args.out_dir, threads=args.threads, memory_limit=limit)
-    if args.json:
-        summary = {
-            "method": plan.method,
-            "models": {m.ref: str(m.path) for m in plan.models},
-            "tensors": len(plan.tensors),
-            "num_layers": plan.num_layers,
-            "shards": len(plan.shards),
-            **predicted.to_dict(),
-            "notes": list(config.notes),
-        }
-        print(json.dumps({**json.loads(plan.to_json()), "summary": summary}))
-        return 0
-    print(plan.summary())
-    for line in predicted.lines():
-        print(line)
-    for note in config.notes:
-        print(f"note: {note}")
-    return 0
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from ..demo import run_demo
-
-    _, checks = run_demo(args.out, quiet=args.quiet)
-    return 0 if all(c.bounded for c in checks) else 1
 
 
 def _error(message: object) -> None:

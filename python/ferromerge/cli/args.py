@@ -1,8 +1,9 @@
-"""argparse ``type=`` validators shared by the ``ferromerge`` subcommands (``cli``, ``compress_cli``).
+"""argparse ``type=`` converters shared by the ``ferromerge`` subcommands (``cli.merge``, ``cli.compress``).
 
 A bad value is an ``argparse.ArgumentTypeError``: argparse reports it with the option's name and exits with 2, the
-exit status of every parameter error. (``extract-lora`` passes its values through to ``extract_lora``, which checks
-them with the API's messages, so it uses none of these.)
+exit status of every parameter error. Values the API takes too (seed, threads) are checked by the API's own rule
+and message (``_validate``). (``extract-lora`` passes its values through to ``extract_lora``, which checks them
+with the API's messages, so it uses none of these.)
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ import argparse
 import math
 from collections.abc import Callable
 from typing import TypeVar
+
+from .._validate import check_seed, check_threads
+from ..errors import ParameterError
 
 T = TypeVar("T", int, float)
 
@@ -30,8 +34,25 @@ def _checked(convert: Callable[[str], T], valid: Callable[[T], bool], expected: 
     return parse
 
 
+def _api_checked(check: Callable[[int], object]) -> Callable[[str], int]:
+    """A converter of integer text whose range rule (and message) is the API's ``check``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        try:
+            check(value)
+        except ParameterError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return value
+
+    return parse
+
+
 positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
-#: seeds are u64 in the engine
-seed = _checked(int, lambda v: 0 <= v < 2**64, "an integer in [0, 2**64)")
+parse_seed = _api_checked(check_seed)
+parse_threads = _api_checked(check_threads)
 unit_fraction = _checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 non_negative = _checked(float, lambda v: 0 <= v and math.isfinite(v), "a finite number >= 0")

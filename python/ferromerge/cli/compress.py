@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from .args import non_negative, positive_int, seed, unit_fraction
+from .args import non_negative, parse_seed, parse_threads, positive_int, unit_fraction
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -35,8 +35,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    help="tall: mask = |tau_t| > L * |tau_MTL - tau_t| (default 0.4)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                    help="storage dtype of the factors / tau_MTL (default: the models' dtype)")
-    p.add_argument("--seed", type=seed, default=0, help="seed of the randomized SVD's sketches (default 0)")
-    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
+    p.add_argument("--seed", type=parse_seed, default=0, help="seed of the randomized SVD's sketches (default 0)")
+    p.add_argument("--threads", type=parse_threads, default=None, metavar="N",
                    help="SVD worker threads (default: all cores)")
     p.add_argument("--overwrite", action="store_true", help="replace ARCHIVE if it exists (once done)")
     p.set_defaults(func=main, compress_command="compress")

@@ -46,6 +46,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .. import _core
+from .._validate import check_seed
 from ..arrays import as_array, give_back
 
 __all__ = ["SUPPORTED", "register", "registered", "unregister", "main"]
@@ -242,8 +243,8 @@ def register(methods: Sequence[str] | None = None, *, seed: int | None = None, t
     Calling it again re-registers with the new settings. Returns the names now backed by ferromerge.
     """
     registry = _registry()
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise ValueError(f"seed must be None or a non-negative integer, got {seed!r}")
+    if seed is not None:
+        check_seed(seed, ValueError)
     names = list(SUPPORTED) if methods is None else list(methods)
     unknown = [m for m in names if m not in SUPPORTED]
     if unknown:

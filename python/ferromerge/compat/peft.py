@@ -53,6 +53,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .. import _core
+from .._validate import check_seed
 from ..arrays import as_array, give_back
 
 __all__ = [
@@ -200,9 +201,7 @@ def _kernel(
 
 
 def _check_seed(seed: Any) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    return int(seed)
+    return check_seed(seed, ValueError)
 
 
 def _trim(tensor: Any, density: float) -> Any:
