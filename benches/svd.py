@@ -383,7 +383,7 @@ def subset_model(src: Path, dst: Path, layers: int) -> None:
 
 
 def peer_tsv_m(base: Path, finetunes: list[Path], out: Path, alpha: float = 1.0) -> None:
-    """TSV-M as the reference code computes it (methods.md §2.10; Gargiulo et al.), streamed tensor by tensor:
+    """TSV-M as the reference code computes it (Gargiulo et al.), streamed tensor by tensor:
     float32 on torch, a full thin ``torch.linalg.svd`` of each task vector (top k = int(r/T) triplets kept),
     the concatenated U and V (r slots; leftover slots zero) replaced by polar factors from full SVDs,
     theta = base + alpha * polar(U) diag(s) polar(V). Non-2-D tensors: base + alpha * mean of the task vectors.

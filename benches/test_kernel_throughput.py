@@ -1,6 +1,6 @@
 """Micro-benchmarks of every kernel, in memory: input GB/s per method, dtype and thread count.
 
-    python -m pytest benches/test_kernels.py --benchmark-enable [--benchmark-json out.json]
+    python -m pytest benches/test_kernel_throughput.py --benchmark-enable [--benchmark-json out.json]
 
 Inputs are a base and 3 fine-tunes of 8M elements with fine-tune-sized deltas (N(0, 0.02) weights, N(0, 5e-4)
 deltas), the regime real merges run in; each case reports ``GB/s`` (input bytes over the mean time) in its

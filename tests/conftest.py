@@ -1,8 +1,19 @@
-"""Shared fixtures: tiny synthetic model families (helpers are in cli_helpers.py)."""
+"""Shared fixtures: tiny synthetic model families (shared builders are in tests/helpers/)."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
+
+# The shared test code is imported as top-level packages, ``helpers`` (builders) and ``reference`` (the NumPy
+# references): put tests/ on the path whatever pytest's import mode (its default "prepend" mode would add it for this
+# rootdir conftest alone, "importlib" would not). Test modules never import each other; their basenames are unique
+# across folders because the folders have no __init__.py.
+_TESTS = str(Path(__file__).resolve().parent)
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)
 
 from ferromerge.synth import Family, make_family
 

@@ -1,4 +1,4 @@
-"""``ferromerge extract-lora``: the adapter against the NumPy reference (``reference_svd.lora_factors``), the rank
+"""``ferromerge extract-lora``: the adapter against the NumPy reference (``reference.extract_lora.lora_factors``), the rank
 rules, bfloat16/float16 models, the PEFT round trip through ferromerge's own LoRA merge (``lora``), what goes where
 (embeddings, norms, biases, 3-D tensors, include/exclude), determinism, and broken inputs leaving nothing behind."""
 
@@ -11,15 +11,18 @@ from typing import Any
 
 import numpy as np
 import pytest
-from cli_helpers import read_safetensors
+from helpers.cli import read_safetensors
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import reference_svd as ref
-from ferromerge import extract_lora, lora
+from reference import extract_lora as extract_lora_ref
+from reference import linalg
+from ferromerge import extract_lora
+from ferromerge.models import lora
 from ferromerge.cli import main as cli_main
 from ferromerge.errors import InputError, OutputError, ParameterError
-from ferromerge.synth import Shape, llama_config, random_weights, save_model, to_bf16_bits
+from ferromerge.synth import Shape, llama_config, random_weights, save_model
+from ferromerge.io.dtypes import from_f32
 
 PREFIX = "base_model.model."
 #: hidden 64 and 2 kv heads: k/v are 32 × 64, so rank 4 + oversample 10 < 32 really runs the randomized solver
@@ -35,7 +38,7 @@ PRODUCT_RTOL = 1e-4
 def flat_spectrum(k: int) -> np.ndarray:
     """A spectrum far above float32 resolution over 64 values (0.9^63 ≈ 1e-3), for full-rank tests: a faster
     decay reaches singular values float32 cannot hold, which the SVD returns as exact zeros (then dropped)."""
-    return ref.decaying(k, 0.9, 0.3)
+    return linalg.decaying(k, 0.9, 0.3)
 
 ST = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
@@ -43,7 +46,7 @@ ST = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 def decode(x: np.ndarray, dtype: str) -> np.ndarray:
     """float32 values as a model of ``dtype`` stores them."""
     if dtype == "bfloat16":
-        return (to_bf16_bits(x).astype(np.uint32) << 16).view(np.float32)
+        return (from_f32(x, "BF16").astype(np.uint32) << 16).view(np.float32)
     return np.asarray(x, dtype=np.float16 if dtype == "float16" else np.float32).astype(np.float32)
 
 
@@ -51,7 +54,7 @@ def write_pair(
     root: Path,
     *,
     dtype: str = "float32",
-    spectrum: Any = lambda k: ref.decaying(k, 0.6, 0.3),
+    spectrum: Any = lambda k: linalg.decaying(k, 0.6, 0.3),
     seed: int = 0,
     shape: Shape = SHAPE,
     ft_dtype: str | None = None,
@@ -66,7 +69,7 @@ def write_pair(
     for name, x in base.items():
         if x.ndim == 2 and name.rsplit(".", 2)[-2] in LINEAR:
             m, n = x.shape
-            ft[name] = (x + ref.with_spectrum(rng, m, n, spectrum(min(m, n)))).astype(np.float32)
+            ft[name] = (x + linalg.with_spectrum(rng, m, n, spectrum(min(m, n)))).astype(np.float32)
         else:
             ft[name] = (x + 0.01 * rng.standard_normal(x.shape)).astype(np.float32)
     if edit is not None:
@@ -123,7 +126,7 @@ def test_exact_factors_are_the_truncated_svd(tmp_path: Path, distribute_scale: b
     for module in modules:
         w = f"{module}.weight"
         delta = ft[w] - base[w]
-        a_ref, b_ref = ref.lora_factors(delta, 6, distribute_scale)
+        a_ref, b_ref = extract_lora_ref.lora_factors(delta, 6, distribute_scale)
         a = tensors[f"{PREFIX}{module}.lora_A.weight"][1].astype(np.float64)
         bb = tensors[f"{PREFIX}{module}.lora_B.weight"][1].astype(np.float64)
         assert a.shape == a_ref.shape and bb.shape == b_ref.shape, module
@@ -153,7 +156,7 @@ def test_randomized_is_close_to_the_best_rank_r_approximation(tmp_path: Path) ->
     tensors, _ = adapter(tmp_path / "adapter")
     for module in linear_modules(ft):
         delta = (ft[f"{module}.weight"] - base[f"{module}.weight"]).astype(np.float64)
-        a_ref, b_ref = ref.lora_factors(delta, 4)
+        a_ref, b_ref = extract_lora_ref.lora_factors(delta, 4)
         optimal = np.linalg.norm(delta - b_ref @ a_ref) / np.linalg.norm(delta)
         got = np.linalg.norm(delta - product(tensors, module)) / np.linalg.norm(delta)
         assert optimal <= got + 1e-7 and got <= optimal * 1.01, module
@@ -213,7 +216,7 @@ def test_sv_epsilon_drops_small_singular_values(tmp_path: Path, exact: bool, eps
         s = np.linalg.svd(delta.astype(np.float64), compute_uv=False)
         # exactly rank 5 up to float32 rounding of the stored weights: tiny singular values beyond the fifth
         assert s[4] > 0.04 and s[5] < 1e-5
-        assert summary["ranks"][module] == kept == ref.svd_rank(s, delta.shape, rank=8, sv_epsilon=eps), module
+        assert summary["ranks"][module] == kept == linalg.svd_rank(s, delta.shape, rank=8, sv_epsilon=eps), module
     assert config["r"] == max(summary["ranks"].values())
 
 
@@ -244,7 +247,7 @@ def test_half_precision_models(tmp_path: Path, dtype: str) -> None:
     tensors, _ = adapter(tmp_path / "r6")
     for module in linear_modules(ft):
         delta = ft[f"{module}.weight"] - base[f"{module}.weight"]
-        a_ref, b_ref = ref.lora_factors(delta, 6)
+        a_ref, b_ref = extract_lora_ref.lora_factors(delta, 6)
         assert tensors[f"{PREFIX}{module}.lora_A.weight"][0] == ST[dtype]
         assert rel(product(tensors, module), b_ref @ a_ref) < 8 * UNIT[dtype] + PRODUCT_RTOL, module
         optimal = np.linalg.norm(delta - b_ref @ a_ref) / np.linalg.norm(delta)
@@ -267,7 +270,7 @@ def test_mixed_dtypes_give_float32_factors(tmp_path: Path) -> None:
     tensors, _ = adapter(tmp_path / "adapter")
     q = "model.layers.0.self_attn.q_proj"
     assert tensors[f"{PREFIX}{q}.lora_A.weight"][0] == "F32"
-    a_ref, b_ref = ref.lora_factors(ft[f"{q}.weight"] - base[f"{q}.weight"], 3)
+    a_ref, b_ref = extract_lora_ref.lora_factors(ft[f"{q}.weight"] - base[f"{q}.weight"], 3)
     assert rel(product(tensors, q), b_ref @ a_ref) < 1e-5
     # modules to save are the fine-tune's tensors as stored
     assert tensors[f"{PREFIX}model.norm.weight"][0] == "BF16"
@@ -312,7 +315,7 @@ def test_any_shape_and_dtype_is_within_rounding_of_eckart_young(tmp_path_factory
     r = config["r"]
     assert a.shape == (r, n) and b.shape == (m, r)
     assert min(c["rank"], np.linalg.matrix_rank(delta)) <= r <= min(c["rank"], m, n)
-    a_ref, b_ref = ref.lora_factors(delta, r)
+    a_ref, b_ref = extract_lora_ref.lora_factors(delta, r)
     norm = np.linalg.norm(delta)
     optimal = np.linalg.norm(delta - b_ref @ a_ref)
     got = np.linalg.norm(delta - b @ a)

@@ -7,15 +7,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ferromerge.synth import Family, make_family, make_model, to_bf16_bits
+from ferromerge.synth import Family, make_family, make_model
+from ferromerge.io.dtypes import from_f32
 
-from cli_helpers import read_model
+from helpers.cli import read_model
 
 
 def test_bf16_rounding_is_to_nearest_even() -> None:
     one = 1.0
     x = np.array([one, one + 2**-8, one + 3 * 2**-8, one + 2**-8 + 2**-20, -2.5], np.float32)
-    bits = to_bf16_bits(x)
+    bits = from_f32(x, "BF16")
     back = (bits.astype(np.uint32) << 16).view(np.float32)
     assert back.tolist() == [1.0, 1.0, 1.0 + 2**-6, 1.0 + 2**-7, -2.5]
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import reference as ref
+from reference import codec
+from reference import task_arithmetic as task_arithmetic_ref
+from reference.result import assert_matches
 
 _core = pytest.importorskip("ferromerge._core")
 from ferromerge.tensors import merge_state_dicts, merge_tensors  # noqa: E402
@@ -30,8 +32,8 @@ def test_shape_round_trip_and_mergekit_call_shape(shape):
     base, (a, b) = family(shape)
     out = merge_tensors([a, b, base], "ties", parameters={"weight": [0.5, 0.5], "density": 0.5}, base_index=2)
     assert isinstance(out, np.ndarray) and out.shape == shape and out.dtype == np.float32
-    expected = ref.ties(base, [a, b], [0.5, 0.5], [0.5, 0.5], normalize=True)
-    ref.assert_matches(out, expected, "float32")
+    expected = task_arithmetic_ref.ties(base, [a, b], [0.5, 0.5], [0.5, 0.5], normalize=True)
+    assert_matches(out, expected, "float32")
 
 
 def test_matches_core_and_default_parameters():
@@ -61,26 +63,26 @@ def test_per_model_parameters_as_list_mapping_and_numpy():
     b = merge_tensors([xs[0], base, xs[1]], "ties", {"weight": {0: 0.2, 2: 0.9}, "density": np.array([0.3, 0.8])},
                       base_index=1)
     np.testing.assert_array_equal(a, b)
-    expected = ref.ties(base, xs, [0.2, 0.9], [0.3, 0.8], normalize=True)
-    ref.assert_matches(a, expected, "float32")
+    expected = task_arithmetic_ref.ties(base, xs, [0.2, 0.9], [0.3, 0.8], normalize=True)
+    assert_matches(a, expected, "float32")
 
 
 def test_linear_base_index_is_one_more_input():
     base, xs = family((9,), 2, seed=3)
     out = merge_tensors([xs[0], base, xs[1]], "linear", {"weight": [1.0, 2.0, 3.0]}, base_index=1)
-    expected = ref.linear([xs[0], base, xs[1]], [1.0, 2.0, 3.0], normalize=True)
-    ref.assert_matches(out, expected, "float32")
+    expected = task_arithmetic_ref.linear([xs[0], base, xs[1]], [1.0, 2.0, 3.0], normalize=True)
+    assert_matches(out, expected, "float32")
     # without a base index: same thing
     np.testing.assert_array_equal(out, merge_tensors([xs[0], base, xs[1]], "linear", {"weight": [1.0, 2.0, 3.0]}))
 
 
 def test_uint16_is_bfloat16_bits():
     base, xs = family((4, 8), 2, seed=4)
-    bb, xb = ref.encode(base, "bfloat16").reshape(4, 8), [ref.encode(x, "bfloat16").reshape(4, 8) for x in xs]
+    bb, xb = codec.encode(base, "bfloat16").reshape(4, 8), [codec.encode(x, "bfloat16").reshape(4, 8) for x in xs]
     out = merge_tensors([*xb, bb], "task_arithmetic", {"weight": [0.5, 0.5]}, base_index=2)
     assert out.dtype == np.uint16 and out.shape == (4, 8)
-    expected = ref.task_arithmetic(ref.decode(bb), [ref.decode(x) for x in xb], [0.5, 0.5])
-    ref.assert_matches(ref.decode(out).reshape(-1), expected, "bfloat16")
+    expected = task_arithmetic_ref.task_arithmetic(codec.decode(bb), [codec.decode(x) for x in xb], [0.5, 0.5])
+    assert_matches(codec.decode(out).reshape(-1), expected, "bfloat16")
     # int16 views read the same
     out2 = merge_tensors([*(x.view(np.int16) for x in xb), bb.view(np.int16)], "task_arithmetic",
                          {"weight": [0.5, 0.5]}, base_index=2)
@@ -88,7 +90,7 @@ def test_uint16_is_bfloat16_bits():
     # out_dtype float32 from bf16 inputs
     out32 = merge_tensors([*xb, bb], "task_arithmetic", {"weight": [0.5, 0.5]}, base_index=2, out_dtype="float32")
     assert out32.dtype == np.float32
-    ref.assert_matches(out32.reshape(-1), expected, "float32")
+    assert_matches(out32.reshape(-1), expected, "float32")
 
 
 def test_ml_dtypes_bfloat16_round_trip():
@@ -113,13 +115,13 @@ def test_dtype_casts_inputs_and_sets_default_out_dtype():
     base, xs = family((50,), 2, seed=6)
     out = merge_tensors([*xs, base], "task_arithmetic", {"weight": 0.5}, base_index=2, dtype="bfloat16")
     assert out.dtype == np.uint16  # out_dtype defaults to dtype
-    rounded = [ref.round_to(a, "bfloat16") for a in (*xs, base)]
-    expected = ref.task_arithmetic(rounded[2], rounded[:2], [0.5, 0.5])
-    ref.assert_matches(ref.decode(out), expected, "bfloat16")
+    rounded = [codec.round_to(a, "bfloat16") for a in (*xs, base)]
+    expected = task_arithmetic_ref.task_arithmetic(rounded[2], rounded[:2], [0.5, 0.5])
+    assert_matches(codec.decode(out), expected, "bfloat16")
     out = merge_tensors([*xs, base], "task_arithmetic", {"weight": 0.5}, base_index=2, dtype="bf16",
                         out_dtype="float32")
     assert out.dtype == np.float32
-    ref.assert_matches(out, expected, "float32")
+    assert_matches(out, expected, "float32")
     out16 = merge_tensors([*xs, base], "task_arithmetic", {"weight": 0.5}, base_index=2, out_dtype=np.float16)
     assert out16.dtype == np.float16
     # mixed input dtypes: out_dtype follows the base
@@ -142,9 +144,9 @@ def test_non_contiguous_input():
     ta = [x.T for x in xs] + [base.T]
     out = merge_tensors(ta, "ties", {"weight": [0.5, 0.5], "density": 0.5}, base_index=2)
     assert out.shape == (12, 10)
-    expected = ref.ties(np.ascontiguousarray(base.T), [np.ascontiguousarray(x.T) for x in xs], [0.5, 0.5],
+    expected = task_arithmetic_ref.ties(np.ascontiguousarray(base.T), [np.ascontiguousarray(x.T) for x in xs], [0.5, 0.5],
                         [0.5, 0.5])
-    ref.assert_matches(out, expected, "float32")
+    assert_matches(out, expected, "float32")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -234,8 +236,8 @@ def test_merge_state_dicts_ties_equals_per_tensor_merges():
     assert list(merged) == list(sds["base"])
     for k, v in merged.items():
         assert v.shape == sds["base"][k].shape and v.dtype == np.float32
-        expected = ref.ties(sds["base"][k], [sds[m][k] for m in "abc"], [0.5, 0.3, -0.2], [0.5, 0.7, 0.9], lam=1.2)
-        ref.assert_matches(v, expected, "float32", context=k)
+        expected = task_arithmetic_ref.ties(sds["base"][k], [sds[m][k] for m in "abc"], [0.5, 0.3, -0.2], [0.5, 0.7, 0.9], lam=1.2)
+        assert_matches(v, expected, "float32", context=k)
 
 
 def test_merge_state_dicts_dare_keys_rng_by_tensor_name_and_model_position():
@@ -264,8 +266,8 @@ def test_merge_state_dicts_linear_and_dtypes():
                                out_dtype="bfloat16")
     for k, v in merged.items():
         assert v.dtype == np.uint16
-        expected = ref.linear([sds[m][k] for m in ("base", "a", "b", "c")], [1.0] * 4, True)
-        ref.assert_matches(ref.decode(v), expected, "bfloat16", context=k)
+        expected = task_arithmetic_ref.linear([sds[m][k] for m in ("base", "a", "b", "c")], [1.0] * 4, True)
+        assert_matches(codec.decode(v), expected, "bfloat16", context=k)
 
 
 def test_merge_state_dicts_errors():
@@ -343,8 +345,8 @@ def test_torch_round_trip(torch, tdtype):
     out = merge_tensors([*tx, tb], "ties", {"weight": [0.5, 0.5], "density": 0.5}, base_index=2)
     assert isinstance(out, torch.Tensor) and out.dtype == dt and tuple(out.shape) == (5, 6)
     as_np = [t.float().numpy() for t in (*tx, tb)]
-    expected = ref.ties(as_np[2], as_np[:2], [0.5, 0.5], [0.5, 0.5])
-    ref.assert_matches(out.float().numpy(), expected, tdtype)
+    expected = task_arithmetic_ref.ties(as_np[2], as_np[:2], [0.5, 0.5], [0.5, 0.5])
+    assert_matches(out.float().numpy(), expected, tdtype)
     # and out_dtype changes the torch dtype
     out32 = merge_tensors([*tx, tb], "ties", {"weight": [0.5, 0.5], "density": 0.5}, base_index=2,
                           out_dtype=torch.float32)

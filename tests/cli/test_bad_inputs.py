@@ -19,11 +19,12 @@ import pytest
 import ferromerge
 from ferromerge import _core
 from ferromerge.cli import main
-from ferromerge.models import read_tensors
-from ferromerge.run import prepare
-from ferromerge.synth import Family, make_family, make_model, save_model, to_bf16_bits
+from ferromerge.models.index import read_tensors
+from ferromerge._run import prepare
+from ferromerge.synth import Family, make_family, make_model, save_model
+from ferromerge.io.dtypes import from_f32
 
-from cli_helpers import run_cli, ties_config, write_config
+from helpers.cli import run_cli, ties_config, write_config
 
 NORM = "model.layers.1.input_layernorm.weight"
 
@@ -96,7 +97,7 @@ def write_raw_safetensors(path: Path, tensors: dict[str, tuple[str, np.ndarray]]
 
 
 def bf16_tensors(model: Path) -> dict[str, tuple[str, np.ndarray]]:
-    return {n: ("BF16", to_bf16_bits(x)) for n, x in read_tensors(model / "model.safetensors").items()}
+    return {n: ("BF16", from_f32(x, "BF16")) for n, x in read_tensors(model / "model.safetensors").items()}
 
 
 # ---------------------------------------------------------------- models and files

@@ -16,11 +16,12 @@ from safetensors.numpy import load_file
 import ferromerge
 from ferromerge import _core
 from ferromerge.cli import main
-from ferromerge.config import load_config
-from ferromerge.run import prepare
-from ferromerge.synth import Family, make_family, to_bf16_bits
+from ferromerge.config.resolve import load_config
+from ferromerge._run import prepare
+from ferromerge.synth import Family, make_family
+from ferromerge.io.dtypes import from_f32
 
-from cli_helpers import read_model, read_safetensors, run_cli, ties_config, write_config
+from helpers.cli import read_model, read_safetensors, run_cli, ties_config, write_config
 
 DiskUsage = namedtuple("DiskUsage", "total used free")
 
@@ -48,7 +49,7 @@ def expected_in_memory(family: Family, method: str, seed: int) -> dict[str, np.n
     base = read_model(family.base)
     out = {}
     for name, (_, b) in base.items():
-        arrays = [to_bf16_bits(m[name][1]) for m in models] + [to_bf16_bits(b)]
+        arrays = [from_f32(m[name][1], "BF16") for m in models] + [from_f32(b, "BF16")]
         if method == "linear":
             merged = ferromerge.merge_tensors(arrays, "linear", {"weight": [*WEIGHTS, 0.25]}, name=name)
         else:

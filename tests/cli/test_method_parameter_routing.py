@@ -23,7 +23,7 @@ import ferromerge
 from ferromerge.cli import main
 from ferromerge.synth import Family
 
-from cli_helpers import read_model, run_cli, write_config
+from helpers.cli import read_model, run_cli, write_config
 
 Params = Callable[[str], dict[str, Any]]
 

@@ -1,7 +1,7 @@
 """The spectral and TALL-mask methods through ``ferromerge run``: whole models against the NumPy references of
-``reference_svd``, the torch hand-off (``--device``) against the Rust kernels, ``exclude``, the memory check of
-whole-matrix factorizations, and the errors of the hook contract (an exception or a wrong shape from the hook
-fails the run and leaves no output)."""
+``reference.spectral`` and ``reference.tall``, the torch hand-off (``--device``) against the Rust kernels,
+``exclude``, the memory check of whole-matrix factorizations, and the errors of the hook contract (an exception or
+a wrong shape from the hook fails the run and leaves no output)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 
 from ferromerge import _core
-from ferromerge.run import prepare
+from ferromerge._run import prepare
 from ferromerge.synth import Family, make_family
 
-import reference_svd as ref
-from cli_helpers import read_model, run_cli, write_config
+from reference import arrays
+from reference import spectral as spectral_ref
+from reference import tall as tall_ref
+from helpers.cli import read_model, run_cli, write_config
 
 
 def config(family: Family, method: str, n: int = 3, **params: Any) -> dict[str, Any]:
@@ -49,11 +51,11 @@ def models(family: Family, n: int = 3) -> tuple[dict[str, np.ndarray], list[dict
 TOL = 5e-5
 
 CASES = [
-    ("tsv_m", {"exact_svd": True}, lambda b, xs: ref.tsv_m(b, xs)),
-    ("tsv_m", {"exact_svd": True, "alpha": 0.7}, lambda b, xs: ref.tsv_m(b, xs, alpha=0.7)),
-    ("iso_c", {}, lambda b, xs: ref.iso_c(b, xs)),
-    ("iso_cts", {"common_space_fraction": 0.6}, lambda b, xs: ref.iso_cts(b, xs, common_space_fraction=0.6)),
-    ("star", {"eta": 60}, lambda b, xs: ref.star(b, xs, eta=60)),
+    ("tsv_m", {"exact_svd": True}, lambda b, xs: spectral_ref.tsv_m(b, xs)),
+    ("tsv_m", {"exact_svd": True, "alpha": 0.7}, lambda b, xs: spectral_ref.tsv_m(b, xs, alpha=0.7)),
+    ("iso_c", {}, lambda b, xs: spectral_ref.iso_c(b, xs)),
+    ("iso_cts", {"common_space_fraction": 0.6}, lambda b, xs: spectral_ref.iso_cts(b, xs, common_space_fraction=0.6)),
+    ("star", {"eta": 60}, lambda b, xs: spectral_ref.star(b, xs, eta=60)),
 ]
 
 
@@ -76,12 +78,12 @@ def test_tall_methods_match_the_reference_away_from_ties(tmp_path: Path, family_
     for name, b in base.items():
         xs = [ft[name] for ft in fts]
         if method == "tall_masks":
-            want = ref.tall_masks(b, xs, task=1, tall_mask_lambda=0.4)
+            want = tall_ref.tall_masks(b, xs, task=1, tall_mask_lambda=0.4)
         else:
-            want = ref.consensus(b, xs, k=2, tall_mask_lambda=0.4, lam=0.8)
+            want = tall_ref.consensus(b, xs, k=2, tall_mask_lambda=0.4, lam=0.8)
         # elements whose mask a float32 rounding could flip are not asserted: bf16 deltas sit on a coarse grid, so
         # about 2% of them lie within rounding of the mask threshold; the rest must match
-        ambiguous = ref.tall_mask_ambiguous(ref.task_vectors(b, xs), 0.4)
+        ambiguous = tall_ref.tall_mask_ambiguous(arrays.task_vectors(b, xs), 0.4)
         assert ambiguous.mean() < 0.1
         np.testing.assert_allclose(got[name][~ambiguous], want[~ambiguous], rtol=0, atol=1e-6, err_msg=name)
 
@@ -95,8 +97,8 @@ def test_exclude_gives_matching_tensors_the_mean_task_vector(tmp_path: Path, fam
             want = b + 1.5 * np.mean([x.astype(np.float64) - b for x in xs], axis=0)
             np.testing.assert_allclose(got[name], want, rtol=0, atol=1e-6, err_msg=name)
         elif b.ndim == 2:
-            np.testing.assert_allclose(got[name], ref.iso_c(b, xs, alpha=1.5), rtol=0, atol=TOL, err_msg=name)
-    assert not np.allclose(got["model.embed_tokens.weight"], ref.iso_c(base["model.embed_tokens.weight"],
+            np.testing.assert_allclose(got[name], spectral_ref.iso_c(b, xs, alpha=1.5), rtol=0, atol=TOL, err_msg=name)
+    assert not np.allclose(got["model.embed_tokens.weight"], spectral_ref.iso_c(base["model.embed_tokens.weight"],
                                                                        [ft["model.embed_tokens.weight"] for ft in fts],
                                                                        alpha=1.5), atol=1e-3)
 

@@ -17,10 +17,18 @@ from typing import Any
 
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
-from test_mergekit_diff import (
-    INTER, LLAMA_CONFIG, VOCAB, H, _diffs, _report, llama_shapes, read_safetensors_dir, run_mergekit,
+from helpers.mergekit import (
+    INTER,
+    LLAMA_CONFIG,
+    VOCAB,
+    H,
+    llama_shapes,
+    max_diffs,
+    read_safetensors_dir,
+    report_diffs,
+    run_mergekit,
 )
+from safetensors.numpy import save_file
 
 pytestmark = pytest.mark.mergekit
 
@@ -51,7 +59,7 @@ def case_configs(root: Path) -> dict[str, dict[str, Any]]:
     attn_up = [0, 0.5, 0.3, 0.7, 1]
     attn_down = [1, 0.5, 0.7, 0.3, 0]
     return {
-        # mergekit-compat.md's "config 1": per-model density gradient, filtered weight with a fallback
+        # per-model density gradient, filtered weight with a fallback
         "ties_gradient_filter": {
             "merge_method": "ties",
             "base_model": m["base"],
@@ -176,8 +184,8 @@ def _compare(runs, case: str, *, exact: bool = False) -> tuple[dict[str, np.ndar
             np.testing.assert_array_equal(b, a, err_msg=f"{case}: {name}")
         else:
             np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7, err_msg=f"{case}: {name}")
-        diffs.append(_diffs(a.reshape(-1), b.reshape(-1), np.ones(a.size, dtype=bool)))
-    _report(case, diffs)
+        diffs.append(max_diffs(a.reshape(-1), b.reshape(-1), np.ones(a.size, dtype=bool)))
+    report_diffs(case, diffs)
     return mk, fm
 
 

@@ -27,121 +27,41 @@ Run with ``-s`` to see the max abs/rel differences per case.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import struct
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
-from safetensors.numpy import save_file
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import reference as ref  # noqa: E402
+from helpers.mergekit import (
+    MODELS,
+    dtypes_in_dir,
+    max_diffs,
+    model_entries,
+    read_safetensors_dir,
+    report_diffs,
+    run_mergekit,
+)
+from reference import codec
+from reference import task_arithmetic as task_arithmetic_ref
+from reference.result import assert_matches
 
 pytestmark = pytest.mark.mergekit
-
-H, INTER, LAYERS, VOCAB, HEADS = 32, 48, 2, 64, 4
-MODELS = ("a", "b", "c")
-
-
-def llama_shapes(layers: int = LAYERS, tied: bool = False) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes of a tiny Llama (hidden H, intermediate INTER, vocabulary VOCAB); no lm_head when tied."""
-    s: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (VOCAB, H), "model.norm.weight": (H,)}
-    if not tied:
-        s["lm_head.weight"] = (VOCAB, H)
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        for proj in ("q", "k", "v", "o"):
-            s[p + f"self_attn.{proj}_proj.weight"] = (H, H)
-        s[p + "mlp.gate_proj.weight"] = (INTER, H)
-        s[p + "mlp.up_proj.weight"] = (INTER, H)
-        s[p + "mlp.down_proj.weight"] = (H, INTER)
-        s[p + "input_layernorm.weight"] = (H,)
-        s[p + "post_attention_layernorm.weight"] = (H,)
-    return s
-
-
-LLAMA_CONFIG = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "hidden_size": H,
-    "intermediate_size": INTER,
-    "num_hidden_layers": LAYERS,
-    "num_attention_heads": HEADS,
-    "num_key_value_heads": HEADS,
-    "vocab_size": VOCAB,
-    "max_position_embeddings": 128,
-    "rms_norm_eps": 1e-6,
-    "hidden_act": "silu",
-    "tie_word_embeddings": False,
-    "torch_dtype": "float32",
-}
-
-
-def read_safetensors_dir(d: Path) -> dict[str, np.ndarray]:
-    """All tensors of every *.safetensors file in ``d`` as float32 (bf16/f16 decoded), parsed by hand."""
-    out: dict[str, np.ndarray] = {}
-    files = sorted(d.glob("*.safetensors"))
-    assert files, f"no safetensors in {d}"
-    for f in files:
-        raw = f.read_bytes()
-        (n,) = struct.unpack("<Q", raw[:8])
-        header = json.loads(raw[8 : 8 + n])
-        data = raw[8 + n :]
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            a, b = info["data_offsets"]
-            buf = data[a:b]
-            dt = info["dtype"]
-            if dt == "F32":
-                arr = np.frombuffer(buf, "<f4").astype(np.float32)
-            elif dt == "F16":
-                arr = np.frombuffer(buf, "<f2").astype(np.float32)
-            elif dt == "BF16":
-                arr = ref.bf16_decode(np.frombuffer(buf, "<u2"))
-            else:
-                raise AssertionError(f"{f.name}:{name}: unexpected dtype {dt}")
-            assert name not in out, f"tensor {name} appears twice"
-            out[name] = arr.reshape(info["shape"])
-    return out
-
-
-def dtypes_in_dir(d: Path) -> dict[str, str]:
-    res = {}
-    for f in sorted(d.glob("*.safetensors")):
-        raw = f.read_bytes()
-        (n,) = struct.unpack("<Q", raw[:8])
-        for name, info in json.loads(raw[8 : 8 + n]).items():
-            if name != "__metadata__":
-                res[name] = info["dtype"]
-    return res
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # cases
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _models(root: Path, names, params):
-    return [{"model": str(root / m), "parameters": p} for m, p in zip(names, params)]
-
 
 def case_configs(root: Path) -> dict[str, dict]:
     base = str(root / "base")
     gta = lambda method, names, params, **kw: {  # noqa: E731
-        "merge_method": method, "base_model": base, "models": _models(root, names, params), **kw}
+        "merge_method": method, "base_model": base, "models": model_entries(root, names, params), **kw}
     c = {
-        "linear_norm": {"merge_method": "linear", "models": _models(root, "ab", [{"weight": 0.3}, {"weight": 0.7}]),
+        "linear_norm": {"merge_method": "linear", "models": model_entries(root, "ab", [{"weight": 0.3}, {"weight": 0.7}]),
                         "dtype": "float32"},
         "linear_neg_unnorm": {"merge_method": "linear",
-                              "models": _models(root, "abc", [{"weight": 1.0}, {"weight": -0.5}, {"weight": 0.8}]),
+                              "models": model_entries(root, "abc", [{"weight": 1.0}, {"weight": -0.5}, {"weight": 0.8}]),
                               "parameters": {"normalize": False}, "dtype": "float32"},
         "task_arithmetic": gta("task_arithmetic", "abc", [{"weight": 0.5}, {"weight": -0.3}, {"weight": 1.0}],
                                parameters={"lambda": 0.7}, dtype="float32"),
@@ -158,7 +78,7 @@ def case_configs(root: Path) -> dict[str, dict]:
         "ties_out_bf16": gta("ties", "abc", [{"weight": 0.5, "density": 0.5}] * 3, dtype="float32",
                              out_dtype="bfloat16"),
         "linear_dtype_bf16": {"merge_method": "linear",
-                              "models": _models(root, "ab", [{"weight": 0.3}, {"weight": 0.7}]), "dtype": "bfloat16"},
+                              "models": model_entries(root, "ab", [{"weight": 0.3}, {"weight": 0.7}]), "dtype": "bfloat16"},
         "ties_dtype_bf16": gta("ties", "abc", [{"weight": 0.5, "density": 0.5}, {"weight": 0.3, "density": 0.7},
                                                {"weight": 0.9, "density": 0.4}], dtype="bfloat16"),
         "ta_dtype_bf16_out_f32": gta("task_arithmetic", "ab", [{"weight": 0.6}, {"weight": 0.6}],
@@ -176,60 +96,6 @@ def case_configs(root: Path) -> dict[str, dict]:
     }
     return c
 
-
-DRIVER = textwrap.dedent(
-    """
-    import json, sys, traceback
-    from mergekit.scripts.run_yaml import main
-    jobs = json.load(open(sys.argv[1]))
-    results = {}
-    for name, cfg, out in jobs:
-        try:
-            main([cfg, out, "--no-copy-tokenizer", "--no-write-model-card", "--quiet", "--random-seed", "1234"],
-                 standalone_mode=False)
-            results[name] = None
-        except BaseException:
-            results[name] = traceback.format_exc()
-    json.dump(results, open(sys.argv[2], "w"))
-    """
-)
-
-
-@pytest.fixture(scope="session")
-def family(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("mk-family")
-    rng = np.random.default_rng(20261122)
-    shapes = llama_shapes()
-    base = {k: rng.normal(0.0, 0.02, s).astype(np.float32) for k, s in shapes.items()}
-    tensors = {"base": base}
-    for i, m in enumerate(MODELS):
-        scale = (0.004, 0.006, 0.003)[i]
-        tensors[m] = {k: (v + rng.normal(0.0, scale, v.shape)).astype(np.float32) for k, v in base.items()}
-    for m, t in tensors.items():
-        (root / m).mkdir()
-        save_file(t, str(root / m / "model.safetensors"), metadata={"format": "pt"})
-        (root / m / "config.json").write_text(json.dumps(LLAMA_CONFIG))
-    return root
-
-
-def run_mergekit(configs: dict[str, dict], mergekit_python: Path, work: Path) -> dict[str, tuple[Path, Path, str | None]]:
-    """Write each config as YAML in ``work`` and run them all through mergekit-yaml in one subprocess of the
-    mergekit virtualenv: ``{case: (config_path, mergekit_out_dir, mergekit_error_or_None)}``."""
-    jobs = []
-    for name, cfg in configs.items():
-        p = work / f"{name}.yml"
-        p.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        jobs.append((name, str(p), str(work / f"mk-{name}")))
-    (work / "jobs.json").write_text(json.dumps(jobs))
-    (work / "driver.py").write_text(DRIVER)
-    env = dict(os.environ, PYTHONHASHSEED="0", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run(
-        [str(mergekit_python), str(work / "driver.py"), str(work / "jobs.json"), str(work / "results.json")],
-        capture_output=True, text=True, env=env, timeout=1800,
-    )
-    assert proc.returncode == 0, f"mergekit driver failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    errors = json.loads((work / "results.json").read_text())
-    return {name: (Path(cfg), Path(out), errors[name]) for name, cfg, out in jobs}
 
 
 @pytest.fixture(scope="session")
@@ -269,21 +135,6 @@ def _load(merged, case):
     return mk, fm, cfg
 
 
-def _diffs(a, b, keep):
-    """(max |a−b|, max |a−b|/|a| over elements with |a| ≥ 1e-4: relative error of near-zero outputs means nothing)."""
-    diff = np.abs(a - b)[keep]
-    big = np.abs(a[keep]) >= 1e-4
-    rel = diff[big] / np.abs(a[keep][big])
-    return float(diff.max(initial=0)), float(rel.max(initial=0))
-
-
-def _report(case, diffs):
-    abs_max = max(d[0] for d in diffs) if diffs else 0.0
-    rel_max = max(d[1] for d in diffs) if diffs else 0.0
-    print(f"\n[mergekit-diff] {case}: max abs diff {abs_max:.3e}, max rel diff {rel_max:.3e} (|out| >= 1e-4)", end="")
-    return abs_max, rel_max
-
-
 _FAMILY_CACHE: dict = {}
 
 
@@ -310,10 +161,10 @@ def _trim_tie_elements(base, xs, dens):
     n = base.size
     tie = np.zeros(n, dtype=bool)
     for x, d in zip(xs, dens):
-        k = ref.ties_k(d, n)
+        k = task_arithmetic_ref.ties_k(d, n)
         if k >= n:
             continue
-        a = np.abs(ref.task_vector(x, base)).astype(np.float64)
+        a = np.abs(task_arithmetic_ref.task_vector(x, base)).astype(np.float64)
         s = np.sort(a)[::-1]
         if s[k - 1] == s[k]:
             tie |= a == s[k - 1]
@@ -327,10 +178,10 @@ def _trim_sensitive_reduced(base, xs, dens, dtype):
     n = base.size
     out = _trim_tie_elements(base, xs, dens)
     for x, d in zip(xs, dens):
-        dl = ref.task_vector(x, base)
-        dr = ref.round_to(dl, dtype)
-        out |= ref.ties_trim_mask(dl, d) != ref.ties_trim_mask(dr, d)
-        k = ref.ties_k(d, n)
+        dl = task_arithmetic_ref.task_vector(x, base)
+        dr = codec.round_to(dl, dtype)
+        out |= task_arithmetic_ref.ties_trim_mask(dl, d) != task_arithmetic_ref.ties_trim_mask(dr, d)
+        k = task_arithmetic_ref.ties_k(d, n)
         if k < n:
             a = np.abs(dr).astype(np.float64)
             s = np.sort(a)[::-1]
@@ -357,38 +208,38 @@ def test_fp32_equal_to_rounding(merged, family, case):
         if cfg["merge_method"] == "ties":
             base, xs, w, d = _case_inputs(family, cfg, name)
             p = cfg.get("parameters", {})
-            r = ref.ties(base, xs, w, d, normalize=p.get("normalize", True), lam=p.get("lambda", 1.0),
+            r = task_arithmetic_ref.ties(base, xs, w, d, normalize=p.get("normalize", True), lam=p.get("lambda", 1.0),
                          rescale="l1" if p.get("rescale", False) else "none")
             keep = ~(r.ambiguous | _trim_tie_elements(base, xs, d))
         excluded += int((~keep).sum())
         total += a.size
         np.testing.assert_allclose(b[keep], a[keep], rtol=1e-6, atol=1e-7, err_msg=f"{case}: {name}")
-        diffs.append(_diffs(a, b, keep))
-    _report(case, diffs)
+        diffs.append(max_diffs(a, b, keep))
+    report_diffs(case, diffs)
     print(f"; {excluded} of {total} elements excluded (near-zero election or trim tie)", end="")
     assert excluded <= 0.001 * total
 
 
 @pytest.mark.parametrize("case", FP32_CASES)
 def test_mergekit_agrees_with_reference(mk_runs, family, case):
-    """Anchor (no ferromerge involved): mergekit itself equals tests/reference.py, so the reference encodes mergekit."""
+    """Anchor (no ferromerge involved): mergekit itself equals tests/reference/task_arithmetic.py, so the reference encodes mergekit."""
     mk, cfg = _mk_only(mk_runs, case)
     p = cfg.get("parameters", {})
     method = cfg["merge_method"]
     for name in sorted(mk):
         base, xs, w, d = _case_inputs(family, cfg, name)
         if method == "linear":
-            r = ref.linear(xs, w, p.get("normalize", True))
+            r = task_arithmetic_ref.linear(xs, w, p.get("normalize", True))
             tie = np.zeros(r.out.size, dtype=bool)
         elif method == "task_arithmetic":
-            r = ref.task_arithmetic(base, xs, w, normalize=p.get("normalize", False), lam=p.get("lambda", 1.0))
+            r = task_arithmetic_ref.task_arithmetic(base, xs, w, normalize=p.get("normalize", False), lam=p.get("lambda", 1.0))
             tie = np.zeros(r.out.size, dtype=bool)
         else:
-            r = ref.ties(base, xs, w, d, normalize=p.get("normalize", True), lam=p.get("lambda", 1.0),
+            r = task_arithmetic_ref.ties(base, xs, w, d, normalize=p.get("normalize", True), lam=p.get("lambda", 1.0),
                          rescale="l1" if p.get("rescale", False) else "none")
             tie = _trim_tie_elements(base, xs, d)
         r.ambiguous |= tie
-        ref.assert_matches(mk[name].reshape(-1), r, "float32", context=f"mergekit vs reference, {case} {name}")
+        assert_matches(mk[name].reshape(-1), r, "float32", context=f"mergekit vs reference, {case} {name}")
 
 
 def test_out_dtype_bf16_within_one_ulp(merged, family):
@@ -400,14 +251,14 @@ def test_out_dtype_bf16_within_one_ulp(merged, family):
     for name in sorted(mk):
         a, b = mk[name].reshape(-1).astype(np.float64), fm[name].reshape(-1).astype(np.float64)
         base, xs, w, d = _case_inputs(family, cfg, name)
-        r = ref.ties(base, xs, w, d)
+        r = task_arithmetic_ref.ties(base, xs, w, d)
         keep = ~(r.ambiguous | _trim_tie_elements(base, xs, d))
         diff = np.abs(a - b)
-        assert (diff[keep] <= ref.ulp(np.maximum(np.abs(a), np.abs(b)), "bfloat16")[keep]).all(), name
+        assert (diff[keep] <= codec.ulp(np.maximum(np.abs(a), np.abs(b)), "bfloat16")[keep]).all(), name
         n_diff += int((diff[keep] > 0).sum())
         total += a.size
-        diffs.append(_diffs(a, b, keep))
-    _report(case, diffs)
+        diffs.append(max_diffs(a, b, keep))
+    report_diffs(case, diffs)
     print(f"; {n_diff} of {total} elements differ by one bf16 ulp", end="")
     assert n_diff <= 0.01 * total
 
@@ -427,26 +278,26 @@ def test_reduced_precision_dtype(merged, family, case, dtype):
     for name in sorted(mk):
         a, b = mk[name].reshape(-1).astype(np.float64), fm[name].reshape(-1).astype(np.float64)
         base, xs, w, d = _case_inputs(family, cfg, name)
-        xr = [ref.round_to(x, dtype) for x in xs]
+        xr = [codec.round_to(x, dtype) for x in xs]
         method = cfg["merge_method"]
         if method == "linear":
-            r = ref.linear(xr, w, True)
-            tol = ref.ulp(np.maximum(np.abs(a), np.abs(b)), dtype) + 1e-7 * r.scale
+            r = task_arithmetic_ref.linear(xr, w, True)
+            tol = codec.ulp(np.maximum(np.abs(a), np.abs(b)), dtype) + 1e-7 * r.scale
             keep = np.ones(a.size, dtype=bool)
         else:
-            br = ref.round_to(base, dtype)
+            br = codec.round_to(base, dtype)
             if method == "ties":
-                r = ref.ties(br, xr, w, d)
+                r = task_arithmetic_ref.ties(br, xr, w, d)
                 # bf16 sums: elections within bf16 noise are coin flips; trim ties are common at 8 bits
-                W = np.stack([wi * ref.sparsify(ref.task_vector(x, br), ref.ties_trim_mask(ref.task_vector(x, br), di),
+                W = np.stack([wi * task_arithmetic_ref.sparsify(task_arithmetic_ref.task_vector(x, br), task_arithmetic_ref.ties_trim_mask(task_arithmetic_ref.task_vector(x, br), di),
                                                 di, "none") for x, wi, di in zip(xr, w, d)])
                 near = (np.abs(W).sum(0) > 0) & (np.abs(W.sum(0)) <= 8 * u * np.abs(W).sum(0))
                 keep = ~(near | _trim_sensitive_reduced(br, xr, d, dtype))
             else:
-                r = ref.task_arithmetic(br, xr, w)
+                r = task_arithmetic_ref.task_arithmetic(br, xr, w)
                 keep = np.ones(a.size, dtype=bool)
             M = r.scale - np.abs(br.astype(np.float64))  # |λ|·Σ|W|/|divisor| (·(1+Σ|w|/|div|) when normalized)
-            tol = 8 * u * M + 2 * u * np.abs(r.out) + ref.ulp(np.abs(r.out), out_dtype)
+            tol = 8 * u * M + 2 * u * np.abs(r.out) + codec.ulp(np.abs(r.out), out_dtype)
         diff = np.abs(a - b)
         bad = keep & (diff > tol)
         assert not bad.any(), (
@@ -459,8 +310,8 @@ def test_reduced_precision_dtype(merged, family, case, dtype):
         assert err_fm <= err_mk * 1.05 + 1e-9, f"{case} {name}: ferromerge L1 error {err_fm} > mergekit's {err_mk}"
         excluded += int((~keep).sum())
         total += a.size
-        diffs.append(_diffs(a, b, keep))
-    _report(case, diffs)
+        diffs.append(max_diffs(a, b, keep))
+    report_diffs(case, diffs)
     print(f"; {excluded} of {total} excluded (bf16-close election or trim tie)", end="")
     assert excluded <= 0.05 * total
 
@@ -483,7 +334,7 @@ def test_dare_single_model_keep_fraction_and_values(merged, family):
     for name in sorted(mk):
         base, (x,), _, _ = _case_inputs(family, cfg, name)
         a, b = mk[name].reshape(-1), fm[name].reshape(-1)
-        nz = ref.task_vector(x, base) != 0
+        nz = task_arithmetic_ref.task_vector(x, base) != 0
         m_mk, m_fm = (a != base) & nz, (b != base) & nz
         # dropped elements are exactly the base; kept ones are b + δ, computed the same way
         np.testing.assert_array_equal(a[~m_mk], base[~m_mk])
@@ -508,7 +359,7 @@ def test_dare_single_model_l1_rescale(merged, family):
     p = cfg["models"][0]["parameters"]["density"]
     for name in sorted(mk):
         base, (x,), _, _ = _case_inputs(family, cfg, name)
-        delta = ref.task_vector(x, base).astype(np.float64)
+        delta = task_arithmetic_ref.task_vector(x, base).astype(np.float64)
         for side, out in (("mergekit", mk[name]), ("ferromerge", fm[name])):
             md = out.reshape(-1).astype(np.float64) - base
             np.testing.assert_allclose(np.abs(md).sum(), np.abs(delta).sum(), rtol=1e-4,

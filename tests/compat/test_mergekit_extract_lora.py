@@ -24,20 +24,16 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import reference_svd as ref  # noqa: E402
-from cli_helpers import read_safetensors  # noqa: E402
-
 from ferromerge import extract_lora  # noqa: E402
 from ferromerge.synth import Shape, llama_config, random_weights, save_model  # noqa: E402
+from helpers.cli import read_safetensors  # noqa: E402
+from reference import linalg  # noqa: E402
 
 pytestmark = pytest.mark.mergekit
 
@@ -86,7 +82,7 @@ DRIVER = textwrap.dedent(
 
 
 def spectrum(k: int) -> np.ndarray:
-    head = ref.decaying(8, 0.7, 0.3)
+    head = linalg.decaying(8, 0.7, 0.3)
     tail = head[-1] * 0.1 * 0.97 ** np.arange(max(k - 8, 0))
     return np.concatenate([head, tail])[:k]
 
@@ -97,7 +93,7 @@ def write_pair(root: Path, dtype: str) -> tuple[Path, Path]:
     ft = {}
     for name, x in base.items():
         if x.ndim == 2 and name.rsplit(".", 2)[-2] in LINEAR:
-            ft[name] = (x + ref.with_spectrum(rng, *x.shape, spectrum(min(x.shape)))).astype(np.float32)
+            ft[name] = (x + linalg.with_spectrum(rng, *x.shape, spectrum(min(x.shape)))).astype(np.float32)
         else:
             ft[name] = (x + 0.01 * rng.standard_normal(x.shape)).astype(np.float32)
     config = llama_config(SHAPE, dtype)

@@ -41,10 +41,16 @@ from typing import Any, Callable
 import ml_dtypes
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
-from test_mergekit_diff import (
-    LLAMA_CONFIG, _diffs, _report, dtypes_in_dir, llama_shapes, read_safetensors_dir, run_mergekit,
+from helpers.mergekit import (
+    LLAMA_CONFIG,
+    dtypes_in_dir,
+    llama_shapes,
+    max_diffs,
+    read_safetensors_dir,
+    report_diffs,
+    run_mergekit,
 )
+from safetensors.numpy import save_file
 
 pytestmark = pytest.mark.mergekit
 
@@ -315,8 +321,8 @@ def test_deterministic_equal_to_rounding(mk_runs, fm_run, case):
     for name in sorted(mk):
         a, b = mk[name].reshape(-1).astype(np.float64), fm[name].reshape(-1).astype(np.float64)
         np.testing.assert_allclose(b, a, **tol, err_msg=f"{case}: {name}")
-        diffs.append(_diffs(a, b, np.ones(a.size, dtype=bool)))
-    _report(case, diffs)
+        diffs.append(max_diffs(a, b, np.ones(a.size, dtype=bool)))
+    report_diffs(case, diffs)
     assert {dtypes_in_dir(mk_runs[case][1])[n] for n in mk} == {"F32"}
     assert set(dtypes_in_dir(fm_run(case)).values()) == {"F32"}
 
@@ -438,8 +444,8 @@ def test_sce_topk_kept_set_and_values(mk_runs, fm_run, family5):
         np.testing.assert_allclose(b[keep], a[keep], **ELEMENTWISE, err_msg=f"{case}: {name}")
         excluded += int(ambiguous.sum())
         total += a.size
-        diffs.append(_diffs(a, b, keep))
-    _report(case, diffs)
+        diffs.append(max_diffs(a, b, keep))
+    report_diffs(case, diffs)
     print(f"; {excluded} of {total} elements at the variance threshold excluded", end="")
     assert excluded <= 0.001 * total
 
@@ -513,8 +519,8 @@ def test_arcee_fusion(mk_runs, fm_run, family5, case, base_name, other):
         near += int(ambiguous.sum())
         flipped += int((kept_mk != kept_fm).sum())
         total += a0.size
-        diffs.append(_diffs(got_mk, got_fm, both | (~kept_mk & ~kept_fm)))
-    _report(case, diffs)
+        diffs.append(max_diffs(got_mk, got_fm, both | (~kept_mk & ~kept_fm)))
+    report_diffs(case, diffs)
     print(f"; kept sets differ in {flipped} of {total} elements ({near} within the rounding band)", end="")
     assert near <= 0.05 * total
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -23,11 +22,9 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
+from helpers.mergekit import LLAMA_CONFIG, llama_shapes, max_diffs, read_safetensors_dir, report_diffs
+from helpers.vlm import make_vlms  # noqa: E402
 from safetensors.numpy import save_file
-from test_mergekit_diff import LLAMA_CONFIG, _diffs, _report, llama_shapes, read_safetensors_dir
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from test_modules import make_vlms  # noqa: E402
 
 pytestmark = pytest.mark.mergekit
 
@@ -153,8 +150,8 @@ def test_float32_agrees(runs, case: str) -> None:
     diffs = []
     for name in sorted(mk):
         np.testing.assert_allclose(fm[name], mk[name], rtol=1e-5, atol=1e-6, err_msg=f"{case}: {name}")
-        diffs.append(_diffs(mk[name], fm[name], np.ones(mk[name].shape, bool)))
-    _report(case, diffs)
+        diffs.append(max_diffs(mk[name], fm[name], np.ones(mk[name].shape, bool)))
+    report_diffs(case, diffs)
 
 
 def test_lora_changes_what_it_targets(runs) -> None:
@@ -178,4 +175,4 @@ def test_modules_passthrough_slices_bit_identical(runs) -> None:
     mk_cfg = json.loads((mk_dir / "config.json").read_text())
     fm_cfg = json.loads((fm_dir / "config.json").read_text())
     assert fm_cfg["text_config"]["num_hidden_layers"] == mk_cfg["text_config"]["num_hidden_layers"] == 6
-    _report("modules_passthrough_slices", [(0.0, 0.0)])
+    report_diffs("modules_passthrough_slices", [(0.0, 0.0)])

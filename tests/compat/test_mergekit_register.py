@@ -27,12 +27,11 @@ import subprocess
 import textwrap
 from pathlib import Path
 
+import ferromerge
 import numpy as np
 import pytest
 import yaml
-from test_mergekit_diff import _models, family, read_safetensors_dir  # noqa: F401  (family is a fixture)
-
-import ferromerge
+from helpers.mergekit import model_entries, read_safetensors_dir
 
 pytestmark = pytest.mark.mergekit
 
@@ -41,16 +40,16 @@ def case_configs(root: Path) -> dict[str, dict]:
     base = str(root / "base")
 
     def gta(method, names, params, **kw):
-        return {"merge_method": method, "base_model": base, "models": _models(root, names, params),
+        return {"merge_method": method, "base_model": base, "models": model_entries(root, names, params),
                 "dtype": "float32", **kw}
 
     w = lambda *ws: [{"weight": x} for x in ws]  # noqa: E731
     return {
-        "linear": {"merge_method": "linear", "models": _models(root, "abc", w(0.3, 0.5, 0.2)), "dtype": "float32"},
-        "linear_neg_unnorm": {"merge_method": "linear", "models": _models(root, "ab", w(1.0, -0.5)),
+        "linear": {"merge_method": "linear", "models": model_entries(root, "abc", w(0.3, 0.5, 0.2)), "dtype": "float32"},
+        "linear_neg_unnorm": {"merge_method": "linear", "models": model_entries(root, "ab", w(1.0, -0.5)),
                               "parameters": {"normalize": False}, "dtype": "float32"},
-        "linear_bf16": {"merge_method": "linear", "models": _models(root, "ab", w(0.3, 0.7)), "dtype": "bfloat16"},
-        "passthrough_scale": {"merge_method": "passthrough", "models": _models(root, "a", [{"scale": 0.5}]),
+        "linear_bf16": {"merge_method": "linear", "models": model_entries(root, "ab", w(0.3, 0.7)), "dtype": "bfloat16"},
+        "passthrough_scale": {"merge_method": "passthrough", "models": model_entries(root, "a", [{"scale": 0.5}]),
                               "dtype": "float32"},
         "task_arithmetic": gta("task_arithmetic", "abc", w(0.5, -0.3, 1.0), parameters={"lambda": 0.7}),
         "ties": gta("ties", "abc", [{"weight": 0.7, "density": 0.2}, {"weight": -0.4, "density": 0.6},
@@ -65,13 +64,13 @@ def case_configs(root: Path) -> dict[str, dict]:
         "dare_linear": gta("dare_linear", "abc", [{"weight": 0.5, "density": 0.4}] * 3),
         "della": gta("della", "ab", [{"weight": 0.6, "density": 0.5, "epsilon": 0.1}, {"weight": 0.4, "density": 0.6}],
                      parameters={"lambda": 1.1}),
-        "slerp": {"merge_method": "slerp", "base_model": base, "models": _models(root, "a", [{}]),
+        "slerp": {"merge_method": "slerp", "base_model": base, "models": model_entries(root, "a", [{}]),
                   "parameters": {"t": 0.3}, "dtype": "float32"},
         "nuslerp_base": gta("nuslerp", "ab", w(0.4, 0.6)),
-        "nuslerp_rows": {"merge_method": "nuslerp", "models": _models(root, "ab", w(0.3, 0.7)),
+        "nuslerp_rows": {"merge_method": "nuslerp", "models": model_entries(root, "ab", w(0.3, 0.7)),
                          "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True}, "dtype": "float32"},
         "multislerp": gta("multislerp", "abc", w(0.2, 0.3, 0.5)),
-        "karcher": {"merge_method": "karcher", "models": _models(root, "abc", [{}, {}, {}]), "dtype": "float32"},
+        "karcher": {"merge_method": "karcher", "models": model_entries(root, "abc", [{}, {}, {}]), "dtype": "float32"},
         "model_stock": gta("model_stock", "abc", [{}, {}, {}]),
         "sce": gta("sce", "abc", [{}, {}, {}], parameters={"select_topk": 0.5}),
         "ram": gta("ram", "ab", [{}, {}]),
@@ -125,7 +124,7 @@ DRIVER = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def runs(family, mergekit_python_path, tmp_path_factory):  # noqa: F811
+def runs(family, mergekit_python_path, tmp_path_factory):
     work = tmp_path_factory.mktemp("mk-register")
     (work / "path").mkdir()
     (work / "path" / "ferromerge").symlink_to(Path(ferromerge.__file__).parent)
@@ -162,7 +161,7 @@ DETERMINISTIC = [c for c in case_configs(Path("/x")) if c not in RANDOM and c !=
 
 
 @pytest.mark.parametrize("case", DETERMINISTIC)
-def test_registered_equals_mergekit(runs, family, case):  # noqa: F811
+def test_registered_equals_mergekit(runs, family, case):
     family_tensors = {m: read_safetensors_dir(family / m) for m in ("a", "base")}
     mk, calls_mk = _out(runs, case, "mk")
     fm, calls_fm = _out(runs, case, "fm")

@@ -26,9 +26,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from test_mergekit_diff import read_safetensors_dir, run_mergekit
-
 from ferromerge.synth import Shape, bpe_tokenizer, llama_config, random_weights, save_model
+from helpers.mergekit import read_safetensors_dir, run_mergekit
 
 pytestmark = pytest.mark.mergekit
 

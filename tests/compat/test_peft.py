@@ -25,10 +25,9 @@ import sys
 import textwrap
 from pathlib import Path
 
+import ferromerge
 import numpy as np
 import pytest
-
-import ferromerge
 
 N_TASKS, SHAPE = 3, (48, 40)
 DEFAULT_VENV_PY = Path.home() / ".cache" / "ferromerge" / "mergekit-venv" / "bin" / "python"

@@ -21,25 +21,25 @@ from unittest import mock
 
 import numpy as np
 import pytest
-from cli_helpers import read_model, run_cli
+from helpers.cli import read_model, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
-import reference as ref
+from reference import codec
 from ferromerge import _core, compress, decompress
 from ferromerge.errors import InputError, OutputError, ParameterError
 from ferromerge.synth import Family, Shape, llama_config, make_family, random_weights, save_model
 
 try:  # helper A's float64 reference; the same Eckart–Young truncation otherwise
-    from reference_svd import truncated_svd
+    from reference.linalg import truncated_svd
 except ImportError:  # pragma: no cover
     def truncated_svd(a: Any, r: int, scale: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         u, s, vt = np.linalg.svd(np.asarray(a, np.float64), full_matrices=False)
         return u[:, :r], s[:r], vt[:r]
 
 # the package's ``compress`` is the function; the module is needed to patch its block size
-compress_mod = importlib.import_module("ferromerge.compress")
+compress_mod = importlib.import_module("ferromerge._compress.pack")
 needs_svd = pytest.mark.skipif(not hasattr(_core, "svd"), reason="_core.svd is not built yet")
 DT = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
@@ -65,7 +65,7 @@ def values(entry: tuple[str, list[int], bytes]) -> np.ndarray:
     """float64 values of a raw float tensor."""
     dtype, shape, data = entry
     storage = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}[dtype]
-    return ref.decode(np.frombuffer(data, storage), DT[dtype]).astype(np.float64).reshape(shape)
+    return codec.decode(np.frombuffer(data, storage), DT[dtype]).astype(np.float64).reshape(shape)
 
 
 def manifest(archive: Path) -> dict[str, Any]:
@@ -104,22 +104,22 @@ def reference_lowrank_error(base: np.ndarray, ft: np.ndarray, r: int, dtype: str
     """||θ_t − round(θ0 + τ_r)||_F / ||θ_t − θ0||_F with τ_r the float64 rank-r truncation (Eckart–Young)."""
     tau = ft - base
     u, s, vt = truncated_svd(tau, r)
-    rebuilt = ref.round_to((base + (u * s) @ vt).astype(np.float32), dtype).astype(np.float64)
+    rebuilt = codec.round_to((base + (u * s) @ vt).astype(np.float32), dtype).astype(np.float64)
     return float(np.linalg.norm(ft - rebuilt) / np.linalg.norm(tau))
 
 
 def tall_reference(base: np.ndarray, fts: list[np.ndarray], lam: float, store: str, out: list[str]
                    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """TALL (methods.md §2.7) in float32 as documented: τ_MTL = Σ_t τ_t (t ascending), m_t = |τ_t| >
+    """TALL (docs/compress.md) in float32 as documented: τ_MTL = Σ_t τ_t (t ascending), m_t = |τ_t| >
     λ·|τ_MTL − τ_t|, θ_t' = θ0 + m_t·round_store(τ_MTL) rounded to the model's dtype. Returns (θ', masks)."""
     b = base.astype(np.float32)
     taus = [f.astype(np.float32) - b for f in fts]
     tau = np.zeros_like(b)
     for d in taus:
         tau += d
-    stored = ref.round_to(tau, store)
+    stored = codec.round_to(tau, store)
     masks = [np.abs(d) > np.float32(lam) * np.abs(tau - d) for d in taus]
-    rebuilt = [ref.round_to(b + m.astype(np.float32) * stored, o) for m, o in zip(masks, out, strict=True)]
+    rebuilt = [codec.round_to(b + m.astype(np.float32) * stored, o) for m, o in zip(masks, out, strict=True)]
     return rebuilt, masks
 
 
@@ -182,7 +182,7 @@ def test_rank_k_task_vectors_come_back_to_float32_accuracy(exact: bool, tmp_path
         assert got.keys() == want.keys()
         for name, w in want.items():
             x, y, b = values(w), values(got[name]), values(base[name])
-            assert np.all(np.abs(x - y) <= 1e-3 * np.abs(x - b).max() + ref.ulp(x, "float32")), name
+            assert np.all(np.abs(x - y) <= 1e-3 * np.abs(x - b).max() + codec.ulp(x, "float32")), name
 
 
 @needs_svd
@@ -256,7 +256,7 @@ def test_rank_rules(rule: dict[str, float], family_f32: Family, tmp_path: Path) 
 @st.composite
 def lowrank_cases(draw: st.DrawFn) -> dict[str, Any]:
     m, n = draw(st.integers(1, 40)), draw(st.integers(1, 41))
-    return {"shape": (m, n), "dtype": draw(st.sampled_from(ref.DTYPES)), "rank": draw(st.integers(1, 12)),
+    return {"shape": (m, n), "dtype": draw(st.sampled_from(codec.DTYPES)), "rank": draw(st.integers(1, 12)),
             "models": draw(st.integers(1, 3)), "exact": draw(st.booleans()),
             "block": draw(st.sampled_from([1, 64, 1 << 20])), "seed": draw(st.integers(0, 2**16))}
 
@@ -274,7 +274,7 @@ def test_lowrank_property_odd_shapes_and_dtypes(case: dict[str, Any], tmp_path_f
     rng = np.random.default_rng(case["seed"])
     m, n = case["shape"]
     dtype = case["dtype"]
-    b = ref.round_to(rng.standard_normal((m, n)).astype(np.float32), dtype)
+    b = codec.round_to(rng.standard_normal((m, n)).astype(np.float32), dtype)
     save_model(root / "base", {"w": b, "v": np.ones(5, np.float32)}, dtype=dtype)
     fts = []
     for t in range(case["models"]):
@@ -303,7 +303,7 @@ def test_lowrank_property_odd_shapes_and_dtypes(case: dict[str, Any], tmp_path_f
         measured = np.linalg.norm(x - y) / tau
         assert e["error"] == pytest.approx(measured, rel=1e-5, abs=1e-9)
         expected = reference_lowrank_error(bv, x, r, dtype)
-        slack = np.linalg.norm(ref.ulp(x, dtype)) / tau + 1e-4
+        slack = np.linalg.norm(codec.ulp(x, dtype)) / tau + 1e-4
         if case["exact"]:
             assert abs(measured - expected) <= slack
         else:
@@ -350,8 +350,8 @@ def tall_cases(draw: st.DrawFn) -> dict[str, Any]:
     n = draw(st.integers(1, 3))
     return {
         "shape": shape,
-        "base_dtype": draw(st.sampled_from(ref.DTYPES)),
-        "dtypes": [draw(st.sampled_from(ref.DTYPES)) for _ in range(n)],
+        "base_dtype": draw(st.sampled_from(codec.DTYPES)),
+        "dtypes": [draw(st.sampled_from(codec.DTYPES)) for _ in range(n)],
         "same": [draw(st.booleans()) for _ in range(n)],  # fine-tune t equals the base?
         "lam": draw(st.sampled_from([0.0, 0.4, 1.3])),
         "store": draw(st.sampled_from([None, "float32", "bfloat16", "float16"])),
@@ -367,7 +367,7 @@ def test_tall_property_odd_shapes_and_dtypes(case: dict[str, Any], tmp_path_fact
     root = tmp_path_factory.mktemp("tall")
     rng = np.random.default_rng(case["seed"])
     shape = case["shape"]
-    b = ref.round_to(rng.standard_normal(shape).astype(np.float32), case["base_dtype"])
+    b = codec.round_to(rng.standard_normal(shape).astype(np.float32), case["base_dtype"])
     tensors = {"w": b, "bias": np.ones(3, np.float32)}
     save_model(root / "base", tensors, dtype=case["base_dtype"], config={"model_type": "x"})
     fts = []
@@ -471,7 +471,7 @@ def test_sizes_and_layout_of_the_rebuilt_directory(scheme: str, tmp_path: Path) 
     assert {k: v[:2] for k, v in got.items()} == {k: v[:2] for k, v in want.items()}
     assert index["metadata"]["total_size"] == sum(len(v[2]) for v in got.values())
     # loads as a model: ferromerge's own indexer and an independent reader agree
-    from ferromerge.models import index_model
+    from ferromerge.models.index import index_model
 
     assert set(index_model(str(out)).tensors) == set(want)
     assert set(read_model(out)) == set(want)

@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from ferromerge import ConfigError, ParameterError, methods
-from ferromerge.config import load_config, parse_config
-from ferromerge.params import Const, Filtered, Gradient
+from ferromerge.config.resolve import load_config, parse_config
+from ferromerge.config.settings import Const, Filtered, Gradient
 
 
 def ties(**extra: Any) -> dict[str, Any]:
@@ -273,7 +273,7 @@ def test_dtype_names_mergekit_rejects_are_rejected(given: str, match: str) -> No
 def test_duplicate_model_and_lora_reference() -> None:
     with pytest.raises(ConfigError, match=r"models\[1\]\.model: 'org/a' is listed twice"):
         load_config(ties(models=[{"model": "org/a", "parameters": {"weight": 1}}] * 2))
-    # model+lora is accepted (tests/test_lora.py); a reference with two '+' is not (mergekit: "Can't parse")
+    # model+lora is accepted (tests/models/test_lora.py); a reference with two '+' is not (mergekit: "Can't parse")
     assert load_config(ties(models=[{"model": "org/a+org/lora", "parameters": {"weight": 1}}])).inputs[0].ref == (
         "org/a+org/lora"
     )

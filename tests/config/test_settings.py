@@ -8,9 +8,20 @@ from typing import Any
 import pytest
 
 from ferromerge import ConfigError
-from ferromerge.layers import LayerName, parse
-from ferromerge.methods import REGISTRY, ParamSpec
-from ferromerge.params import Const, Filtered, Gradient, Level, evaluate, layer_t, parse_setting, resolve, uniform
+from ferromerge.models.layers import LayerName, parse
+from ferromerge.methods.registry import REGISTRY
+from ferromerge.methods.spec import ParamSpec
+from ferromerge.config.settings import (
+    Const,
+    Filtered,
+    Gradient,
+    Level,
+    evaluate,
+    layer_t,
+    parse_setting,
+    resolve,
+    uniform,
+)
 
 FLOAT = ParamSpec(float, None)
 BOOL = ParamSpec(bool, False)

@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import yaml
-
 from ferromerge.synth import Family
 
 

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers.kernels import SETTINGS, densities, dtypes, make_data, merge, shapes, store
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-
-import reference as ref
-from test_method_kernels import SETTINGS, densities, dtypes, make_data, merge, shapes, store
+from reference import codec
 
 _core = pytest.importorskip("ferromerge._core")
 
@@ -87,6 +86,6 @@ def test_nearswap_with_a_large_t_is_the_model(shape, seed, dtype):
     """t >= max |a − b| makes every weight 1: the other model comes back exactly (w·b + 0·a)."""
     b, (x,) = make_data(seed, shape, 1, "near", 0.2)
     bs, xs = store(b, dtype), store(x, dtype)
-    t = float(np.abs(ref.decode(xs.reshape(-1), dtype) - ref.decode(bs.reshape(-1), dtype)).max()) + 1e-3
+    t = float(np.abs(codec.decode(xs.reshape(-1), dtype) - codec.decode(bs.reshape(-1), dtype)).max()) + 1e-3
     out = merge("nearswap", [xs], bs, shape=shape, params={"t": t}, out_dtype=dtype)
     np.testing.assert_array_equal(out, xs.reshape(-1))

@@ -1,9 +1,9 @@
-"""The torch path of the SVD-space methods (``ferromerge.torch_path``) on CPU torch, against ``reference_svd``.
+"""The torch path of the SVD-space methods (``ferromerge.torch_spectral``) on CPU torch, against ``reference.spectral``.
 
 Tolerance. torch computes in float32, the reference in float64. A float32 SVD is backward stable, so every step
 of a method lands within c·eps32 of the exact step on a slightly perturbed input, and the method's output within
 about c·eps32·κ·Σ‖tau_t‖_F of the float64 result, where κ is the method's normwise amplification of such
-perturbations (``reference_svd.sensitivity``: the task vectors and every SVD input perturbed, ~1 for
+perturbations (``reference.spectral.sensitivity``: the task vectors and every SVD input perturbed, ~1 for
 well-separated spectra, 1/gap near a close cut, 1/σ_min for a nearly singular polar factor). So the check is
 
     ‖got − expected‖_F <= C·eps32·max(κ, 1)·|alpha|·Σ_t‖tau_t‖_F + 2·eps32·‖expected‖_F
@@ -28,9 +28,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import reference_svd as R  # noqa: E402
-from ferromerge import torch_path as tp  # noqa: E402
+from ferromerge import torch_spectral as tp  # noqa: E402
 from ferromerge._core import ParameterError  # noqa: E402
+from reference import (
+    arrays,  # noqa: E402
+    linalg,  # noqa: E402
+)
+from reference import spectral as spectral_ref  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -38,7 +42,7 @@ CPU = torch.device("cpu")
 C = 128.0
 KAPPA_MAX = 1e4
 SHAPES = [(48, 40), (40, 48), (1, 7), (64, 64)]
-REFERENCE = {"tsv_m": R.tsv_m, "iso_c": R.iso_c, "iso_cts": R.iso_cts, "star": R.star}
+REFERENCE = {"tsv_m": spectral_ref.tsv_m, "iso_c": spectral_ref.iso_c, "iso_cts": spectral_ref.iso_cts, "star": spectral_ref.star}
 # reference keyword arguments of each method's parameters (the hook gets them as floats)
 REF_KEYS = {"tsv_m": ("alpha",), "iso_c": ("alpha",), "iso_cts": ("alpha", "common_space_fraction"),
             "star": ("eta",)}
@@ -60,7 +64,7 @@ def family(seed: int, shape, n_tasks: int, kind: str = "decay", ratios=(0.75, 0.
     xs = []
     for _ in range(n_tasks):
         if kind == "decay":
-            tau = R.with_spectrum(rng, m, n, R.decaying(min(m, n), rng.uniform(*ratios), rng.uniform(0.5, 2.0)))
+            tau = linalg.with_spectrum(rng, m, n, linalg.decaying(min(m, n), rng.uniform(*ratios), rng.uniform(0.5, 2.0)))
         else:
             tau = rng.normal(0.0, 0.05, shape)
         xs.append((base + tau).astype(np.float32))
@@ -91,19 +95,19 @@ def assert_close(got, method, base, xs, params, *, context=""):
     """The tolerance of the module docstring."""
     assert got is not None and got.dtype == np.float32 and got.shape == base.shape, context
     exp = expected(method, base, xs, params)
-    taus = R.task_vectors(base, xs)
+    taus = arrays.task_vectors(base, xs)
     tau_kw = {k: params[k] for k in REF_KEYS[method] if k in params and k != "alpha"}
-    kappa = R.sensitivity(method, taus, **tau_kw)
+    kappa = spectral_ref.sensitivity(method, taus, **tau_kw)
     assert kappa < KAPPA_MAX, f"{context}: ill-conditioned test data (κ = {kappa:.3g})"
     alpha = abs(params.get("alpha", 1.0)) if method != "star" else 1.0
-    bound = C * R.EPS32 * max(kappa, 1.0) * alpha * sum(np.linalg.norm(t) for t in taus)
-    bound += 2 * R.EPS32 * np.linalg.norm(exp)
+    bound = C * arrays.EPS32 * max(kappa, 1.0) * alpha * sum(np.linalg.norm(t) for t in taus)
+    bound += 2 * arrays.EPS32 * np.linalg.norm(exp)
     err = float(np.linalg.norm(got.astype(np.float64) - exp))
     assert err <= bound, f"{context}: ‖got − expected‖_F = {err:.3g} > {bound:.3g} (κ = {kappa:.3g})"
 
 
 def star_margin_ok(base, xs, eta) -> bool:
-    return min(R.star_rank_margin(t, eta) for t in R.task_vectors(base, xs)) > 1e-4
+    return min(spectral_ref.star_rank_margin(t, eta) for t in arrays.task_vectors(base, xs)) > 1e-4
 
 
 def star_family(seed: int, shape, n_tasks: int, eta: float):
@@ -146,10 +150,10 @@ def test_iso_cts_common_space_rounding(n_tasks, fraction):
     params = {"alpha": 1.0, "common_space_fraction": fraction}
     got = run("iso_cts", base, xs, params)
     assert_close(got, "iso_cts", base, xs, params, context=f"iso_cts T={n_tasks} f={fraction}")
-    common, _ = R.iso_cts_dims((13, 10), n_tasks, fraction)
+    common, _ = spectral_ref.iso_cts_dims((13, 10), n_tasks, fraction)
     if common == 10:
         iso_c = run("iso_c", base, xs, {"alpha": 1.0})
-        np.testing.assert_allclose(got, iso_c, rtol=0, atol=64 * R.EPS32 * float(np.abs(iso_c).max()))
+        np.testing.assert_allclose(got, iso_c, rtol=0, atol=64 * arrays.EPS32 * float(np.abs(iso_c).max()))
 
 
 @pytest.mark.parametrize("eta", [1.0, 25.0, 40.0, 77.0, 100.0])
@@ -158,22 +162,22 @@ def test_star_eta(eta):
     got = run("star", base, xs, {"eta": eta})
     assert_close(got, "star", base, xs, {"eta": eta}, context=f"star eta={eta}")
     if eta == 100.0:  # every singular value kept, scale 1: the plain average of the task vectors
-        mean = R.star(base, xs, 100.0)
-        np.testing.assert_allclose(mean, base + np.mean(R.task_vectors(base, xs), axis=0), rtol=0, atol=1e-12)
+        mean = spectral_ref.star(base, xs, 100.0)
+        np.testing.assert_allclose(mean, base + np.mean(arrays.task_vectors(base, xs), axis=0), rtol=0, atol=1e-12)
 
 
 def test_tsv_m_single_task_is_task_arithmetic():
     base, xs = family(4, (20, 17), 1)
     got = run("tsv_m", base, xs, {"alpha": 0.5, "exact_svd": 1.0})
     tau = xs[0].astype(np.float64) - base
-    np.testing.assert_allclose(got, base + 0.5 * tau, rtol=0, atol=64 * R.EPS32 * float(np.abs(tau).max() + 1))
+    np.testing.assert_allclose(got, base + 0.5 * tau, rtol=0, atol=64 * arrays.EPS32 * float(np.abs(tau).max() + 1))
 
 
 def test_tsv_m_with_more_tasks_than_rank_keeps_nothing():
     """1×7 with 3 tasks: k = floor(1/3) = 0 triplets per task, the merged task vector is 0: the base, exactly."""
     base, xs = family(6, (1, 7), 3)
     assert run("tsv_m", base, xs, {"alpha": 2.0}).tobytes() == base.tobytes()
-    assert R.tsv_m(base, xs, 2.0).tolist() == base.astype(np.float64).tolist()
+    assert spectral_ref.tsv_m(base, xs, 2.0).tolist() == base.astype(np.float64).tolist()
 
 
 @pytest.mark.parametrize("method", sorted(METHOD_PARAMS))
@@ -206,10 +210,10 @@ def test_randomized_tsv_m_on_decaying_spectra_matches_the_exact_reference():
     params = {"alpha": 1.0, "exact_svd": 0.0}
     got = run("tsv_m", base, xs, params)
     assert got.tobytes() != run("tsv_m", base, xs, {"exact_svd": 1.0}).tobytes(), "not the randomized path"
-    taus = R.task_vectors(base, xs)
-    kappa = R.sensitivity("tsv_m", taus)
-    exp = R.tsv_m(base, xs, 1.0)
-    bound = 2 * (C * R.EPS32 * max(kappa, 1) * sum(np.linalg.norm(t) for t in taus) + 2 * R.EPS32 * np.linalg.norm(exp))
+    taus = arrays.task_vectors(base, xs)
+    kappa = spectral_ref.sensitivity("tsv_m", taus)
+    exp = spectral_ref.tsv_m(base, xs, 1.0)
+    bound = 2 * (C * arrays.EPS32 * max(kappa, 1) * sum(np.linalg.norm(t) for t in taus) + 2 * arrays.EPS32 * np.linalg.norm(exp))
     assert float(np.linalg.norm(got - exp)) <= bound
 
 
@@ -225,14 +229,14 @@ def test_randomized_top_k_within_halko_bounds(k):
     rng = np.random.default_rng(k)
     p, q = 10, 2
     gauss = rng.normal(size=(64, 56))
-    steep = R.with_spectrum(rng, 64, 56, R.decaying(56, 0.7))
+    steep = linalg.with_spectrum(rng, 64, 56, linalg.decaying(56, 0.7))
     for a, eps in ((gauss, (1 + k / (p - 1)) ** 0.5), (steep, 1e-3)):
         u, s, vt = tp._top_k(torch, torch.from_numpy(a.astype(np.float32)), k, exact=False, oversample=p,
                              power_iters=q)
         approx = (u.double() * s.double()) @ vt.double()
         err = float(np.linalg.norm(a - approx.numpy()))
         optimal = float(np.linalg.norm(np.linalg.svd(a, compute_uv=False)[k:]))
-        assert err <= (1 + eps) * optimal + 64 * R.EPS32 * float(np.linalg.norm(a)), (k, eps, err, optimal)
+        assert err <= (1 + eps) * optimal + 64 * arrays.EPS32 * float(np.linalg.norm(a)), (k, eps, err, optimal)
         assert err >= optimal * (1 - 1e-4)  # Eckart–Young: nothing of rank k does better
 
 
@@ -254,7 +258,7 @@ def test_sketch_is_reproducible_and_keyed_by_seed_and_name():
     assert other_name.tobytes() != first.tobytes()
     assert other_seed.tobytes() != first.tobytes()
     # different sketches, the same approximation quality: all within the loose randomized bound of each other
-    scale = float(np.linalg.norm(np.stack(R.task_vectors(base, xs))))
+    scale = float(np.linalg.norm(np.stack(arrays.task_vectors(base, xs))))
     for o in (other_name, other_seed):
         assert float(np.linalg.norm(o.astype(np.float64) - first)) <= scale
 
@@ -263,7 +267,7 @@ def test_sketch_seed_is_stable_and_distinct():
     seeds = {tp.sketch_seed(s, n) for s in (0, 1, 2) for n in ("", "a", "b", "model.layers.0.mlp.up_proj.weight")}
     assert len(seeds) == 12 and all(0 <= s < 2**63 for s in seeds)
     # blake2b, not Python's salted hash(): the same value in another process
-    code = "from ferromerge.torch_path import sketch_seed; print(sketch_seed(7, 'x.weight'))"
+    code = "from ferromerge.torch_spectral import sketch_seed; print(sketch_seed(7, 'x.weight'))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert int(out) == tp.sketch_seed(7, "x.weight")
 
@@ -375,7 +379,7 @@ def test_cuda_matches_the_reference(method):
 
 def test_importing_ferromerge_does_not_import_torch():
     torch_parent = str(Path(torch.__file__).resolve().parent.parent)
-    code = (f"import sys; sys.path.append({torch_parent!r}); import ferromerge, ferromerge.torch_path; "
+    code = (f"import sys; sys.path.append({torch_parent!r}); import ferromerge, ferromerge.torch_spectral; "
             "import importlib.util; assert importlib.util.find_spec('torch') is not None; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)

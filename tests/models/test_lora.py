@@ -11,12 +11,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-from cli_helpers import read_model, run_cli, write_config
+from helpers.cli import read_model, run_cli, write_config
 from safetensors.numpy import save_file
 
-from ferromerge import lora
+from ferromerge.models import lora
 from ferromerge.errors import ConfigError, InputError
-from ferromerge.synth import make_family, make_model, to_bf16_bits
+from ferromerge.synth import make_family, make_model
+from ferromerge.io.dtypes import from_f32
 
 H, INTER, VOCAB = 64, 128, 256
 Q = "model.layers.0.self_attn.q_proj"
@@ -50,7 +51,7 @@ def write_adapter(
         # safetensors.numpy has no bfloat16: write the bits through ferromerge's own writer
         from ferromerge import _core
 
-        _core.save_file(str(path / lora.ADAPTER_WEIGHTS), {k: (to_bf16_bits(v), "bfloat16") for k, v in tensors.items()})
+        _core.save_file(str(path / lora.ADAPTER_WEIGHTS), {k: (from_f32(v, "BF16"), "bfloat16") for k, v in tensors.items()})
     else:
         save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()},
                   str(path / lora.ADAPTER_WEIGHTS))
@@ -83,7 +84,7 @@ def merged(ref: str, cache: Path) -> dict[str, tuple[str, np.ndarray]]:
     index.materialise()
     out: dict[str, tuple[str, np.ndarray]] = {}
     for f in {info.file for info in index.tensors.values()}:
-        from cli_helpers import read_safetensors
+        from helpers.cli import read_safetensors
 
         part = read_safetensors(f)
         out |= {n: v for n, v in part.items() if index.tensors[n].file == f}
@@ -118,7 +119,7 @@ def test_linear_lora_matches_numpy_and_leaves_other_tensors_in_place(model_f32: 
 
 
 def read_model_file(f: Path) -> dict[str, Any]:
-    from cli_helpers import read_safetensors
+    from helpers.cli import read_safetensors
 
     return read_safetensors(f)
 
@@ -175,7 +176,7 @@ def test_bfloat16_model_rounds_once(tmp_path: Path) -> None:
 
 
 def to_bf16_f32(x: np.ndarray) -> np.ndarray:
-    return (to_bf16_bits(x).astype(np.uint32) << 16).view(np.float32)
+    return (from_f32(x, "BF16").astype(np.uint32) << 16).view(np.float32)
 
 
 def test_row_blocks_do_not_change_the_bytes(model_f32: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -267,7 +268,7 @@ def test_dora_and_bad_configs(model_f32: Path, tmp_path: Path) -> None:
 
 
 def test_reference_form_is_checked_by_the_config(tmp_path: Path) -> None:
-    from ferromerge.config import parse_config
+    from ferromerge.config.resolve import parse_config
 
     with pytest.raises(ConfigError, match=r"models\[0\]\.model: 'a\+b\+c'"):
         parse_config({"merge_method": "linear", "models": [{"model": "a+b+c", "parameters": {"weight": 1}}]})

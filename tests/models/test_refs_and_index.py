@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from ferromerge import InputError
-from ferromerge.models import index_model, read_tensors, resolve
+from ferromerge.models.index import index_model, read_tensors
+from ferromerge.models.refs import resolve
 from ferromerge.synth import Family, make_model
 
 COMMIT_A = "a" * 40

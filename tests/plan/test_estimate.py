@@ -7,11 +7,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from ferromerge import _core, estimate
-from ferromerge.run import prepare
+from ferromerge import _core
+from ferromerge._plan import estimate
+from ferromerge._run import prepare
 from ferromerge.synth import Family
 
-from cli_helpers import ties_config
+from helpers.cli import ties_config
 
 
 def test_compute_calibration_runs_the_largest_tensors_method_with_its_parameters_and_dtypes(

@@ -13,11 +13,11 @@ import pytest
 
 import ferromerge
 from ferromerge import ConfigError, InputError
-from ferromerge.models import read_tensors
-from ferromerge.run import prepare
+from ferromerge.models.index import read_tensors
+from ferromerge._run import prepare
 from ferromerge.synth import Family, make_family, save_model
 
-from cli_helpers import read_model, run_cli, write_config
+from helpers.cli import read_model, run_cli, write_config
 
 LAYERS = 4
 
