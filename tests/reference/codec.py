@@ -6,10 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 
-# --------------------------------------------------------------------------------------------------------------
-# dtypes
-# --------------------------------------------------------------------------------------------------------------
-
 DTYPES = ("float32", "float16", "bfloat16")
 STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 #: (explicit mantissa bits, minimum normal exponent) of each dtype

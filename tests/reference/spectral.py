@@ -1,15 +1,14 @@
 """References of ``merge/methods/spectral.rs``: tsv_m, iso_c, iso_cts and star, and ``sensitivity``, the
 amplification of rounding inside their SVDs that the tests' tolerance is built from.
 
-Conventions: inputs are float32 values (already decoded). The SVD-space methods form task vectors ``tau = x - b`` in
-float32 (one IEEE subtraction) and run everything after that in float64 with ``np.linalg.svd`` (LAPACK gesdd);
-TALL / Consensus form them exactly in float64, so their masks are exact and only elements within rounding of a mask
-threshold are left open (``tall.tall_mask_ambiguous``). Every method takes the base and the list of non-base models
-as full tensors of any ndim and returns theta in float64 with the base's shape: 2-D tensors get the SVD treatment,
-every other ndim ``base + alpha·mean(tau)`` (STAR: ``base + mean(tau)``), as the authors' code does for non-matrix
-keys (nik-dim/tall_masks, AntoAndGar/task_singular_vectors, danielm1405/iso-merging, IBM/STAR). Where that code's
-output is undefined (0/0), the choice made here is stated in the docstring. The ``*_tau`` functions take float64
-task vectors and return the merged task vector (before alpha); never calls ferromerge.
+Conventions: inputs are float32 values (already decoded). Task vectors ``tau = x - b`` are formed in float32 (one
+IEEE subtraction) and everything after that runs in float64 with ``np.linalg.svd`` (LAPACK gesdd). Every method takes
+the base and the list of non-base models as full tensors of any ndim and returns theta in float64 with the base's
+shape: 2-D tensors get the SVD treatment, every other ndim ``base + alpha·mean(tau)`` (STAR: ``base + mean(tau)``),
+as the authors' code does for non-matrix keys (AntoAndGar/task_singular_vectors, danielm1405/iso-merging,
+IBM/STAR). Where that code's output is undefined (0/0), the choice made here is stated in the docstring. The
+``*_tau`` functions take float64 task vectors and return the merged task vector (before alpha). Never calls
+ferromerge.
 """
 
 from __future__ import annotations
