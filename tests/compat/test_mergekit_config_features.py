@@ -5,7 +5,7 @@ filters, slices (multi-slice merges, frankenmerges with overlapping and duplicat
 The family is Llama-shaped, float32, 6 layers (hidden 32, intermediate 48, vocab 64), written with the
 ``safetensors`` package: ``base``, ``a``, ``b``, ``c`` (untied lm_head) and ``ta``, ``tb`` (tied: no lm_head,
 ``tie_word_embeddings: true``). Both tools run the same YAML files; mergekit through ``mergekit-yaml`` in one
-interpreter (the driver of test_mergekit_diff.py). float32 math on both sides: ``assert_allclose(rtol=1e-6,
+interpreter (``helpers.mergekit.run_mergekit``). float32 math on both sides: ``assert_allclose(rtol=1e-6,
 atol=1e-7)``, and passthrough must be bit-identical. Run with ``-s`` to see the max differences per case.
 """
 
