@@ -1,10 +1,11 @@
 """ferromerge vs the real mergekit (0.1.5, own virtualenv) on tiny Llama-shaped fp32 model families.
 
 The models (the ``family`` fixture of tests/compat/conftest.py, shapes from ``helpers.mergekit``) are written with
-the ``safetensors`` package (not ferromerge's writer), with a ``LlamaForCausalLM`` config.json: hidden 32, intermediate 48, 2 layers, vocab 64, 4 heads, untied lm_head.
-mergekit runs through its ``mergekit-yaml`` command (click entry point ``mergekit.scripts.run_yaml:main``),
-all configs in one interpreter to pay its ~8 s import once, with ``--no-copy-tokenizer`` (there is no tokenizer).
-ferromerge runs on the same YAML file through ``ferromerge.run``.
+the ``safetensors`` package (not ferromerge's writer), with a ``LlamaForCausalLM`` config.json: hidden 32,
+intermediate 48, 2 layers, vocab 64, 4 heads, untied lm_head. mergekit runs through its ``mergekit-yaml`` command
+(click entry point ``mergekit.scripts.run_yaml:main``), all configs in one interpreter to pay its ~8 s import once,
+with ``--no-copy-tokenizer`` (there is no tokenizer). ferromerge runs on the same YAML file through
+``ferromerge.run``.
 
 Tolerances:
 
