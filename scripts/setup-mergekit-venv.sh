@@ -11,7 +11,7 @@ VENV="${1:-${HOME}/.cache/ferromerge/mergekit-venv}"
 PY="${PYTHON:-python3}"
 # Pinned: docs/compat.md and the differential tests describe this release.
 SPEC="${MERGEKIT_SPEC:-mergekit==0.1.5}"
-# PEFT (a dependency of mergekit) is the peer of tests/test_compat_peft.py: pinned to the release it was checked with.
+# PEFT (a dependency of mergekit) is the peer of tests/compat/test_peft.py: pinned to the release it was checked with.
 PEFT_SPEC="${PEFT_SPEC:-peft==0.21.2}"
 
 if [[ -x "${VENV}/bin/python" ]] && "${VENV}/bin/python" -c "import mergekit.scripts.run_yaml, peft.utils.merge_utils" 2>/dev/null; then
