@@ -6,12 +6,14 @@ and predicts the run's disk, memory and time without writing anything; ``merge_t
 LoRA adapter; ``compress`` and ``decompress`` store a family of fine-tunes as task-vector archives.
 """
 
-from ._core import InputError, MergeError, OutputError, ParameterError, __version__
+from . import _engine
 from ._compress import compress, decompress
-from .errors import ConfigError
 from ._extract_lora import extract_lora
 from ._run import PlanReport, RunReport, plan, run
+from .errors import ConfigError, InputError, MergeError, OutputError, ParameterError
 from .tensors import merge_state_dicts, merge_tensors
+
+__version__ = _engine.version()
 
 __all__ = [
     "ConfigError",

@@ -13,7 +13,7 @@ component (``model.layers.0.self_attn.q_proj`` for ``...q_proj.weight``); its *k
   ``lora_embedding_A`` (r × vocab) / ``lora_embedding_B`` (dim × r) and heads like linear layers; when an
   embedding's shape differs between the models (another vocabulary), ``embed_lora`` is turned off (mergekit's rule).
 * **Linear layers**: every other module whose tensors are a 2-D float ``weight`` (out × in) and optionally a 1-D
-  ``bias``. ΔW = W_ft − W_base in float32 (from the exact stored values) is factorised by ``_core.svd``
+  ``bias``. ΔW = W_ft − W_base in float32 (from the exact stored values) is factorised by ``_engine.svd``
   (randomized, or ``exact``), at most ``rank`` triplets, singular values ≤ ``sv_epsilon`` dropped. With
   ``distribute_scale``: A = √S·Vᵀ, B = U·√S; else A = S·Vᵀ, B = U. The bias delta is saved as ``lora_B.bias``.
   Factors have the models' dtype (float32 when base and fine-tune differ), as mergekit casts them.
@@ -46,27 +46,24 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from . import _core
+from . import _engine
 from ._validate import check_seed, check_threads
 from .errors import InputError, MergeError, ParameterError
-from .models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, _data_layout
-from .models.index import MERGEABLE_DTYPES, ModelIndex, TensorInfo, _natural_key, index_model
+from .io.dtypes import MERGEABLE_DTYPES, RAW, from_f32, to_f32
 from .io.output_dir import OutputDir, check_free_space
-from .io.dtypes import RAW, from_f32, to_f32
+from .io.reader import Header, read_header
 from .io.writer import PlannedTensor, SafetensorsWriter
+from .models.architecture import (
+    CONV1D_MODEL_TYPES,
+    HEADS,
+    INPUT_EMBEDDINGS,
+    PEFT_PREFIX,
+)
+from .models.index import ModelIndex, TensorInfo, index_model, natural_key
+from .models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
-__all__ = ["extract_lora", "INPUT_EMBEDDINGS", "HEADS"]
+__all__ = ["extract_lora"]
 
-PREFIX = "base_model.model."
-#: keys of input embeddings (nn.Embedding in transformers): full rank, or factorised transposed with embed_lora
-INPUT_EMBEDDINGS = frozenset({
-    "embed_tokens", "embed_in", "wte", "wpe", "word_embeddings", "tok_embeddings", "embed_positions",
-    "position_embeddings", "token_type_embeddings",
-})
-#: keys of output heads (nn.Linear over the vocabulary): full rank, or factorised like linear layers with embed_lora
-HEADS = frozenset({"lm_head", "embed_out"})
-#: model types whose linear layers are transformers' Conv1D, stored in × out: PEFT needs fan_in_fan_out for them
-_CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt"})
 #: bytes of float32 rows handled at once when subtracting, measuring errors and copying (bounds memory beyond ΔW)
 BLOCK_BYTES = 64 << 20
 
@@ -181,7 +178,7 @@ def plan_modules(
         )
     groups: dict[str, list[str]] = {}
     # natural name order, not shard order: the adapter does not depend on how the fine-tune is sharded
-    for name in sorted(ft.tensors, key=_natural_key):
+    for name in sorted(ft.tensors, key=natural_key):
         module, dot, _ = name.rpartition(".")
         if not dot:
             raise InputError(f"{ft.tensors[name].file}: tensor {name} belongs to no module (no '.' in its name); a "
@@ -248,7 +245,7 @@ def _check_architecture(ft: ModelIndex) -> None:
         model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
     except (OSError, ValueError, AttributeError):
         return
-    if model_type in _CONV1D_MODEL_TYPES:
+    if model_type in CONV1D_MODEL_TYPES:
         raise InputError(
             f"{config}: model_type {model_type!r} stores its linear layers transposed (transformers' Conv1D); "
             "extract-lora supports nn.Linear layouts (out × in) only"
@@ -280,14 +277,13 @@ class _Reader:
     """Read-only memory maps of stored tensors (safetensors layouts parsed once per file)."""
 
     def __init__(self) -> None:
-        self._layouts: dict[Path, tuple[int, dict[str, tuple[int, int]]]] = {}
+        self._headers: dict[Path, Header] = {}
 
     def _span(self, info: TensorInfo, name: str) -> tuple[int, int]:
-        if info.file not in self._layouts:
-            self._layouts[info.file] = _data_layout(info.file)
-        base, offsets = self._layouts[info.file]
-        start, end = offsets[name]
-        return base + start, end - start
+        if info.file not in self._headers:
+            self._headers[info.file] = read_header(info.file)
+        _, _, start, end = self._headers[info.file].tensors[name]
+        return start, end - start
 
     def raw(self, info: TensorInfo, name: str) -> npt.NDArray[np.uint8]:
         """The stored bytes of a tensor of any dtype."""
@@ -354,8 +350,8 @@ def _rel_error(delta: npt.NDArray[np.float32], b: npt.NDArray[np.float32], a: np
 
 def _factor_keys(module: Module) -> tuple[str, str]:
     if module.kind == "embed_lora":
-        return f"{PREFIX}{module.name}.lora_embedding_A", f"{PREFIX}{module.name}.lora_embedding_B"
-    return f"{PREFIX}{module.name}.lora_A.weight", f"{PREFIX}{module.name}.lora_B.weight"
+        return f"{PEFT_PREFIX}{module.name}.lora_embedding_A", f"{PEFT_PREFIX}{module.name}.lora_embedding_B"
+    return f"{PEFT_PREFIX}{module.name}.lora_A.weight", f"{PEFT_PREFIX}{module.name}.lora_B.weight"
 
 
 def _planned(base: ModelIndex, ft: ModelIndex, modules: Sequence[Module], rank: int, reader: _Reader
@@ -366,7 +362,7 @@ def _planned(base: ModelIndex, ft: ModelIndex, modules: Sequence[Module], rank: 
         if m.kind == "save":
             for name in m.tensors:
                 info = ft.tensors[name]
-                out.append(PlannedTensor(PREFIX + name, info.dtype, info.shape, reader._span(info, name)[1]))
+                out.append(PlannedTensor(PEFT_PREFIX + name, info.dtype, info.shape, reader._span(info, name)[1]))
         elif m.kind in ("lora", "embed_lora"):
             info = ft.tensors[m.weight]
             dtype = _out_dtype(base.tensors[m.weight], info)
@@ -378,7 +374,7 @@ def _planned(base: ModelIndex, ft: ModelIndex, modules: Sequence[Module], rank: 
             out.append(PlannedTensor.of(key_b, dtype, (rows, r)))
             if m.bias is not None:
                 bdt = _out_dtype(base.tensors[m.bias], ft.tensors[m.bias])
-                out.append(PlannedTensor.of(f"{PREFIX}{m.name}.lora_B.bias", bdt, (rows,)))
+                out.append(PlannedTensor.of(f"{PEFT_PREFIX}{m.name}.lora_B.bias", bdt, (rows,)))
     return out
 
 
@@ -405,7 +401,7 @@ def _factorise(
         # PEFT's Embedding LoRA: W' = W + (B·A)ᵀ with A r × vocab, B dim × r
         delta = np.ascontiguousarray(delta.T)
     try:
-        u, s, vt = _core.svd(delta, name=module.weight, **svd_args)
+        u, s, vt = _engine.svd(delta, name=module.weight, **svd_args)
     except MergeError as e:
         raise type(e)(f"{info.file}: tensor {module.weight}: {e}") from None
     s = np.asarray(s, np.float32)
@@ -429,7 +425,7 @@ def _factorise(
     error = _rel_error(delta, to_f32(b_st, dtype), to_f32(a_st, dtype))
     if module.bias is not None:
         bdt = _out_dtype(base.tensors[module.bias], ft.tensors[module.bias])
-        writer.add(f"{PREFIX}{module.name}.lora_B.bias", bdt, ft.tensors[module.bias].shape,
+        writer.add(f"{PEFT_PREFIX}{module.name}.lora_B.bias", bdt, ft.tensors[module.bias].shape,
                    from_f32(_delta(reader, base, ft, module.bias), bdt))
     return _Factored(int(s.size) if s.size else 1, error)
 
@@ -439,7 +435,7 @@ def _copy(module: Module, ft: ModelIndex, reader: _Reader, writer: SafetensorsWr
     for name in module.tensors:
         info = ft.tensors[name]
         raw = reader.raw(info, name)
-        writer.begin(PREFIX + name, info.dtype, info.shape)
+        writer.begin(PEFT_PREFIX + name, info.dtype, info.shape)
         for i in range(0, raw.size, BLOCK_BYTES):
             writer.write(raw[i : i + BLOCK_BYTES])
 
@@ -481,7 +477,7 @@ def _readme(base: str, finetuned: str, out: Path, summary: dict[str, Any], param
         "---",
         f"# {out.name}",
         "",
-        f"A LoRA adapter extracted by ferromerge {_core.__version__} from the difference between `{finetuned}` "
+        f"A LoRA adapter extracted by ferromerge {_engine.version()} from the difference between `{finetuned}` "
         f"(fine-tuned) and `{base}` (base).",
         "",
         f"- rank r = {summary['r']} over {len(summary['ranks'])} modules ({', '.join(summary['target_modules'])}); "

@@ -12,14 +12,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import _core
-from .models import lora
+from . import _engine
+from ._plan.build import DEFAULT_SHARD_SIZE, Plan, build_plan
+from ._plan.estimate import Estimate, estimate
+from ._validate import check_seed, check_threads, parse_size
 from .config.resolve import MergeConfig, load_config
-from .tokenizer.embed import write_permuted
 from .errors import ParameterError
-from .methods.spec import MethodSpec
-from .models.index import ModelIndex
 from .io.output_dir import OutputDir, check_free_space
+from .methods.spec import MethodSpec
+from .models import lora
+from .models.index import ModelIndex
 from .output_files import (
     config_updates,
     copy_tokenizer,
@@ -29,12 +31,10 @@ from .output_files import (
     write_model_config,
     write_tokenizer,
 )
-from ._plan.build import DEFAULT_SHARD_SIZE, Plan, build_plan
-from ._validate import check_seed, check_threads, parse_size
-from ._plan.estimate import Estimate, estimate
 from .progress import ProgressBar
-from .torch_spectral import check_device, make_hook, torch_unavailable_reason
 from .tokenizer.chat_template import chat_template
+from .tokenizer.embed import write_permuted
+from .torch_spectral import check_device, make_hook, torch_unavailable_reason
 
 #: the directory inside the output's temporary directory that holds the permuted embeddings during the merge
 SCRATCH = ".vocab-scratch"
@@ -43,7 +43,7 @@ ProgressCallback = Callable[[int, int, int, int], None]
 
 #: the engine's smallest memory budget; checked here too so that a bad value fails before the models are indexed,
 #: and ``ferromerge plan`` rejects what ``run`` would
-MIN_MEMORY_LIMIT = _core.MIN_MEMORY_LIMIT
+MIN_MEMORY_LIMIT = _engine.MIN_MEMORY_LIMIT
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def _log(quiet: bool) -> Callable[[str], None]:
 
 def memory_limit_bytes(memory_limit: str | int | None) -> int | None:
     """The memory budget in bytes from a size (``_validate.parse_size``: "8GiB", "500M", an int); None stays None
-    (the engine's default, ``_core.default_memory_limit()``). Below 64 MiB is a ``ParameterError``."""
+    (the engine's default, ``_engine.default_memory_limit()``). Below 64 MiB is a ``ParameterError``."""
     if memory_limit is None:
         return None
     limit = parse_size(memory_limit, "memory limit")
@@ -206,7 +206,7 @@ def _merge_tensors(
         if plan.permuted:
             scratch.mkdir()
             write_permuted(plan.permuted, log)
-        return _core.execute_plan(plan.to_json(), str(out), _progress(bar, on_progress), threads, limit, hook)
+        return _engine.execute(plan.to_json(), str(out), _progress(bar, on_progress), threads, limit, hook)
     finally:
         if bar is not None:
             bar.close()
@@ -236,7 +236,7 @@ def _write_side_files(out: Path, config: MergeConfig, plan: Plan, seed: int, log
     resolved = config.resolved()
     resolved["sources"] = {m.ref: str(m.path) for m in plan.models}
     resolved["seed"] = seed
-    resolved["ferromerge_version"] = _core.__version__
+    resolved["ferromerge_version"] = _engine.version()
     write_configs(out, config.text, resolved)
 
 
@@ -261,7 +261,7 @@ def run(
     inputs, config and seed). ``out_shard_size``: bytes per output shard ("5B" = 5e9, as in mergekit).
     ``on_progress(tensors_done, tensors_total, bytes_done, bytes_total)`` is called after each tensor; an exception
     it raises aborts the run. ``memory_limit`` (bytes or a size such as "2GiB", at least 64 MiB; None =
-    ``_core.default_memory_limit()``) bounds what the engine keeps resident; it never changes the output. Raises
+    ``_engine.default_memory_limit()``) bounds what the engine keeps resident; it never changes the output. Raises
     ``OutputError`` before merging when the output's filesystem lacks room for the shards (+1%). On any failure
     (or Ctrl-C) ``out_dir`` is left absent, never partial. ``lora_merge_cache``: where ``model+lora`` models are
     merged to (kept and reused across runs); None = inside the output's temporary directory, removed after the merge.

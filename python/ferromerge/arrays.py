@@ -7,20 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from ._core import InputError, ParameterError
-
-_DTYPE_ALIASES = {
-    "float32": "float32",
-    "fp32": "float32",
-    "f32": "float32",
-    "float": "float32",
-    "float16": "float16",
-    "fp16": "float16",
-    "f16": "float16",
-    "half": "float16",
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-}
+from .errors import InputError, ParameterError
+from .io.dtypes import API_DTYPE_SPELLINGS
 
 
 def is_torch(x: Any) -> bool:
@@ -41,8 +29,8 @@ def dtype_name(dtype: Any, what: str = "dtype") -> str | None:
         return None
     if isinstance(dtype, str):
         key = dtype.lower().removeprefix("torch.")
-        if key in _DTYPE_ALIASES:
-            return _DTYPE_ALIASES[key]
+        if key in API_DTYPE_SPELLINGS:
+            return API_DTYPE_SPELLINGS[key]
         raise ParameterError(f"{what}: unsupported dtype {dtype!r}; use float32, float16 or bfloat16")
     if is_torch(dtype):
         return dtype_name(str(dtype), what)

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from ._run import RunReport, run
 from .errors import OutputError
 from .models.index import read_tensors
-from ._run import RunReport, run
 from .synth import make_family
 
 MARKER = ".ferromerge-demo"

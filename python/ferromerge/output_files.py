@@ -1,11 +1,7 @@
-"""The output directory: built in a temporary directory beside the target and renamed onto it when complete.
-
-A failed or interrupted run removes its temporary directory and leaves no target, so an output directory that
-exists is always complete. Partial directories of killed runs are found and removed on the next run. Besides
-the shards, the output gets the shard index, the reference model's ``config.json`` (dtype, and for slices the
-layer count, updated), its
-tokenizer files, the config as given (``mergekit_config.yml``, as mergekit names it) and the resolved merge
-(``ferromerge_config.yml``).
+"""The output model's side files, besides the shards: the shard index, the reference model's ``config.json``
+(dtype, and for slices the layer count, updated), its tokenizer files (or the aligned vocabulary's), the chat
+template, the config as given (``mergekit_config.yml``, as mergekit names it) and the resolved merge
+(``ferromerge_config.yml``). The directory they go into is ``io.output_dir.OutputDir``'s.
 """
 
 from __future__ import annotations
@@ -17,10 +13,11 @@ from typing import Any
 
 import yaml
 
-from .errors import OutputError
-from .models.layers import LAYER_COUNT_KEYS, declared_layers, read_model_config
-from .models.index import ModelIndex
 from ._plan.build import Plan
+from .errors import OutputError
+from .models.architecture import LAYER_COUNT_KEYS
+from .models.index import ModelIndex
+from .models.layers import declared_layers, read_model_config
 from .tokenizer.vocab import Vocabulary
 
 #: copied from the reference model when present (mergekit copies the tokenizer of the base or first model too)

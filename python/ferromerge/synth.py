@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from . import _core
+from . import _engine
+from .io.dtypes import ST_NAME, from_f32
 
 Array = npt.NDArray[np.float32]
 
@@ -44,20 +45,12 @@ class Family:
     finetunes: list[Path]
 
 
-def to_bf16_bits(x: npt.ArrayLike) -> npt.NDArray[np.uint16]:
-    """float32 -> bfloat16 bit patterns, rounding to nearest even (finite inputs)."""
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-
-
 def _encode(x: Array, dtype: str) -> npt.NDArray[Any]:
-    if dtype == "float32":
-        return np.ascontiguousarray(x, dtype=np.float32)
-    if dtype == "float16":
-        return np.ascontiguousarray(x, dtype=np.float16)
-    if dtype == "bfloat16":
-        return to_bf16_bits(x)
-    raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
+    """float32 values stored as ``dtype`` (a mergekit name), rounded by ``io.dtypes``' codec (bfloat16 as bits)."""
+    if dtype not in ST_NAME:
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
+    # ascontiguousarray makes a 0-d value a 1-element vector, as synthetic models have always stored it
+    return from_f32(np.ascontiguousarray(x, dtype=np.float32), ST_NAME[dtype])
 
 
 def llama_shapes(shape: Shape) -> dict[str, tuple[int, ...]]:
@@ -256,7 +249,7 @@ def save_model(
         }
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
     for file, group in zip(names, groups, strict=False):
-        _core.save_file(str(out / file), {t: (x, dtype) for t, x in group.items()}, {"format": "pt"})
+        _engine.save_file(str(out / file), {t: (x, dtype) for t, x in group.items()}, {"format": "pt"})
     if config is not None:
         (out / "config.json").write_text(json.dumps(dict(config), indent=2), encoding="utf-8")
     if tokenizer is not None:

@@ -41,11 +41,11 @@ from typing import Any
 
 import numpy as np
 
-from . import _core
+from . import _engine
 from . import methods as _methods
-from ._core import InputError, ParameterError
 from ._validate import check_seed
 from .arrays import FlatArray, as_array, dtype_name, give_back, is_torch
+from .errors import InputError, ParameterError
 
 __all__ = ["merge_tensors", "merge_state_dicts"]
 
@@ -173,27 +173,23 @@ def _merge_flat(
     chunk_elems: int | None,
     model_ids: Sequence[int] | None = None,
 ) -> np.ndarray:
-    k = r.kernel
+    k = _methods.kernel_for_tensor(r.spec, r.kernel, r.shared or {}, name)
     params = k.get("params")
-    if _methods.mean_only(r.spec, r.shared or {}, name):
-        params = {**(params or {}), "mean_only": 1.0}
-    return _core.merge_arrays(
-        k["name"],
+    extra = _methods.kernel_kwargs(r.spec, shape=shape, params=params, gammas=r.gammas, epsilons=r.epsilons)
+    method = {key: value for key, value in k.items() if key != "params"}
+    if "params" in extra:
+        method["params"] = extra["params"]
+    return _engine.merge_arrays(
+        method,
         [a.flat for a in inputs],
         None if base is None else base.flat,
-        list(r.weights),
-        list(r.densities),
+        _engine.input_values(r.weights, r.densities, extra.get("gammas"), extra.get("epsilons"), model_ids),
         out_dtype=out_dtype,
-        normalize=k["normalize"],
         cast_dtype=cast,
-        lambda_=k["lambda"],
-        rescale=k["rescale"],
-        seed=k["seed"],
         name=name,
-        model_ids=None if model_ids is None else list(model_ids),
+        shape=extra.get("shape"),
         threads=threads,
         chunk_elems=chunk_elems,
-        **_methods.kernel_kwargs(r.spec, shape=shape, params=params, gammas=r.gammas, epsilons=r.epsilons),
     )
 
 

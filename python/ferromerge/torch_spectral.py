@@ -1,6 +1,6 @@
 """The torch hand-off of the SVD-space methods (``tsv_m``, ``iso_c``, ``iso_cts``, ``star``), for ``--device cuda``.
 
-``_core.execute_plan(..., external=hook)`` offers every tensor to ``hook(name, method, shape, params, seed,
+``_engine.execute(..., external_merge=hook)`` offers every tensor to ``hook(name, method, shape, params, seed,
 n_inputs, load)`` before its Rust kernel runs. The hook made here takes the 2-D tensors of those four methods and
 returns theta (base included, float32, ``shape``); for anything else (and for matrices whose ``mean_only`` parameter
 is set: the config's ``exclude``) it returns None and the Rust kernels run.
@@ -29,27 +29,17 @@ import hashlib
 import re
 import threading
 import warnings
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._core import ParameterError
+from . import methods
+from .errors import ParameterError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-#: the methods the hook takes (2-D tensors only)
-TORCH_METHODS = frozenset({"tsv_m", "iso_c", "iso_cts", "star"})
-
-#: parameter defaults (the method registry passes every parameter; these cover a hook called directly)
-DEFAULTS = {
-    "alpha": 1.0,
-    "exact_svd": 0.0,
-    "oversample": 10.0,
-    "power_iters": 2.0,
-    "common_space_fraction": 0.8,
-    "eta": 40.0,
-}
 
 _DEVICE_RE = re.compile(r"^(?:cpu|torch:cpu|cuda|cuda:(\d+))$")
 
@@ -295,6 +285,8 @@ def star(torch: Any, tasks: _Tasks, params: dict, seed: int) -> "torch.Tensor":
 
 
 _METHODS = {"tsv_m": tsv_m, "iso_c": iso_c, "iso_cts": iso_cts, "star": star}
+#: the methods the hook takes (2-D tensors only)
+TORCH_METHODS = frozenset(_METHODS)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -312,7 +304,8 @@ def merge_tensor(device: "torch.device", name: str, method: str, shape: tuple[in
         return None
     import torch
 
-    p = {**DEFAULTS, **{k: float(v) for k, v in (params or {}).items()}}
+    # the planner passes every parameter; the registry's defaults cover a hook called directly
+    p = {**methods.get(method).kernel_param_defaults(), **{k: float(v) for k, v in (params or {}).items()}}
     with torch.inference_mode():
         tasks = _Tasks(torch, device, load, int(n_inputs), shape)
         tau = _METHODS[method](torch, tasks, p, sketch_seed(seed, name))
@@ -324,7 +317,7 @@ def merge_tensor(device: "torch.device", name: str, method: str, shape: tuple[in
 
 
 def make_hook(device: str) -> Hook:
-    """The ``external`` hook of ``_core.execute_plan`` for ``device`` (``cuda``, ``cuda:N`` or ``torch:cpu``).
+    """The external merge (``_engine.execute(..., external_merge=)``) for ``device`` (``cuda``, ``cuda:N`` or ``torch:cpu``).
 
     Raises ``ParameterError`` when the device cannot run torch (``torch_device``/``torch_unavailable_reason``
     first, to fall back with a warning instead)."""

@@ -28,8 +28,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from ferromerge import methods  # noqa: E402
 from ferromerge import torch_spectral as tp  # noqa: E402
-from ferromerge._core import ParameterError  # noqa: E402
+from ferromerge.errors import ParameterError  # noqa: E402
 from reference import (
     arrays,  # noqa: E402
     linalg,  # noqa: E402
@@ -316,7 +317,7 @@ def test_hook_declines_excluded_matrices():
 def test_hook_uses_defaults_for_missing_parameters():
     base, xs = family(13, (20, 16), 2)
     for method in ("iso_cts", "star", "iso_c"):
-        defaults = {k: tp.DEFAULTS[k] for k in REF_KEYS[method]}
+        defaults = {k: methods.get(method).kernel_param_defaults()[k] for k in REF_KEYS[method]}
         got = run(method, base, xs, {})
         assert got.tobytes() == run(method, base, xs, defaults).tobytes()
         assert_close(got, method, base, xs, defaults, context=f"{method} defaults")

@@ -8,11 +8,11 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import struct
 from pathlib import Path
 from typing import Any
 
 from ..errors import InputError, OutputError
+from ..io.reader import read_header
 from ..models.index import INDEX_FILE, ModelIndex, index_model
 
 FORMAT = "ferromerge-compress"
@@ -49,10 +49,7 @@ def sha256_file(path: Path) -> str:
 
 def _header_sha256(file: Path) -> str:
     """sha256 of a shard's 8 length bytes and JSON header: names, dtypes, shapes and offsets of every tensor."""
-    with open(file, "rb") as f:
-        head = f.read(8)
-        (n,) = struct.unpack("<Q", head)
-        return hashlib.sha256(head + f.read(n)).hexdigest()
+    return hashlib.sha256(read_header(file).raw).hexdigest()
 
 
 def base_fingerprint(base: ModelIndex) -> list[dict[str, Any]]:

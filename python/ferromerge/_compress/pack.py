@@ -3,10 +3,10 @@
 An archive stores each fine-tune's task vector τ_t = θ_t − θ0 in a small form and references the base θ0 (it is
 not copied): rebuilding needs the same base. Two schemes:
 
-* ``lowrank`` (TSV-C, methods.md §2.10): each 2-D τ_t is truncated to rank r by ``_core.svd`` (randomized by
+* ``lowrank`` (TSV-C: Gargiulo et al., Task Singular Vectors, CVPR 2025; code: AntoAndGar/task_singular_vectors): each 2-D τ_t is truncated to rank r by ``_engine.svd`` (randomized by
   default, ``exact`` for the thin SVD). r is ``rank``, or ``fraction`` of min(m, n), or the smallest rank keeping
   ``energy`` of ||τ_t||²_F; by default r = ⌊min(m, n)/T⌋ (T models), TSV-C's k. Rebuilt θ_t = θ0 + U·V.
-* ``tall`` (TALL masks, methods.md §2.7): τ_MTL = Σ_t τ_t, and per model the mask
+* ``tall`` (TALL masks: Wang et al., Localizing Task Information for Improved Model Merging and Compression, ICML 2024; code: nik-dim/tall_masks): τ_MTL = Σ_t τ_t, and per model the mask
   m_t = |τ_t| > λ·|τ_MTL − τ_t| (elementwise, strict, float32, λ = ``tall_mask_lambda``, 0.4), bit-packed.
   Rebuilt θ_t = θ0 + m_t ⊙ τ_MTL, on every float tensor (1-D too).
 
@@ -61,7 +61,15 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .. import _core
+from .. import _engine
+from .._validate import check_positive_int, check_seed, check_threads, format_bytes
+from ..errors import InputError, ParameterError
+from ..io.dtypes import ITEMSIZE, MERGEABLE_DTYPES, ST_NAME, from_f32, numel, to_f32
+from ..io.output_dir import OutputDir, check_free_space
+from ..io.reader import ShardReader, row_blocks
+from ..io.writer import PlannedTensor, SafetensorsWriter
+from ..models.index import INDEX_FILE, ModelIndex, TensorInfo, index_model
+from ..output_files import write_index
 from .archive import (
     FORMAT,
     MANIFEST,
@@ -80,18 +88,10 @@ from .archive import (
     verify_archive_file,
     write_manifest,
 )
-from ..errors import InputError, ParameterError
-from ..models.index import INDEX_FILE, ModelIndex, TensorInfo, index_model
-from ..io.output_dir import OutputDir, check_free_space
-from ..output_files import write_index
-from .._validate import check_positive_int, check_seed, check_threads, format_bytes
-from ..io.dtypes import ITEMSIZE, ST_NAME, from_f32, numel, to_f32
-from ..io.reader import ShardReader, row_blocks
-from ..io.writer import PlannedTensor, SafetensorsWriter
 
 #: elements per row block (4 MiB per float32 array; tall keeps one such block per model), whatever the tensor's size
 BLOCK_ELEMS = 1 << 20
-FLOATS = ("F32", "F16", "BF16")
+FLOATS = tuple(MERGEABLE_DTYPES)
 _SAFETENSORS_META = {"format": "pt"}
 
 F32 = npt.NDArray[np.float32]
@@ -222,7 +222,7 @@ def _check_family(base: ModelIndex, models: list[ModelIndex]) -> None:
 
 def _names(refs: Sequence[str], models: list[ModelIndex]) -> list[str]:
     """Each model's name in the archive: its directory name (a hub reference as given), made unique."""
-    names = []
+    names: list[str] = []
     for ref, m in zip(refs, models, strict=True):
         name = m.path.name if Path(ref).expanduser().is_dir() else ref
         names.append(name if name not in names else f"{name}-{len(names)}")
@@ -368,7 +368,7 @@ class _Compressor:
             self.store_whole(i, name, info)
             return {"kind": "full", "error": 0.0, "delta_norm": 0.0}
         m, n = info.shape
-        u, s, vt = _core.svd(delta, **self._rank_args(info.shape), exact=self.opts.exact, seed=self.opts.seed,
+        u, s, vt = _engine.svd(delta, **self._rank_args(info.shape), exact=self.opts.exact, seed=self.opts.seed,
                              name=name, threads=self.opts.threads)
         del delta
         r = int(s.shape[0])

@@ -2,35 +2,31 @@
 
 Which output tensors exist and which model tensors feed them is ``layout``'s job; this module checks that those
 tensors line up (float dtypes, equal shapes: mismatches are ``InputError``s naming the model, file and tensor,
-raised before anything is written), resolves every parameter for every tensor (``params``: filters see the output
-name for method-wide parameters and each model's own tensor name for per-model ones), and cuts the output into
-shards.
+raised before anything is written), resolves every parameter for every tensor (``config.settings``: filters see
+the output name for method-wide parameters and each model's own tensor name for per-model ones), and cuts the
+output into shards.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from collections.abc import Mapping
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .. import methods
+from .._validate import format_bytes, parse_size
 from ..config import settings as params
 from ..config.resolve import InputModel, MergeConfig, OutputSlice
-from ..tokenizer.embed import Aligner, PermutedTensor, is_vocab_tensor
 from ..errors import ConfigError, InputError
-from .._validate import format_bytes, parse_size
-from .layout import Job, Layout, build_layout, tensor_of
-from ..models.index import MERGEABLE_DTYPES, ModelIndex, TensorInfo
+from ..io.dtypes import ITEMSIZE, MERGEABLE_DTYPES, ST_NAME
+from ..models.architecture import is_vocab_tensor
+from ..models.index import ModelIndex, TensorInfo
+from ..tokenizer.embed import Aligner, PermutedTensor
 from ..tokenizer.vocab import Vocabulary, build_vocabulary
-
-_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
-
-#: tensors whose first axis is the vocabulary
-_VOCAB_TENSOR = re.compile(r"(^|\.)(embed_tokens|lm_head|wte|word_embeddings|embed_in|embed_out)(\.|$)")
+from .layout import Job, Layout, build_layout, tensor_of
 
 DEFAULT_SHARD_SIZE = "5B"
 
@@ -78,12 +74,12 @@ class PlanTensor:
 
     @property
     def bytes_out(self) -> int:
-        return self.numel * _ITEMSIZE[self.out_dtype]
+        return self.numel * ITEMSIZE[ST_NAME[self.out_dtype]]
 
     @property
     def bytes_in(self) -> int:
         infos = [i.info for i in self.inputs] + ([self.base.info] if self.base is not None else [])
-        return sum(self.numel * _ITEMSIZE[MERGEABLE_DTYPES[i.dtype]] for i in infos)
+        return sum(self.numel * ITEMSIZE[i.dtype] for i in infos)
 
 
 @dataclass
@@ -98,7 +94,7 @@ class Shard:
 
 @dataclass(frozen=True)
 class Plan:
-    """Everything the engine needs; ``to_json`` is the input of ``_core.execute_plan``."""
+    """Everything the engine needs; ``to_json`` is the input of ``_engine.execute``."""
 
     #: the method's name (as configured) and seed, for the summary
     method: dict[str, Any]
@@ -115,7 +111,7 @@ class Plan:
     remarks: tuple[str, ...] = ()
     #: the output vocabulary when the config aligns vocabularies (``tokenizer`` / ``tokenizer_source``)
     vocabulary: Vocabulary | None = None
-    #: the vocabulary tensors' permuted sources, to write (``embeddings.write_permuted``) before the engine runs
+    #: the vocabulary tensors' permuted sources, to write (``tokenizer.embed.write_permuted``) before the engine runs
     permuted: tuple[PermutedTensor, ...] = ()
 
     @property
@@ -239,7 +235,7 @@ def _source(
     models: Mapping[str, ModelIndex], job: Job, model: InputModel, template: PlanSource, aligned: bool = False
 ) -> PlanSource:
     """The tensor ``model`` contributes to ``job``, checked against the template's dtype and shape (``aligned``:
-    a vocabulary tensor whose rows are laid out anew, checked by ``embeddings.Aligner``)."""
+    a vocabulary tensor whose rows are laid out anew, checked by ``tokenizer.embed.Aligner``)."""
     index = models[model.ref]
     wanted = job.names[model.ref]
     name = tensor_of(index, wanted)
@@ -296,8 +292,7 @@ def _plan_tensor(
     kernel = kernels.get(key)
     if kernel is None:
         kernel = kernels[key] = methods.kernel_spec(method, shared, seed)
-    if methods.mean_only(method, shared, job.out):
-        kernel = {**kernel, "params": {**kernel["params"], "mean_only": 1.0}}
+    kernel = methods.kernel_for_tensor(method, kernel, shared, job.out)
     out_dtype = config.out_dtype or config.dtype or MERGEABLE_DTYPES[template.info.dtype]
     shape = template.info.shape
     if aligned:
@@ -374,7 +369,7 @@ def _check_dtype(model: ModelIndex, name: str, info: TensorInfo) -> None:
 
 def _shape_error(name: str, info: TensorInfo, template: PlanSource) -> None:
     ref_info = template.info
-    if _VOCAB_TENSOR.search(name) and len(info.shape) == len(ref_info.shape) and info.shape[1:] == ref_info.shape[1:]:
+    if is_vocab_tensor(name) and len(info.shape) == len(ref_info.shape) and info.shape[1:] == ref_info.shape[1:]:
         raise InputError(
             f"{info.file}: tensor {name} has shape {list(info.shape)} but {ref_info.file} has {list(ref_info.shape)}: "
             f"a vocabulary-size mismatch ({info.shape[0]} vs {ref_info.shape[0]} tokens); align the vocabularies with "

@@ -23,11 +23,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .. import _core, methods
-from ..models.index import MERGEABLE_DTYPES
+from .. import _engine, methods
+from .._validate import format_bytes
+from ..io.dtypes import MERGEABLE_DTYPES
 from ..io.output_dir import SPACE_MARGIN, free_space
 from .build import Plan, PlanTensor
-from .._validate import format_bytes
 
 #: elements per model of the compute calibration: large enough to amortise the per-call overhead, small enough
 #: to stay in tens of milliseconds
@@ -38,9 +38,6 @@ READ_SECONDS = 0.25
 #: faster than this, a "disk" read is served from memory (no SSD sustains it through a single sequential reader)
 PAGE_CACHE_RATE = 4e9
 
-# Each engine worker holds (inputs + 5) f32 buffers of one chunk; the chunk size itself comes from the engine
-# (`_core.chunk_elems`), so the two cannot drift apart.
-_SCRATCH_BUFFERS = 5
 #: elements of the warm-up call (it starts the thread pool)
 _WARM_UP_ELEMS = 1 << 16
 
@@ -105,25 +102,15 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
-def _inputs_of(t: PlanTensor) -> int:
-    # The engine counts the base slot for every tensor (rust/core/src/exec.rs: inputs + 1).
-    return len(t.inputs) + 1
-
-
 def peak_memory(plan: Plan, memory_limit: int, threads: int) -> tuple[int, PlanTensor, int, int]:
-    """The resident-memory bound (module docstring) with the largest tensor, the read-ahead and scratch bytes."""
-    largest = max(plan.tensors, key=lambda t: t.bytes_in)
-    read_ahead = memory_limit // 4
-    models = max(_inputs_of(t) for t in plan.tensors)
-    buffers = threads * (models + _SCRATCH_BUFFERS)
-    scratch = buffers * _core.chunk_elems(memory_limit, threads, models) * 4
-    # spectral methods (tsv_m, ...) hold whole matrices and their factors on top (the engine refuses a run where
-    # one does not fit the budget)
-    working = max(
-        (_core.working_bytes(t.method["name"], list(t.shape), t.method.get("params")) for t in plan.tensors), default=0
-    )
-    bound = largest.bytes_in + read_ahead + scratch + working
-    return min(memory_limit, bound), largest, read_ahead, scratch
+    """The resident-memory bound (module docstring) with the largest tensor, the read-ahead and scratch bytes, as
+    the engine plans them (``_engine.memory_plan``: rust/core/src/exec/budget.rs)."""
+    needs: list[_engine.TensorNeeds] = [
+        {"input_bytes": t.bytes_in, "inputs": len(t.inputs), "method": t.method, "shape": t.shape}  # type: ignore[typeddict-item]
+        for t in plan.tensors
+    ]
+    memory = _engine.memory_plan(memory_limit, threads, needs)
+    return memory["peak"], plan.tensors[memory["largest"]], memory["read_ahead"], memory["scratch"]
 
 
 def _synthetic(rng: np.random.Generator, n: int, dtype: str) -> npt.NDArray[Any]:
@@ -136,7 +123,7 @@ def _synthetic(rng: np.random.Generator, n: int, dtype: str) -> npt.NDArray[Any]
 
 
 def compute_rate(plan: Plan, tensor: PlanTensor, threads: int | None, elems: int = CALIBRATION_ELEMS) -> float:
-    """Input bytes per second that ``_core.merge_arrays`` merges with ``tensor``'s method, parameters, model count
+    """Input bytes per second that ``_engine.merge_arrays`` merges with ``tensor``'s method, parameters, model count
     and dtypes, timed on ``elems`` synthetic elements per model."""
     rng = np.random.default_rng(0)
     dtypes = [MERGEABLE_DTYPES[i.info.dtype] for i in tensor.inputs]
@@ -147,33 +134,36 @@ def compute_rate(plan: Plan, tensor: PlanTensor, threads: int | None, elems: int
     row = tensor.shape[-1] if len(tensor.shape) >= 2 and spec.row_wise else None
 
     def merge(n: int) -> tuple[int, float]:
-        shape = None if row is None else [max(1, n // row), row]
-        if shape is not None:
+        shape = None
+        if row is not None:
+            shape = [max(1, n // row), row]
             n = shape[0] * row
         inputs = [_synthetic(rng, n, d) for d in dtypes]
         base = None if base_dtype is None else _synthetic(rng, n, base_dtype)
         start = time.perf_counter()
-        _core.merge_arrays(
-            k["name"],
+        extra = methods.kernel_kwargs(
+            spec,
+            shape=shape,
+            params=k.get("params"),
+            gammas=[i.gamma for i in tensor.inputs],
+            epsilons=[i.epsilon for i in tensor.inputs],
+        )
+        method = {key: value for key, value in k.items() if key != "params"}
+        if "params" in extra:
+            method["params"] = extra["params"]
+        _engine.merge_arrays(
+            method,
             inputs,
             base,
-            [i.weight for i in tensor.inputs],
-            [i.density for i in tensor.inputs],
-            out_dtype=tensor.out_dtype,
-            normalize=k["normalize"],
-            cast_dtype=plan.cast_dtype,
-            lambda_=k["lambda"],
-            rescale=k["rescale"],
-            seed=k["seed"],
-            name=tensor.name,
-            threads=threads,
-            **methods.kernel_kwargs(
-                spec,
-                shape=shape,
-                params=k.get("params"),
-                gammas=[i.gamma for i in tensor.inputs],
-                epsilons=[i.epsilon for i in tensor.inputs],
+            _engine.input_values(
+                [i.weight for i in tensor.inputs], [i.density for i in tensor.inputs], extra.get("gammas"),
+                extra.get("epsilons"),
             ),
+            out_dtype=tensor.out_dtype,
+            cast_dtype=plan.cast_dtype,
+            name=tensor.name,
+            shape=extra.get("shape"),
+            threads=threads,
         )
         seconds = time.perf_counter() - start
         return sum(a.nbytes for a in inputs) + (0 if base is None else base.nbytes), seconds
@@ -210,9 +200,9 @@ def estimate(
     memory_limit: int | None = None,
 ) -> Estimate:
     """Disk, peak memory and time of running ``plan`` into ``out_dir`` (None: some directory in the current one)
-    with ``threads`` (None: all cores) and ``memory_limit`` bytes (None: ``_core.default_memory_limit()``); reads
+    with ``threads`` (None: all cores) and ``memory_limit`` bytes (None: ``_engine.default_memory_limit()``); reads
     at most ``READ_BYTES`` of one input file."""
-    budget = _core.default_memory_limit() if memory_limit is None else memory_limit
+    budget = _engine.default_memory_limit() if memory_limit is None else memory_limit
     workers = threads or default_threads()
     peak, largest, read_ahead, scratch = peak_memory(plan, budget, workers)
     target = Path.cwd() if out_dir is None else Path(out_dir).expanduser().absolute()

@@ -16,23 +16,16 @@ output gets an explicit lm_head (``Layout.untied_head``).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from ..models import layers
-from . import modules
 from ..config.resolve import InputModel, MergeConfig, OutputSlice
-from ..errors import InputError
-from ..models.index import ModelIndex
 from ..config.settings import layer_t
-
-#: output heads that may be tied to the input embedding
-_HEAD = re.compile(r"(^|\.)lm_head\.weight$")
-#: input embeddings an untied head can be fed from
-_EMBED = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|tok_embeddings|embed_in)\.weight$")
-#: non-layer tensors that mergekit plans before the layers (from the first slice); the rest come after
-_PRE = re.compile(r"(^|\.)(embed_tokens|embed_in|embed_positions|wte|wpe|tok_embeddings|embeddings)(\.|$)")
+from ..errors import InputError
+from ..models import layers
+from ..models.architecture import HEAD_WEIGHT, INPUT_EMBEDDING_WEIGHT, PRE_LAYER_TENSOR
+from ..models.index import ModelIndex
+from . import modules
 
 
 @dataclass(frozen=True)
@@ -64,12 +57,12 @@ class Layout:
 
 
 def is_head(name: str) -> bool:
-    return _HEAD.search(name) is not None
+    return HEAD_WEIGHT.search(name) is not None
 
 
 def tied_embedding(model: ModelIndex) -> str | None:
     """The input embedding a model without lm_head ties its head to (None when it has no single one)."""
-    found = [n for n in model.tensors if _EMBED.search(n) and layers.parse(n) is None]
+    found = [n for n in model.tensors if INPUT_EMBEDDING_WEIGHT.search(n) and layers.parse(n) is None]
     return found[0] if len(found) == 1 else None
 
 
@@ -232,7 +225,7 @@ def _non_layer(s: OutputSlice, models: Mapping[str, ModelIndex], *, pre: bool) -
 
     def side(model: ModelIndex) -> list[str]:
         return [
-            n for n in model.tensors if layers.parse(n) is None and (_PRE.search(n) is not None) == pre
+            n for n in model.tensors if layers.parse(n) is None and (PRE_LAYER_TENSOR.search(n) is not None) == pre
         ]
 
     names = side(template)

@@ -27,34 +27,15 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Mapping
 
-from ..models import layers
 from ..config.resolve import MergeConfig, OutputModule
 from ..errors import ConfigError, InputError
+from ..models.architecture import (
+    KNOWN_MARKERS,
+    MODULE_LAYER_COUNT_KEYS,
+    REMAINDER_NAMES,
+    SUBCONFIG_HINTS,
+)
 from ..models.index import ModelIndex
-
-#: containers of the modules mergekit's multi-module architectures name (module name -> dotted markers)
-KNOWN_MARKERS: dict[str, tuple[str, ...]] = {
-    "vision_tower": ("vision_tower", "vision_model", "visual"),
-    "vision_model": ("vision_tower", "vision_model", "visual"),
-    "multi_modal_projector": (
-        "multi_modal_projector",
-        "mm_projector",
-        "visual.merger",
-        "visual.deepstack_merger_list",
-    ),
-    "text_decoder": ("language_model",),
-    "language_model": ("language_model",),
-}
-
-#: module names that take the tensors no marker names (the text decoder of models that do not nest it)
-REMAINDER_NAMES = ("text_decoder", "language_model", "decoder", "default")
-
-#: config.json keys that hold a layer count (per sub-config)
-LAYER_KEYS = (*layers.LAYER_COUNT_KEYS, "depth", "encoder_layers", "decoder_layers", "num_decoder_layers")
-
-#: sub-config names preferred for a module whose name contains the key word, when several keys fit
-_SUBCONFIG_HINTS = {"vision": "vision_config", "visual": "vision_config", "text": "text_config",
-                    "language": "text_config", "audio": "audio_config"}
 
 
 def markers(name: str) -> tuple[str, ...]:
@@ -153,12 +134,12 @@ def layer_key(config: Mapping[str, object] | None, module: str, count: int) -> s
     scopes: list[tuple[str, Mapping[str, object]]] = [("", config)]
     scopes += [(f"{k}.", v) for k, v in config.items() if isinstance(v, Mapping)]
     for prefix, scope in scopes:
-        for key in LAYER_KEYS:
+        for key in MODULE_LAYER_COUNT_KEYS:
             value = scope.get(key)
             if isinstance(value, int) and not isinstance(value, bool) and value == count:
                 found.append(prefix + key)
     if len(found) > 1:
-        hinted = [sub for word, sub in _SUBCONFIG_HINTS.items() if word in module]
+        hinted = [sub for word, sub in SUBCONFIG_HINTS.items() if word in module]
         found = [k for k in found if hinted and k.startswith(hinted[0] + ".")] or [
             k for k in found if "." not in k and not hinted
         ]

@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from .. import _core
+from .. import _engine
 from ..errors import MergeError, ParameterError
 from . import compress, extract_lora, merge
 
@@ -22,7 +22,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ferromerge", description="Merge LLM weights (mergekit YAML configs) by streaming safetensors shards."
     )
-    parser.add_argument("--version", action="version", version=f"ferromerge {_core.__version__}")
+    parser.add_argument("--version", action="version", version=f"ferromerge {_engine.version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     merge.add_parsers(sub)  # run, plan, demo

@@ -11,7 +11,7 @@ import argparse
 from .args import non_negative, parse_seed, parse_threads, positive_int, unit_fraction
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "compress",
         help="store fine-tunes of one base as low-rank or TALL-masked task vectors (an archive directory)",

@@ -14,7 +14,7 @@ from .._validate import format_bytes
 from .args import parse_seed, parse_threads
 
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register ``run``, ``plan`` and ``demo``; each sets ``func``, which ``cli.main`` calls."""
     p = sub.add_parser("run", help="merge the models of a config into OUT_DIR")
     p.add_argument("config", metavar="CONFIG", help="mergekit YAML config")

@@ -13,7 +13,7 @@ How: mergekit looks every method up by name in ``mergekit.merge_methods.registry
 ``ExecuteMergeMethodTask`` and ``merge_tensors`` / ``merge_state_dicts`` all call ``merge_methods.get``).
 ``register()`` replaces those entries with wrappers that keep the original method's ``spec``, so mergekit binds,
 defaults and validates every parameter (weights, densities, gradients, filters, input contracts) exactly as before;
-only the kernel call changes. A wrapper turns the bound values into one ``ferromerge._core.merge_arrays`` call per
+only the kernel call changes. A wrapper turns the bound values into one ``ferromerge._engine.merge_arrays`` call per
 output tensor: weight → weights, density (> 1 → 1: both are "keep all"), gamma, epsilon, normalize, lambda,
 ``rescale: true`` → L1 norm matching (mergekit's rescale), ``t``, ``select_topk``, ... → ``params``. The inputs are
 rounded to the group's dtype (mergekit's ``dtype``, else the promoted input dtype) and the result is returned in
@@ -45,7 +45,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .. import _core
+from .. import _engine
 from .._validate import check_seed
 from ..arrays import as_array, give_back
 
@@ -214,22 +214,21 @@ def _merge_group(method: str, group: Any, params: Mapping[str, Any], dtype: Any,
     arrays = [as_array(e.tensor, f"{e.id}: {name}") for e in inputs]
     base_array = None if base is None else as_array(base.tensor, f"{base.id}: {name}")
     shape = list(tensors[0].shape)
-    flat = _core.merge_arrays(
-        kernel,
+    method_object: dict[str, Any] = {
+        "name": kernel, "normalize": normalize, "lambda": lambda_, "rescale": rescale, "seed": extra.get("seed", 0)
+    }
+    if "params" in extra:
+        method_object["params"] = extra["params"]
+    flat = _engine.merge_arrays(
+        method_object,
         [a.flat for a in arrays],
         None if base_array is None else base_array.flat,
-        weights,
-        densities,
+        _engine.input_values(weights, densities, extra.get("gammas"), extra.get("epsilons")),
         out_dtype=out_name,
-        normalize=normalize,
         cast_dtype=cast,
-        lambda_=lambda_,
-        rescale=rescale,
         name=name,
-        model_ids=list(range(n)),
         threads=threads,
         shape=shape,
-        **extra,
     )
     ref = base_array if base_array is not None else arrays[0]
     return give_back(flat, out_name, tuple(shape), ref.kind)

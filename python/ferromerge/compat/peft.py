@@ -52,7 +52,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .. import _core
+from .. import _engine
 from .._validate import check_seed
 from ..arrays import as_array, give_back
 
@@ -180,21 +180,13 @@ def _kernel(
     # a zero base of the first tensor's storage type: bfloat16 +0.0 is the bit pattern 0
     base = np.zeros(first.flat.size, dtype=first.flat.dtype)
     out_name = _kernel_dtype_name(out_dtype) or "float32"
-    extra = {} if gammas is None else {"gammas": list(gammas)}
-    flat = _core.merge_arrays(
-        method,
+    flat = _engine.merge_arrays(
+        {"name": method, "normalize": normalize, "lambda": float(lambda_), "rescale": rescale, "seed": _check_seed(seed)},
         [a.flat for a in arrays],
         base,
-        list(weights),
-        list(densities),
+        _engine.input_values(weights, densities, gammas=gammas, model_ids=model_ids),
         out_dtype=out_name,
-        normalize=normalize,
-        lambda_=float(lambda_),
-        rescale=rescale,
-        seed=_check_seed(seed),
         name=str(name),
-        model_ids=list(range(len(arrays))) if model_ids is None else list(model_ids),
-        **extra,
     )
     result = give_back(flat, out_name, first.shape, first.kind)
     return result if result.dtype == out_dtype else result.to(out_dtype)

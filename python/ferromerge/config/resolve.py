@@ -1,13 +1,13 @@
-"""Parse and validate a mergekit YAML merge config into a ``MergeConfig``.
+"""Resolve a mergekit YAML merge config into a ``MergeConfig`` (and serialize it back: ``MergeConfig.resolved``).
 
-The config may be a path, a YAML string or a mapping. Every key is checked before any model is opened:
-a key ferromerge does not know is an error naming its place (``models[1].parameters.densty``), and mergekit
-features that a later ferromerge release will merge (``modules``, ``tokenizer``, ...) are "not supported yet"
-errors, so that no part of a config is ever silently ignored.
+The config may be a path, a YAML string or a mapping. Every key is checked before any model is opened (the keys
+and types by ``schema``): a key ferromerge does not know is an error naming its place
+(``models[1].parameters.densty``), and mergekit features ferromerge does not merge (several YAML documents:
+mergekit-multi) are "not supported yet" errors, so that no part of a config is ever silently ignored.
 
 A config lists its inputs either as ``models:`` (whole models) or as ``slices:`` (layer ranges, concatenated into
 the output's layers). Both become a tuple of ``OutputSlice``; ``models:`` is one slice whose sources span every
-layer. Parameter settings (scalars, gradients, filters; see ``params``) are validated here and resolved per
+layer. Parameter settings (scalars, gradients, filters; see ``settings``) are validated here and resolved per
 tensor by the planner, with mergekit's precedence: the source's own ``parameters`` (``models[i]`` or
 ``slices[j].sources[i]``), then ``slices[j].parameters``, then the top-level ``parameters``, then the method's
 default.
@@ -24,26 +24,17 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from ..models import lora
 from .. import methods
-from . import settings as params
 from ..errors import ConfigError
-from ..tokenizer.config import ModelTokenSource, TokenizerSettings
-from .schema import ModelEntry, ModuleEntry, RawConfig, SliceEntry, validation_message
+from ..io.dtypes import CONFIG_DTYPE_SUGGESTIONS, ST_NAME
 from ..methods.spec import MethodSpec
-from .settings import Level, Setting
-from ..torch_spectral import check_device
+from ..models.refs import split_ref
 from ..tokenizer.chat_template import check_chat_template
-
-#: Output/compute dtype names, as mergekit spells them.
-DTYPES = ("float32", "float16", "bfloat16")
-
-#: Short names people write that mergekit does not accept (``dtype_from_name`` only strips a ``torch.`` prefix);
-#: accepting them would make configs that mergekit then rejects, so they get a "did you mean" error instead.
-_DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
-
-#: mergekit keys that a later ferromerge release will support.
-_NOT_YET: dict[str, str] = {}
+from ..tokenizer.config import ModelTokenSource, TokenizerSettings
+from ..torch_spectral import check_device
+from . import settings
+from .schema import ModelEntry, ModuleEntry, RawConfig, SliceEntry, validation_message
+from .settings import Level, Setting
 
 
 @dataclass(frozen=True)
@@ -170,7 +161,7 @@ class MergeConfig:
             out["models"] = [
                 {"model": m.ref, "parameters": _model_params(self.method, m)} for m in self.slices[0].inputs
             ]
-        top = {name: params.to_data(v) for name, v in _global_settings(self.slices).items()}
+        top = {name: settings.to_data(v) for name, v in _global_settings(self.slices).items()}
         out["parameters"] = {**top, **self.shared}
         if self.dtype:
             out["dtype"] = self.dtype
@@ -201,7 +192,7 @@ def _model_params(method: MethodSpec, model: InputModel) -> dict[str, Any]:
         if name in model.values:
             out[name] = model.values[name]
         elif name in own:
-            out[name] = params.to_data(own[name])
+            out[name] = settings.to_data(own[name])
     return out
 
 
@@ -216,7 +207,7 @@ def _slice_data(method: MethodSpec, s: OutputSlice) -> dict[str, Any]:
         data["base_model"] = s.base.ref
     own = s.shared_levels[0] if s.shared_levels and s.shared_levels[0].place == f"{s.where}.parameters" else None
     if own is not None and own.settings:
-        data["parameters"] = {k: params.to_data(v) for k, v in own.settings.items()}
+        data["parameters"] = {k: settings.to_data(v) for k, v in own.settings.items()}
     return data
 
 
@@ -229,7 +220,7 @@ def _module_data(method: MethodSpec, m: OutputModule) -> dict[str, Any]:
     levels = m.slices[0].shared_levels
     own = next((lv for lv in levels if lv.place == f"{m.where}.parameters"), None)
     if own is not None and own.settings:
-        data["parameters"] = {k: params.to_data(v) for k, v in own.settings.items()}
+        data["parameters"] = {k: settings.to_data(v) for k, v in own.settings.items()}
     return data
 
 
@@ -285,8 +276,6 @@ def parse_config(data: Any, *, text: str | None = None, origin: str = "config") 
             f"{origin}: expected a mapping of keys (merge_method, models, ...), got {type(data).__name__}"
         )
     for key in data:
-        if key in _NOT_YET:
-            raise ConfigError(f"{origin}: {key}: {_NOT_YET[key]}")
         if key not in RawConfig.model_fields:
             known = ", ".join(sorted(RawConfig.model_fields))
             raise ConfigError(f"{origin}: {key}: unknown key; known: {known}")
@@ -310,7 +299,7 @@ def parse_config(data: Any, *, text: str | None = None, origin: str = "config") 
     except ValidationError as e:
         raise ConfigError(f"{origin}: {validation_message(e)}") from None
 
-    method = _method(raw.merge_method)
+    method = methods.get(raw.merge_method)
     dtype = _dtype(raw.dtype, "dtype")
     out_dtype = _dtype(raw.out_dtype, "out_dtype")
     device = check_device(raw.device) if raw.device is not None else None
@@ -335,7 +324,7 @@ def parse_config(data: Any, *, text: str | None = None, origin: str = "config") 
             )
 
     for name, spec in method.shared.items():
-        if spec.default is None and not all(params.mentioned(name, s.shared_levels) for s in slices):
+        if spec.default is None and not all(settings.mentioned(name, s.shared_levels) for s in slices):
             # mergekit's message; a filter-only setting that misses a tensor is caught per tensor by the planner
             raise ConfigError(
                 f"Missing required parameter {name} for {method.name}: set it in the top-level parameters"
@@ -344,8 +333,8 @@ def parse_config(data: Any, *, text: str | None = None, origin: str = "config") 
     tokenizer = _tokenizer(raw, [reference] + [m.ref for s in slices for m in s.sources()])
     shared: dict[str, Any] = {}
     for name, spec in method.shared.items():
-        constant, value = params.uniform(name, slices[0].shared_levels)
-        if constant and all(params.uniform(name, s.shared_levels) == (True, value) for s in slices):
+        constant, value = settings.uniform(name, slices[0].shared_levels)
+        if constant and all(settings.uniform(name, s.shared_levels) == (True, value) for s in slices):
             shared[name] = spec.default if value is None else value
     return MergeConfig(
         raw=raw,
@@ -526,7 +515,7 @@ def _build_slice(
         values: dict[str, Any] = {}
         varying: set[str] = set()
         for name, spec in method.per_model.items():
-            constant, value = params.uniform(name, levels)
+            constant, value = settings.uniform(name, levels)
             if not constant:
                 varying.add(name)
             elif value is not None:
@@ -564,26 +553,22 @@ def _build_slice(
     return OutputSlice(where, tuple(inputs), base, upper)
 
 
-def _method(name: str) -> MethodSpec:
-    return methods.get(name)
-
-
 def _dtype(value: str | None, where: str) -> str | None:
     if value is None:
         return None
     name = value.removeprefix("torch.")
-    if name in DTYPES:
+    if name in ST_NAME:
         return name
-    if name in _DTYPE_ALIASES:
-        raise ConfigError(f"{where}: {value!r} is not a dtype name mergekit accepts; write {_DTYPE_ALIASES[name]}")
-    raise ConfigError(f"{where}: unsupported dtype {value!r}; use one of {', '.join(DTYPES)}")
+    if name in CONFIG_DTYPE_SUGGESTIONS:
+        raise ConfigError(f"{where}: {value!r} is not a dtype name mergekit accepts; write {CONFIG_DTYPE_SUGGESTIONS[name]}")
+    raise ConfigError(f"{where}: unsupported dtype {value!r}; use one of {', '.join(ST_NAME)}")
 
 
 def _ref(value: str, where: str) -> str:
     if not value.strip():
         raise ConfigError(f"{where}: empty model reference")
-    # model+lora: the adapter is merged into the model first (``lora``); here only the form is checked
-    lora.split_ref(value, where)
+    # model+lora: the adapter is merged into the model first (``models.lora``); here only the form is checked
+    split_ref(value, where)
     return value
 
 
@@ -604,5 +589,5 @@ def _settings(method: MethodSpec, given: dict[str, Any], where: str, level: str)
             raise ConfigError(f"{place}: unknown parameter for method {method.name}; known: {names}")
         if value is None:
             continue
-        out[name] = params.parse_setting(value, name, known[name], place)
+        out[name] = settings.parse_setting(value, name, known[name], place)
     return out

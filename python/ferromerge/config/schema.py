@@ -65,11 +65,11 @@ class RawConfig(BaseModel):
     out_dtype: str | None = None
     tokenizer_source: str | None = None
     tokenizer: TokenizerSettings | None = None
-    #: "auto", a built-in template name or a literal Jinja template (``vocab.chat_template``)
+    #: "auto", a built-in template name or a literal Jinja template (``tokenizer.chat_template``)
     chat_template: str | None = None
     #: mergekit-multi's document name; accepted so such documents load, no effect on a single merge.
     name: str | None = None
-    #: where SVD-heavy methods run: "cpu" (the Rust kernels), "cuda", "cuda:N" or "torch:cpu" (``torch_path``)
+    #: where SVD-heavy methods run: "cpu" (the Rust kernels), "cuda", "cuda:N" or "torch:cpu" (``torch_spectral``)
     device: str | None = None
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 from .. import methods
 from ..errors import ConfigError
@@ -50,7 +50,7 @@ class Filtered:
     entries: tuple[tuple[str | None, Const | Gradient], ...]
 
 
-Setting = Union[Const, Gradient, Filtered]
+Setting = Const | Gradient | Filtered
 
 
 def parse_setting(raw: Any, name: str, spec: ParamSpec, place: str) -> Setting:

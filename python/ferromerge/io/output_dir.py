@@ -1,4 +1,9 @@
-"""The output directory: written atomically (a partial directory renamed into place), and its free space."""
+"""The output directory: built in a temporary directory beside the target and renamed onto it when complete, and
+the free space of the filesystem it goes to.
+
+A failed or interrupted run removes its temporary directory and leaves no target, so an output directory that
+exists is always complete. Partial directories of killed runs are found and removed on the next run.
+"""
 
 from __future__ import annotations
 

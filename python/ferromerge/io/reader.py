@@ -1,26 +1,64 @@
-"""Raw safetensors tensors read one block at a time (the compress archive and the models it holds).
+"""safetensors files read in Python: the one header parser (``read_header``), and raw tensors read one block at a
+time (``ShardReader``: the compress archive and the models it holds).
 
 ``ShardReader`` reads a tensor's bytes, a block of its rows (dim 0) or its bytes in chunks, as stored (bfloat16
-as ``uint16`` bits), into fresh buffers, so memory holds one block, never a whole model. ``safetensors_dtypes``
-decodes the blocks; ``safetensors_writer`` is the counterpart for writing.
+as ``uint16`` bits), into fresh buffers, so memory holds one block, never a whole model. ``io.dtypes`` decodes
+the blocks; ``io.writer`` is the counterpart for writing. Every caller has the engine validate a file's header
+(``_engine.read_header``) before parsing it here for byte offsets.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import struct
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import numpy.typing as npt
 
-from .. import _core
+from .. import _engine
 from ..errors import InputError
 from .dtypes import ITEMSIZE, RAW, numel
 
 _COPY_CHUNK = 16 << 20
+
+
+@dataclass(frozen=True)
+class Header:
+    """A safetensors file's header: its bytes as stored (the 8 length bytes and the JSON), and every tensor's dtype,
+    shape and absolute byte span in the file (``__metadata__`` left out)."""
+
+    raw: bytes
+    tensors: dict[str, tuple[str, list[int], int, int]]
+
+    @property
+    def data_start(self) -> int:
+        return len(self.raw)
+
+
+def read_header(source: str | os.PathLike[str] | BinaryIO) -> Header:
+    """Parse the header of a safetensors file (a path, or a binary file positioned at its start). ``OSError`` or
+    ``ValueError`` when it cannot be read; callers say which file and why in their own error."""
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as f:
+            return read_header(f)
+    head = source.read(8)
+    if len(head) < 8:
+        raise ValueError("truncated header")
+    (n,) = struct.unpack("<Q", head)
+    text = source.read(n)
+    entries = json.loads(text)
+    entries.pop("__metadata__", None)
+    start = 8 + n
+    spans = {
+        k: (v["dtype"], list(v["shape"]), start + v["data_offsets"][0], start + v["data_offsets"][1])
+        for k, v in entries.items()
+    }
+    return Header(head + text, spans)
 
 
 def row_blocks(shape: Sequence[int], block_elems: int) -> list[slice]:
@@ -45,18 +83,12 @@ class ShardReader:
 
     def _open(self, file: Path) -> tuple[Any, dict[str, tuple[str, list[int], int, int]]]:
         if file not in self._files:
-            _core.read_header(str(file))  # InputError naming the file when missing, truncated or corrupt
+            _engine.read_header(str(file))  # InputError naming the file when missing, truncated or corrupt
             try:
                 f = open(file, "rb", buffering=0)  # noqa: SIM115 - closed by close()
-                (n,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(n))
+                spans = read_header(f).tensors
             except (OSError, ValueError) as e:
                 raise InputError(f"{file}: cannot read: {e}") from None
-            header.pop("__metadata__", None)
-            spans = {
-                k: (v["dtype"], list(v["shape"]), 8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1])
-                for k, v in header.items()
-            }
             self._files[file] = (f, spans)
         return self._files[file]
 

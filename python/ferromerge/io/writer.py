@@ -18,7 +18,7 @@ only as they go. ``SafetensorsWriter`` handles the three cases ferromerge has:
 
 With a plan the data goes straight into the output file and the header is written into its reserved space at
 ``close``. The data always starts 8-byte aligned, as the reference implementation writes it. On an error the partial
-file (and any spool) is left for the caller's temporary directory to remove (``output.OutputDir``).
+file (and any spool) is left for the caller's temporary directory to remove (``io.output_dir.OutputDir``).
 """
 
 from __future__ import annotations
@@ -59,10 +59,12 @@ class PlannedTensor:
         return cls(name, dtype, shape, numel(shape) * ITEMSIZE[dtype])
 
 
-def _header(
+def header_bytes(
     entries: Iterable[tuple[str, str, Sequence[int], int, int]], metadata: dict[str, str], reserved: int | None = None
 ) -> bytes:
-    """The header's JSON (``reserved``: padded with spaces to that length) after its little-endian length."""
+    """The one safetensors header writer in Python: the header's JSON (``reserved``: padded with spaces to that
+    length; else to 8-byte aligned data) after its little-endian length. ``entries``: (name, dtype, shape, start,
+    end) in file order, offsets relative to the data section."""
     body: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
     for name, dtype, shape, start, end in entries:
         body[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [start, end]}
@@ -104,7 +106,7 @@ class SafetensorsWriter:
             if self._plan is None:
                 self._files: list[BinaryIO] = [open(self._spool(s), "w+b") for s in range(streams)]
             else:
-                self._reserved = len(_header(self._reservation(), self.metadata)) - 8
+                self._reserved = len(header_bytes(self._reservation(), self.metadata)) - 8
                 self._files = [open(self.path, "wb")]
                 self._files[0].seek(8 + self._reserved)
         except OSError as e:
@@ -185,7 +187,7 @@ class SafetensorsWriter:
             for name, dtype, shape, size in stream:
                 entries.append((name, dtype, shape, offset, offset + size))
                 offset += size
-        return _header(entries, self.metadata, self._reserved)
+        return header_bytes(entries, self.metadata, self._reserved)
 
     def close(self) -> int:
         """Finish the file; returns its size in bytes."""

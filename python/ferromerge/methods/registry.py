@@ -19,9 +19,8 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from .._core import ParameterError
+from ..errors import ParameterError
 from .spec import RESCALE_MODES, MethodSpec, ParamSpec
-
 
 _WEIGHT = ParamSpec(float, None, doc="model weight (required)")
 _DENSITY = ParamSpec(float, 1.0, doc="fraction of the task vector kept, in (0, 1]", low=0.0, high=1.0, low_open=True)

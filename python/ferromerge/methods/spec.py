@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._core import ParameterError
+from ..errors import ParameterError
 
 RESCALE_MODES = ("l1", "inverse_density")
 
@@ -63,7 +63,7 @@ class MethodSpec:
     #: fewest and most kernel inputs per output tensor (non-base ones when the method takes a base); None = any
     min_inputs: int = 1
     max_inputs: int | None = None
-    #: SVD-heavy: handed to torch (``torch_path``) when the run's device is a torch one
+    #: SVD-heavy: handed to torch (``torch_spectral``) when the run's device is a torch one
     gpu_bound: bool = False
 
     @property
@@ -88,6 +88,15 @@ class MethodSpec:
         if self.base == "optional":
             return f"{count} {things} besides the {base} (which is optional)"
         return f"{count} {things}"
+
+    def kernel_param_defaults(self) -> dict[str, float]:
+        """The kernel's ``params`` object at every parameter's default (booleans as 1.0/0.0; required ones left
+        out)."""
+        return {
+            name: float(self.shared[name].default)
+            for name in self.kernel_params
+            if self.shared[name].default is not None
+        }
 
     def count_ok(self, n: int) -> bool:
         return n >= self.min_inputs and (self.max_inputs is None or n <= self.max_inputs)
@@ -154,7 +163,7 @@ def resolve_shared(method: MethodSpec, given: dict[str, Any], where: str = "para
 
 
 def kernel_spec(method: MethodSpec, shared: dict[str, Any], seed: int) -> dict[str, Any]:
-    """The ``method`` object of the plan JSON / the keyword arguments of ``_core.merge_arrays``.
+    """The ``method`` object of the plan JSON / the keyword arguments of ``_engine.merge_arrays``.
 
     ``params`` (method-wide numbers; booleans as 1.0/0.0) is present only for methods that take some.
     """
@@ -178,6 +187,17 @@ def kernel_spec(method: MethodSpec, shared: dict[str, Any], seed: int) -> dict[s
     return out
 
 
+def kernel_for_tensor(
+    method: MethodSpec, kernel: dict[str, Any], shared: dict[str, Any], tensor: str
+) -> dict[str, Any]:
+    """The kernel's ``method`` object for one tensor: ``kernel`` (``kernel_spec``), with ``params.mean_only`` set
+    when the method's ``exclude`` takes ``tensor`` out of the SVD treatment (``mean_only``). The one place the
+    plan and the in-memory API add it."""
+    if not mean_only(method, shared, tensor):
+        return kernel
+    return {**kernel, "params": {**kernel.get("params", {}), "mean_only": 1.0}}
+
+
 def kernel_kwargs(
     method: MethodSpec,
     *,
@@ -186,7 +206,7 @@ def kernel_kwargs(
     gammas: Sequence[float | None] | None = None,
     epsilons: Sequence[float | None] | None = None,
 ) -> dict[str, Any]:
-    """The keyword arguments of ``_core.merge_arrays`` that only some methods use, those that apply.
+    """The keyword arguments of ``_engine.merge_arrays`` that only some methods use, those that apply.
 
     ``shape`` goes only to row-wise kernels (the others work on the flat array, where the default ``[numel]`` is
     the same); ``gammas``/``epsilons`` only when every input has one (breadcrumbs, della).

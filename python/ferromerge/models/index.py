@@ -1,8 +1,6 @@
-"""Find a model's directory from its reference, and index the tensors of its safetensors shards.
+"""Index the tensors of a model's safetensors shards (its directory found from the reference by ``refs``).
 
-A reference is a local directory, or ``org/name[@revision]`` looked up in the local Hugging Face cache only
-(ferromerge never downloads). Relative local paths resolve against the current working directory, as in
-mergekit (not against the config file's directory). ``read_tensors`` loads a small model's tensors into NumPy
+``read_tensors`` loads a small model's tensors into NumPy
 (for the demo and tests; merges never load whole tensors in Python).
 """
 
@@ -11,22 +9,21 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
-from .. import _core
+from .. import _engine
 from ..errors import InputError
+from ..io.dtypes import MERGEABLE_DTYPES, RAW, to_f32
+from ..io.reader import read_header
 from .refs import resolve
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
-#: safetensors dtype name -> mergekit dtype name, for the dtypes the engine merges
-MERGEABLE_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
 @dataclass(frozen=True)
@@ -52,7 +49,7 @@ class ModelIndex:
     tensors: dict[str, TensorInfo]
 
 
-def _natural_key(name: str) -> list[object]:
+def natural_key(name: str) -> list[object]:
     """``layers.2`` before ``layers.10``: digit runs compare as numbers."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
@@ -63,12 +60,12 @@ def index_model(ref: str) -> ModelIndex:
     index_path = path / INDEX_FILE
     if index_path.is_file():
         weight_map = _read_weight_map(index_path)
-        files = sorted({path / f for f in weight_map.values()}, key=lambda p: _natural_key(p.name))
+        files = sorted({path / f for f in weight_map.values()}, key=lambda p: natural_key(p.name))
         headers: dict[Path, dict[str, tuple[str, list[int]]]] = {}
         for file in files:
             if not file.is_file():
                 raise InputError(f"{index_path}: names shard {file.name}, but {file} does not exist")
-            headers[file] = _core.read_header(str(file))
+            headers[file] = _engine.read_header(str(file))
         for name, shard in weight_map.items():
             if name not in headers[path / shard]:
                 raise InputError(
@@ -76,13 +73,13 @@ def index_model(ref: str) -> ModelIndex:
                 )
         # Tensors a shard holds beyond the index's weight_map are not part of the model (transformers ignores
         # them too), so only the weight_map's tensors are indexed.
-        order = sorted(weight_map, key=lambda n: (files.index(path / weight_map[n]), _natural_key(n)))
+        order = sorted(weight_map, key=lambda n: (files.index(path / weight_map[n]), natural_key(n)))
         tensors = {n: _info(path / weight_map[n], headers[path / weight_map[n]][n]) for n in order}
         return ModelIndex(ref, path, tuple(files), tensors)
     single = path / SINGLE_FILE
     if single.is_file():
-        header = _core.read_header(str(single))
-        tensors = {n: _info(single, header[n]) for n in sorted(header, key=_natural_key)}
+        header = _engine.read_header(str(single))
+        tensors = {n: _info(single, header[n]) for n in sorted(header, key=natural_key)}
         return ModelIndex(ref, path, (single,), tensors)
     if any((path / f).exists() for f in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
         raise InputError(
@@ -120,24 +117,17 @@ def read_tensors(file: str | os.PathLike[str]) -> dict[str, npt.NDArray[np.float
     For small files (demo, tests): reads the whole file into memory. The header is validated by the engine first.
     """
     file = Path(file)
-    header = _core.read_header(str(file))
-    raw = file.read_bytes()
-    (length,) = struct.unpack("<Q", raw[:8])
-    offsets = json.loads(raw[8 : 8 + length])
-    data = memoryview(raw)[8 + length :]
+    header = _engine.read_header(str(file))
+    spans = read_header(file).tensors
+    raw = memoryview(file.read_bytes())
     out: dict[str, npt.NDArray[np.float32]] = {}
     # in the order of the data in the file (the engine's header map is unordered)
-    for name in sorted(header, key=lambda n: offsets[n]["data_offsets"][0]):
+    for name in sorted(header, key=lambda n: spans[n][2]):
         dtype, shape = header[name]
-        start, end = offsets[name]["data_offsets"]
-        chunk = data[start:end]
-        if dtype == "F32":
-            values = np.frombuffer(chunk, dtype="<f4").astype(np.float32)
-        elif dtype == "F16":
-            values = np.frombuffer(chunk, dtype="<f2").astype(np.float32)
-        elif dtype == "BF16":
-            values = (np.frombuffer(chunk, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
-        else:
+        _, _, start, end = spans[name]
+        if dtype not in MERGEABLE_DTYPES:
             raise InputError(f"{file}: tensor {name}: dtype {dtype} is not a float dtype ferromerge reads")
+        # a copy: the caller owns (and may modify) what it gets
+        values = np.array(to_f32(np.frombuffer(raw[start:end], dtype=RAW[dtype]), dtype))
         out[name] = values.reshape(shape)
     return out

@@ -14,16 +14,11 @@ models, so that a truncated checkpoint is caught before merging.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 
 from ..errors import InputError
+from .architecture import LAYER_COUNT_KEYS, LAYER_TENSOR
 from .index import ModelIndex
-
-_LAYER = re.compile(r"^(?P<stack>(?:[^.]+\.)*?(?:layers|layer|h|blocks|block))\.(?P<index>\d+)\.(?P<rest>.+)$")
-
-#: config.json keys that hold the number of layers, as transformers' configs name it
-LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
 
 @dataclass(frozen=True)
@@ -41,7 +36,7 @@ class LayerName:
 
 def parse(name: str) -> LayerName | None:
     """The layer part of a tensor name, None for a non-layer tensor."""
-    m = _LAYER.match(name)
+    m = LAYER_TENSOR.match(name)
     if m is None:
         return None
     return LayerName(m["stack"], int(m["index"]), m["rest"])

@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import re
-import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,17 +32,17 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .. import _core
-from ..errors import InputError
-from .refs import split_ref
-from .index import MERGEABLE_DTYPES, ModelIndex, TensorInfo, index_model
-from .refs import resolve
-from ..io.dtypes import ITEMSIZE, RAW, from_f32, to_f32
+from .. import _engine
+from ..errors import InputError, MergeError
+from ..io.dtypes import ITEMSIZE, MERGEABLE_DTYPES, RAW, from_f32, numel, to_f32
+from ..io.reader import Header, read_header
+from ..io.writer import header_bytes
+from .architecture import PEFT_PREFIX
+from .index import ModelIndex, TensorInfo, index_model
+from .refs import resolve, split_ref
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-#: PEFT saves adapter tensors under the wrapped model's attribute path
-_PEFT_PREFIX = "base_model.model."
 #: float32 bytes of one row block of an update (bounds the memory of materialising, whatever the tensor size)
 BLOCK_BYTES = 64 << 20
 #: bumped when the cache files' content for the same inputs would change
@@ -120,7 +119,7 @@ def index_lora_model(ref: str, cache_dir: str | os.PathLike[str]) -> LoraModelIn
             adapter_dir / "adapter_model.bin"
         ).is_file() else ""
         raise InputError(f"LoRA adapter {adapter_dir}: {ADAPTER_WEIGHTS} not found{bin_note}")
-    header = _core.read_header(str(weights_file))
+    header = _engine.read_header(str(weights_file))
     updates = _updates(config, adapter_dir / ADAPTER_CONFIG, weights_file, header, model)
 
     key = _cache_key(model, adapter_dir, weights_file, updates)
@@ -211,7 +210,7 @@ def _updates(
             raise InputError(
                 f"{weights_file}: tensor {key}: DoRA magnitudes and LoRA biases (lora_bias) are not supported"
             )
-        name = key.removeprefix(_PEFT_PREFIX)
+        name = key.removeprefix(PEFT_PREFIX)
         m = _LORA_KEY.match(name) or _EMBED_KEY.match(name)
         if m is not None:
             kind = m["kind"]
@@ -303,34 +302,24 @@ def _cache_key(model: ModelIndex, adapter_dir: Path, weights_file: Path, updates
 # --- reading and writing safetensors data (the engine validated every header this reads) ---------------------
 
 
-def _data_layout(file: Path) -> tuple[int, dict[str, tuple[int, int]]]:
-    """Byte offset of the data section and ``{tensor: (start, end)}`` within it."""
-    with open(file, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return 8 + n, {k: tuple(v["data_offsets"]) for k, v in header.items()}  # type: ignore[misc]
-
-
-def _open(stored: _Stored, layouts: dict[Path, tuple[int, dict[str, tuple[int, int]]]]) -> np.memmap:
+def _open(stored: _Stored, headers: dict[Path, Header]) -> np.memmap:
     """The stored tensor as a read-only memory map of its raw dtype (bfloat16: uint16 bits)."""
-    if stored.file not in layouts:
-        layouts[stored.file] = _data_layout(stored.file)
-    base, offsets = layouts[stored.file]
-    start, _ = offsets[stored.name]
-    return np.memmap(stored.file, dtype=RAW[stored.dtype], mode="r", offset=base + start, shape=stored.shape)
+    if stored.file not in headers:
+        headers[stored.file] = read_header(stored.file)
+    _, _, start, _ = headers[stored.file].tensors[stored.name]
+    return np.memmap(stored.file, dtype=RAW[stored.dtype], mode="r", offset=start, shape=stored.shape)
 
 
-def merged_rows(update: Update, rows: slice, layouts: dict[Path, Any]) -> npt.NDArray[np.float32]:
+def merged_rows(update: Update, rows: slice, headers: dict[Path, Any]) -> npt.NDArray[np.float32]:
     """Rows ``rows`` of the updated tensor in float32 (before rounding to the tensor's dtype)."""
     if update.kind == "replace":
         assert update.a is not None
-        src = _open(update.a, layouts)
+        src = _open(update.a, headers)
         return to_f32(src[rows] if src.ndim else src, update.a.dtype)
     assert update.a is not None and update.b is not None
-    w = to_f32(_open(update.weight, layouts)[rows], update.weight.dtype)
-    a = to_f32(_open(update.a, layouts), update.a.dtype)
-    b = to_f32(_open(update.b, layouts), update.b.dtype)
+    w = to_f32(_open(update.weight, headers)[rows], update.weight.dtype)
+    a = to_f32(_open(update.a, headers), update.a.dtype)
+    b = to_f32(_open(update.b, headers), update.b.dtype)
     # PEFT's order of operations: delta = (B @ A) * scale, then W + delta
     if update.kind == "lora":
         delta = _product(b[rows], a) * np.float32(update.scale)
@@ -349,25 +338,21 @@ def _product(b: npt.NDArray[np.float32], a: npt.NDArray[np.float32]) -> npt.NDAr
 
 
 def _header_bytes(updates: tuple[Update, ...], adapter: str) -> tuple[bytes, list[tuple[Update, int, int]]]:
-    entries: dict[str, Any] = {"__metadata__": {"format": "pt", "ferromerge_lora_adapter": adapter}}
     spans = []
     offset = 0
     for u in updates:
-        size = int(np.prod(u.weight.shape, dtype=np.int64)) * ITEMSIZE[u.weight.dtype]
-        entries[u.target] = {"dtype": u.weight.dtype, "shape": list(u.weight.shape),
-                             "data_offsets": [offset, offset + size]}
+        size = numel(u.weight.shape) * ITEMSIZE[u.weight.dtype]
         spans.append((u, offset, offset + size))
         offset += size
-    text = json.dumps(entries, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text, spans
+    entries = [(u.target, u.weight.dtype, u.weight.shape, start, end) for u, start, end in spans]
+    return header_bytes(entries, {"format": "pt", "ferromerge_lora_adapter": adapter}), spans
 
 
 def _header_matches(file: Path, updates: tuple[Update, ...]) -> bool:
     """A cache file from an earlier run is reused when it holds exactly these tensors (names, dtypes, shapes)."""
     try:
-        header = _core.read_header(str(file))
-    except _core.MergeError:
+        header = _engine.read_header(str(file))
+    except MergeError:
         return False
     want = {u.target: (u.weight.dtype, list(u.weight.shape)) for u in updates}
     return {k: (d, list(s)) for k, (d, s) in header.items()} == want
@@ -377,7 +362,7 @@ def _write_cache_file(file: Path, updates: tuple[Update, ...], adapter: str) -> 
     head, spans = _header_bytes(updates, adapter)
     file.parent.mkdir(parents=True, exist_ok=True)
     partial = file.with_name(f".{file.name}.partial-{os.getpid()}")
-    layouts: dict[Path, Any] = {}
+    headers: dict[Path, Any] = {}
     try:
         with open(partial, "wb") as out:
             out.write(head)
@@ -387,10 +372,10 @@ def _write_cache_file(file: Path, updates: tuple[Update, ...], adapter: str) -> 
                 row = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
                 step = max(1, BLOCK_BYTES // (4 * max(row, 1)))
                 if not shape:
-                    out.write(from_f32(merged_rows(u, slice(None), layouts), u.weight.dtype).tobytes())
+                    out.write(from_f32(merged_rows(u, slice(None), headers), u.weight.dtype).tobytes())
                     continue
                 for r in range(0, n_rows, step):
-                    block = merged_rows(u, slice(r, min(n_rows, r + step)), layouts)
+                    block = merged_rows(u, slice(r, min(n_rows, r + step)), headers)
                     out.write(from_f32(block, u.weight.dtype).tobytes())
         os.replace(partial, file)
     except BaseException:

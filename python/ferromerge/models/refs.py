@@ -1,5 +1,9 @@
-"""Model references: local directories, Hugging Face ids (``org/name``, ``org/name@revision``) looked up in the
-local HF cache, and the ``model+lora`` form."""
+"""Model references: a local directory, or ``org/name[@revision]`` looked up in the local Hugging Face cache only
+(ferromerge never downloads), and the ``model+lora`` form (``split_ref``; the adapter is merged by ``lora``).
+
+Relative local paths resolve against the current working directory, as in mergekit (not against the config
+file's directory).
+"""
 
 from __future__ import annotations
 
@@ -10,8 +14,6 @@ from pathlib import Path
 from ..errors import ConfigError, InputError
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
-
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 
 

@@ -1,5 +1,5 @@
-"""Each model's embedding and lm_head rows laid out in the merged vocabulary (``vocab.Vocabulary``), written to
-temporary safetensors files that the merge then reads in place of the models' own tensors.
+"""Each model's embedding and lm_head rows laid out in the merged vocabulary (``vocab.Vocabulary``), written
+to temporary safetensors files that the merge then reads in place of the models' own tensors.
 
 The rows of output token t for a model (mergekit 0.1.5's ``PermutedVocabulary``):
 
@@ -18,9 +18,6 @@ when they differ).
 
 from __future__ import annotations
 
-import json
-import re
-import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,19 +25,24 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from .config import ModelTokenSource, TokenEmbedding, ZeroSource
 from ..errors import ConfigError, InputError, OutputError
-from ..models.index import MERGEABLE_DTYPES, TensorInfo
+from ..io.dtypes import (
+    ITEMSIZE,
+    MERGEABLE_DTYPES,
+    RAW,
+    ST_NAME,
+    from_f32,
+    round_to,
+    to_f32,
+)
+from ..io.reader import read_header
+from ..io.writer import header_bytes
+from ..models.index import TensorInfo
+from .config import ModelTokenSource, TokenEmbedding, ZeroSource
 from .vocab import Vocabulary
-
-#: tensors whose first axis is the vocabulary
-VOCAB_TENSOR = re.compile(r"(^|\.)(embed_tokens|lm_head|wte|word_embeddings|embed_in|embed_out)(\.|$)")
 
 #: bytes of float32 rows handled at once per model (bounds the writer's memory)
 BLOCK_BYTES = 8 << 20
-
-_ST_NAME = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
-_ITEM = {"F32": 4, "F16": 2, "BF16": 2}
 
 # default-row kinds
 _OWN, _COPY, _ZERO, _MEAN = 0, 1, 2, 3
@@ -90,11 +92,7 @@ class PermutedTensor:
 
     @property
     def bytes_out(self) -> int:
-        return len(self.members) * self.rows * self.width * _ITEM[self.dtype]
-
-
-def is_vocab_tensor(name: str) -> bool:
-    return VOCAB_TENSOR.search(name) is not None
+        return len(self.members) * self.rows * self.width * ITEMSIZE[self.dtype]
 
 
 class Aligner:
@@ -135,7 +133,7 @@ class Aligner:
             perms, refs, base, list(vocab.vocab), vocab.settings.tokens or {}, vocab.original, name
         )
         job = PermutedTensor(
-            name, members, vocab.rows, _ST_NAME[dtype], kind, forced, src_member, src_row, self.cast_dtype, orphans
+            name, members, vocab.rows, ST_NAME[dtype], kind, forced, src_member, src_row, self.cast_dtype, orphans
         )
         for m in members:
             _check_rows(m, m.perm, "the tokenizer gives it")
@@ -238,54 +236,17 @@ class _Source:
     def __init__(self, m: Member, width: int) -> None:
         path = m.info.file
         try:
-            with open(path, "rb") as f:
-                (length,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(length))
-            start, end = header[m.tensor]["data_offsets"]
-        except (OSError, ValueError, KeyError, struct.error) as e:
+            _, _, start, end = read_header(path).tensors[m.tensor]
+        except (OSError, ValueError, KeyError) as e:
             raise InputError(f"{path}: cannot read tensor {m.tensor}: {e}") from None
         rows = m.info.shape[0]
-        raw = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}[m.info.dtype]
-        if end - start != rows * width * _ITEM[m.info.dtype]:
+        if end - start != rows * width * ITEMSIZE[m.info.dtype]:
             raise InputError(f"{path}: tensor {m.tensor}: {end - start} bytes of data for shape {list(m.info.shape)}")
         self.dtype = m.info.dtype
-        self.data = np.memmap(path, dtype=raw, mode="r", offset=8 + length + start, shape=(rows, width))
+        self.data = np.memmap(path, dtype=RAW[m.info.dtype], mode="r", offset=start, shape=(rows, width))
 
     def rows(self, index: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
-        x = np.asarray(self.data[index])
-        if self.dtype == "BF16":
-            return (x.astype(np.uint32) << 16).view(np.float32)
-        return x.astype(np.float32)
-
-
-def round_to(x: npt.NDArray[np.float32], dtype: str) -> npt.NDArray[np.float32]:
-    """``x`` rounded to a safetensors dtype (nearest, ties to even), as float32 again."""
-    return decode(encode(x, dtype), dtype)
-
-
-def encode(x: npt.NDArray[np.float32], dtype: str) -> npt.NDArray[np.generic]:
-    if dtype == "F32":
-        return np.ascontiguousarray(x, dtype="<f4")
-    if dtype == "F16":
-        return np.ascontiguousarray(x.astype("<f2"))
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    nan = np.isnan(x)
-    out = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype("<u2")
-    out[nan] = 0x7FC0
-    return out
-
-
-def decode(x: npt.NDArray[np.generic], dtype: str) -> npt.NDArray[np.float32]:
-    if dtype == "BF16":
-        return (x.astype(np.uint32) << 16).view(np.float32)
-    return x.astype(np.float32)
-
-
-def _header(name: str, dtype: str, shape: tuple[int, ...], nbytes: int) -> bytes:
-    meta = {"__metadata__": {"format": "pt"}, name: {"dtype": dtype, "shape": list(shape), "data_offsets": [0, nbytes]}}
-    text = json.dumps(meta, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writers do
-    return struct.pack("<Q", len(text)) + text
+        return to_f32(np.asarray(self.data[index]), self.dtype)
 
 
 def write_permuted(
@@ -305,8 +266,8 @@ def _write_one(job: PermutedTensor, block_bytes: int) -> int:
     width = job.width
     n = len(job.kind)
     sources = [_Source(m, width) for m in job.members]
-    cast = _ST_NAME[job.cast_dtype] if job.cast_dtype else None
-    nbytes = job.rows * width * _ITEM[job.dtype]
+    cast = ST_NAME[job.cast_dtype] if job.cast_dtype else None
+    nbytes = job.rows * width * ITEMSIZE[job.dtype]
     sums = np.zeros((len(job.members), width), dtype=np.float64)
     step = max(1, block_bytes // max(1, 4 * width))
     files = []
@@ -314,7 +275,7 @@ def _write_one(job: PermutedTensor, block_bytes: int) -> int:
         for m in job.members:
             f = open(m.out, "wb")  # noqa: SIM115 (closed below, all together)
             files.append(f)
-            f.write(_header(job.name, job.dtype, job.shape, nbytes))
+            f.write(header_bytes([(job.name, job.dtype, job.shape, 0, nbytes)], {"format": "pt"}))
 
         def read(i: int, rows: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
             x = sources[i].rows(rows)
@@ -327,13 +288,13 @@ def _write_one(job: PermutedTensor, block_bytes: int) -> int:
                 own = (m.perm[a:b] >= 0) & ~job.forced[a:b]
                 block = default.copy()
                 block[own] = read(i, m.perm[a:b][own])
-                out = encode(block, job.dtype)
-                sums[i] += decode(out, job.dtype).sum(axis=0, dtype=np.float64)
+                out = from_f32(block, job.dtype)
+                sums[i] += to_f32(out, job.dtype).sum(axis=0, dtype=np.float64)
                 files[i].write(out.tobytes())
         if job.rows > n:
             for i, f in enumerate(files):
                 mean = (sums[i] / n).astype(np.float32) if n else np.zeros(width, np.float32)
-                row = encode(mean[None, :], job.dtype).tobytes()
+                row = from_f32(mean[None, :], job.dtype).tobytes()
                 f.write(row * (job.rows - n))
     except OSError as e:
         raise OutputError(f"cannot write the permuted {job.name} to {job.members[0].out.parent}: {e}") from None

@@ -1,5 +1,5 @@
 """The output tokenizer of a merge with vocabulary alignment: the merged vocabulary, each model's permutation
-``new id -> old id``, and the chat template.
+``new id -> old id`` (the chat template is ``chat_template``'s).
 
 mergekit 0.1.5 semantics (``mergekit/tokenizer/build.py``, ``merge.py``), reproduced on the files themselves
 (``tokenizer.json``: ``model.vocab`` plus ``added_tokens``, which is what a fast tokenizer's ``get_vocab()``
