@@ -34,7 +34,7 @@ from .output_files import (
 from .progress import ProgressBar
 from .tokenizer.chat_template import chat_template
 from .tokenizer.embed import write_permuted
-from .torch_spectral import check_device, make_hook, torch_unavailable_reason
+from .torch_spectral import ExternalMerge, check_device, external_merge, torch_unavailable_reason
 
 #: the directory inside the output's temporary directory that holds the permuted embeddings during the merge
 SCRATCH = ".vocab-scratch"
@@ -77,8 +77,8 @@ def memory_limit_bytes(memory_limit: str | int | None) -> int | None:
     return limit
 
 
-def torch_hook(device: str | None, method: MethodSpec, log: Callable[[str], None]) -> Callable[..., Any] | None:
-    """The executor's torch hand-off for ``device``, or None when the Rust kernels run everything (device ``cpu``,
+def _external_merge(device: str | None, method: MethodSpec, log: Callable[[str], None]) -> ExternalMerge | None:
+    """The engine's external merge (torch) on ``device``, or None when the Rust kernels run everything (device ``cpu``,
     a method that is not SVD-heavy, or torch/CUDA missing: then a note says why)."""
     if device is None:
         return None
@@ -92,7 +92,7 @@ def torch_hook(device: str | None, method: MethodSpec, log: Callable[[str], None
     if why is not None:
         log(f"note: device {device}: {why}; the Rust kernels run instead")
         return None
-    return make_hook(device)
+    return external_merge(device)
 
 
 def prepare(
@@ -196,7 +196,7 @@ def _merge_tensors(
     *,
     threads: int | None,
     limit: int | None,
-    hook: Callable[..., Any] | None,
+    merge: ExternalMerge | None,
     bar: ProgressBar | None,
     on_progress: ProgressCallback | None,
     log: Callable[[str], None],
@@ -206,7 +206,7 @@ def _merge_tensors(
         if plan.permuted:
             scratch.mkdir()
             write_permuted(plan.permuted, log)
-        return _engine.execute(plan.to_json(), str(out), _progress(bar, on_progress), threads, limit, hook)
+        return _engine.execute(plan.to_json(), str(out), _progress(bar, on_progress), threads, limit, merge)
     finally:
         if bar is not None:
             bar.close()
@@ -289,12 +289,12 @@ def run(
     )
     _check_output(output, plan, temp_cache)
     _log_notes(config, plan, log)
-    hook = torch_hook(device if device is not None else config.device, config.method, log)
+    merge = _external_merge(device if device is not None else config.device, config.method, log)
     bar = None if quiet else ProgressBar()
     with output.building(log) as tmp:
         lora.materialise_all(plan.models, log)
         stats = _merge_tensors(
-            plan, tmp, scratch, threads=threads, limit=limit, hook=hook, bar=bar, on_progress=on_progress, log=log
+            plan, tmp, scratch, threads=threads, limit=limit, merge=merge, bar=bar, on_progress=on_progress, log=log
         )
         if temp_cache is not None:
             shutil.rmtree(temp_cache, ignore_errors=True)

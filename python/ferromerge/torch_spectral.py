@@ -1,10 +1,11 @@
 """The torch hand-off of the SVD-space methods (``tsv_m``, ``iso_c``, ``iso_cts``, ``star``), for ``--device cuda``.
 
-``_engine.execute(..., external_merge=hook)`` offers every tensor to ``hook(name, method, shape, params, seed,
-n_inputs, load)`` before its Rust kernel runs. The hook made here takes the 2-D tensors of those four methods and
-returns theta (base included, float32, ``shape``); for anything else (and for matrices whose ``mean_only`` parameter
-is set: the config's ``exclude``) it returns None and the Rust kernels run.
-``load(i)`` decodes input i (0..n_inputs-1, ``-1`` the base) to a fresh float32 array, so the hook streams over
+The engine's *external merge* (``_engine.execute(..., external_merge=merge)``, ``rust/py/src/external_merge.rs``)
+offers every tensor to ``merge(name, method, shape, params, seed, n_inputs, load)`` before its Rust kernel runs.
+The one made here (``external_merge``) takes the 2-D tensors of those four methods and returns theta (base
+included, float32, ``shape``); for anything else (and for matrices whose ``mean_only`` parameter is set: the
+config's ``exclude``) it returns None and the Rust kernels run.
+``load(i)`` decodes input i (0..n_inputs-1, ``-1`` the base) to a fresh float32 array, so the merge streams over
 the tasks: the base is moved to the device once, then one task at a time is loaded, moved, turned into its task
 vector and dropped. Host memory stays at about one task matrix; the device holds the base, one task vector and
 the method's factors (for TSV-M the concatenated U and V: about one more matrix).
@@ -44,7 +45,7 @@ if TYPE_CHECKING:  # pragma: no cover
 _DEVICE_RE = re.compile(r"^(?:cpu|torch:cpu|cuda|cuda:(\d+))$")
 
 Load = Callable[[int], np.ndarray]
-Hook = Callable[[str, str, tuple, dict, int, int, Load], "np.ndarray | None"]
+ExternalMerge = Callable[[str, str, tuple, dict, int, int, Load], "np.ndarray | None"]
 
 # svd_lowrank draws its sketch from the global RNG; the fork/seed/draw sequence must not interleave between
 # threads (torch releases the GIL inside its kernels)
@@ -285,12 +286,12 @@ def star(torch: Any, tasks: _Tasks, params: dict, seed: int) -> "torch.Tensor":
 
 
 _METHODS = {"tsv_m": tsv_m, "iso_c": iso_c, "iso_cts": iso_cts, "star": star}
-#: the methods the hook takes (2-D tensors only)
+#: the methods the external merge takes (2-D tensors only)
 TORCH_METHODS = frozenset(_METHODS)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the hook
+# the external merge
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -304,7 +305,7 @@ def merge_tensor(device: "torch.device", name: str, method: str, shape: tuple[in
         return None
     import torch
 
-    # the planner passes every parameter; the registry's defaults cover a hook called directly
+    # the planner passes every parameter; the registry's defaults cover a direct call
     p = {**methods.get(method).kernel_param_defaults(), **{k: float(v) for k, v in (params or {}).items()}}
     with torch.inference_mode():
         tasks = _Tasks(torch, device, load, int(n_inputs), shape)
@@ -316,8 +317,9 @@ def merge_tensor(device: "torch.device", name: str, method: str, shape: tuple[in
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
-def make_hook(device: str) -> Hook:
-    """The external merge (``_engine.execute(..., external_merge=)``) for ``device`` (``cuda``, ``cuda:N`` or ``torch:cpu``).
+def external_merge(device: str) -> ExternalMerge:
+    """The external merge (``_engine.execute(..., external_merge=)``) on ``device`` (``cuda``, ``cuda:N`` or
+    ``torch:cpu``).
 
     Raises ``ParameterError`` when the device cannot run torch (``torch_device``/``torch_unavailable_reason``
     first, to fall back with a warning instead)."""
@@ -325,9 +327,9 @@ def make_hook(device: str) -> Hook:
     if dev is None:
         raise ParameterError(f"device {device!r} cannot run the torch path: {torch_unavailable_reason(device)}")
 
-    def hook(name: str, method: str, shape: tuple, params: dict, seed: int, n_inputs: int,
-             load: Load) -> np.ndarray | None:
+    def merge(name: str, method: str, shape: tuple, params: dict, seed: int, n_inputs: int,
+              load: Load) -> np.ndarray | None:
         return merge_tensor(dev, name, method, shape, params, seed, n_inputs, load)
 
-    hook.device = dev  # type: ignore[attr-defined]
-    return hook
+    merge.device = dev  # type: ignore[attr-defined]
+    return merge

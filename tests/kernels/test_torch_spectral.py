@@ -284,7 +284,7 @@ def test_sketch_seed_is_stable_and_distinct():
      ("tall_masks", (6, 5)), ("ties", (6, 5)), ("linear", (6, 5))],
 )
 def test_hook_declines_other_methods_and_non_matrices(method, shape):
-    hook = tp.make_hook("torch:cpu")
+    hook = tp.external_merge("torch:cpu")
     calls = []
     out = hook("t", method, shape, {}, 0, 2, lambda i: calls.append(i))
     assert out is None and calls == [], "declined tensors must not be loaded"
@@ -294,7 +294,7 @@ def test_hook_declines_other_methods_and_non_matrices(method, shape):
 def test_hook_streams_tasks_and_returns_theta_with_the_base(method, passes):
     base, xs = family(12, (24, 18), 3)
     load = Loader(base, xs)
-    hook = tp.make_hook("torch:cpu")
+    hook = tp.external_merge("torch:cpu")
     params = {**METHOD_PARAMS[method]}
     theta = hook("layers.0.w", method, (24, 18), params, 0, 3, load)
     # the base once, then each task once per pass, one at a time
@@ -307,7 +307,7 @@ def test_hook_streams_tasks_and_returns_theta_with_the_base(method, passes):
 
 def test_hook_declines_excluded_matrices():
     """``mean_only`` (the config's ``exclude``) asks for the mean task vector, which the Rust kernel computes."""
-    hook = tp.make_hook("torch:cpu")
+    hook = tp.external_merge("torch:cpu")
     for method in sorted(METHOD_PARAMS):
         calls = []
         assert hook("embed_tokens.weight", method, (6, 5), {"mean_only": 1.0}, 0, 2, calls.append) is None
@@ -351,7 +351,7 @@ def test_device_strings():
         with pytest.raises(ParameterError):
             tp.torch_device(bad)
     with pytest.raises(ParameterError, match="Rust kernels"):
-        tp.make_hook("cpu")
+        tp.external_merge("cpu")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback on a machine without CUDA")
@@ -363,7 +363,7 @@ def test_cuda_without_a_gpu_falls_back_with_a_reason():
         with pytest.warns(tp.TorchUnavailableWarning, match="Rust kernels"):
             assert tp.torch_device(dev, warn=True) is None
         with pytest.raises(ParameterError, match="CUDA"):
-            tp.make_hook(dev)
+            tp.external_merge(dev)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -371,7 +371,7 @@ def test_cuda_without_a_gpu_falls_back_with_a_reason():
 def test_cuda_matches_the_reference(method):
     base, xs = star_family(15, (96, 80), 3, 40.0)
     params = METHOD_PARAMS[method]
-    hook = tp.make_hook("cuda")
+    hook = tp.external_merge("cuda")
     got = hook("t", method, base.shape, params, 0, 3, Loader(base, xs))
     assert_close(got, method, base, xs, params, context=f"cuda {method}")
     count = torch.cuda.device_count()
