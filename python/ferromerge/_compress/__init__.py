@@ -2,6 +2,7 @@
 
 Private (``_compress``) because ``ferromerge.compress`` is the public function."""
 
-from .pack import CompressReport, DecompressReport, ModelSummary, compress, decompress
+from .pack import CompressReport, compress
+from .unpack import DecompressReport, ModelSummary, decompress
 
 __all__ = ["CompressReport", "DecompressReport", "ModelSummary", "compress", "decompress"]

@@ -1,51 +1,9 @@
-"""``compress`` a family of fine-tunes of one base into an archive, ``decompress`` any one of them back.
+"""``compress``: store a family of fine-tunes of one base as an archive of task vectors, by either scheme
+(``lowrank``: TSV-C, truncated SVDs of each 2-D task vector; ``tall``: one summed task vector plus TALL masks),
+reporting each model's reconstruction error measured on exactly what ``unpack.decompress`` will write.
 
-An archive stores each fine-tune's task vector τ_t = θ_t − θ0 in a small form and references the base θ0 (it is
-not copied): rebuilding needs the same base. Two schemes:
-
-* ``lowrank`` (TSV-C: Gargiulo et al., Task Singular Vectors, CVPR 2025; code: AntoAndGar/task_singular_vectors): each 2-D τ_t is truncated to rank r by ``_engine.svd`` (randomized by
-  default, ``exact`` for the thin SVD). r is ``rank``, or ``fraction`` of min(m, n), or the smallest rank keeping
-  ``energy`` of ||τ_t||²_F; by default r = ⌊min(m, n)/T⌋ (T models), TSV-C's k. Rebuilt θ_t = θ0 + U·V.
-* ``tall`` (TALL masks: Wang et al., Localizing Task Information for Improved Model Merging and Compression, ICML 2024; code: nik-dim/tall_masks): τ_MTL = Σ_t τ_t, and per model the mask
-  m_t = |τ_t| > λ·|τ_MTL − τ_t| (elementwise, strict, float32, λ = ``tall_mask_lambda``, 0.4), bit-packed.
-  Rebuilt θ_t = θ0 + m_t ⊙ τ_MTL, on every float tensor (1-D too).
-
-Archive layout (a directory)::
-
-    manifest.json            format "ferromerge-compress", version 1, scheme, options, the base (path, and per
-                             shard: file name, size, sha256 of its header), the models (name, source path, shard
-                             names, whether they had an index, their copied files), every archive file's size and
-                             sha256, per-model error summary, and per tensor: name, shape, base dtype and, per
-                             model, dtype, kind (lowrank | masked | full | base), rank, shard, relative error,
-                             ||τ_t||_F
-    model-<i>.safetensors    model i's own tensors: lowrank -> "<name>.U" (m x r) and "<name>.V" (r x n) with
-                             τ ≈ U @ V, and tensors stored whole under their own names; tall -> only tensors
-                             stored whole (absent when there are none)
-    tau_mtl.safetensors      tall: τ_MTL per tensor, under the tensor's name
-    masks.safetensors        tall: "<name>.mask.<i>": U8, np.packbits (big bit order) of the flattened (C order)
-                             mask of model i; model 0's masks first, then model 1's, ...
-    files/<i>/               model i's config.json, tokenizer and other non-weight files, copied as they are
-
-Kinds: ``base``: the tensor's bytes equal the base's (nothing stored, rebuilt as the base's bytes); ``full``: stored
-whole, as the fine-tune's own bytes (so rebuilt exactly; that is what a task vector stored whole amounts to, in
-the same space): non-2-D tensors under ``lowrank``, matrices whose factors would not be smaller than the matrix,
-and non-float tensors (copied, never decoded).
-
-Choices: U holds U·diag(√S) and V holds diag(√S)·Vᵀ: both factors get the same scale (the product is unchanged),
-which keeps them away from the ends of float16's range when stored in half precision, and the pair is directly a
-LoRA (B = U, A = V, PEFT's shapes), as extract-lora's default split. Factors and τ_MTL are stored in ``dtype``,
-by default the fine-tunes' own dtype for that tensor (float32 when the fine-tunes differ): the rebuilt tensor is
-rounded to that dtype anyway, and the extra rounding of a small τ (relative 2⁻⁹ in bfloat16) moves θ0 + τ by far
-less than half its ulp, while float32 would double a bfloat16 archive. ``dtype="float32"`` stores them exactly
-(then a tall archive rebuilds exactly θ0 + m_t·τ_MTL as computed in float32). Masks are computed from the float32
-τ_MTL, before its rounding to the storage dtype.
-
-The reported error is measured on what ``decompress`` writes (after every rounding): per model and 2-D tensor
-that differs from the base, ||θ_t − rebuilt_t||_F / ||θ_t − θ0||_F, summarised as max, mean, and overall
-(√(Σ ||θ_t − rebuilt_t||² / Σ ||τ_t||²)). Memory: one tensor's float32 task vector for the SVD (lowrank), otherwise
-row blocks of ``BLOCK_ELEMS`` elements (tall: one per model); inputs are read, never memory-mapped. Both directions
-are written atomically (a temporary directory beside the target, renamed onto it when complete; nothing is left
-on failure). Measured sizes and errors: docs/compress.md.
+The schemes, the archive layout, the kinds of stored tensors and the choices behind them are specified once, in
+docs/compress.md; ``archive`` reads and writes the manifest and the side files.
 """
 
 from __future__ import annotations
@@ -54,74 +12,40 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
 from .. import _engine
 from .._validate import check_positive_int, check_seed, check_threads, format_bytes
 from ..errors import InputError, ParameterError
-from ..io.dtypes import ITEMSIZE, MERGEABLE_DTYPES, ST_NAME, from_f32, numel, to_f32
-from ..io.output_dir import OutputDir, check_free_space
+from ..io.dtypes import ITEMSIZE, ST_NAME, from_f32, numel, to_f32
+from ..io.output_dir import OutputDir
 from ..io.reader import ShardReader, row_blocks
-from ..io.writer import PlannedTensor, SafetensorsWriter
+from ..io.writer import SafetensorsWriter
 from ..models.index import INDEX_FILE, ModelIndex, TensorInfo, index_model
-from ..output_files import write_index
+from . import unpack
 from .archive import (
     FORMAT,
-    MANIFEST,
     MASK_FILE,
     SCHEMES,
     TAU_FILE,
     VERSION,
     base_fingerprint,
-    load_manifest,
     model_file,
-    open_base,
-    pick_model,
-    restore_side_files,
     sha256_file,
     store_side_files,
-    verify_archive_file,
     write_manifest,
 )
-
-#: elements per row block (4 MiB per float32 array; tall keeps one such block per model), whatever the tensor's size
-BLOCK_ELEMS = 1 << 20
-FLOATS = tuple(MERGEABLE_DTYPES)
-_SAFETENSORS_META = {"format": "pt"}
-
-F32 = npt.NDArray[np.float32]
-
-
-@dataclass(frozen=True)
-class ModelSummary:
-    """Reconstruction error of one model over its 2-D float tensors that differ from the base."""
-
-    name: str
-    matrices: int
-    max_error: float
-    mean_error: float
-    overall_error: float
-    worst_tensor: str | None
-    kinds: dict[str, int] = field(default_factory=dict)
-
-    def line(self) -> str:
-        if not self.matrices:
-            return f"{self.name}: no matrix differs from the base; rebuilt exactly"
-        kinds = ", ".join(f"{n} {k}" for k, n in sorted(self.kinds.items()))
-        return (f"{self.name}: relative error over {self.matrices} matrices: max {self.max_error:.4g} "
-                f"({self.worst_tensor}), mean {self.mean_error:.4g}, overall {self.overall_error:.4g}  [{kinds}]")
 
 
 @dataclass(frozen=True)
 class CompressReport:
     archive: Path
     scheme: str
-    models: list[ModelSummary]
+    models: list[unpack.ModelSummary]
     archive_bytes: int
     finetune_bytes: int
     seconds: float
@@ -140,21 +64,6 @@ class CompressReport:
                 f"{format_bytes(self.archive_bytes)} for {format_bytes(self.finetune_bytes)} of fine-tunes "
                 f"(ratio {self.ratio:.3f}, saved {format_bytes(max(self.saved_bytes, 0))}) in {self.seconds:.2f} s")
         return [head, *("  " + m.line() for m in self.models)]
-
-
-@dataclass(frozen=True)
-class DecompressReport:
-    out_dir: Path
-    model: str
-    index: int
-    tensors: int
-    bytes_written: int
-    seconds: float
-    summary: ModelSummary
-
-    def lines(self) -> list[str]:
-        return [f"rebuilt model {self.index} ({self.model}) into {self.out_dir}: {self.tensors} tensors, "
-                f"{format_bytes(self.bytes_written)} in {self.seconds:.2f} s", "  " + self.summary.line()]
 
 
 @dataclass(frozen=True)
@@ -240,7 +149,7 @@ def _not_finite(info: TensorInfo, base: TensorInfo, name: str) -> InputError:
                       "values; cannot compress it")
 
 
-def _sq_norm(x: F32) -> float:
+def _sq_norm(x: unpack.F32) -> float:
     """Σ x² of a float32 array: float32 dot products over runs of 2¹⁶ elements, added in float64 (about 1e-6
     relative, plenty for an error report, and 8x faster than converting to float64 first)."""
     flat = x.reshape(-1)
@@ -249,23 +158,6 @@ def _sq_norm(x: F32) -> float:
 
 
 # --- rebuilding (shared by compress, which measures the error, and decompress) --------------------------------
-
-
-def _rebuild_lowrank(base: F32, u: F32, v: F32, dtype: str) -> npt.NDArray[Any]:
-    """θ0 + U·V for a block of rows, rounded to ``dtype`` (raw)."""
-    theta = base + u @ v
-    return from_f32(theta, dtype)
-
-
-def _rebuild_masked(base: F32, tau: F32, mask: npt.NDArray[np.bool_], dtype: str) -> npt.NDArray[Any]:
-    """θ0 + m ⊙ τ_MTL for a block, rounded to ``dtype`` (raw); masked-out elements are the base's exactly."""
-    return from_f32(np.where(mask, base + tau, base), dtype)
-
-
-def _unpack(rd: ShardReader, file: Path, key: str, start: int, shape: tuple[int, ...]) -> npt.NDArray[np.bool_]:
-    """The mask of a block of ``shape`` starting at element ``start`` (a multiple of 8: see ``row_blocks``)."""
-    n = numel(shape)
-    return np.unpackbits(rd.bytes_at(file, key, start // 8, (n + 7) // 8), count=n).astype(bool).reshape(shape)
 
 
 def _error(err2: float, dn2: float) -> float | None:
@@ -326,7 +218,7 @@ class _Compressor:
             entry: dict[str, Any] = {"dtype": info.dtype, "kind": "full", "error": 0.0, "delta_norm": None}
             if _same_bytes(self.rd, binfo, info, name):
                 entry.update(kind="base", delta_norm=0.0)
-            elif binfo.dtype not in FLOATS or info.dtype not in FLOATS:
+            elif binfo.dtype not in unpack.FLOATS or info.dtype not in unpack.FLOATS:
                 self.store_whole(i, name, info)
             elif len(info.shape) != 2 or min(info.shape) == 0:
                 entry["delta_norm"] = math.sqrt(self._delta(name, binfo, info, keep=False)[1])
@@ -336,11 +228,11 @@ class _Compressor:
             out.append(entry)
         return out
 
-    def _delta(self, name: str, binfo: TensorInfo, info: TensorInfo, keep: bool) -> tuple[F32 | None, float]:
+    def _delta(self, name: str, binfo: TensorInfo, info: TensorInfo, keep: bool) -> tuple[unpack.F32 | None, float]:
         """τ = θ_t − θ0 in float32 (when ``keep``) and ||τ||² (``_sq_norm``)."""
         delta = np.empty(info.shape, np.float32) if keep else None
         dn2 = 0.0
-        for rows in row_blocks(info.shape, BLOCK_ELEMS):
+        for rows in row_blocks(info.shape, unpack.BLOCK_ELEMS):
             d = (to_f32(self.rd.rows(info.file, name, rows), info.dtype)
                  - to_f32(self.rd.rows(binfo.file, name, rows), binfo.dtype))
             dn2 += _sq_norm(d)
@@ -385,9 +277,9 @@ class _Compressor:
         # the error of what decompress will write: the stored factors, the same blocks, the same roundings
         u32, v32 = to_f32(u_raw, store), to_f32(v_raw, store)
         err2 = 0.0
-        for rows in row_blocks(info.shape, BLOCK_ELEMS):
+        for rows in row_blocks(info.shape, unpack.BLOCK_ELEMS):
             b = to_f32(self.rd.rows(binfo.file, name, rows), binfo.dtype)
-            rebuilt = to_f32(_rebuild_lowrank(b, u32[rows], v32, info.dtype), info.dtype)
+            rebuilt = to_f32(unpack.rebuild_lowrank(b, u32[rows], v32, info.dtype), info.dtype)
             err2 += _sq_norm(rebuilt - to_f32(self.rd.rows(info.file, name, rows), info.dtype))
         return {"kind": "lowrank", "rank": r, "error": _error(err2, dn2), "delta_norm": math.sqrt(dn2)}
 
@@ -401,7 +293,7 @@ class _Compressor:
         differ = [i for i, x in enumerate(infos) if not _same_bytes(self.rd, binfo, x, name)]
         if not differ:
             return out
-        if binfo.dtype not in FLOATS or any(infos[i].dtype not in FLOATS for i in differ):
+        if binfo.dtype not in unpack.FLOATS or any(infos[i].dtype not in unpack.FLOATS for i in differ):
             for i in differ:  # nothing to add up: whole copies
                 out[i].update(kind="full", delta_norm=None)
                 self.store_whole(i, name, infos[i])
@@ -416,7 +308,7 @@ class _Compressor:
         lam = np.float32(self.opts.lam)
         err2 = dict.fromkeys(differ, 0.0)
         dn2 = dict.fromkeys(differ, 0.0)
-        for rows in row_blocks(shape, BLOCK_ELEMS):
+        for rows in row_blocks(shape, unpack.BLOCK_ELEMS):
             b = to_f32(self.rd.rows(binfo.file, name, rows), binfo.dtype)
             thetas = {i: to_f32(self.rd.rows(infos[i].file, name, rows), infos[i].dtype) for i in differ}
             deltas = {i: thetas[i] - b for i in differ}
@@ -431,7 +323,7 @@ class _Compressor:
                 d = deltas[i]
                 mask = np.abs(d) > lam * np.abs(tau - d)
                 mask_w.write(np.packbits(mask.reshape(-1)), stream=i)
-                rebuilt = to_f32(_rebuild_masked(b, tau_stored, mask, infos[i].dtype), infos[i].dtype)
+                rebuilt = to_f32(unpack.rebuild_masked(b, tau_stored, mask, infos[i].dtype), infos[i].dtype)
                 err2[i] += _sq_norm(rebuilt - thetas[i])
                 dn2[i] += _sq_norm(d)
         for i in differ:
@@ -441,7 +333,7 @@ class _Compressor:
         return out
 
 
-def _summaries(names: list[str], tensors: list[dict[str, Any]]) -> list[ModelSummary]:
+def _summaries(names: list[str], tensors: list[dict[str, Any]]) -> list[unpack.ModelSummary]:
     out = []
     for i, name in enumerate(names):
         errors: list[tuple[float, str, float]] = []
@@ -452,17 +344,17 @@ def _summaries(names: list[str], tensors: list[dict[str, Any]]) -> list[ModelSum
             if len(t["shape"]) == 2 and e["kind"] != "base" and e["delta_norm"] is not None:
                 errors.append((math.inf if e["error"] is None else e["error"], t["name"], e["delta_norm"]))
         if not errors:
-            out.append(ModelSummary(name, 0, 0.0, 0.0, 0.0, None, kinds))
+            out.append(unpack.ModelSummary(name, 0, 0.0, 0.0, 0.0, None, kinds))
             continue
         worst = max(errors)
         total = sum(n * n for _, _, n in errors)
         overall = math.sqrt(sum((e * n) ** 2 for e, _, n in errors) / total) if total else 0.0
-        out.append(ModelSummary(name, len(errors), worst[0], sum(e for e, _, _ in errors) / len(errors), overall,
+        out.append(unpack.ModelSummary(name, len(errors), worst[0], sum(e for e, _, _ in errors) / len(errors), overall,
                                 worst[1], kinds))
     return out
 
 
-def _summary_dict(s: ModelSummary) -> dict[str, Any]:
+def _summary_dict(s: unpack.ModelSummary) -> dict[str, Any]:
     return {"matrices": s.matrices, "max_error": s.max_error, "mean_error": s.mean_error,
             "overall_error": s.overall_error, "worst_tensor": s.worst_tensor, "kinds": s.kinds}
 
@@ -534,131 +426,3 @@ def compress(
 
 # --- decompress ---------------------------------------------------------------------------------------------
 
-
-def _check_stored(rd: ShardReader, file: Path, key: str, dtypes: Sequence[str], shape: Sequence[int], what: str
-                  ) -> str:
-    dtype, have = rd.entry(file, key, f" ({what})")
-    if dtype not in dtypes or list(have) != list(shape):
-        raise InputError(f"{file}: tensor {key} ({what}) is {dtype} {have}, expected {'/'.join(dtypes)} "
-                         f"{list(shape)}")
-    return dtype
-
-
-class _Rebuilder:
-    """Writes model ``i``'s tensors from the base and the archive, block by block."""
-
-    def __init__(self, archive: Path, manifest: dict[str, Any], i: int, base: ModelIndex) -> None:
-        self.archive, self.manifest, self.i, self.base = archive, manifest, i, base
-        self.rd = ShardReader()
-        scheme = manifest["scheme"]
-        kinds = {t["models"][i]["kind"] for t in manifest["tensors"]}
-        self.own = verify_archive_file(archive, manifest, model_file(i)) if (
-            scheme == "lowrank" or "full" in kinds) else None
-        self.tau = verify_archive_file(archive, manifest, TAU_FILE) if "masked" in kinds else None
-        self.masks = verify_archive_file(archive, manifest, MASK_FILE) if "masked" in kinds else None
-
-    def check(self, t: dict[str, Any]) -> None:
-        """The base and archive hold what tensor ``t`` needs, with the manifest's dtypes and shapes."""
-        name, shape, e = t["name"], t["shape"], t["models"][self.i]
-        info = self.base.tensors.get(name)
-        if info is None or list(info.shape) != shape or info.dtype != t["dtype"]:
-            raise InputError(f"base model {self.base.path}: tensor {name} is missing or differs from the archive's "
-                             f"base ({t['dtype']} {shape})")
-        if e["kind"] == "full":
-            assert self.own is not None
-            _check_stored(self.rd, self.own, name, [e["dtype"]], shape, "stored whole")
-        elif e["kind"] == "lowrank":
-            assert self.own is not None
-            m, n = shape
-            du = _check_stored(self.rd, self.own, f"{name}.U", FLOATS, [m, e["rank"]], "low-rank factor")
-            _check_stored(self.rd, self.own, f"{name}.V", [du], [e["rank"], n], "low-rank factor")
-        elif e["kind"] == "masked":
-            assert self.tau is not None and self.masks is not None
-            _check_stored(self.rd, self.tau, name, FLOATS, shape, "tau_MTL")
-            _check_stored(self.rd, self.masks, f"{name}.mask.{self.i}", ["U8"], [(numel(shape) + 7) // 8], "mask")
-        if e["dtype"] not in FLOATS and e["kind"] not in ("full", "base"):
-            raise InputError(f"{self.archive / MANIFEST}: tensor {name} of dtype {e['dtype']} cannot be {e['kind']}")
-
-    def write(self, w: SafetensorsWriter, t: dict[str, Any]) -> None:
-        name, shape, e = t["name"], tuple(t["shape"]), t["models"][self.i]
-        binfo = self.base.tensors[name]
-        dtype = e["dtype"]
-        w.begin(name, dtype, shape)
-        if e["kind"] in ("base", "full"):
-            source = binfo.file if e["kind"] == "base" else self.own
-            assert source is not None
-            for chunk in self.rd.chunks(source, name):
-                w.write(chunk)
-            return
-        if e["kind"] == "lowrank":
-            assert self.own is not None
-            store = self.rd.entry(self.own, f"{name}.U")[0]
-            u = to_f32(self.rd.rows(self.own, f"{name}.U", slice(0, shape[0])), store)
-            v = to_f32(self.rd.rows(self.own, f"{name}.V", slice(0, e["rank"])), store)
-        else:
-            assert self.tau is not None and self.masks is not None
-            store = self.rd.entry(self.tau, name)[0]
-            row = numel(shape[1:]) if len(shape) > 1 else 1
-        for rows in row_blocks(shape, BLOCK_ELEMS):
-            b = to_f32(self.rd.rows(binfo.file, name, rows), binfo.dtype)
-            if e["kind"] == "lowrank":
-                w.write(_rebuild_lowrank(b, u[rows], v, dtype))
-            else:
-                tau = to_f32(self.rd.rows(self.tau, name, rows), store)
-                mask = _unpack(self.rd, self.masks, f"{name}.mask.{self.i}", rows.start * row, b.shape)
-                w.write(_rebuild_masked(b, tau, mask, dtype))
-
-
-def _summary_from(manifest: dict[str, Any], i: int) -> ModelSummary:
-    s = manifest["models"][i].get("summary") or {}
-    return ModelSummary(manifest["models"][i]["name"], int(s.get("matrices", 0)), float(s.get("max_error", 0.0)),
-                        float(s.get("mean_error", 0.0)), float(s.get("overall_error", 0.0)),
-                        s.get("worst_tensor"), dict(s.get("kinds", {})))
-
-
-def decompress(
-    archive: str | os.PathLike[str],
-    model: str | int,
-    out: str | os.PathLike[str],
-    *,
-    base: str | os.PathLike[str] | None = None,
-    overwrite: bool = False,
-) -> DecompressReport:
-    """Rebuild one model of ``archive`` (by name or 0-based index) into the model directory ``out``.
-
-    ``base``: the base model when it is no longer at the path recorded in the archive; it must have the same
-    shards (names, sizes, headers) as the one the archive was made from. The output has the model's own shard
-    names, shard index, dtypes, config and tokenizer files.
-    """
-    start = time.perf_counter()
-    arch = Path(archive).expanduser().absolute()
-    manifest = load_manifest(arch)
-    i = pick_model(manifest, arch, model)
-    entry = manifest["models"][i]
-    base_idx = open_base(manifest, arch, None if base is None else str(base))
-    target = OutputDir(out, overwrite=overwrite)
-    target.check_inputs([arch, base_idx.path])
-    rebuild = _Rebuilder(arch, manifest, i, base_idx)
-    tensors = manifest["tensors"]
-    for t in tensors:
-        rebuild.check(t)
-    by_shard: dict[str, list[dict[str, Any]]] = {s: [] for s in entry["shards"]}
-    for t in tensors:
-        by_shard[t["models"][i]["shard"]].append(t)
-    sizes = {t["name"]: numel(t["shape"]) * ITEMSIZE[t["models"][i]["dtype"]] for t in tensors}
-    total = sum(sizes.values())
-    check_free_space(target.target, total + sum(int(f.get("size", 0)) for f in entry["files"].values()))
-    written = 0
-    with target.building() as tmp:
-        for shard, members in by_shard.items():
-            planned = [PlannedTensor.of(t["name"], t["models"][i]["dtype"], t["shape"]) for t in members]
-            w = SafetensorsWriter(tmp / shard, planned=planned, in_order=True, metadata=dict(_SAFETENSORS_META))
-            for t in members:
-                rebuild.write(w, t)
-            written += w.close()
-        if entry["indexed"]:
-            write_index(tmp, {t["name"]: t["models"][i]["shard"] for t in tensors}, total)
-        restore_side_files(arch, entry["files"], tmp)
-        rebuild.rd.close()
-    return DecompressReport(target.target, entry["name"], i, len(tensors), written, time.perf_counter() - start,
-                            _summary_from(manifest, i))

@@ -53,7 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .._compress.pack import compress, decompress
+    from .._compress import compress, decompress
 
     if args.compress_command == "compress":
         report = compress(
