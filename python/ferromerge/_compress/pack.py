@@ -157,9 +157,6 @@ def _sq_norm(x: unpack.F32) -> float:
     return math.fsum(float(np.dot(flat[i : i + step], flat[i : i + step])) for i in range(0, flat.size, step))
 
 
-# --- rebuilding (shared by compress, which measures the error, and decompress) --------------------------------
-
-
 def _error(err2: float, dn2: float) -> float | None:
     return math.sqrt(err2 / dn2) if dn2 > 0 else (0.0 if err2 == 0 else None)
 
@@ -422,7 +419,3 @@ def compress(
                          for m, e in zip(idxs, entries, strict=True))
     return CompressReport(target.target, opts.scheme, summaries, archive_bytes, finetune_bytes,
                           time.perf_counter() - start)
-
-
-# --- decompress ---------------------------------------------------------------------------------------------
-

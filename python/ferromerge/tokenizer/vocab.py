@@ -300,9 +300,3 @@ def _check_dense(vocab: Mapping[str, int], where: Path) -> None:
             f"{where / TOKENIZER_JSON}: the output vocabulary's ids are not 0..{len(ids) - 1} (first gap or "
             f"duplicate at id {gap}); its embedding rows cannot be laid out"
         )
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# chat template
-# ---------------------------------------------------------------------------------------------------------------
-
