@@ -44,7 +44,7 @@ C = 128.0
 KAPPA_MAX = 1e4
 SHAPES = [(48, 40), (40, 48), (1, 7), (64, 64)]
 REFERENCE = {"tsv_m": spectral_ref.tsv_m, "iso_c": spectral_ref.iso_c, "iso_cts": spectral_ref.iso_cts, "star": spectral_ref.star}
-# reference keyword arguments of each method's parameters (the hook gets them as floats)
+# reference keyword arguments of each method's parameters (the external merge gets them as floats)
 REF_KEYS = {"tsv_m": ("alpha",), "iso_c": ("alpha",), "iso_cts": ("alpha", "common_space_fraction"),
             "star": ("eta",)}
 
@@ -251,7 +251,7 @@ def test_sketch_is_reproducible_and_keyed_by_seed_and_name():
     params = {"exact_svd": 0.0}
     state = torch.get_rng_state().clone()
     first = run("tsv_m", base, xs, params, seed=1, name="layers.0.w")
-    assert torch.equal(torch.get_rng_state(), state), "the hook must leave the global RNG alone"
+    assert torch.equal(torch.get_rng_state(), state), "the external merge must leave the global RNG alone"
     torch.manual_seed(12345)  # a different global state must not matter
     assert run("tsv_m", base, xs, params, seed=1, name="layers.0.w").tobytes() == first.tobytes()
     other_name = run("tsv_m", base, xs, params, seed=1, name="layers.1.w")
@@ -274,7 +274,7 @@ def test_sketch_seed_is_stable_and_distinct():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the hook contract
+# the external-merge contract (what the engine calls for each tensor)
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -283,38 +283,38 @@ def test_sketch_seed_is_stable_and_distinct():
     [("tsv_m", (7,)), ("iso_c", (3, 4, 5)), ("star", (1,)), ("iso_cts", (0, 5)), ("consensus", (6, 5)),
      ("tall_masks", (6, 5)), ("ties", (6, 5)), ("linear", (6, 5))],
 )
-def test_hook_declines_other_methods_and_non_matrices(method, shape):
-    hook = tp.external_merge("torch:cpu")
+def test_external_merge_declines_other_methods_and_non_matrices(method, shape):
+    external = tp.external_merge("torch:cpu")
     calls = []
-    out = hook("t", method, shape, {}, 0, 2, lambda i: calls.append(i))
+    out = external("t", method, shape, {}, 0, 2, lambda i: calls.append(i))
     assert out is None and calls == [], "declined tensors must not be loaded"
 
 
 @pytest.mark.parametrize("method,passes", [("tsv_m", 1), ("iso_c", 1), ("iso_cts", 2), ("star", 1)])
-def test_hook_streams_tasks_and_returns_theta_with_the_base(method, passes):
+def test_external_merge_streams_tasks_and_returns_theta_with_the_base(method, passes):
     base, xs = family(12, (24, 18), 3)
     load = Loader(base, xs)
-    hook = tp.external_merge("torch:cpu")
+    external = tp.external_merge("torch:cpu")
     params = {**METHOD_PARAMS[method]}
-    theta = hook("layers.0.w", method, (24, 18), params, 0, 3, load)
+    theta = external("layers.0.w", method, (24, 18), params, 0, 3, load)
     # the base once, then each task once per pass, one at a time
     assert load.calls == [-1] + [0, 1, 2] * passes
     assert theta.dtype == np.float32 and theta.shape == (24, 18) and theta.flags.c_contiguous
-    assert_close(theta, method, base, xs, params, context=f"hook {method}")
+    assert_close(theta, method, base, xs, params, context=f"external merge {method}")
     # theta is base + merged: without the base the result would be ~N(0, 1) away
     assert float(np.linalg.norm(theta - base)) < 0.5 * float(np.linalg.norm(base))
 
 
-def test_hook_declines_excluded_matrices():
+def test_external_merge_declines_excluded_matrices():
     """``mean_only`` (the config's ``exclude``) asks for the mean task vector, which the Rust kernel computes."""
-    hook = tp.external_merge("torch:cpu")
+    external = tp.external_merge("torch:cpu")
     for method in sorted(METHOD_PARAMS):
         calls = []
-        assert hook("embed_tokens.weight", method, (6, 5), {"mean_only": 1.0}, 0, 2, calls.append) is None
+        assert external("embed_tokens.weight", method, (6, 5), {"mean_only": 1.0}, 0, 2, calls.append) is None
         assert calls == []
 
 
-def test_hook_uses_defaults_for_missing_parameters():
+def test_external_merge_uses_defaults_for_missing_parameters():
     base, xs = family(13, (20, 16), 2)
     for method in ("iso_cts", "star", "iso_c"):
         defaults = {k: methods.get(method).kernel_param_defaults()[k] for k in REF_KEYS[method]}
@@ -323,7 +323,7 @@ def test_hook_uses_defaults_for_missing_parameters():
         assert_close(got, method, base, xs, defaults, context=f"{method} defaults")
 
 
-def test_hook_accepts_read_only_or_other_dtype_loads():
+def test_external_merge_accepts_read_only_or_other_dtype_loads():
     base, xs = family(14, (10, 8), 2)
 
     def load(i):
@@ -371,8 +371,8 @@ def test_cuda_without_a_gpu_falls_back_with_a_reason():
 def test_cuda_matches_the_reference(method):
     base, xs = star_family(15, (96, 80), 3, 40.0)
     params = METHOD_PARAMS[method]
-    hook = tp.external_merge("cuda")
-    got = hook("t", method, base.shape, params, 0, 3, Loader(base, xs))
+    external = tp.external_merge("cuda")
+    got = external("t", method, base.shape, params, 0, 3, Loader(base, xs))
     assert_close(got, method, base, xs, params, context=f"cuda {method}")
     count = torch.cuda.device_count()
     assert "device" in tp.torch_unavailable_reason(f"cuda:{count}")
