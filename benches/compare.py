@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ferromerge import _core
+from ferromerge import _engine
 from ferromerge.synth import make_family
 
 HERE = Path(__file__).resolve().parent
@@ -118,7 +118,7 @@ def read_output(out: Path) -> dict[str, np.ndarray]:
     """Every tensor of an output dir as raw uint16 (bf16 bits)."""
     result = {}
     for f in sorted(out.glob("*.safetensors")):
-        header = _core.read_header(str(f))
+        header = _engine.read_header(str(f))
         raw = f.read_bytes()
         n = int.from_bytes(raw[:8], "little")
         meta = json.loads(raw[8 : 8 + n])

@@ -109,13 +109,13 @@ def make_matrix(m: int, n: int, path: Path) -> None:
 
 
 def _ours(op: str, a: np.ndarray, k: int | None, threads: int, oversample: int, power_iters: int):
-    from ferromerge import _core
+    from ferromerge import _engine
 
     if op == "polar":
-        return _core.polar(a, threads=threads)
+        return _engine.polar(a, threads=threads)
     if op == "exact":
-        return _core.svd(a, exact=True, threads=threads)
-    return _core.svd(a, rank=k, oversample=oversample, power_iters=power_iters, seed=0, name="bench",
+        return _engine.svd(a, exact=True, threads=threads)
+    return _engine.svd(a, rank=k, oversample=oversample, power_iters=power_iters, seed=0, name="bench",
                      threads=threads)
 
 
@@ -204,7 +204,7 @@ def run_case(spec: dict) -> dict:
 
         torch.set_num_threads(threads)
     elif tool == "ferromerge":
-        from ferromerge import _core  # noqa: F401  (import cost outside the timed region)
+        from ferromerge import _engine  # noqa: F401  (import cost outside the timed region)
     # a small call first: thread pools and lazily loaded kernels start outside the timed region
     TOOLS[tool](op, np.ascontiguousarray(a[:96, :64]), min(k or 8, 8), threads, 4, spec["power_iters"])
     rss0 = _status("VmRSS")

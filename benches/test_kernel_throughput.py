@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ferromerge import _core
+from ferromerge import _engine
 
 N = 8_000_000
 METHODS = {
@@ -46,8 +46,9 @@ def test_kernel(benchmark, family, method: str, threads: int) -> None:  # type: 
     n_in = len(inputs)
 
     def run() -> np.ndarray:
-        return _core.merge_arrays(method, inputs, b, [0.5] * n_in, [0.5] * n_in, out_dtype=dtype, threads=threads,
-                                  name="bench", **METHODS[method])
+        return _engine.merge_arrays({"name": method, **METHODS[method]}, inputs, b,
+                                    _engine.input_values([0.5] * n_in, [0.5] * n_in), out_dtype=dtype, threads=threads,
+                                    name="bench")
 
     out = benchmark(run)
     assert out.size == N

@@ -5,9 +5,31 @@ Dtype names are mergekit's: ``"float32"``, ``"float16"``, ``"bfloat16"``. bfloat
 """
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+__all__ = [
+    "InputError",
+    "MergeError",
+    "OutputError",
+    "ParameterError",
+    "execute_plan",
+    "memory_plan",
+    "merge_arrays",
+    "methods",
+    "read_header",
+    "read_metadata",
+    "save_file",
+    "decode",
+    "encode",
+    "polar",
+    "svd",
+    "default_memory_limit",
+    "MIN_MEMORY_LIMIT",
+    "__version__",
+]
 
 __version__: str
 #: The smallest memory budget a run accepts (64 MiB).
@@ -37,43 +59,30 @@ def read_metadata(path: str) -> dict[str, str]:
     """The ``__metadata__`` map of a safetensors file (empty when absent)."""
 
 def merge_arrays(
-    method: str,
+    method: Mapping[str, Any],
     inputs: Sequence[npt.NDArray[np.float32] | npt.NDArray[np.float16] | npt.NDArray[np.uint16] | npt.NDArray[np.int16]],
     base: npt.NDArray[np.float32] | npt.NDArray[np.float16] | npt.NDArray[np.uint16] | npt.NDArray[np.int16] | None,
-    weights: Sequence[float],
-    densities: Sequence[float],
+    values: Sequence[Mapping[str, Any]],
     *,
     out_dtype: str,
-    normalize: bool,
     cast_dtype: str | None = None,
-    lambda_: float = 1.0,
-    rescale: str = "none",
-    seed: int = 0,
     name: str = "",
-    model_ids: Sequence[int] | None = None,
+    shape: Sequence[int] | None = None,
     threads: int | None = None,
     chunk_elems: int | None = None,
-    shape: Sequence[int] | None = None,
-    params: Mapping[str, float] | None = None,
-    gammas: Sequence[float] | None = None,
-    epsilons: Sequence[float] | None = None,
 ) -> npt.NDArray[np.float32] | npt.NDArray[np.float16] | npt.NDArray[np.uint16]:
     """Merge one tensor in memory with the engine's kernels; returns a flat array of ``out_dtype``.
 
+    ``method`` is the plan's ``method`` object (docs/architecture.md: ``name``, ``normalize``, ``lambda``,
+    ``rescale``, ``seed``, ``params``), read by the same serde types as the plan, so an unknown key, method or
+    parameter is a ``ParameterError``. ``values`` holds one plan-input object per input without ``file``/``tensor``
+    (``weight``; ``density``, ``model_id``, ``gamma``, ``epsilon`` with the plan's defaults).
     ``inputs`` are the non-base tensors (C-contiguous; float32, float16, or uint16/int16 holding bfloat16 bits),
-    all with the same number of elements as ``base``. ``weights``/``densities`` have one entry per input.
-    ``method`` is one of ``linear``, ``task_arithmetic``, ``ties``, ``dare_ties``, ``dare_linear``, ``slerp``,
-    ``nuslerp``, ``multislerp``, ``karcher``, ``breadcrumbs``, ``breadcrumbs_ties``, ``della``, ``della_linear``,
-    ``sce``, ``ram``, ``ramplus_tl``, ``model_stock``, ``nearswap``, ``arcee_fusion``. ``base`` is required except
-    by ``linear`` and ``karcher`` (which take ``base=None``: a base model is one more input) and ``nuslerp`` /
-    ``multislerp`` (optional). ``rescale`` is ``"none"``, ``"l1"`` or ``"inverse_density"``. ``seed``, ``name`` and
-    ``model_ids`` (default ``0..len(inputs)``) key the random streams (DARE, DELLA; arcee_fusion's quantile sample
-    of tensors over 1e6 elements). ``shape`` (default ``[numel]``) gives rows (last dim) to the row-wise methods.
-    ``params`` holds method-wide numbers (booleans as 1.0/0.0): ``t`` (slerp, nearswap), ``nuslerp_row_wise``,
-    ``nuslerp_flatten``, ``normalize_weights``, ``eps``, ``max_iter``, ``tol``, ``filter_wise``, ``select_topk``,
-    ``epsilon``, ``r``, ``alpha``, ``per_row``; a key the method does not know, or a missing required one, is a
-    ``ParameterError``. ``gammas`` (breadcrumbs, default 0.01) and ``epsilons`` (della, default 0.15) have one entry
-    per input. The result does not depend on ``threads`` or ``chunk_elems``. The GIL is released while merging.
+    all with the same number of elements as ``base``; ``base`` is None for the methods a base model joins as one
+    more input (linear, karcher) and optional for nuslerp/multislerp. ``seed``, ``name`` and the model ids key the
+    random streams (DARE, DELLA; arcee_fusion's quantile sample of tensors over 1e6 elements). ``shape`` (default
+    ``[numel]``) gives rows (last dim) to the row-wise methods. The result does not depend on ``threads`` or
+    ``chunk_elems``. The GIL is released while merging.
     """
 
 def execute_plan(
@@ -86,18 +95,44 @@ def execute_plan(
 ) -> dict[str, int]:
     """Write every output shard of a plan (see docs/architecture.md) into ``out_dir``.
 
-    ``external(name, method, shape, params, seed, n_inputs, load)`` (the torch hand-off, ``torch_path.make_hook``)
-    is asked first for every tensor: ``load(i)`` decodes input ``i`` (-1: the base) to a new float32 array; it
-    returns the merged tensor (float32, ``shape``) or None for the kernels to merge it. An exception it raises is
-    re-raised as itself.
+    ``external(name, method, shape, params, seed, n_inputs, load)`` (an external merge: the torch hand-off,
+    ``torch_spectral``) is asked first for every tensor: ``load(i)`` decodes input ``i`` (-1: the base) to a new
+    float32 array; it returns the merged tensor (float32, ``shape``) or None for the kernels to merge it. An
+    exception it raises is re-raised as itself.
 
     ``memory_limit`` (bytes, default ``default_memory_limit()``) bounds what the run keeps resident: chunking,
     read-ahead, and when input pages are released; it never changes the output.
 
     ``progress(tensors_done, tensors_total, bytes_done, bytes_total)`` is called from the calling thread after each
-    tensor; an exception it raises (or Ctrl-C) aborts the run. Input files are validated before anything is
-    written. Returns ``{"tensors": ..., "bytes_read": ..., "bytes_written": ...}``.
+    tensor; an exception it raises (or Ctrl-C) aborts the run and is re-raised as itself. Input files are validated
+    before anything is written. Returns ``{"tensors": ..., "bytes_read": ..., "bytes_written": ...}``.
     """
+
+def methods() -> list[dict[str, Any]]:
+    """The engine's method table (rust/core/src/merge/method.rs), one dict per method in table order: ``name``,
+    ``family`` (its file under rust/core/src/merge/methods/), ``base`` (``required``, ``optional`` or ``joins``),
+    ``min_inputs``, ``max_inputs`` (None: no limit), ``params`` and ``input_params`` (name -> default; None when
+    required, bool for flags, int for whole numbers), ``sparsify`` (mergekit's sparsification method or None),
+    ``consensus`` and ``spectral``."""
+
+def memory_plan(
+    memory_limit: int, threads: int, tensors: Sequence[Mapping[str, Any]], chunk_elems: int | None = None
+) -> dict[str, int]:
+    """The memory plan of a run (rust/core/src/exec/budget.rs). ``tensors``: one dict per output tensor with
+    ``input_bytes`` (base included), ``inputs`` (non-base), its plan ``method`` object and ``shape``. Returns
+    ``budget``, ``chunk_elems``, ``read_ahead``, ``scratch``, ``working`` (the largest whole-matrix working set),
+    ``largest`` (index of the tensor with the most input bytes), ``largest_input_bytes`` and ``peak`` (the bound on
+    resident memory: min(budget, largest inputs + read-ahead + scratch + working))."""
+
+def encode(values: npt.NDArray[np.float32], dtype: str) -> npt.NDArray[np.float32] | npt.NDArray[np.float16] | npt.NDArray[np.uint16]:
+    """C-contiguous float32 ``values`` rounded to ``dtype`` as the engine writes them (to nearest even), as the
+    dtype's storage with the same shape (bfloat16 as uint16 bit patterns)."""
+
+def decode(
+    array: npt.NDArray[np.float32] | npt.NDArray[np.float16] | npt.NDArray[np.uint16] | npt.NDArray[np.int16], dtype: str
+) -> npt.NDArray[np.float32]:
+    """``dtype``'s storage (bfloat16 as uint16/int16 bits) decoded to float32, same shape; a storage type that
+    does not hold ``dtype`` is a ``ParameterError``."""
 
 def save_file(
     path: str,
@@ -108,12 +143,6 @@ def save_file(
 
 def default_memory_limit() -> int:
     """The memory budget of a run when none is given: half of physical memory or of the cgroup limit, at most 8 GiB."""
-
-def chunk_elems(memory_limit: int, threads: int, inputs: int) -> int:
-    """Elements per chunk the engine uses for a budget, a worker count and the inputs of a tensor (base included)."""
-
-def working_bytes(method: str, shape: Sequence[int], params: Mapping[str, float] | None = None) -> int:
-    """Bytes a tensor's merge holds beyond the streaming buffers (spectral methods: 16 · m · n · 4; others 0)."""
 
 def svd(
     a: npt.NDArray[np.float32],

@@ -9,11 +9,13 @@ import math
 
 import numpy as np
 import pytest
+from helpers.kernels import kernel_merge
 
-_core = pytest.importorskip("ferromerge._core")
+_engine = pytest.importorskip("ferromerge._engine")
+from ferromerge import errors  # noqa: E402
 from ferromerge.tensors import merge_state_dicts, merge_tensors  # noqa: E402
 
-ParameterError = _core.ParameterError
+ParameterError = errors.ParameterError
 
 R2 = math.sqrt(2.0)
 # transcendental methods compute dot products in f64 and the rest in f32: agreement to a few f32 ulps
@@ -60,7 +62,7 @@ def test_slerp_matches_the_core_call_with_t_in_params() -> None:
     rng = np.random.default_rng(1)
     base, other = rng.standard_normal((2, 64)).astype(np.float32)
     out = merge_tensors([other, base], "slerp", {"t": 0.3}, base_index=1)
-    core = _core.merge_arrays("slerp", [other], base, [1.0], [1.0], out_dtype="float32", normalize=False,
+    core = kernel_merge("slerp", [other], base, [1.0], [1.0], out_dtype="float32", normalize=False,
                               params={"t": 0.3})
     np.testing.assert_array_equal(out, core)
 

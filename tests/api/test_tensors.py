@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers.kernels import kernel_merge
 
 from reference import codec
 from reference import task_arithmetic as task_arithmetic_ref
 from reference.result import assert_matches
 
-_core = pytest.importorskip("ferromerge._core")
+_engine = pytest.importorskip("ferromerge._engine")
+from ferromerge import errors  # noqa: E402
 from ferromerge.tensors import merge_state_dicts, merge_tensors  # noqa: E402
 
-ParameterError = _core.ParameterError
-InputError = _core.InputError
+ParameterError = errors.ParameterError
+InputError = errors.InputError
 
 
 def family(shape=(6, 5), n=2, seed=0, scale=0.1):
@@ -39,20 +41,20 @@ def test_shape_round_trip_and_mergekit_call_shape(shape):
 def test_matches_core_and_default_parameters():
     base, xs = family((40,), 3, seed=1)
     out = merge_tensors([base, *xs], "task_arithmetic", {"weight": 0.3}, base_index=0)
-    core = _core.merge_arrays("task_arithmetic", xs, base, [0.3] * 3, [1.0] * 3, out_dtype="float32", normalize=False)
+    core = kernel_merge("task_arithmetic", xs, base, [0.3] * 3, [1.0] * 3, out_dtype="float32", normalize=False)
     np.testing.assert_array_equal(out, core)
     # ties defaults: normalize true, density 1, lambda 1
     out = merge_tensors([*xs, base], "ties", {"weight": [1.0, 0.5, 0.25]}, base_index=3)
-    core = _core.merge_arrays("ties", xs, base, [1.0, 0.5, 0.25], [1.0] * 3, out_dtype="float32", normalize=True)
+    core = kernel_merge("ties", xs, base, [1.0, 0.5, 0.25], [1.0] * 3, out_dtype="float32", normalize=True)
     np.testing.assert_array_equal(out, core)
     # dare_ties defaults: rescale true (l1), normalize false
     out = merge_tensors([*xs, base], "dare_ties", {"weight": 1.0, "density": 0.5}, base_index=3, seed=4, name="x")
-    core = _core.merge_arrays("dare_ties", xs, base, [1.0] * 3, [0.5] * 3, out_dtype="float32", normalize=False,
+    core = kernel_merge("dare_ties", xs, base, [1.0] * 3, [0.5] * 3, out_dtype="float32", normalize=False,
                               rescale="l1", seed=4, name="x")
     np.testing.assert_array_equal(out, core)
     out = merge_tensors([*xs, base], "dare_linear", {"weight": 1.0, "density": 0.5, "rescale_mode": "inverse_density"},
                         base_index=3, seed=4, name="x")
-    core = _core.merge_arrays("dare_linear", xs, base, [1.0] * 3, [0.5] * 3, out_dtype="float32", normalize=False,
+    core = kernel_merge("dare_linear", xs, base, [1.0] * 3, [0.5] * 3, out_dtype="float32", normalize=False,
                               rescale="inverse_density", seed=4, name="x")
     np.testing.assert_array_equal(out, core)
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import ferromerge
-from ferromerge import _core
+from ferromerge import _engine
 from ferromerge.cli import main
 from ferromerge.models.index import read_tensors
 from ferromerge._run import prepare
@@ -309,7 +309,7 @@ def test_the_engine_refuses_a_memory_limit_below_64_mib(fam: Family, tmp_path: P
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(ferromerge.ParameterError, match="too small"):
-        _core.execute_plan(plan.to_json(), str(out), None, None, 64 * 2**20 - 1)
+        _engine.execute(plan.to_json(), str(out), None, None, 64 * 2**20 - 1)
     assert list(out.iterdir()) == []
 
 
@@ -419,16 +419,16 @@ def test_an_exception_from_the_progress_callback_aborts_and_cleans_up(
 # a real SIGINT after the third tensor: deterministic, whatever the machine's speed.
 _SIGINT_AT_TENSOR_3 = """
 import os, signal, sys
-import ferromerge._core as core
-real = core.execute_plan
-def execute_plan(plan, out, progress=None, threads=None, memory_limit=None, external=None):
+import ferromerge._engine as engine
+real = engine.execute
+def execute(plan, out, progress=None, threads=None, memory_limit=None, external_merge=None):
     def hook(done, total, b, bt):
         if progress is not None:
             progress(done, total, b, bt)
         if done == 3:
             os.kill(os.getpid(), signal.SIGINT)
-    return real(plan, out, hook, threads, memory_limit, external)
-core.execute_plan = execute_plan
+    return real(plan, out, hook, threads, memory_limit, external_merge)
+engine.execute = execute
 from ferromerge.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -14,7 +14,7 @@ import yaml
 from safetensors.numpy import load_file
 
 import ferromerge
-from ferromerge import _core
+from ferromerge import _engine
 from ferromerge.cli import main
 from ferromerge.config.resolve import load_config
 from ferromerge._run import prepare
@@ -227,15 +227,16 @@ def test_memory_limit_reaches_the_engine_in_bytes(
     family_bf16: Family, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: list[int | None] = []
-    real = _core.execute_plan
+    real = _engine.execute
 
-    def execute_plan(
-        plan: str, out: str, progress: Any = None, threads: Any = None, memory_limit: Any = None, external: Any = None
+    def execute(
+        plan: str, out: str, progress: Any = None, threads: Any = None, memory_limit: Any = None,
+        external_merge: Any = None,
     ) -> Any:
         seen.append(memory_limit)
-        return real(plan, out, progress, threads, memory_limit, external)
+        return real(plan, out, progress, threads, memory_limit, external_merge)
 
-    monkeypatch.setattr(_core, "execute_plan", execute_plan)
+    monkeypatch.setattr(_engine, "execute", execute)
     ferromerge.run(ties_config(family_bf16), tmp_path / "a", quiet=True, memory_limit="100M")
     ferromerge.run(ties_config(family_bf16), tmp_path / "b", quiet=True, memory_limit=3 * 2**26)
     ferromerge.run(ties_config(family_bf16), tmp_path / "c", quiet=True)

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from ferromerge import _core
+from ferromerge import _engine
 from ferromerge._run import prepare
 from ferromerge.synth import Family, make_family
 
@@ -137,10 +137,14 @@ def test_a_matrix_over_the_memory_limit_is_refused_before_writing(tmp_path: Path
 
 def test_plan_counts_the_working_set(tmp_path: Path, family_f32: Family) -> None:
     shape = [256, 64]
-    assert _core.working_bytes("tsv_m", shape) == 16 * 4 * 256 * 64
-    assert _core.working_bytes("tsv_m", shape, {"mean_only": 1.0}) == 0
-    assert _core.working_bytes("ties", shape) == 0
-    assert _core.working_bytes("star", [64]) == 0
+    def working_bytes(method: str, shape: list[int], params: dict[str, float] | None = None) -> int:
+        m: dict[str, Any] = {"name": method} if params is None else {"name": method, "params": params}
+        return _engine.memory_plan(2**30, 1, [{"input_bytes": 0, "inputs": 1, "method": m, "shape": shape}])["working"]
+
+    assert working_bytes("tsv_m", shape) == 16 * 4 * 256 * 64
+    assert working_bytes("tsv_m", shape, {"mean_only": 1.0}) == 0
+    assert working_bytes("ties", shape) == 0
+    assert working_bytes("star", [64]) == 0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -209,7 +213,7 @@ def test_an_exception_in_the_hook_is_raised_as_itself_and_nothing_is_kept(tmp_pa
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(Boom, match="failed on"):
-        _core.execute_plan(_plan_json(family_f32), str(out), None, 1, None, hook)
+        _engine.execute(_plan_json(family_f32), str(out), None, 1, None, hook)
     assert calls and len(calls[-1]) > 0
 
 
@@ -228,7 +232,7 @@ def test_the_hook_sees_inputs_and_its_result_is_written(tmp_path: Path, family_f
 
     out = tmp_path / "out"
     out.mkdir()
-    _core.execute_plan(_plan_json(family_f32), str(out), None, 1, None, hook)
+    _engine.execute(_plan_json(family_f32), str(out), None, 1, None, hook)
     got = {k: v for k, (_, v) in read_model(out).items()} if (out / "model.safetensors").exists() else {}
     assert got, "the engine wrote the output shard"
     for name, v in got.items():
@@ -249,7 +253,7 @@ def test_a_wrong_shape_from_the_hook_is_an_error(tmp_path: Path, family_f32: Fam
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(ValueError, match="returned shape"):
-        _core.execute_plan(_plan_json(family_f32), str(out), None, 1, None, hook)
+        _engine.execute(_plan_json(family_f32), str(out), None, 1, None, hook)
 
 
 def test_exclude_holds_on_the_torch_path(tmp_path: Path, family_f32: Family) -> None:

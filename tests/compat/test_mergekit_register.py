@@ -92,13 +92,13 @@ DRIVER = textwrap.dedent(
     jobs = json.load(open(sys.argv[1]))
     before = dict(registry._METHODS)
     calls = {"n": 0}
-    real = fmk._core
+    real = fmk._engine
 
     def counting(*args, **kwargs):
         calls["n"] += 1
         return real.merge_arrays(*args, **kwargs)
 
-    fmk._core = types.SimpleNamespace(merge_arrays=counting)
+    fmk._engine = types.SimpleNamespace(merge_arrays=counting, input_values=real.input_values)
     results = {}
     for name, cfg, out, seed, random_seed in jobs:
         if seed == "off":

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from reference import codec
 from reference.result import Ref, assert_matches
 
-_core = pytest.importorskip("ferromerge._core")
+_engine = pytest.importorskip("ferromerge._engine")
 
 #: the storage dtypes the kernels read and write
 dtypes = st.sampled_from(codec.DTYPES)
@@ -128,11 +128,24 @@ def values(a, dtype, cast=None):
     return codec.round_to(codec.decode(np.asarray(a).reshape(-1), dtype), cast).reshape(np.shape(a))
 
 
+def kernel_merge(method, inputs, base, weights, densities, *, out_dtype, normalize, cast_dtype=None, lambda_=1.0,
+                 rescale="none", seed=0, name="", model_ids=None, threads=None, chunk_elems=None, shape=None,
+                 params=None, gammas=None, epsilons=None):
+    """One in-memory kernel call from the flat arguments these suites were written with: builds the plan's
+    ``method`` object and the per-input values, and calls ``_engine.merge_arrays``."""
+    method_object = {"name": method, "normalize": normalize, "lambda": lambda_, "rescale": rescale, "seed": seed}
+    if params is not None:
+        method_object["params"] = dict(params)
+    values = _engine.input_values(weights, densities, gammas, epsilons, model_ids)
+    return _engine.merge_arrays(method_object, inputs, base, values, out_dtype=out_dtype, cast_dtype=cast_dtype,
+                                name=name, shape=shape, threads=threads, chunk_elems=chunk_elems)
+
+
 def merge(method, inputs, base, *, shape, weights=None, densities=None, params=None, gammas=None, epsilons=None,
           out_dtype="float32", normalize=False, lam=1.0, rescale="none", cast=None, seed=0, name="t",
           model_ids=None, threads=None, chunk=None):
     k = len(inputs)
-    return _core.merge_arrays(
+    return kernel_merge(
         method, inputs, base, list(weights) if weights is not None else [1.0] * k,
         list(densities) if densities is not None else [1.0] * k, out_dtype=out_dtype, normalize=normalize,
         cast_dtype=cast, lambda_=lam, rescale=rescale, seed=seed, name=name, model_ids=model_ids, threads=threads,

@@ -17,7 +17,7 @@ from reference import arcee_fusion as arcee_fusion_ref
 from reference import task_arithmetic as task_arithmetic_ref
 from reference.result import assert_matches
 
-_core = pytest.importorskip("ferromerge._core")
+_engine = pytest.importorskip("ferromerge._engine")
 
 
 # ----------------------------------------------------------------------------------------------------------------

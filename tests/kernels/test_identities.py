@@ -11,7 +11,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from reference import codec
 
-_core = pytest.importorskip("ferromerge._core")
+_engine = pytest.importorskip("ferromerge._engine")
 
 weights = st.one_of(st.floats(0.05, 2.0), st.integers(-32, 32).map(lambda i: i / 16))
 

@@ -11,7 +11,8 @@ from reference import arcee_fusion as arcee_fusion_ref
 from reference import codec
 from reference.result import assert_matches
 
-_core = pytest.importorskip("ferromerge._core")
+_engine = pytest.importorskip("ferromerge._engine")
+from ferromerge import errors  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -73,13 +74,13 @@ def test_inputs_equal_to_base_give_the_base(method, dtype):
 )
 def test_bad_method_parameters_are_parameter_errors(method, n_inputs, base, params, kw):
     b, xs = make_data(21, (4, 5), n_inputs, "near")
-    with pytest.raises(_core.ParameterError):
+    with pytest.raises(errors.ParameterError):
         merge(method, xs, b if base else None, shape=b.shape, params=params, **kw)
 
 
 def test_shape_must_match_the_element_count():
     b, (x,) = make_data(22, (4, 5), 1, "near")
-    with pytest.raises((ValueError, _core.MergeError)):
+    with pytest.raises((ValueError, errors.MergeError)):
         merge("arcee_fusion", [x], b, shape=[3, 5])
 
 

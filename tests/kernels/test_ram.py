@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from reference import ram as ram_ref
 from reference.result import assert_matches
 
-_core = pytest.importorskip("ferromerge._core")
+_engine = pytest.importorskip("ferromerge._engine")
 
 
 # ----------------------------------------------------------------------------------------------------------------

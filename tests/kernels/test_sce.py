@@ -31,7 +31,7 @@ from reference import sce as sce_ref
 from reference import task_arithmetic as task_arithmetic_ref
 from reference.result import assert_matches
 
-_core = pytest.importorskip("ferromerge._core")
+_engine = pytest.importorskip("ferromerge._engine")
 
 
 # ----------------------------------------------------------------------------------------------------------------

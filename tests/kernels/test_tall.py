@@ -18,12 +18,13 @@ from hypothesis import strategies as st
 from reference import arrays, codec
 from reference import tall as tall_ref
 
-_core = pytest.importorskip("ferromerge._core")
-if not hasattr(_core, "svd"):
+_engine = pytest.importorskip("ferromerge._engine")
+from ferromerge import errors  # noqa: E402
+if not hasattr(_engine, "svd"):
     pytest.skip("needs the extension with _core.svd (rebuild)", allow_module_level=True)
 
 
-ParameterError = _core.ParameterError
+ParameterError = errors.ParameterError
 
 
 # ----------------------------------------------------------------------------------------------------------------

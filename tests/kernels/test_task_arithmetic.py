@@ -19,7 +19,7 @@ import math
 import numpy as np
 import pytest
 from helpers.kernels import (
-    OUT_STORAGE, SETTINGS, check, chunk_sizes, densities, dtypes, dyadic_weights, make_data, merge, positive_weights,
+    OUT_STORAGE, SETTINGS, check, chunk_sizes, densities, dtypes, dyadic_weights, kernel_merge, make_data, merge, positive_weights,
     prepared, run_variants, shapes, store, threads, values, variants,
 )
 from hypothesis import HealthCheck, assume, given, settings
@@ -28,7 +28,8 @@ from reference import codec
 from reference import task_arithmetic as task_arithmetic_ref
 from reference.result import assert_matches
 
-_core = pytest.importorskip("ferromerge._core")
+_engine = pytest.importorskip("ferromerge._engine")
+from ferromerge import errors  # noqa: E402
 
 #: the linear / task_arithmetic / TIES properties draw more examples than the other families
 GTA_SETTINGS = dict(deadline=None, max_examples=250, suppress_health_check=[HealthCheck.too_slow])
@@ -136,13 +137,13 @@ def test_linear(data):
     n = int(np.prod(shape))
 
     def call(chunk, thr):
-        return _core.merge_arrays(
+        return kernel_merge(
             "linear", stored, None, weights, [1.0] * n_models, out_dtype=out_dtype, normalize=normalize,
             cast_dtype=cast, threads=thr, chunk_elems=chunk,
         )
 
     if normalize and sum(weights) == 0.0:
-        with pytest.raises(_core.ParameterError):
+        with pytest.raises(errors.ParameterError):
             call(None, 1)
         return
     out = run_variants(call, data.draw(variants()))
@@ -185,7 +186,7 @@ def test_gta(method, data):
     n = int(np.prod(shape))
 
     def call(chunk, thr):
-        return _core.merge_arrays(
+        return kernel_merge(
             method, stored, base_s, weights, dens, out_dtype=out_dtype, normalize=normalize, cast_dtype=cast,
             lambda_=lam, rescale=rescale, threads=thr, chunk_elems=chunk,
         )
@@ -212,7 +213,7 @@ def test_task_arithmetic_matches_textbook_formula():
     b = rng.normal(size=777).astype(np.float32)
     xs = [(b + rng.normal(0, 0.1, 777)).astype(np.float32) for _ in range(3)]
     w = [0.7, -0.2, 1.3]
-    out = _core.merge_arrays("task_arithmetic", xs, b, w, [1.0] * 3, out_dtype="float32", normalize=False, lambda_=0.8)
+    out = kernel_merge("task_arithmetic", xs, b, w, [1.0] * 3, out_dtype="float32", normalize=False, lambda_=0.8)
     np.testing.assert_allclose(out, task_arithmetic_ref.task_arithmetic_plain(b, xs, w, 0.8), rtol=1e-5, atol=1e-6)
 
 
@@ -241,7 +242,7 @@ def test_ties_trim_mask_exact(n, density, pool, seed, chunk, thr, dtype):
     x32 = (rng.choice(pool_vals, n) * rng.choice([-1.0, 1.0], n)).astype(np.float32)
     x = store(x32, dtype)
     base = store(np.zeros(n, np.float32), dtype)
-    out = _core.merge_arrays(
+    out = kernel_merge(
         "ties", [x], base, [1.0], [density], out_dtype="float32", normalize=True, threads=thr, chunk_elems=chunk
     )
     expected_mask = task_arithmetic_ref.ties_trim_mask(x32, density)
@@ -261,7 +262,7 @@ def test_ties_trim_mask_exact(n, density, pool, seed, chunk, thr, dtype):
 def test_ties_k_uses_float64_product(density, n):
     """k = max(1, int(d·n)) computed in float64 (mergekit does it in Python); float32 d·n can land below an integer."""
     x = np.arange(1, n + 1, dtype=np.float32)[::-1].copy()  # distinct magnitudes: no tie ambiguity
-    out = _core.merge_arrays("ties", [x], np.zeros(n, np.float32), [1.0], [density], out_dtype="float32",
+    out = kernel_merge("ties", [x], np.zeros(n, np.float32), [1.0], [density], out_dtype="float32",
                              normalize=True)
     assert int((out != 0).sum()) == max(1, int(density * n))
     np.testing.assert_array_equal(out != 0, task_arithmetic_ref.ties_trim_mask(x, density))
@@ -269,7 +270,7 @@ def test_ties_k_uses_float64_product(density, n):
 
 def test_ties_density_one_keeps_all_including_zeros():
     x = np.float32([0.0, 1.0, -2.0, 0.0, 3.0])
-    out = _core.merge_arrays("ties", [x], np.zeros(5, np.float32), [1.0], [1.0], out_dtype="float32", normalize=True)
+    out = kernel_merge("ties", [x], np.zeros(5, np.float32), [1.0], [1.0], out_dtype="float32", normalize=True)
     np.testing.assert_array_equal(out, x)
 
 
@@ -278,10 +279,10 @@ def test_ties_sign_election_tie_goes_positive():
     b = np.zeros(3, np.float32)
     x1 = np.float32([1.0, -2.0, 0.5])
     x2 = np.float32([-1.0, 2.0, -0.5])
-    out = _core.merge_arrays("ties", [x1, x2], b, [1.0, 1.0], [1.0, 1.0], out_dtype="float32", normalize=True)
+    out = kernel_merge("ties", [x1, x2], b, [1.0, 1.0], [1.0, 1.0], out_dtype="float32", normalize=True)
     np.testing.assert_array_equal(out, np.float32([1.0, 2.0, 0.5]))
     # unnormalised: sum of the agreeing (positive) W
-    out = _core.merge_arrays("ties", [x1, x2], b, [2.0, 0.5], [1.0, 1.0], out_dtype="float32", normalize=False)
+    out = kernel_merge("ties", [x1, x2], b, [2.0, 0.5], [1.0, 1.0], out_dtype="float32", normalize=False)
     # W1 = [2, -4, 1], W2 = [-0.5, 1, -0.25]; Σ = [1.5, -3, 0.75] -> elected [+, -, +]
     np.testing.assert_array_equal(out, np.float32([2.0, -4.0, 1.0]))
 
@@ -292,7 +293,7 @@ def test_ties_negative_weight_flips_vote_and_zero_divisor():
     x1 = np.float32([2.0, 1.0, 0.0, 1.5])   # δ1 = [1, 0, -1, 0.5]
     x2 = np.float32([2.0, 1.0, 2.0, 0.5])   # δ2 = [1, 0, 1, -0.5]
     w = [0.5, -0.5]                          # W1 = [.5, 0, -.5, .25]; W2 = [-.5, 0, -.5, .25]
-    out = _core.merge_arrays("ties", [x1, x2], b, w, [1.0, 1.0], out_dtype="float32", normalize=True)
+    out = kernel_merge("ties", [x1, x2], b, w, [1.0, 1.0], out_dtype="float32", normalize=True)
     # e0: Σ=0 -> +; only W1 agrees, divisor 0.5 -> mixed 1.0
     # e1: all zero -> nobody agrees, mixed 0, divisor 0 -> 1
     # e2: Σ=-1 -> -; both agree, divisor 0.5 + -0.5 = 0 -> 1, mixed -1.0
@@ -302,9 +303,9 @@ def test_ties_negative_weight_flips_vote_and_zero_divisor():
 
 def test_linear_normalize_zero_weight_sum_is_parameter_error():
     x = np.ones(4, np.float32)
-    with pytest.raises(_core.ParameterError):
-        _core.merge_arrays("linear", [x, x], None, [1.0, -1.0], [1.0, 1.0], out_dtype="float32", normalize=True)
-    out = _core.merge_arrays("linear", [x, 2 * x], None, [1.0, -1.0], [1.0, 1.0], out_dtype="float32", normalize=False)
+    with pytest.raises(errors.ParameterError):
+        kernel_merge("linear", [x, x], None, [1.0, -1.0], [1.0, 1.0], out_dtype="float32", normalize=True)
+    out = kernel_merge("linear", [x, 2 * x], None, [1.0, -1.0], [1.0, 1.0], out_dtype="float32", normalize=False)
     np.testing.assert_array_equal(out, -x)
 
 
@@ -313,7 +314,7 @@ def test_task_arithmetic_zero_weight_sum_divisor_is_one():
     b = np.zeros(3, np.float32)
     x1 = np.float32([1.0, 2.0, 3.0])
     x2 = np.float32([0.5, 0.5, 0.5])
-    out = _core.merge_arrays("task_arithmetic", [x1, x2], b, [1.0, -1.0], [1.0, 1.0], out_dtype="float32",
+    out = kernel_merge("task_arithmetic", [x1, x2], b, [1.0, -1.0], [1.0, 1.0], out_dtype="float32",
                              normalize=True)
     np.testing.assert_array_equal(out, np.float32([0.5, 1.5, 2.5]))
 
@@ -322,10 +323,10 @@ def test_l1_rescale_skipped_for_tiny_norms():
     """‖δ‖₁ < 1e-7: the kept values are not rescaled."""
     b = np.zeros(4, np.float32)
     x = np.float32([1e-8, 2e-8, -1e-8, 0.0])  # ‖δ‖₁ = 4e-8 < 1e-7
-    out = _core.merge_arrays("ties", [x], b, [1.0], [0.5], out_dtype="float32", normalize=True, rescale="l1")
+    out = kernel_merge("ties", [x], b, [1.0], [0.5], out_dtype="float32", normalize=True, rescale="l1")
     np.testing.assert_array_equal(out, np.float32([1e-8, 2e-8, 0.0, 0.0]))
     x = np.float32([1.0, 2.0, -1.0, 0.0])  # ‖δ‖₁ = 4, kept {2, 1}: factor 4/3
-    out = _core.merge_arrays("ties", [x], b, [1.0], [0.5], out_dtype="float32", normalize=True, rescale="l1")
+    out = kernel_merge("ties", [x], b, [1.0], [0.5], out_dtype="float32", normalize=True, rescale="l1")
     np.testing.assert_allclose(out, [4 / 3, 8 / 3, 0.0, 0.0], rtol=1e-6)
 
 
@@ -333,19 +334,19 @@ def test_cast_dtype_rounds_inputs_before_math():
     """cast_dtype=bfloat16 on float32 inputs: a value that bf16 rounds away must not survive into the result."""
     b = np.float32([1.0, 1.0])
     x = np.float32([1.0 + 2**-9, 1.0 + 3 * 2**-8])  # bf16 -> [1.0, 1 + 2^-6]
-    out = _core.merge_arrays("task_arithmetic", [x], b, [1.0], [1.0], out_dtype="float32", normalize=False,
+    out = kernel_merge("task_arithmetic", [x], b, [1.0], [1.0], out_dtype="float32", normalize=False,
                              cast_dtype="bfloat16")
     np.testing.assert_array_equal(out, np.float32([1.0, 1.0 + 2**-6]))
-    out = _core.merge_arrays("task_arithmetic", [x], b, [1.0], [1.0], out_dtype="float32", normalize=False)
+    out = kernel_merge("task_arithmetic", [x], b, [1.0], [1.0], out_dtype="float32", normalize=False)
     np.testing.assert_array_equal(out, x)
 
 
 def test_out_dtype_rounding_is_nearest_even():
     """float32 math, one rounding to the output dtype (round to nearest, ties to even)."""
     x = np.float32([1.0 + 2**-8, 1.0 + 3 * 2**-8, -(1.0 + 2**-8), 65504.0, 1.0 + 2**-11, 1.0 + 3 * 2**-11])
-    out = _core.merge_arrays("linear", [x], None, [1.0], [1.0], out_dtype="bfloat16", normalize=False)
+    out = kernel_merge("linear", [x], None, [1.0], [1.0], out_dtype="bfloat16", normalize=False)
     np.testing.assert_array_equal(out, codec.bf16_encode(x))
-    out = _core.merge_arrays("linear", [x], None, [1.0], [1.0], out_dtype="float16", normalize=False)
+    out = kernel_merge("linear", [x], None, [1.0], [1.0], out_dtype="float16", normalize=False)
     np.testing.assert_array_equal(out, x.astype(np.float16))
 
 
@@ -355,7 +356,7 @@ def test_ties_inverse_density_divides_even_when_trim_keeps_everything(n, density
     """Contract: inverse_density divides kept values by d whenever d < 1, also when k = max(1, int(d·n)) = n."""
     x = np.arange(1, n + 1, dtype=np.float32)
     assert task_arithmetic_ref.ties_k(density, n) == n
-    out = _core.merge_arrays("ties", [x], np.zeros(n, np.float32), [1.0], [density], out_dtype="float32",
+    out = kernel_merge("ties", [x], np.zeros(n, np.float32), [1.0], [density], out_dtype="float32",
                              normalize=False, rescale="inverse_density")
     np.testing.assert_allclose(out, x / np.float32(density), rtol=1e-7)
 
@@ -379,7 +380,7 @@ def nonzero_data(n: int, seed: int = 0) -> np.ndarray:
 def dare(x, density, *, seed=0, name="t", model_id=0, method="dare_linear", rescale="none", threads=None,
          chunk=None, out_dtype="float32"):
     n = x.size
-    return _core.merge_arrays(
+    return kernel_merge(
         method, [x], np.zeros(n, x.dtype), [1.0], [density], out_dtype=out_dtype, normalize=False,
         rescale=rescale, seed=seed, name=name, model_ids=[model_id], threads=threads, chunk_elems=chunk,
     )
@@ -554,7 +555,7 @@ def test_dare_pipeline_matches_reference_with_recovered_masks(n, n_models, metho
     base = codec.encode(base32, in_dtype)
     xs = [codec.encode(x, in_dtype) for x in xs32]
     name = f"model.layers.{seed % 7}.self_attn.q_proj.weight"
-    out = _core.merge_arrays(
+    out = kernel_merge(
         method, xs, base, weights, dens, out_dtype=out_dtype, normalize=normalize, lambda_=lam, rescale=rescale,
         seed=seed, name=name, threads=thr, chunk_elems=chunk,
     )
@@ -810,9 +811,9 @@ def test_della_density_one_is_a_no_op_and_bad_epsilon_is_an_error():
         got = merge("della_linear", [x], b, shape=b.shape, densities=[1.0], epsilons=[0.4], rescale=rescale)
         np.testing.assert_array_equal(got, b.reshape(-1) + task_arithmetic_ref.task_vector(x, b))  # b + δ, δ untouched
     for d, e in [(0.5, 0.5), (0.9, 0.1), (0.1, 0.2), (0.3, 0.7)]:  # d ± ε must lie strictly inside (0, 1)
-        with pytest.raises(_core.ParameterError):
+        with pytest.raises(errors.ParameterError):
             merge("della", [x], b, shape=b.shape, densities=[d], epsilons=[e])
     # the default ε is 0.15: density 0.1 is invalid with it, 0.2 valid
-    with pytest.raises(_core.ParameterError):
+    with pytest.raises(errors.ParameterError):
         merge("della", [x], b, shape=b.shape, densities=[0.1])
     merge("della", [x], b, shape=b.shape, densities=[0.2])

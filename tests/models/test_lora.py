@@ -49,9 +49,9 @@ def write_adapter(
         tensors[f"base_model.model.{k}"] = v
     if dtype == "bfloat16":
         # safetensors.numpy has no bfloat16: write the bits through ferromerge's own writer
-        from ferromerge import _core
+        from ferromerge import _engine
 
-        _core.save_file(str(path / lora.ADAPTER_WEIGHTS), {k: (from_f32(v, "BF16"), "bfloat16") for k, v in tensors.items()})
+        _engine.save_file(str(path / lora.ADAPTER_WEIGHTS), {k: (from_f32(v, "BF16"), "bfloat16") for k, v in tensors.items()})
     else:
         save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()},
                   str(path / lora.ADAPTER_WEIGHTS))

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from ferromerge import _core
+from ferromerge import _engine
 from ferromerge._plan import estimate
 from ferromerge._run import prepare
 from ferromerge.synth import Family
@@ -22,20 +22,21 @@ def test_compute_calibration_runs_the_largest_tensors_method_with_its_parameters
     _, plan = prepare(cfg, seed=5)
     largest = max(plan.tensors, key=lambda t: t.bytes_in)
     calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
-    real = _core.merge_arrays
+    real = _engine.merge_arrays
 
     def merge_arrays(*args: Any, **kwargs: Any) -> Any:
         calls.append((args, kwargs))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(_core, "merge_arrays", merge_arrays)
+    monkeypatch.setattr(_engine, "merge_arrays", merge_arrays)
     rate = estimate.compute_rate(plan, largest, threads=1)
     assert rate > 0 and len(calls) == 2  # a warm-up, then the timed call
-    (method, inputs, base, weights, densities), kw = calls[1]
-    assert method == "ties" and weights == [1.0, 0.5, 0.5] and densities == [0.5, 0.5, 0.5]
+    (method, inputs, base, values), kw = calls[1]
+    weights, densities = [v["weight"] for v in values], [v["density"] for v in values]
+    assert method["name"] == "ties" and weights == [1.0, 0.5, 0.5] and densities == [0.5, 0.5, 0.5]
     assert [(a.dtype, a.size) for a in [*inputs, base]] == [(np.uint16, estimate.CALIBRATION_ELEMS)] * 4
     assert kw["cast_dtype"] == "float32" and kw["out_dtype"] == largest.out_dtype and kw["threads"] == 1
-    assert (kw["normalize"], kw["lambda_"], kw["seed"], kw["name"]) == (True, 0.8, 5, largest.name)
+    assert (method["normalize"], method["lambda"], method["seed"], kw["name"]) == (True, 0.8, 5, largest.name)
 
 
 def test_peak_memory_is_capped_by_the_budget_and_shrinks_chunks_for_many_threads(family_bf16: Family) -> None:

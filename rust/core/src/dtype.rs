@@ -67,7 +67,7 @@ impl DType {
 
 #[inline(always)]
 pub fn bf16_to_f32(b: u16) -> f32 {
-    f32::from_bits((b as u32) << 16)
+    f32::from_bits(u32::from(b) << 16)
 }
 
 /// Round to nearest, ties to even; NaN stays a (quiet) NaN with its sign.

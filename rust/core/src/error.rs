@@ -17,9 +17,10 @@ pub enum CoreError {
     /// The output could not be written.
     #[error("{path}: {msg}")]
     Output { path: PathBuf, msg: String },
-    /// The caller asked to stop (Ctrl-C, or its progress callback failed).
-    #[error("interrupted")]
-    Interrupted,
+    /// A failure of the caller's own code that the engine ran (a progress callback, an external merge, Ctrl-C
+    /// seen by one), carried through unchanged so the caller gets its own error back.
+    #[error("{0}")]
+    External(Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl CoreError {

@@ -14,7 +14,7 @@ const W1: u32 = 0xBB67_AE85;
 
 #[inline(always)]
 fn mulhilo(a: u32, b: u32) -> (u32, u32) {
-    let p = (a as u64) * (b as u64);
+    let p = u64::from(a) * u64::from(b);
     ((p >> 32) as u32, p as u32)
 }
 
@@ -41,7 +41,7 @@ fn splitmix64(mut z: u64) -> u64 {
 }
 
 fn fnv1a64(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// The random stream of one (seed, tensor, model): uniform draws indexed by element.
@@ -67,7 +67,7 @@ impl Stream {
     /// u = (word >> 8) / 2^24 is uniform on [0, 1), and the element is kept iff u < density.
     pub fn keep_mask(&self, start: usize, density: f64, keep: &mut [bool]) {
         let thresh = (density * 16_777_216.0).ceil().min(16_777_216.0) as u32;
-        keep_mask(self, start, thresh, keep)
+        keep_mask(self, start, thresh, keep);
     }
 
     /// Like `keep_mask` with a probability per element (DELLA): element `start + i` is kept iff u < `probs[i]`,
@@ -81,7 +81,7 @@ impl Stream {
             if cached.0 != b {
                 cached = (b, self.block(b));
             }
-            let thresh = (p as f64 * 16_777_216.0).ceil().clamp(0.0, 16_777_216.0) as u32;
+            let thresh = (f64::from(p) * 16_777_216.0).ceil().clamp(0.0, 16_777_216.0) as u32;
             *k = (cached.1[j % 4] >> 8) < thresh;
         }
     }
@@ -94,8 +94,8 @@ impl Stream {
             let j = start + i as u64;
             let w = self.block(j / 2);
             let (a, b) = if j % 2 == 0 { (w[0], w[1]) } else { (w[2], w[3]) };
-            let u1 = (a as f64 + 1.0) / 4_294_967_296.0;
-            let u2 = b as f64 / 4_294_967_296.0;
+            let u1 = (f64::from(a) + 1.0) / 4_294_967_296.0;
+            let u2 = f64::from(b) / 4_294_967_296.0;
             *o = ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32;
         }
     }
@@ -108,7 +108,7 @@ impl Stream {
                 let w = self.block((d / 2) as u64);
                 let (hi, lo) = if d % 2 == 0 { (w[0], w[1]) } else { (w[2], w[3]) };
                 // 64 random bits modulo n: the bias is below n / 2^64, far from measurable.
-                (((hi as u64) << 32) | lo as u64) % n
+                ((u64::from(hi) << 32) | u64::from(lo)) % n
             })
             .collect()
     }

@@ -106,10 +106,10 @@ fn interrupt_stops_the_run() {
     std::fs::create_dir(&out).unwrap();
     let plan = Plan::from_json(&plan_json(dir.path(), "w", &[2, 3])).unwrap();
     let e = execute(&plan, &out, &ExecOptions { threads: Some(1), memory_limit: None }, &mut |_| {
-        Err(CoreError::Interrupted)
+        Err(CoreError::External("interrupted".into()))
     })
     .unwrap_err();
-    assert!(matches!(e, CoreError::Interrupted));
+    assert!(matches!(e, CoreError::External(ref inner) if inner.to_string() == "interrupted"));
 }
 
 /// A tensor larger than the budget's share takes the low-memory path (chunk-wise release of input pages,

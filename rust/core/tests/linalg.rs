@@ -21,9 +21,9 @@ fn rel_error(a: &[f32], m: usize, n: usize, svd: &linalg::Svd) -> f64 {
     let (mut e, mut t) = (0f64, 0f64);
     for i in 0..m {
         for j in 0..n {
-            let r: f64 = (0..svd.rank()).map(|k| svd.u[(i, k)] as f64 * svd.s[k] as f64 * svd.v[(j, k)] as f64).sum();
-            e += (r - a[i * n + j] as f64).powi(2);
-            t += (a[i * n + j] as f64).powi(2);
+            let r: f64 = (0..svd.rank()).map(|k| f64::from(svd.u[(i, k)]) * f64::from(svd.s[k]) * f64::from(svd.v[(j, k)])).sum();
+            e += (r - f64::from(a[i * n + j])).powi(2);
+            t += f64::from(a[i * n + j]).powi(2);
         }
     }
     (e / t).sqrt()
@@ -80,9 +80,9 @@ fn polar_factor_is_orthonormal_and_nearest() {
         for i in 0..k {
             for j in 0..k {
                 let d: f64 = if m >= n {
-                    (0..m).map(|r| p[(r, i)] as f64 * p[(r, j)] as f64).sum()
+                    (0..m).map(|r| f64::from(p[(r, i)]) * f64::from(p[(r, j)])).sum()
                 } else {
-                    (0..n).map(|c| p[(i, c)] as f64 * p[(j, c)] as f64).sum()
+                    (0..n).map(|c| f64::from(p[(i, c)]) * f64::from(p[(j, c)])).sum()
                 };
                 let want = if i == j { 1.0 } else { 0.0 };
                 assert!((d - want).abs() < 1e-6, "{m}x{n}: ({i},{j}) = {d}");

@@ -138,7 +138,7 @@ fn dare_rescales_and_is_keyed() {
     sp.rescale = Rescale::L1;
     let j = job(&bb, &xs, &[1.0], &[0.25], sp, n);
     let l1 = out_f32(&merge_to_vec(&j, &Options::with_chunk(333)).unwrap());
-    let (a, b): (f64, f64) = (x.iter().map(|v| *v as f64).sum(), l1.iter().map(|v| *v as f64).sum());
+    let (a, b): (f64, f64) = (x.iter().map(|v| f64::from(*v)).sum(), l1.iter().map(|v| f64::from(*v)).sum());
     assert!((a - b).abs() / a < 1e-5);
     sp.seed = 1;
     let j = job(&bb, &xs, &[1.0], &[0.25], sp, n);

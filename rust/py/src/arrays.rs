@@ -9,7 +9,7 @@ use pyo3::prelude::*;
 use ferromerge_core::DType;
 
 /// A borrowed input array, kept alive (and borrowed read-only) while the core reads it.
-pub enum Held<'py> {
+pub enum InputArray<'py> {
     F32(PyReadonlyArrayDyn<'py, f32>),
     F16(PyReadonlyArrayDyn<'py, f16>),
     U16(PyReadonlyArrayDyn<'py, u16>),
@@ -19,22 +19,22 @@ pub enum Held<'py> {
 fn as_bytes<T>(s: &[T]) -> &[u8] {
     // SAFETY: plain-old-data numeric slices reinterpreted as their bytes (little-endian hosts only, which every
     // platform we build for is); the length covers exactly the same memory.
-    unsafe { std::slice::from_raw_parts(s.as_ptr() as *const u8, std::mem::size_of_val(s)) }
+    unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<u8>(), std::mem::size_of_val(s)) }
 }
 
-impl<'py> Held<'py> {
+impl<'py> InputArray<'py> {
     pub fn extract(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<Self> {
         if let Ok(a) = obj.extract::<PyReadonlyArrayDyn<f32>>() {
-            return Ok(Held::F32(a));
+            return Ok(InputArray::F32(a));
         }
         if let Ok(a) = obj.extract::<PyReadonlyArrayDyn<f16>>() {
-            return Ok(Held::F16(a));
+            return Ok(InputArray::F16(a));
         }
         if let Ok(a) = obj.extract::<PyReadonlyArrayDyn<u16>>() {
-            return Ok(Held::U16(a));
+            return Ok(InputArray::U16(a));
         }
         if let Ok(a) = obj.extract::<PyReadonlyArrayDyn<i16>>() {
-            return Ok(Held::I16(a));
+            return Ok(InputArray::I16(a));
         }
         Err(PyTypeError::new_err(format!(
             "{what}: expected a NumPy array of float32, float16, or uint16/int16 holding bfloat16 bits"
@@ -43,18 +43,18 @@ impl<'py> Held<'py> {
 
     pub fn dtype(&self) -> DType {
         match self {
-            Held::F32(_) => DType::F32,
-            Held::F16(_) => DType::F16,
-            Held::U16(_) | Held::I16(_) => DType::BF16,
+            InputArray::F32(_) => DType::F32,
+            InputArray::F16(_) => DType::F16,
+            InputArray::U16(_) | InputArray::I16(_) => DType::BF16,
         }
     }
 
     pub fn len(&self) -> usize {
         match self {
-            Held::F32(a) => a.len(),
-            Held::F16(a) => a.len(),
-            Held::U16(a) => a.len(),
-            Held::I16(a) => a.len(),
+            InputArray::F32(a) => a.len(),
+            InputArray::F16(a) => a.len(),
+            InputArray::U16(a) => a.len(),
+            InputArray::I16(a) => a.len(),
         }
     }
 
@@ -62,50 +62,50 @@ impl<'py> Held<'py> {
         let err = |_| PyValueError::new_err(format!("{what}: array must be C-contiguous"));
         // `as_slice` also accepts Fortran order, whose bytes are not the row-major tensor.
         let c_order = match self {
-            Held::F32(a) => a.is_c_contiguous(),
-            Held::F16(a) => a.is_c_contiguous(),
-            Held::U16(a) => a.is_c_contiguous(),
-            Held::I16(a) => a.is_c_contiguous(),
+            InputArray::F32(a) => a.is_c_contiguous(),
+            InputArray::F16(a) => a.is_c_contiguous(),
+            InputArray::U16(a) => a.is_c_contiguous(),
+            InputArray::I16(a) => a.is_c_contiguous(),
         };
         if !c_order {
             return Err(PyValueError::new_err(format!("{what}: array must be C-contiguous")));
         }
         Ok(match self {
-            Held::F32(a) => as_bytes(a.as_slice().map_err(err)?),
-            Held::F16(a) => as_bytes(a.as_slice().map_err(err)?),
-            Held::U16(a) => as_bytes(a.as_slice().map_err(err)?),
-            Held::I16(a) => as_bytes(a.as_slice().map_err(err)?),
+            InputArray::F32(a) => as_bytes(a.as_slice().map_err(err)?),
+            InputArray::F16(a) => as_bytes(a.as_slice().map_err(err)?),
+            InputArray::U16(a) => as_bytes(a.as_slice().map_err(err)?),
+            InputArray::I16(a) => as_bytes(a.as_slice().map_err(err)?),
         })
     }
 
     pub fn shape(&self) -> Vec<usize> {
         match self {
-            Held::F32(a) => a.shape().to_vec(),
-            Held::F16(a) => a.shape().to_vec(),
-            Held::U16(a) => a.shape().to_vec(),
-            Held::I16(a) => a.shape().to_vec(),
+            InputArray::F32(a) => a.shape().to_vec(),
+            InputArray::F16(a) => a.shape().to_vec(),
+            InputArray::U16(a) => a.shape().to_vec(),
+            InputArray::I16(a) => a.shape().to_vec(),
         }
     }
 }
 
 /// Allocate a flat output array of `dtype` and hand its bytes to `fill` (which runs with the GIL released).
-pub fn with_output<'py>(
-    py: Python<'py>,
+pub fn with_output(
+    py: Python<'_>,
     dtype: DType,
     n: usize,
     fill: impl FnOnce(&mut [u8]) -> PyResult<()> + Send,
-) -> PyResult<Bound<'py, PyAny>> {
-    fn run<'py, T: numpy::Element>(
-        py: Python<'py>,
+) -> PyResult<Bound<'_, PyAny>> {
+    fn run<T: numpy::Element>(
+        py: Python<'_>,
         n: usize,
         fill: impl FnOnce(&mut [u8]) -> PyResult<()> + Send,
-    ) -> PyResult<Bound<'py, PyAny>> {
+    ) -> PyResult<Bound<'_, PyAny>> {
         let arr = PyArray1::<T>::zeros(py, n, false);
         {
             let mut rw = arr.readwrite();
             let s = rw.as_slice_mut().expect("fresh arrays are contiguous");
             // SAFETY: as in `as_bytes`, for the exclusive borrow of a fresh numeric array.
-            let bytes = unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr() as *mut u8, std::mem::size_of_val(s)) };
+            let bytes = unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(s)) };
             py.detach(|| fill(bytes))?;
         }
         Ok(arr.into_any())

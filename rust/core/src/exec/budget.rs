@@ -18,7 +18,6 @@ const SCRATCH_BUFFERS: u64 = 5;
 /// Elements per chunk for a budget: each worker holds (inputs + 5) f32 buffers of one chunk, and all of them
 /// together stay within an eighth of the budget (between 1024 and the default chunk).
 #[must_use]
-#[allow(clippy::cast_possible_truncation)] // at most DEFAULT_CHUNK_ELEMS after the min
 pub fn chunk_elems(budget: u64, workers: usize, inputs: usize) -> usize {
     let fit = budget / 8 / (workers.max(1) as u64 * (inputs as u64 + SCRATCH_BUFFERS) * 4);
     DEFAULT_CHUNK_ELEMS.min(usize::try_from(fit).unwrap_or(usize::MAX).max(1024))
@@ -26,7 +25,6 @@ pub fn chunk_elems(budget: u64, workers: usize, inputs: usize) -> usize {
 
 /// Half of what this process may use (physical memory, or the memory cgroup's limit when lower), at most 8 GiB.
 #[must_use]
-#[allow(clippy::cast_sign_loss)] // sysconf's counts are positive
 pub fn default_memory_limit() -> u64 {
     // SAFETY: sysconf has no preconditions.
     let ram = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) as u64 * libc::sysconf(libc::_SC_PAGESIZE) as u64 };

@@ -69,7 +69,7 @@ fn job<'a>(t: &'a PlanTensor, files: &'a HashMap<PathBuf, SafetensorsFile>) -> R
     let base = t.base.as_ref().map(|b| source(&b.file, &b.tensor)).transpose()?;
     let inputs =
         t.inputs.iter().map(|i| Ok((source(&i.file, &i.tensor)?, i.values()))).collect::<Result<Vec<_>>>()?;
-    let job = Job::from_plan(&t.name, t.shape.clone(), &t.method, &t.out_dtype, t.cast_dtype.as_deref(), base, inputs)
+    let job = Job::from_plan(&t.name, t.shape.clone(), &t.method, &t.out_dtype, t.cast_dtype.as_deref(), base, &inputs)
         .map_err(|e| match e {
             CoreError::Parameter(m) => CoreError::param(format!("tensor '{}': {m}", t.name)),
             other => other,

@@ -30,7 +30,6 @@ impl Sink for TensorSink<'_> {
 }
 
 /// File offsets and lengths as the syscalls take them (`off_t`); output files are far below 2^63 bytes.
-#[allow(clippy::cast_possible_wrap)]
 fn off_t(v: u64) -> libc::off_t {
     v as libc::off_t
 }

@@ -94,11 +94,11 @@ pub fn elect_and_mix(ws: &[Vec<f32>], weights: &[f32], total: &mut [f32], mixed:
             *d += if agree { wt } else { 0.0 };
         }
     }
-    divisor.iter_mut().for_each(|d| {
+    for d in divisor.iter_mut() {
         if *d == 0.0 {
-            *d = 1.0
+            *d = 1.0;
         }
-    });
+    }
 }
 
 /// Σ of the weighted inputs.
@@ -135,7 +135,9 @@ pub fn finish(mixed: &mut [f32], divisor: Option<&[f32]>, lambda: f32, base: Opt
         mixed.iter_mut().zip(d).for_each(|(v, d)| *v /= d);
     }
     if lambda != 1.0 {
-        mixed.iter_mut().for_each(|v| *v *= lambda);
+        for v in mixed.iter_mut() {
+            *v *= lambda;
+        }
     }
     if let Some(b) = base {
         mixed.iter_mut().zip(b).for_each(|(v, b)| *v += b);

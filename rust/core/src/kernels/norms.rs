@@ -18,14 +18,14 @@ pub fn l1_pair(vals: &[f32], keep: &[bool]) -> (f64, f64) {
         let v: &[f32; L] = v.try_into().expect("L elements");
         let k: &[bool; L] = k.try_into().expect("L elements");
         for l in 0..L {
-            let a = v[l].abs() as f64;
+            let a = f64::from(v[l].abs());
             all[l] += a;
             // An exact select written as a bit mask (all ones or zero), which vectorises where a branch did not.
-            kept[l] += f64::from_bits(a.to_bits() & (k[l] as u64).wrapping_neg());
+            kept[l] += f64::from_bits(a.to_bits() & u64::from(k[l]).wrapping_neg());
         }
     }
     for (l, (&v, &k)) in v8.remainder().iter().zip(k8.remainder()).enumerate() {
-        let a = v.abs() as f64;
+        let a = f64::from(v.abs());
         all[l] += a;
         kept[l] += if k { a } else { 0.0 };
     }
@@ -41,11 +41,11 @@ pub fn dot(a: &[f32], b: &[f32]) -> f64 {
     let mut b8 = b.chunks_exact(L);
     for (x, y) in (&mut a8).zip(&mut b8) {
         for l in 0..L {
-            acc[l] += x[l] as f64 * y[l] as f64;
+            acc[l] += f64::from(x[l]) * f64::from(y[l]);
         }
     }
     for (l, (&x, &y)) in a8.remainder().iter().zip(b8.remainder()).enumerate() {
-        acc[l] += x as f64 * y as f64;
+        acc[l] += f64::from(x) * f64::from(y);
     }
     acc.iter().sum()
 }

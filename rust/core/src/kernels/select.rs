@@ -39,7 +39,7 @@ pub fn hist_low(vals: &[f32], high: u32, hist: &mut [u32; LOW_BINS]) {
 pub fn find_bin(hist: &[u32], k: u64) -> (usize, u64) {
     let mut above = 0u64;
     for b in (0..hist.len()).rev() {
-        let h = hist[b] as u64;
+        let h = u64::from(hist[b]);
         if above + h >= k {
             return (b, k - above);
         }
@@ -69,7 +69,7 @@ impl TrimRule {
     }
 
     pub fn mask(&self, start: usize, vals: &[f32], keep: &mut [bool]) {
-        trim_mask(self, start, vals, keep)
+        trim_mask(self, start, vals, keep);
     }
 }
 
@@ -106,7 +106,7 @@ pub fn collect_bin(vals: &[f32], high: u32, start: usize, out: &mut Vec<u64>) {
     for (j, &v) in vals.iter().enumerate() {
         let b = abs_bits(v);
         if b >> 16 == high {
-            out.push(((b & 0xffff) as u64) << 48 | (start + j) as u64);
+            out.push(u64::from(b & 0xffff) << 48 | (start + j) as u64);
         }
     }
 }
@@ -121,7 +121,7 @@ pub fn select_in_bin(cands: &[u64], high: u32, need: u64) -> TrimRule {
     let (lo, ties_kept) = find_bin(&hist, need);
     let bits = (high << 16) | lo as u32;
     let mut last_tie = usize::MAX;
-    if ties_kept < hist[lo] as u64 {
+    if ties_kept < u64::from(hist[lo]) {
         let mut seen = 0u64;
         for &c in cands {
             if (c >> 48) as usize == lo {
@@ -168,7 +168,7 @@ pub fn bracket_collect(
             if b.wrapping_sub(lo) <= width {
                 match specials.iter().position(|&s| s == b) {
                     Some(p) => counts[p] += 1,
-                    None => out.push(((b as u64) << INDEX_BITS) | (MAX_INDEX - (first + j) as u64)),
+                    None => out.push((u64::from(b) << INDEX_BITS) | (MAX_INDEX - (first + j) as u64)),
                 }
             }
         }
@@ -181,19 +181,19 @@ pub fn bracket_collect(
         let mut hit = false;
         for &v in group {
             let b = abs_bits(v);
-            n_above += (b > hi) as u32;
+            n_above += u32::from(b > hi);
             let mut special = false;
             for (e, &sv) in eq.iter_mut().zip(specials) {
-                *e += (b == sv) as u32;
+                *e += u32::from(b == sv);
                 special |= b == sv;
             }
-            hit |= (b.wrapping_sub(lo) <= width) & !special;
+            hit |= (b.wrapping_sub(lo) <= width) && !special;
         }
-        above += n_above as u64;
+        above += u64::from(n_above);
         if hit {
             walk(group, start + g * G, out, &mut [0; SPECIALS]);
         }
-        counts.iter_mut().zip(eq).for_each(|(c, e)| *c += e as u64);
+        counts.iter_mut().zip(eq).for_each(|(c, e)| *c += u64::from(e));
     }
     let rest = groups.remainder();
     above += rest.iter().filter(|&&v| abs_bits(v) > hi).count() as u64;
@@ -229,7 +229,7 @@ pub fn select_with_specials(
     // Walk the distinct values from the top: collected keys in descending order, specials merged in.
     cands.sort_unstable_by(|a, b| b.cmp(a));
     let mut order: Vec<(u32, usize)> = totals.clone();
-    order.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+    order.sort_unstable_by_key(|o| std::cmp::Reverse(o.0));
     let mut kept = 0u64;
     let mut c = 0usize;
     let mut next_special = order.iter().peekable();

@@ -23,6 +23,7 @@ impl Svd {
     }
 
     /// Keep the first `r` triplets.
+    #[must_use]
     pub fn truncate(self, r: usize) -> Svd {
         let r = r.min(self.s.len());
         Svd {
@@ -88,13 +89,13 @@ impl RankRule {
     pub fn count(&self, s: &[f32], frob2: f64) -> usize {
         let mut k = s.len();
         if let Some(e) = self.energy {
-            k = k.min(reach(s.iter().map(|&x| x as f64 * x as f64), e * frob2));
+            k = k.min(reach(s.iter().map(|&x| f64::from(x) * f64::from(x)), e * frob2));
         }
         if let Some(f) = self.nuclear {
-            let total: f64 = s.iter().map(|&x| x as f64).sum();
-            k = k.min(reach(s.iter().map(|&x| x as f64), f * total));
+            let total: f64 = s.iter().map(|&x| f64::from(x)).sum();
+            k = k.min(reach(s.iter().map(|&x| f64::from(x)), f * total));
         }
-        let above = s.iter().take_while(|&&x| x as f64 > self.sv_epsilon).count();
+        let above = s.iter().take_while(|&&x| f64::from(x) > self.sv_epsilon).count();
         k.min(above)
     }
 }
@@ -118,7 +119,7 @@ pub(super) fn no_convergence(_: faer::linalg::svd::SvdError) -> CoreError {
 }
 
 pub(super) fn widen(a: MatRef<'_, f32>) -> Mat<f64> {
-    Mat::from_fn(a.nrows(), a.ncols(), |i, j| a[(i, j)] as f64)
+    Mat::from_fn(a.nrows(), a.ncols(), |i, j| f64::from(a[(i, j)]))
 }
 
 pub(super) fn narrow(a: MatRef<'_, f64>) -> Mat<f32> {
@@ -195,7 +196,7 @@ pub fn truncated(a: MatRef<'_, f32>, rule: &RankRule, solver: &Solver) -> Result
     // summed from the elements.
     let frob2 = match rule.energy {
         None => 0.0,
-        Some(_) if svd.rank() == m.min(n) => svd.s.iter().map(|&x| x as f64 * x as f64).sum(),
+        Some(_) if svd.rank() == m.min(n) => svd.s.iter().map(|&x| f64::from(x) * f64::from(x)).sum(),
         Some(_) => frobenius2(a),
     };
     let keep = rule.count(&svd.s, frob2).min(cap);
@@ -206,7 +207,7 @@ pub fn truncated(a: MatRef<'_, f32>, rule: &RankRule, solver: &Solver) -> Result
 fn frobenius2(a: MatRef<'_, f32>) -> f64 {
     (0..a.nrows())
         .into_par_iter()
-        .map(|i| a.row(i).iter().map(|&x| x as f64 * x as f64).sum::<f64>())
+        .map(|i| a.row(i).iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>())
         .collect::<Vec<f64>>()
         .iter()
         .sum()

@@ -63,7 +63,7 @@ impl Vectors {
     }
 
     /// Elements `[from, to)` of each vector of the loaded chunk.
-    fn slices<'s>(self, s: &'s Scratch, from: usize, to: usize) -> Vec<&'s [f32]> {
+    fn slices(self, s: &Scratch, from: usize, to: usize) -> Vec<&[f32]> {
         let xs = s.x.iter().map(|x| &x[from..to]);
         if self == Vectors::BaseAndInputs {
             std::iter::once(&s.base[from..to]).chain(xs).collect()
@@ -195,27 +195,24 @@ pub(crate) fn apply(
     emit(job, opts, opts.chunk_elems, sink, |s, start, len| {
         vectors.load(job, start, len, s);
         let mut out = std::mem::take(&mut s.mixed);
-        match groups {
-            Groups::Cols(c) => {
-                for (j, o) in out[..len].iter_mut().enumerate() {
-                    let k = (start + j) % c * width;
-                    let vs = vectors.slices(s, j, j + 1);
-                    *o = vs.iter().zip(&coefs[k..k + width]).fold(0.0, |acc, (v, &c)| acc + c * v[0]);
-                }
+        if let Groups::Cols(c) = groups {
+            for (j, o) in out[..len].iter_mut().enumerate() {
+                let k = (start + j) % c * width;
+                let vs = vectors.slices(s, j, j + 1);
+                *o = vs.iter().zip(&coefs[k..k + width]).fold(0.0, |acc, (v, &c)| acc + c * v[0]);
             }
-            _ => {
-                let mut from = 0;
-                while from < len {
-                    // A run of elements sharing one group's coefficients.
-                    let g = groups.of_element(start + from);
-                    let to = match groups {
-                        Groups::Rows(r) => ((g + 1) * r - start).min(len),
-                        _ => len,
-                    };
-                    let vs = vectors.slices(s, from, to);
-                    combine::lincomb(&vs, &coefs[g * width..(g + 1) * width], &mut out[from..to]);
-                    from = to;
-                }
+        } else {
+            let mut from = 0;
+            while from < len {
+                // A run of elements sharing one group's coefficients.
+                let g = groups.of_element(start + from);
+                let to = match groups {
+                    Groups::Rows(r) => ((g + 1) * r - start).min(len),
+                    _ => len,
+                };
+                let vs = vectors.slices(s, from, to);
+                combine::lincomb(&vs, &coefs[g * width..(g + 1) * width], &mut out[from..to]);
+                from = to;
             }
         }
         s.mixed = out;

@@ -154,7 +154,7 @@ impl<'a> Job<'a> {
         out_dtype: &str,
         cast_dtype: Option<&str>,
         base: Option<Source<'a>>,
-        inputs: Vec<(Source<'a>, InputValues)>,
+        inputs: &[(Source<'a>, InputValues)],
     ) -> Result<Self> {
         let spec = MethodSpec::from_plan(method)?;
         Ok(Job {
@@ -220,12 +220,12 @@ pub fn merge(job: &Job, chunk_elems: usize, sink: &dyn Sink) -> Result<()> {
 pub fn merge_with(job: &Job, opts: &Options, sink: &dyn Sink) -> Result<()> {
     validate(job)?;
     match &job.spec.params {
-        Params::TaskArithmetic(p) => methods::task_arithmetic::merge(job, p, opts, sink),
+        Params::TaskArithmetic(p) => methods::task_arithmetic::merge(job, *p, opts, sink),
         Params::Slerp(p) => methods::slerp::merge(job, p, opts, sink),
-        Params::ModelStock(p) => methods::model_stock::merge(job, p, opts, sink),
-        Params::Sce(p) => methods::sce::merge(job, p, opts, sink),
+        Params::ModelStock(p) => methods::model_stock::merge(job, *p, opts, sink),
+        Params::Sce(p) => methods::sce::merge(job, *p, opts, sink),
         Params::Ram(p) => methods::ram::merge(job, p, opts, sink),
-        Params::Nearswap(p) => methods::nearswap::merge(job, p, opts, sink),
+        Params::Nearswap(p) => methods::nearswap::merge(job, *p, opts, sink),
         Params::ArceeFusion => methods::arcee_fusion::merge(job, opts, sink),
         Params::Tall(p) => methods::tall::merge(job, p, opts, sink),
         Params::Spectral(p) => methods::spectral::merge(job, p, opts, sink),

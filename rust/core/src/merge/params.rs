@@ -135,7 +135,6 @@ impl Values<'_> {
     }
 
     /// A whole number (`usize::MAX` for a missing required one).
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // checked whole and in [0, max]
     fn whole(&self, def: &ParamDef) -> std::result::Result<usize, String> {
         let ParamKind::Whole { max, max_text } = def.kind else { unreachable!("{} is not a whole number", def.name) };
         let Some(v) = self.given.get(def.name).copied().or(def.default) else { return Ok(usize::MAX) };
@@ -201,7 +200,7 @@ pub struct SceParams {
 }
 
 impl SceParams {
-    fn check(&self) -> Checked<()> {
+    fn check(self) -> Checked<()> {
         if !(0.0..=1.0).contains(&self.select_topk) {
             return Err(format!("select_topk must be in [0, 1], got {}", self.select_topk));
         }
@@ -370,7 +369,7 @@ impl Params {
 
     /// The family these parameters belong to.
     #[must_use]
-    pub fn family(&self) -> Family {
+    pub fn family(self) -> Family {
         match self {
             Params::TaskArithmetic(_) => Family::TaskArithmetic,
             Params::Slerp(_) => Family::Slerp,

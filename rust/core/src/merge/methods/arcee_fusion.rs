@@ -16,16 +16,16 @@ use crate::rng::Stream;
 fn row_kl(a: &[f32], b: &[f32]) -> f32 {
     let softmax_parts = |v: &[f32]| {
         let mx = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let sum: f64 = v.iter().map(|&x| ((x - mx) as f64).exp()).sum();
+        let sum: f64 = v.iter().map(|&x| f64::from(x - mx).exp()).sum();
         (mx, sum)
     };
     let (ma, sa) = softmax_parts(a);
     let (mb, sb) = softmax_parts(b);
     let mut kl = 0f64;
     for (&x, &y) in a.iter().zip(b) {
-        let q = ((((x - ma) as f64).exp() / sa) as f32) + 1e-8;
-        let p = ((((y - mb) as f64).exp() / sb) as f32) + 1e-8;
-        kl += (p * (p / q).ln()) as f64;
+        let q = ((f64::from(x - ma).exp() / sa) as f32) + 1e-8;
+        let p = ((f64::from(y - mb).exp() / sb) as f32) + 1e-8;
+        kl += f64::from(p * (p / q).ln());
     }
     kl as f32
 }
@@ -34,7 +34,6 @@ fn row_kl(a: &[f32], b: &[f32]) -> f32 {
 const QUANTILE_SAMPLE: usize = 1_000_000;
 
 /// The kernel (a: the base, b: the other model).
-#[allow(clippy::cast_possible_truncation, clippy::cast_precision_loss, clippy::cast_sign_loss)] // mergekit's f32 math
 pub(crate) fn merge(job: &Job, opts: &Options, sink: &dyn Sink) -> Result<()> {
     let row_len = job.row_len();
     let n = job.numel;

@@ -9,7 +9,6 @@ use crate::merge::passes::{emit, load_raw};
 use crate::merge::{Job, Options, Sink};
 
 /// t of one group.
-#[allow(clippy::cast_precision_loss)] // model counts
 fn interpolation_factor(g: &GramMatrix) -> f64 {
     let q = g.q;
     let (mut sum, mut pairs) = (0.0, 0.0);
@@ -28,8 +27,7 @@ fn interpolation_factor(g: &GramMatrix) -> f64 {
     }
 }
 
-#[allow(clippy::cast_possible_truncation, clippy::cast_precision_loss)] // f32 math, model counts
-pub(crate) fn merge(job: &Job, params: &ModelStockParams, opts: &Options, sink: &dyn Sink) -> Result<()> {
+pub(crate) fn merge(job: &Job, params: ModelStockParams, opts: &Options, sink: &dyn Sink) -> Result<()> {
     let m = job.inputs.len();
     let groups = if params.filter_wise { Groups::Rows(job.row_len()) } else { Groups::Whole };
     let stats = gram(job, opts, groups, Vectors::Deltas);

@@ -7,8 +7,7 @@ use crate::merge::passes::{emit, load_raw};
 use crate::merge::{Job, Options, Sink};
 
 /// The kernel (a: the base, b: the other model).
-#[allow(clippy::cast_possible_truncation)] // f32 math
-pub(crate) fn merge(job: &Job, params: &NearswapParams, opts: &Options, sink: &dyn Sink) -> Result<()> {
+pub(crate) fn merge(job: &Job, params: NearswapParams, opts: &Options, sink: &dyn Sink) -> Result<()> {
     let t = params.t as f32;
     emit(job, opts, opts.chunk_elems, sink, |s, start, len| {
         load_raw(job, start, len, s);

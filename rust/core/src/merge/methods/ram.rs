@@ -9,7 +9,6 @@ use crate::merge::params::RamParams;
 use crate::merge::passes::{block_sums, emit, load_deltas, release_chunk, STAT_BLOCK};
 use crate::merge::{Job, Method, Options, Sink};
 
-#[allow(clippy::cast_possible_truncation, clippy::cast_precision_loss)] // f32 math, element counts
 pub(crate) fn merge(job: &Job, params: &RamParams, opts: &Options, sink: &dyn Sink) -> Result<()> {
     let m = job.inputs.len();
     let p = params;
@@ -47,9 +46,9 @@ pub(crate) fn merge(job: &Job, params: &RamParams, opts: &Options, sink: &dyn Si
             let (unique, shared) = (if k == 1 { 1f32 } else { 0.0 }, if k > 1 { 1f32 } else { 0.0 });
             let count = k.max(1) as f32;
             let mut merged = 0f32;
-            for i in 0..m {
+            for (i, &lambda) in lambdas.iter().enumerate() {
                 let tv = if active(s, i, j) { s.x[i][j] } else { 0.0 };
-                merged += tv * unique * lambdas[i] + tv * shared / count;
+                merged += tv * unique * lambda + tv * shared / count;
             }
             s.mixed[j] = s.base[j] + merged;
         }

@@ -25,7 +25,7 @@ fn variance_into(s: &mut Scratch, m: usize, len: usize) {
     for j in 0..len {
         let (mut s1, mut s2) = (0f64, 0f64);
         for x in &s.x[..m] {
-            let v = x[j] as f64;
+            let v = f64::from(x[j]);
             s1 += v;
             s2 += v * v;
         }
@@ -46,12 +46,11 @@ impl SelectionKeys for VarianceKeys<'_> {
         s.x[0][..len].copy_from_slice(&s.total[..len]);
     }
     fn release(&self, start: usize, len: usize) {
-        release_chunk(self.job, self.opts, start, len)
+        release_chunk(self.job, self.opts, start, len);
     }
 }
 
-#[allow(clippy::cast_possible_truncation, clippy::cast_precision_loss, clippy::cast_sign_loss)] // mergekit's f32
-pub(crate) fn merge(job: &Job, params: &SceParams, opts: &Options, sink: &dyn Sink) -> Result<()> {
+pub(crate) fn merge(job: &Job, params: SceParams, opts: &Options, sink: &dyn Sink) -> Result<()> {
     let m = job.inputs.len();
     let topk = params.select_topk;
     let chunk = opts.chunk_elems.max(1);
@@ -82,7 +81,7 @@ pub(crate) fn merge(job: &Job, params: &SceParams, opts: &Options, sink: &dyn Si
     let squares = block_sums(job.numel, STAT_BLOCK, m, |s, start, len| {
         load_masked(s, start, len);
         release_chunk(job, opts, start, len);
-        s.x.iter().map(|x| x[..len].iter().map(|&v| (v as f64) * (v as f64)).sum()).collect()
+        s.x.iter().map(|x| x[..len].iter().map(|&v| f64::from(v) * f64::from(v)).sum()).collect()
     });
     let means: Vec<f64> = squares.iter().map(|&q| q / job.numel.max(1) as f64).collect();
     let sum: f64 = means.iter().sum();
@@ -94,10 +93,10 @@ pub(crate) fn merge(job: &Job, params: &SceParams, opts: &Options, sink: &dyn Si
             let total: f32 = (0..m).map(|i| s.x[i][j]).sum();
             let positive = total >= 0.0;
             let (mut merged, mut divisor) = (0f32, 0f32);
-            for i in 0..m {
-                let v = s.x[i][j];
+            for (x, &weight) in s.x.iter().zip(&weights) {
+                let v = x[j];
                 let agrees = if positive { v > 0.0 } else { v < 0.0 };
-                let w = if agrees { weights[i] } else { 0.0 };
+                let w = if agrees { weight } else { 0.0 };
                 merged += v * w;
                 divisor += w;
             }

@@ -95,7 +95,9 @@ fn karcher(max_iter: u32, tol: f64, g: &GramMatrix) -> Vec<f64> {
         mean = vec![0.0; q];
         mean[valid[0]] = 1.0 / n[valid[0]];
     } else {
-        mean.iter_mut().for_each(|c| *c /= mn);
+        for c in &mut mean {
+            *c /= mn;
+        }
     }
     for _ in 0..max_iter {
         let mut tangent = vec![0.0; q];
@@ -123,7 +125,9 @@ fn karcher(max_iter: u32, tol: f64, g: &GramMatrix) -> Vec<f64> {
         }
         let un = g.norm_of(&mean);
         if un > tol {
-            mean.iter_mut().for_each(|c| *c /= un);
+            for c in &mut mean {
+                *c /= un;
+            }
         }
     }
     let scale: f64 = n.iter().map(|&n| n / q as f64).sum();
@@ -183,7 +187,6 @@ pub(crate) fn merge(job: &Job, params: &SlerpParams, opts: &Options, sink: &dyn 
             Method::Karcher => karcher(params.max_iter, params.tol, &g),
             other => unreachable!("{other:?} is not a spherical method"),
         };
-        #[allow(clippy::cast_possible_truncation)] // coefficients are applied in f32
         coefs.extend(c.into_iter().map(|c| c as f32));
     }
     let add_base = job.base.is_some() && matches!(method, Method::Nuslerp | Method::Multislerp);

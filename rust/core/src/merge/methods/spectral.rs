@@ -23,7 +23,6 @@ use crate::io::reader;
 use crate::linalg::{self, Svd};
 use crate::rng::Stream;
 
-#[allow(clippy::cast_possible_truncation)] // f32 math
 pub(crate) fn merge(job: &Job, params: &SpectralParams, opts: &Options, sink: &dyn Sink) -> Result<()> {
     let alpha = if job.spec.method == Method::Star { 1.0 } else { params.alpha as f32 };
     if job.shape.len() != 2 || params.mean_only {
@@ -92,7 +91,7 @@ fn task_vector(job: &Job, opts: &Options, base: &[f32], i: usize) -> Result<Vec<
     Ok(t)
 }
 
-fn svd_error(job: &Job, e: CoreError) -> CoreError {
+fn svd_error(job: &Job, e: &CoreError) -> CoreError {
     CoreError::param(format!("tensor '{}': {e}", job.name))
 }
 
@@ -133,14 +132,14 @@ fn tsv_m(job: &Job, p: &SpectralParams, opts: &Options, base: &[f32], m: usize, 
             let stream = Stream::new(job.spec.seed, job.name, job.inputs[i].model_id);
             linalg::randomized(a, k, p.oversample, p.power_iters, &stream)
         }
-        .map_err(|e| svd_error(job, e))?;
+        .map_err(|e| svd_error(job, &e))?;
         // A task vector of rank below k has singular vectors for (numerically) zero singular values that are
         // arbitrary; left in, they would steer the polar factors of every other slot. They are left out (zero
         // columns, weight zero), which is what the reference computes whenever its SVD returns exact zeros.
-        let kept = svd.s.iter().take(k).take_while(|&&x| x as f64 > NULL_SV * svd.s[0] as f64).count();
+        let kept = svd.s.iter().take(k).take_while(|&&x| f64::from(x) > NULL_SV * f64::from(svd.s[0])).count();
         place(&svd, kept, i * k, &mut ucat, &mut scat, &mut vcat);
     }
-    recombine(ucat.as_ref(), &scat, vcat.as_ref()).map_err(|e| svd_error(job, e))
+    recombine(ucat.as_ref(), &scat, vcat.as_ref()).map_err(|e| svd_error(job, &e))
 }
 
 /// Singular values at or below this share of the largest are treated as zero by TSV-M (f32 data: its rounding
@@ -160,9 +159,9 @@ fn sum_of_tasks(job: &Job, opts: &Options, base: &[f32]) -> Result<Vec<f32>> {
 /// Iso-C: the summed task vector with a flat spectrum, mean(σ)·U Vᵀ (needs the whole spectrum: exact SVD).
 fn iso_c(job: &Job, opts: &Options, base: &[f32], m: usize, n: usize) -> Result<Vec<f32>> {
     let sum = sum_of_tasks(job, opts, base)?;
-    let svd = linalg::exact(linalg::view(&sum, m, n)).map_err(|e| svd_error(job, e))?;
+    let svd = linalg::exact(linalg::view(&sum, m, n)).map_err(|e| svd_error(job, &e))?;
     drop(sum);
-    let mean = (svd.s.iter().map(|&x| x as f64).sum::<f64>() / svd.rank().max(1) as f64) as f32;
+    let mean = (svd.s.iter().map(|&x| f64::from(x)).sum::<f64>() / svd.rank().max(1) as f64) as f32;
     let mut u = svd.u;
     u.as_mut().col_iter_mut().for_each(|c| c.iter_mut().for_each(|x| *x *= mean));
     Ok(linalg::to_row_major(linalg::mul(u.as_ref(), svd.v.as_ref().transpose()).as_ref()))
@@ -185,7 +184,7 @@ fn iso_cts(job: &Job, p: &SpectralParams, opts: &Options, base: &[f32], m: usize
     let common = r - ts_total;
     let dims = ts_total / t;
     let sum = sum_of_tasks(job, opts, base)?;
-    let svd = linalg::exact(linalg::view(&sum, m, n)).map_err(|e| svd_error(job, e))?;
+    let svd = linalg::exact(linalg::view(&sum, m, n)).map_err(|e| svd_error(job, &e))?;
     drop(sum);
     let (mut ucat, mut vcat, mut scat) = (Mat::zeros(m, r), Mat::zeros(n, r), vec![0f32; r]);
     place(&svd, common, ts_total, &mut ucat, &mut scat, &mut vcat);
@@ -199,11 +198,11 @@ fn iso_cts(job: &Job, p: &SpectralParams, opts: &Options, base: &[f32], m: usize
         // τ_t − U_c (U_cᵀ τ_t): the part of the task outside the common left subspace.
         let proj = linalg::mul(uc, linalg::mul(uc.transpose(), a.as_ref()).as_ref());
         faer::zip!(a.as_mut(), proj.as_ref()).for_each(|faer::unzip!(x, p)| *x -= *p);
-        let own = linalg::exact(a.as_ref()).map_err(|e| svd_error(job, e))?;
+        let own = linalg::exact(a.as_ref()).map_err(|e| svd_error(job, &e))?;
         place(&own, dims, i * dims, &mut ucat, &mut scat, &mut vcat);
     }
-    let mean = (scat.iter().map(|&x| x as f64).sum::<f64>() / r.max(1) as f64) as f32;
-    recombine(ucat.as_ref(), &vec![mean; r], vcat.as_ref()).map_err(|e| svd_error(job, e))
+    let mean = (scat.iter().map(|&x| f64::from(x)).sum::<f64>() / r.max(1) as f64) as f32;
+    recombine(ucat.as_ref(), &vec![mean; r], vcat.as_ref()).map_err(|e| svd_error(job, &e))
 }
 
 /// STAR: each task vector keeps the fewest top singular values reaching eta% of its nuclear norm (the
@@ -215,9 +214,9 @@ fn star(job: &Job, p: &SpectralParams, opts: &Options, base: &[f32], m: usize, n
     let mut acc = vec![0f32; job.numel];
     for i in 0..t {
         let tau = task_vector(job, opts, base, i)?;
-        let svd = linalg::exact(linalg::view(&tau, m, n)).map_err(|e| svd_error(job, e))?;
+        let svd = linalg::exact(linalg::view(&tau, m, n)).map_err(|e| svd_error(job, &e))?;
         drop(tau);
-        let total: f64 = svd.s.iter().map(|&x| x as f64).sum();
+        let total: f64 = svd.s.iter().map(|&x| f64::from(x)).sum();
         if total == 0.0 {
             continue;
         }
@@ -226,16 +225,16 @@ fn star(job: &Job, p: &SpectralParams, opts: &Options, base: &[f32], m: usize, n
             .s
             .iter()
             .take_while(|&&x| {
-                run += x as f64;
+                run += f64::from(x);
                 run < eta * total
             })
             .count();
         let keep = (below + 1).min(svd.rank());
-        let kept: f64 = svd.s[..keep].iter().map(|&x| x as f64).sum();
+        let kept: f64 = svd.s[..keep].iter().map(|&x| f64::from(x)).sum();
         let scale = total / kept;
         let mut u = svd.u.as_ref().subcols(0, keep).to_owned();
         for j in 0..keep {
-            let sj = (svd.s[j] as f64 * scale) as f32;
+            let sj = (f64::from(svd.s[j]) * scale) as f32;
             u.as_mut().col_mut(j).iter_mut().for_each(|x| *x *= sj);
         }
         let part = linalg::to_row_major(linalg::mul(u.as_ref(), svd.v.as_ref().subcols(0, keep).transpose()).as_ref());

@@ -10,7 +10,6 @@ use crate::merge::{Job, Method, Options, Sink};
 
 /// The mask decision is taken in f64 on
 /// deltas formed from the stored values, so it matches an exact reference except at true ties.
-#[allow(clippy::cast_possible_truncation)] // f32 output
 pub(crate) fn merge(job: &Job, params: &TallParams, opts: &Options, sink: &dyn Sink) -> Result<()> {
     let p = params;
     let lam = p.tall_mask_lambda;
@@ -20,8 +19,8 @@ pub(crate) fn merge(job: &Job, params: &TallParams, opts: &Options, sink: &dyn S
         load_raw(job, start, len, s);
         let mut tau = vec![0f64; m];
         for j in 0..len {
-            let b = s.base[j] as f64;
-            tau.iter_mut().zip(&s.x).for_each(|(t, x)| *t = x[j] as f64 - b);
+            let b = f64::from(s.base[j]);
+            tau.iter_mut().zip(&s.x).for_each(|(t, x)| *t = f64::from(x[j]) - b);
             let mtl: f64 = tau.iter().sum();
             let masked = |t: f64| t.abs() > lam * (mtl - t).abs();
             let keep = match job.spec.method {

@@ -78,7 +78,7 @@ fn mask_into(job: &Job, i: usize, masks: &MaskRules, start: usize, len: usize, s
     }
 }
 
-pub(crate) fn merge(job: &Job, params: &TaskArithmeticParams, opts: &Options, sink: &dyn Sink) -> Result<()> {
+pub(crate) fn merge(job: &Job, params: TaskArithmeticParams, opts: &Options, sink: &dyn Sink) -> Result<()> {
     let spec = job.spec;
     let m = job.inputs.len();
     let n = job.numel as u64;
@@ -111,7 +111,6 @@ pub(crate) fn merge(job: &Job, params: &TaskArithmeticParams, opts: &Options, si
     let mut scales = vec![Scale::Mul(1.0); m];
     let mut per_element = false;
     match spec.rescale {
-        Rescale::None => {}
         Rescale::InverseDensity if sparsify == Sparsify::Della => per_element = true,
         Rescale::InverseDensity => {
             for i in 0..m {
@@ -147,7 +146,7 @@ pub(crate) fn merge(job: &Job, params: &TaskArithmeticParams, opts: &Options, si
                 }
             }
         }
-        Rescale::L1 => {}
+        Rescale::None | Rescale::L1 => {}
     }
     let weights: Vec<f32> = job.inputs.iter().map(|i| i.weight as f32).collect();
     let weight_sum: f32 = weights.iter().sum();

@@ -11,7 +11,6 @@ use crate::kernels::select::abs_bits;
 
 /// breadcrumbs over `n` elements: n_bot = max(0, n − target − n_top) smallest and the largest
 /// (n − n_bot − target) go; (outer, top) are the sizes of the top sets whose difference is kept.
-#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)] // mergekit's int(x·n)
 pub(crate) fn outlier_band(n: u64, density: f64, gamma: f64) -> (u64, u64) {
     let target = (density * n as f64) as u64;
     let n_top = (gamma * n as f64) as u64;
@@ -25,13 +24,14 @@ fn ascending(row: &[f32], order: &mut Vec<u64>) {
     order.clear();
     order.extend(row.iter().enumerate().map(|(j, &v)| (u64::from(abs_bits(v)) << 32) | j as u64));
     order.sort_unstable();
-    order.iter_mut().for_each(|k| *k &= 0xffff_ffff);
+    for k in order.iter_mut() {
+        *k &= 0xffff_ffff;
+    }
 }
 
 /// DELLA's keep probability per element: in each row, rank r = 1..n by |x| ascending (ties: lower index
 /// first), p = (density − ε) + (r − 1)/(n − 1)·2ε, computed in f32 as mergekit does (a one-element row gets
 /// density − ε, where mergekit divides 0 by 0).
-#[allow(clippy::cast_possible_truncation, clippy::cast_precision_loss)] // f32 as mergekit computes it
 pub(crate) fn della_probs(x: &[f32], row_len: usize, density: f64, epsilon: f64, probs: &mut [f32]) {
     let lo = (density - epsilon) as f32;
     let eps = epsilon as f32;

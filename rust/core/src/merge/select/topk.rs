@@ -334,7 +334,7 @@ fn radix_rules(keys: &dyn SelectionKeys, chunk: usize, opts: &Options, ks: &[Opt
             let (lo, ties_kept) = select::find_bin(hist, need);
             let bits = (bin << 16) | lo as u32;
             rules[i] = TrimRule { threshold_bits: bits, last_tie: usize::MAX, keep_all: false };
-            if ties_kept < hist[lo] as u64 {
+            if ties_kept < u64::from(hist[lo]) {
                 pending.push((i, ties_kept));
             }
         }
