@@ -1,5 +1,5 @@
 """Shared builders of the SVD-kernel suites (tests/kernels/test_linalg.py, test_spectral.py, test_tall.py): their
-strategies, task-vector families, the ``_core.merge_arrays`` call and the spectral tolerance.
+strategies, task-vector families, the ``_engine.merge_arrays`` call and the spectral tolerance.
 
 The spectral merges do their products in float32 on float32 factors. A backward-stable step lands within c·eps32 of
 an exact step on a perturbed input, so the merge lands within c·eps32·κ·Σ‖tau_t‖_F of the float64 reference, κ
@@ -13,26 +13,23 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers.kernels import io_dtypes
+from helpers.kernels import OUT_STORAGE, io_dtypes, kernel_merge, store, threads, values
 from hypothesis import HealthCheck
 from hypothesis import strategies as st
 from reference import arrays, codec, linalg
 from reference import spectral as spectral_ref
 
-_core = pytest.importorskip("ferromerge._core")
 
 SETTINGS = dict(deadline=None, max_examples=60,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 EPS = arrays.EPS32
 C = 128.0
 KAPPA_MAX = 1e4
-OUT_STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 SPECTRAL = ("tsv_m", "iso_c", "iso_cts", "star")
 
 
-dtypes = st.sampled_from(codec.DTYPES)
+#: the SVD suites never draw 5000-element chunks (helpers.kernels does)
 chunk_sizes = st.one_of(st.integers(1, 64), st.sampled_from([None, 97, 1000, 4096]))
-threads = st.sampled_from([1, 2, 3])
 
 
 @st.composite
@@ -85,19 +82,10 @@ def make_family(seed: int, shape, n_tasks: int, kind: str):
     return base.astype(np.float32), xs
 
 
-def store(x32, dtype):
-    return codec.encode(np.asarray(x32, np.float32).reshape(-1), dtype).reshape(np.shape(x32))
-
-
-def values(a, dtype, cast=None):
-    """Storage array -> the float32 values the kernel computes with (after the cast dtype's rounding)."""
-    return codec.round_to(codec.decode(np.asarray(a).reshape(-1), dtype), cast).reshape(np.shape(a))
-
-
 def merge(method, inputs, base, *, shape, params=None, out_dtype="float32", cast=None, lam=1.0, seed=0, name="t",
           threads=None, chunk=None, weights=None):
     k = len(inputs)
-    return _core.merge_arrays(
+    return kernel_merge(
         method, inputs, base, list(weights) if weights is not None else [1.0] * k, [1.0] * k,
         out_dtype=out_dtype, normalize=False, cast_dtype=cast, lambda_=lam, rescale="none", seed=seed, name=name,
         model_ids=None, threads=threads, chunk_elems=chunk, shape=list(shape), params=params, gammas=None,

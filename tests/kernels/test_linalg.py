@@ -14,17 +14,19 @@ import math
 
 import numpy as np
 import pytest
-from helpers.spectral import EPS, SETTINGS, threads
+from helpers.kernels import threads
+from helpers.spectral import EPS, SETTINGS
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from reference import linalg
 
-_core = pytest.importorskip("ferromerge._core")
-if not hasattr(_core, "svd"):
+_engine = pytest.importorskip("ferromerge._engine")
+from ferromerge import errors  # noqa: E402
+if not hasattr(_engine, "svd"):
     pytest.skip("needs the extension with _core.svd (rebuild)", allow_module_level=True)
 
 
-ParameterError = _core.ParameterError
+ParameterError = errors.ParameterError
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -79,7 +81,7 @@ def test_exact_svd_matches_lapack_and_the_rank_rules(a, rules, thr):
     ss = np.linalg.svd(a.astype(np.float64), compute_uv=False)
     margin_rules = {k: rules[k] for k in ("energy", "nuclear", "sv_epsilon") if k in rules}
     assume(linalg.rank_margin(ss, **margin_rules) > 1e-5)
-    u, s, vt = _core.svd(a, exact=True, threads=thr, **rules)
+    u, s, vt = _engine.svd(a, exact=True, threads=thr, **rules)
     r = linalg.svd_rank(ss, a.shape, **rules)
     context = f"shape={a.shape} rules={rules}"
     assert len(s) == r, f"{context}: rank {len(s)}, reference {r} (S={ss[:8]})"
@@ -101,7 +103,7 @@ def test_exact_svd_matches_lapack_and_the_rank_rules(a, rules, thr):
 @settings(**SETTINGS)
 @given(a=matrices(), rules=rank_rules(), exact=st.booleans(), seed=st.integers(0, 2**32), name=st.text(max_size=8))
 def test_svd_bytes_do_not_depend_on_threads(a, rules, exact, seed, name):
-    outs = [_core.svd(a, exact=exact, seed=seed, name=name, threads=t, **rules) for t in (1, 2, 3, None)]
+    outs = [_engine.svd(a, exact=exact, seed=seed, name=name, threads=t, **rules) for t in (1, 2, 3, None)]
     for o in outs[1:]:
         for x, y in zip(o, outs[0]):
             assert x.shape == y.shape and x.tobytes() == y.tobytes(), f"shape={a.shape} rules={rules} exact={exact}"
@@ -110,13 +112,13 @@ def test_svd_bytes_do_not_depend_on_threads(a, rules, exact, seed, name):
 def test_randomized_sketch_is_keyed_by_seed_and_name():
     a = np.random.default_rng(0).normal(size=(60, 50)).astype(np.float32)  # flat spectrum: the sketch shows
     kw = dict(rank=8)
-    first = _core.svd(a, seed=3, name="w", **kw)
-    assert all(x.tobytes() == y.tobytes() for x, y in zip(first, _core.svd(a, seed=3, name="w", **kw)))
-    for other in (_core.svd(a, seed=4, name="w", **kw), _core.svd(a, seed=3, name="v", **kw)):
+    first = _engine.svd(a, seed=3, name="w", **kw)
+    assert all(x.tobytes() == y.tobytes() for x, y in zip(first, _engine.svd(a, seed=3, name="w", **kw)))
+    for other in (_engine.svd(a, seed=4, name="w", **kw), _engine.svd(a, seed=3, name="v", **kw)):
         assert other[1].tobytes() != first[1].tobytes()
     # a sketch as wide as the matrix is the exact SVD: seed and name no longer matter
-    wide = _core.svd(a, rank=45, oversample=5, seed=1, name="x")
-    exact = _core.svd(a, rank=45, exact=True)
+    wide = _engine.svd(a, rank=45, oversample=5, seed=1, name="x")
+    exact = _engine.svd(a, rank=45, exact=True)
     assert all(x.tobytes() == y.tobytes() for x, y in zip(wide, exact))
 
 
@@ -127,7 +129,7 @@ def test_randomized_recovers_a_rank_k_matrix(k, shape):
     float32 accuracy (1e-5 relative: ~eps32·√(m n) of products and the basis' QR)."""
     rng = np.random.default_rng(k)
     a = linalg.with_spectrum(rng, *shape, rng.uniform(0.5, 5.0, k)).astype(np.float32)
-    u, s, vt = _core.svd(a, rank=k, seed=k, name="lowrank")
+    u, s, vt = _engine.svd(a, rank=k, seed=k, name="lowrank")
     assert s.shape == (k,)
     err = np.linalg.norm(a - (u.astype(np.float64) * s) @ vt)
     assert err <= 1e-5 * np.linalg.norm(a.astype(np.float64)), err
@@ -154,7 +156,7 @@ def test_randomized_within_halko_bounds(k, power_iters):
         tight = 1e-3 if power_iters == 2 else 5e-2
         for a, eps in ((gauss, (1 + k / (p - 1)) ** 0.5), (steep, tight)):
             a32 = a.astype(np.float32)
-            u, s, vt = _core.svd(a32, rank=k, oversample=p, power_iters=power_iters, seed=seed, name="halko")
+            u, s, vt = _engine.svd(a32, rank=k, oversample=p, power_iters=power_iters, seed=seed, name="halko")
             a64 = a32.astype(np.float64)
             err = float(np.linalg.norm(a64 - (u.astype(np.float64) * s) @ vt))
             optimal = float(np.linalg.norm(np.linalg.svd(a64, compute_uv=False)[k:]))
@@ -171,7 +173,7 @@ def test_reconstruction_error_is_monotone_in_rank(a):
     norm = float(np.linalg.norm(a64))
     errs = []
     for r in range(1, min(a.shape) + 1):
-        u, s, vt = _core.svd(a, rank=r, exact=True)
+        u, s, vt = _engine.svd(a, rank=r, exact=True)
         errs.append(float(np.linalg.norm(a64 - (u.astype(np.float64) * s) @ vt)))
     assert all(b <= e + 8 * EPS * norm for e, b in zip(errs, errs[1:])), errs
     assert errs[-1] <= 8 * EPS * norm * math.sqrt(min(a.shape))
@@ -183,8 +185,8 @@ def test_a_value_rule_keeps_a_prefix_of_the_same_factorization(a, energy, exact)
     """Rules that look at the singular values only truncate: with the same cap (and so the same sketch) the
     result is a byte prefix of the unruled one."""
     cap = max(1, min(a.shape) // 2)
-    full = _core.svd(a, rank=cap, exact=exact, seed=5, name="p")
-    cut = _core.svd(a, rank=cap, energy=energy, exact=exact, seed=5, name="p")
+    full = _engine.svd(a, rank=cap, exact=exact, seed=5, name="p")
+    cut = _engine.svd(a, rank=cap, energy=energy, exact=exact, seed=5, name="p")
     r = len(cut[1])
     assert 1 <= r <= len(full[1])
     assert cut[0].tobytes() == np.ascontiguousarray(full[0][:, :r]).tobytes()
@@ -194,8 +196,8 @@ def test_a_value_rule_keeps_a_prefix_of_the_same_factorization(a, energy, exact)
 
 def test_nuclear_rule_uses_the_exact_svd():
     a = np.random.default_rng(1).normal(size=(50, 40)).astype(np.float32)
-    randomized = _core.svd(a, nuclear=0.5, exact=False, seed=9, name="n")
-    exact = _core.svd(a, nuclear=0.5, exact=True)
+    randomized = _engine.svd(a, nuclear=0.5, exact=False, seed=9, name="n")
+    exact = _engine.svd(a, nuclear=0.5, exact=True)
     assert all(x.tobytes() == y.tobytes() for x, y in zip(randomized, exact))
     ss = np.linalg.svd(a.astype(np.float64), compute_uv=False)
     assert len(exact[1]) == linalg.svd_rank(ss, a.shape, nuclear=0.5)
@@ -204,7 +206,7 @@ def test_nuclear_rule_uses_the_exact_svd():
 def test_rank_rule_edge_cases():
     a = linalg.with_spectrum(np.random.default_rng(2), 9, 7,
                              [4.0, 2.0, 1.0, 0.5, 0.25, 0.125, 0.0625]).astype(np.float32)
-    count = lambda **kw: len(_core.svd(a, exact=True, **kw)[1])  # noqa: E731
+    count = lambda **kw: len(_engine.svd(a, exact=True, **kw)[1])  # noqa: E731
     assert count() == 7
     assert count(rank=100) == 7 and count(rank=3) == 3
     assert count(fraction=0.01) == 1  # at least 1
@@ -214,7 +216,7 @@ def test_rank_rule_edge_cases():
     assert count(sv_epsilon=0.3) == 4 and count(sv_epsilon=100.0) == 0
     assert count(rank=5, sv_epsilon=0.3, energy=0.9999) == 4  # the smallest cap wins
     # a zero matrix: every singular value is <= sv_epsilon = 0, so nothing is kept (the contract's rule)
-    u, s, vt = _core.svd(np.zeros((4, 3), np.float32), exact=True)
+    u, s, vt = _engine.svd(np.zeros((4, 3), np.float32), exact=True)
     assert u.shape == (4, 0) and s.shape == (0,) and vt.shape == (0, 3)
     assert linalg.svd_rank(np.zeros(3), (4, 3)) == 0
 
@@ -227,7 +229,7 @@ def test_rank_rule_edge_cases():
 )
 def test_svd_rejects_bad_rules(kwargs):
     with pytest.raises(ParameterError):
-        _core.svd(np.ones((3, 4), np.float32), **kwargs)
+        _engine.svd(np.ones((3, 4), np.float32), **kwargs)
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
@@ -235,24 +237,24 @@ def test_svd_and_polar_reject_non_finite_matrices(bad):
     a = np.ones((3, 4), np.float32)
     a[1, 2] = bad
     with pytest.raises(ParameterError, match="non-finite"):
-        _core.svd(a, name="layers.0.w")
+        _engine.svd(a, name="layers.0.w")
     with pytest.raises(ParameterError, match="non-finite"):
-        _core.polar(a)
+        _engine.polar(a)
 
 
 @pytest.mark.parametrize("shape", [(5,), (2, 3, 4)])
 def test_svd_of_a_non_matrix_is_a_parameter_error(shape):
     with pytest.raises(ParameterError):
-        _core.svd(np.ones(shape, np.float32))
+        _engine.svd(np.ones(shape, np.float32))
 
 
 def test_svd_input_must_be_a_float32_c_contiguous_matrix():
     with pytest.raises(TypeError):  # the contract's input type; numpy's own conversion error names both dtypes
-        _core.svd(np.ones((3, 4), np.float64))
+        _engine.svd(np.ones((3, 4), np.float64))
     with pytest.raises(ValueError, match="C-contiguous"):
-        _core.svd(np.ones((3, 8), np.float32)[:, ::2])
+        _engine.svd(np.ones((3, 8), np.float32)[:, ::2])
     with pytest.raises((OverflowError, ParameterError)):  # a negative count does not convert to usize
-        _core.svd(np.ones((3, 4), np.float32), rank=-1)
+        _engine.svd(np.ones((3, 4), np.float32), rank=-1)
 
 
 @pytest.mark.parametrize("fn", ["svd", "polar"])
@@ -260,15 +262,15 @@ def test_a_fortran_ordered_matrix_is_refused_or_read_correctly(fn):
     a = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
     f = np.asfortranarray(a)  # e.g. a transposed C array: delta.T of an embedding
     if fn == "svd":
-        want = _core.svd(a, exact=True)[1]
+        want = _engine.svd(a, exact=True)[1]
         try:
-            got = _core.svd(f, exact=True)[1]
+            got = _engine.svd(f, exact=True)[1]
         except ValueError:
             return
     else:
-        want = _core.polar(a)
+        want = _engine.polar(a)
         try:
-            got = _core.polar(f)
+            got = _engine.polar(f)
         except ValueError:
             return
     np.testing.assert_allclose(got, want, rtol=0, atol=4 * EPS)
@@ -288,14 +290,14 @@ def test_polar_is_the_orthonormal_procrustes_factor(a, thr):
     a random sign flip (any other orthonormal matrix is farther: orthogonal Procrustes)."""
     ss = np.linalg.svd(a.astype(np.float64), compute_uv=False)
     assume(ss[-1] > 1e-6 * ss[0])
-    p = _core.polar(a, threads=thr)
+    p = _engine.polar(a, threads=thr)
     assert p.shape == a.shape and p.dtype == np.float32
     tall = a.shape[0] >= a.shape[1]
     assert orthonormality_error(p if tall else p.T) <= 8 * EPS
     want = linalg.polar(a)
     cond = ss[0] / ss[-1]
     np.testing.assert_allclose(p, want, rtol=0, atol=4 * EPS + 1e-13 * cond)
-    assert p.tobytes() == _core.polar(a, threads=1).tobytes(), "polar bytes depend on the thread count"
+    assert p.tobytes() == _engine.polar(a, threads=1).tobytes(), "polar bytes depend on the thread count"
     flip = want * np.where(np.arange(want.shape[1]) == 0, -1.0, 1.0)[None, :] if tall else \
         want * np.where(np.arange(want.shape[0]) == 0, -1.0, 1.0)[:, None]
     a64 = a.astype(np.float64)
@@ -307,8 +309,8 @@ def test_polar_is_the_orthonormal_procrustes_factor(a, thr):
 def test_polar_of_the_transpose_is_the_transpose(a):
     """A wide matrix's factor is computed as the transposed factor of its transpose, so for a non-square matrix
     this holds bytewise; a square one is factored both ways (4 eps32 apart, well-conditioned ones)."""
-    got = _core.polar(np.ascontiguousarray(a.T))
-    want = np.ascontiguousarray(_core.polar(a).T)
+    got = _engine.polar(np.ascontiguousarray(a.T))
+    want = np.ascontiguousarray(_engine.polar(a).T)
     if a.shape[0] != a.shape[1]:
         assert got.tobytes() == want.tobytes()
     else:
@@ -319,5 +321,5 @@ def test_polar_of_the_transpose_is_the_transpose(a):
 
 def test_polar_of_an_orthonormal_matrix_is_itself():
     q = linalg.orthonormal(np.random.default_rng(3), 30, 12).astype(np.float32)
-    np.testing.assert_allclose(_core.polar(q), q, rtol=0, atol=8 * EPS)
-    np.testing.assert_allclose(_core.polar(3.5 * q), q, rtol=0, atol=8 * EPS)  # scale does not matter
+    np.testing.assert_allclose(_engine.polar(q), q, rtol=0, atol=8 * EPS)
+    np.testing.assert_allclose(_engine.polar(3.5 * q), q, rtol=0, atol=8 * EPS)  # scale does not matter

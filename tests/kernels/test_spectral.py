@@ -12,21 +12,19 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers.kernels import run_variants
+from helpers.kernels import dtypes, run_variants, store
 from helpers.spectral import (
     EPS,
     KAPPA_MAX,
     SETTINGS,
     SPECTRAL,
     assert_spectral,
-    dtypes,
     iso_cts_overflows,
     make_family,
     merge,
     prepared,
     shapes,
     spectral_bound,
-    store,
     variants,
 )
 from hypothesis import assume, given, settings
@@ -34,13 +32,14 @@ from hypothesis import strategies as st
 from reference import arrays, codec, linalg
 from reference import spectral as spectral_ref
 
-_core = pytest.importorskip("ferromerge._core")
-if not hasattr(_core, "svd"):
+_engine = pytest.importorskip("ferromerge._engine")
+from ferromerge import errors  # noqa: E402
+if not hasattr(_engine, "svd"):
     pytest.skip("needs the extension with _core.svd (rebuild)", allow_module_level=True)
 
 from ferromerge.tensors import merge_tensors  # noqa: E402
 
-ParameterError = _core.ParameterError
+ParameterError = errors.ParameterError
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -119,12 +118,12 @@ def test_tsv_m_single_task_is_task_arithmetic():
 
 
 def test_iso_c_is_mean_singular_value_times_the_polar_factor_of_the_sum():
-    """Built from the core's own pieces: mean(S of _core.svd(M)) · _core.polar(M), M = Σ tau_t."""
+    """Built from the core's own pieces: mean(S of _engine.svd(M)) · _engine.polar(M), M = Σ tau_t."""
     base, xs = make_family(31, (26, 19), 3, "decay")
     taus = [x - base for x in xs]  # float32, as the kernel forms them
     m_sum = (taus[0] + taus[1] + taus[2]).astype(np.float32)
-    s = _core.svd(m_sum, exact=True)[1]
-    want = base + 1.5 * (float(np.mean(s.astype(np.float64))) * _core.polar(m_sum).astype(np.float64))
+    s = _engine.svd(m_sum, exact=True)[1]
+    want = base + 1.5 * (float(np.mean(s.astype(np.float64))) * _engine.polar(m_sum).astype(np.float64))
     got = merge("iso_c", xs, base, shape=base.shape, params={"alpha": 1.5}).reshape(base.shape)
     np.testing.assert_allclose(got, want, rtol=0, atol=64 * EPS * float(np.abs(want).max()))
     # and the reference's closed form ‖M‖_*/min(m, n)·polar(M)
