@@ -20,11 +20,6 @@ from reference.result import assert_matches
 _engine = pytest.importorskip("ferromerge._engine")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# arcee_fusion
-# ----------------------------------------------------------------------------------------------------------------
-
-
 @settings(**SETTINGS)
 @given(data=st.data())
 def test_arcee_fusion(data):

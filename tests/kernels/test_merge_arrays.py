@@ -15,10 +15,6 @@ _engine = pytest.importorskip("ferromerge._engine")
 from ferromerge import errors  # noqa: E402
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# shared edge cases
-# ----------------------------------------------------------------------------------------------------------------
-
 BASE_METHODS = {
     # method: (n inputs, params, extra kwargs)
     "slerp": (1, {"t": 0.3}, {}),

@@ -18,11 +18,6 @@ from reference import model_stock as model_stock_ref
 _engine = pytest.importorskip("ferromerge._engine")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# model_stock
-# ----------------------------------------------------------------------------------------------------------------
-
-
 @settings(**SETTINGS)
 @given(data=st.data())
 def test_model_stock(data):

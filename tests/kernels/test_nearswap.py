@@ -17,11 +17,6 @@ from reference import nearswap as nearswap_ref
 _engine = pytest.importorskip("ferromerge._engine")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# nearswap
-# ----------------------------------------------------------------------------------------------------------------
-
-
 @settings(**SETTINGS)
 @given(data=st.data())
 def test_nearswap(data):

@@ -19,11 +19,6 @@ from reference.result import assert_matches
 _engine = pytest.importorskip("ferromerge._engine")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# ram / ramplus_tl
-# ----------------------------------------------------------------------------------------------------------------
-
-
 @pytest.mark.parametrize("method", ["ram", "ramplus_tl"])
 @settings(**SETTINGS)
 @given(data=st.data())

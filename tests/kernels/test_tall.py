@@ -19,17 +19,9 @@ from reference import arrays, codec
 from reference import tall as tall_ref
 
 _engine = pytest.importorskip("ferromerge._engine")
-from ferromerge import errors  # noqa: E402
 if not hasattr(_engine, "svd"):
     pytest.skip("needs the extension with _core.svd (rebuild)", allow_module_level=True)
 
-
-ParameterError = errors.ParameterError
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# TALL masks and consensus
-# ----------------------------------------------------------------------------------------------------------------
 
 DYADIC = (0.0, 0.25, 0.5, 1.0, 2.0)
 
