@@ -8,11 +8,17 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError, ParameterError
-from .io.dtypes import API_DTYPE_SPELLINGS
+from .io.dtypes import API_DTYPE_SPELLINGS, ST_NAME
 
 
 def is_torch(x: Any) -> bool:
     return type(x).__module__.split(".", 1)[0] == "torch"
+
+
+def torch_dtype_name(dtype: Any) -> str | None:
+    """The mergekit name of a torch dtype the kernels take (float32, float16, bfloat16); None for any other."""
+    name = str(dtype).removeprefix("torch.")
+    return name if name in ST_NAME else None
 
 
 def _ml_bfloat16() -> Any:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..io.dtypes import ST_NAME
 from .args import non_negative, parse_seed, parse_threads, positive_int, unit_fraction
 
 
@@ -33,7 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--exact", action="store_true", help="lowrank: exact thin SVD (default: randomized)")
     p.add_argument("--tall-mask-lambda", type=non_negative, default=0.4, metavar="L",
                    help="tall: mask = |tau_t| > L * |tau_MTL - tau_t| (default 0.4)")
-    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
+    p.add_argument("--dtype", choices=tuple(ST_NAME), default=None,
                    help="storage dtype of the factors / tau_MTL (default: the models' dtype)")
     p.add_argument("--seed", type=parse_seed, default=0, help="seed of the randomized SVD's sketches (default 0)")
     p.add_argument("--threads", type=parse_threads, default=None, metavar="N",

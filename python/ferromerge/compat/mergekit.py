@@ -47,7 +47,7 @@ from typing import Any
 
 from .. import _engine
 from .._validate import check_seed
-from ..arrays import as_array, give_back
+from ..arrays import as_array, give_back, torch_dtype_name
 
 __all__ = ["SUPPORTED", "register", "registered", "unregister", "main"]
 
@@ -103,12 +103,6 @@ def _registry() -> Any:
     return registry
 
 
-def _kernel_dtype_name(dtype: Any) -> str | None:
-    import torch
-
-    return {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}.get(dtype)
-
-
 class _Unsupported(Exception):
     """This group goes to mergekit's own implementation (the reason is only for debugging)."""
 
@@ -155,9 +149,9 @@ def _merge_group(method: str, group: Any, params: Mapping[str, Any], dtype: Any,
         raise _Unsupported("not on the CPU")
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         raise _Unsupported("autograd")
-    cast = _kernel_dtype_name(dtype)
-    out_name = _kernel_dtype_name(out_dtype) if out_dtype is not None else cast
-    if cast is None or out_name is None or any(_kernel_dtype_name(t.dtype) is None for t in tensors):
+    cast = torch_dtype_name(dtype)
+    out_name = torch_dtype_name(out_dtype) if out_dtype is not None else cast
+    if cast is None or out_name is None or any(torch_dtype_name(t.dtype) is None for t in tensors):
         raise _Unsupported("dtype")
     if tensors[0].numel() == 0:
         raise _Unsupported("empty tensor")

@@ -54,7 +54,7 @@ import numpy as np
 
 from .. import _engine
 from .._validate import check_seed
-from ..arrays import as_array, give_back
+from ..arrays import as_array, give_back, torch_dtype_name
 
 __all__ = [
     "calculate_majority_sign_mask",
@@ -83,11 +83,6 @@ def _torch() -> Any:
     return torch
 
 
-def _kernel_dtype_name(dtype: Any) -> str | None:
-    torch = _torch()
-    return {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}.get(dtype)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # argument checks
 # ----------------------------------------------------------------------------------------------------------------
@@ -97,7 +92,7 @@ def _check_tensor(t: Any, where: str) -> None:
     torch = _torch()
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{where}: expected a torch.Tensor, got {type(t).__name__}")
-    if _kernel_dtype_name(t.dtype) is None:
+    if torch_dtype_name(t.dtype) is None:
         raise TypeError(
             f"{where}: dtype {t.dtype} is not supported; ferromerge's kernels take float32, float16 or bfloat16"
         )
@@ -179,7 +174,7 @@ def _kernel(
     first = arrays[0]
     # a zero base of the first tensor's storage type: bfloat16 +0.0 is the bit pattern 0
     base = np.zeros(first.flat.size, dtype=first.flat.dtype)
-    out_name = _kernel_dtype_name(out_dtype) or "float32"
+    out_name = torch_dtype_name(out_dtype) or "float32"
     flat = _engine.merge_arrays(
         {"name": method, "normalize": normalize, "lambda": float(lambda_), "rescale": rescale, "seed": _check_seed(seed)},
         [a.flat for a in arrays],
