@@ -1,7 +1,7 @@
 """The spectral and TALL-mask methods through ``ferromerge run``: whole models against the NumPy references of
 ``reference.spectral`` and ``reference.tall``, the torch hand-off (``--device``) against the Rust kernels,
-``exclude``, the memory check of whole-matrix factorizations, and the errors of the hook contract (an exception or
-a wrong shape from the hook fails the run and leaves no output)."""
+``exclude``, the memory check of whole-matrix factorizations, and the errors of the external-merge contract (an
+exception or a wrong shape from the external merge fails the run and leaves no output)."""
 
 from __future__ import annotations
 
@@ -198,13 +198,14 @@ def _plan_json(family: Family, method: str = "iso_c") -> str:
     return plan.to_json()
 
 
-def test_an_exception_in_the_hook_is_raised_as_itself_and_nothing_is_kept(tmp_path: Path, family_f32: Family) -> None:
+def test_an_exception_in_the_external_merge_is_raised_as_itself_and_nothing_is_kept(
+        tmp_path: Path, family_f32: Family) -> None:
     class Boom(RuntimeError):
         pass
 
     calls: list[str] = []
 
-    def hook(name, method, shape, params, seed, n_inputs, load):
+    def external(name, method, shape, params, seed, n_inputs, load):
         calls.append(name)
         if len(shape) == 2:
             raise Boom(f"failed on {name}")
@@ -213,15 +214,15 @@ def test_an_exception_in_the_hook_is_raised_as_itself_and_nothing_is_kept(tmp_pa
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(Boom, match="failed on"):
-        _engine.execute(_plan_json(family_f32), str(out), None, 1, None, hook)
+        _engine.execute(_plan_json(family_f32), str(out), None, 1, None, external)
     assert calls and len(calls[-1]) > 0
 
 
-def test_the_hook_sees_inputs_and_its_result_is_written(tmp_path: Path, family_f32: Family) -> None:
+def test_the_external_merge_sees_inputs_and_its_result_is_written(tmp_path: Path, family_f32: Family) -> None:
     base, fts = models(family_f32)
     seen: dict[str, Any] = {}
 
-    def hook(name, method, shape, params, seed, n_inputs, load):
+    def external(name, method, shape, params, seed, n_inputs, load):
         if len(shape) != 2:
             return None
         assert method == "iso_c" and n_inputs == 3 and params["alpha"] == 1.0
@@ -232,7 +233,7 @@ def test_the_hook_sees_inputs_and_its_result_is_written(tmp_path: Path, family_f
 
     out = tmp_path / "out"
     out.mkdir()
-    _engine.execute(_plan_json(family_f32), str(out), None, 1, None, hook)
+    _engine.execute(_plan_json(family_f32), str(out), None, 1, None, external)
     got = {k: v for k, (_, v) in read_model(out).items()} if (out / "model.safetensors").exists() else {}
     assert got, "the engine wrote the output shard"
     for name, v in got.items():
@@ -246,14 +247,14 @@ def test_the_hook_sees_inputs_and_its_result_is_written(tmp_path: Path, family_f
         next(iter(seen.values()))(0)
 
 
-def test_a_wrong_shape_from_the_hook_is_an_error(tmp_path: Path, family_f32: Family) -> None:
-    def hook(name, method, shape, params, seed, n_inputs, load):
+def test_a_wrong_shape_from_the_external_merge_is_an_error(tmp_path: Path, family_f32: Family) -> None:
+    def external(name, method, shape, params, seed, n_inputs, load):
         return np.zeros((1, 1), dtype=np.float32) if len(shape) == 2 else None
 
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(ValueError, match="returned shape"):
-        _engine.execute(_plan_json(family_f32), str(out), None, 1, None, hook)
+        _engine.execute(_plan_json(family_f32), str(out), None, 1, None, external)
 
 
 def test_exclude_holds_on_the_torch_path(tmp_path: Path, family_f32: Family) -> None:
