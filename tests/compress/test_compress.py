@@ -22,12 +22,13 @@ from unittest import mock
 import numpy as np
 import pytest
 from helpers.cli import read_model, run_cli
+from helpers.kernels import kernel_merge
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
 from reference import codec
-from ferromerge import _core, compress, decompress
+from ferromerge import _engine, compress, decompress, errors
 from ferromerge.errors import InputError, OutputError, ParameterError
 from ferromerge.synth import Family, Shape, llama_config, make_family, random_weights, save_model
 
@@ -38,9 +39,10 @@ except ImportError:  # pragma: no cover
         u, s, vt = np.linalg.svd(np.asarray(a, np.float64), full_matrices=False)
         return u[:, :r], s[:r], vt[:r]
 
-# the package's ``compress`` is the function; the module is needed to patch its block size
-compress_mod = importlib.import_module("ferromerge._compress.pack")
-needs_svd = pytest.mark.skipif(not hasattr(_core, "svd"), reason="_core.svd is not built yet")
+# the package's ``compress`` is the function; the module is needed to patch the block size (and the rebuilding
+# arithmetic) that compress and decompress share
+compress_mod = importlib.import_module("ferromerge._compress.unpack")
+needs_svd = pytest.mark.skipif(not hasattr(_engine, "svd"), reason="_core.svd is not built yet")
 DT = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
@@ -413,11 +415,11 @@ def test_tall_matches_the_tall_masks_merge_method(family_bf16: Family, tmp_path:
     name = "model.layers.1.mlp.down_proj.weight"
     storage = [np.frombuffer(f[name][2], np.uint16) for f in fts]
     try:
-        merged = _core.merge_arrays("tall_masks", storage, np.frombuffer(base[name][2], np.uint16), [1.0] * 3,
+        merged = kernel_merge("tall_masks", storage, np.frombuffer(base[name][2], np.uint16), [1.0] * 3,
                                     [1.0] * 3,
                                     out_dtype="bfloat16", normalize=False, params={"task": 2.0,
                                                                                     "tall_mask_lambda": 0.4})
-    except (_core.ParameterError, TypeError) as e:
+    except (errors.ParameterError, TypeError) as e:
         pytest.skip(f"the engine has no tall_masks kernel yet: {e}")
     compress(family_bf16.base, family_bf16.finetunes, tmp_path / "arch", scheme="tall", dtype="float32")
     decompress(tmp_path / "arch", 2, tmp_path / "out")
@@ -439,7 +441,7 @@ def _sizes(d: Path) -> int:
 
 @pytest.mark.parametrize("scheme", ["lowrank", "tall"])
 def test_sizes_and_layout_of_the_rebuilt_directory(scheme: str, tmp_path: Path) -> None:
-    if scheme == "lowrank" and not hasattr(_core, "svd"):
+    if scheme == "lowrank" and not hasattr(_engine, "svd"):
         pytest.skip("_core.svd is not built yet")
     family = make_family(tmp_path / "fam", dtype="bfloat16", seed=4, shard_size=60_000)
     assert len(list(family.finetunes[0].glob("*.safetensors"))) > 1
@@ -476,13 +478,13 @@ def test_sizes_and_layout_of_the_rebuilt_directory(scheme: str, tmp_path: Path) 
     assert set(index_model(str(out)).tensors) == set(want)
     assert set(read_model(out)) == set(want)
     for f in out.glob("*.safetensors"):
-        assert _core.read_metadata(str(f)) == {"format": "pt"}
+        assert _engine.read_metadata(str(f)) == {"format": "pt"}
 
 
 @pytest.mark.parametrize("scheme", ["lowrank", "tall"])
 def test_unchanged_and_non_float_tensors_are_exact(scheme: str, tmp_path: Path) -> None:
     """A tensor equal to the base is not stored (kind base); a non-float tensor that differs is copied whole."""
-    if scheme == "lowrank" and not hasattr(_core, "svd"):
+    if scheme == "lowrank" and not hasattr(_engine, "svd"):
         pytest.skip("_core.svd is not built yet")
     rng = np.random.default_rng(7)
     w = rng.standard_normal((24, 16)).astype(np.float32)
@@ -615,7 +617,7 @@ def test_family_mismatch_and_failures_leave_nothing(family_bf16: Family, tmp_pat
         compress(family_bf16.base, [family_bf16.finetunes[1], broken], tmp_path / "arch", scheme="tall")
     assert not (tmp_path / "arch").exists() and not leftovers(tmp_path)
     # a failure halfway through (here: the mask arithmetic) removes the partial archive
-    with mock.patch.object(compress_mod, "_rebuild_masked", side_effect=RuntimeError("boom")):
+    with mock.patch.object(compress_mod, "rebuild_masked", side_effect=RuntimeError("boom")):
         with pytest.raises(RuntimeError, match="boom"):
             compress(family_bf16.base, family_bf16.finetunes, tmp_path / "arch", scheme="tall")
     assert not (tmp_path / "arch").exists() and not leftovers(tmp_path)
