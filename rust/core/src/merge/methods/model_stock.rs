@@ -43,3 +43,33 @@ pub(crate) fn merge(job: &Job, params: ModelStockParams, opts: &Options, sink: &
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The upper triangle of a Gram matrix, row by row (as `gram` stores it).
+    fn factor(upper: &[f64], q: usize) -> f64 {
+        interpolation_factor(&GramMatrix::each(upper, q).next().unwrap())
+    }
+
+    #[test]
+    fn identical_task_vectors_take_the_mean_and_orthogonal_ones_the_base() {
+        // cos = 1: t = N/(1 + N − 1) = 1.
+        assert!((factor(&[4.0, 4.0, 4.0], 2) - 1.0).abs() < 1e-12);
+        // cos = 0: t = 0.
+        assert_eq!(factor(&[1.0, 0.0, 1.0], 2), 0.0);
+    }
+
+    #[test]
+    fn a_vanishing_denominator_gives_zero() {
+        // Two opposite task vectors: cos = −1, 1 + (N − 1)·cos = 0.
+        assert_eq!(factor(&[1.0, -1.0, 1.0], 2), 0.0);
+    }
+
+    #[test]
+    fn zero_task_vectors_count_as_orthogonal() {
+        // Norms floored at 1e-6: a zero vector has cos 0 with everything.
+        assert_eq!(factor(&[0.0, 0.0, 1.0], 2), 0.0);
+    }
+}

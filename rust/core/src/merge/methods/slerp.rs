@@ -192,3 +192,49 @@ pub(crate) fn merge(job: &Job, params: &SlerpParams, opts: &Options, sink: &dyn 
     let add_base = job.base.is_some() && matches!(method, Method::Nuslerp | Method::Multislerp);
     apply(job, opts, sink, groups, vectors, &coefs, q, add_base)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gram(upper: &[f64], q: usize) -> GramMatrix<'_> {
+        GramMatrix::each(upper, q).next().unwrap()
+    }
+
+    #[test]
+    fn slerp_of_orthogonal_unit_vectors_follows_the_quarter_circle() {
+        let g = [1.0, 0.0, 1.0];
+        let c = slerp(0.5, &gram(&g, 2));
+        let half = std::f64::consts::FRAC_1_SQRT_2;
+        assert!((c[0] - half).abs() < 1e-12 && (c[1] - half).abs() < 1e-12, "{c:?}");
+        assert_eq!(slerp(0.0, &gram(&g, 2)), vec![1.0, 0.0]);
+    }
+
+    #[test]
+    fn nearly_parallel_vectors_interpolate_linearly() {
+        // |cos| > 0.9995 (slerp) and 1 − cos² ≤ 1e-16 (nuslerp): the linear pair (1 − t, t).
+        assert_eq!(slerp(0.25, &gram(&[1.0, 1.0, 1.0], 2)), vec![0.75, 0.25]);
+        assert_eq!(nuslerp(0.25, &gram(&[4.0, 4.0, 4.0], 2)), vec![0.75, 0.25]);
+    }
+
+    #[test]
+    fn multislerp_of_two_antipodal_inputs_returns_the_weights_and_of_three_is_an_error() {
+        assert_eq!(multislerp(&[0.5, 0.5], 1e-8, &gram(&[1.0, -1.0, 1.0], 2)).unwrap(), vec![0.5, 0.5]);
+        // v0 = −v1 = v2 ... with weights (0.25, 0.5, 0.25): Σ w_i u_i = 0.
+        let g = [1.0, -1.0, 1.0, 1.0, -1.0, 1.0];
+        assert!(multislerp(&[0.25, 0.5, 0.25], 1e-8, &gram(&g, 3)).is_err());
+    }
+
+    #[test]
+    fn karcher_mean_of_one_direction_is_that_direction_at_the_mean_norm() {
+        // v1 = 2·v0: the mean direction is v0's, scaled by the mean norm 1.5: 1.5·v0 = 1.5 · (1/‖v0‖)·v0.
+        let c = karcher(10, 1e-5, &gram(&[1.0, 2.0, 4.0], 2));
+        let direction = c[0] + 2.0 * c[1];
+        assert!((direction - 1.5).abs() < 1e-9, "{c:?}");
+    }
+
+    #[test]
+    fn karcher_of_zero_inputs_is_zero() {
+        assert_eq!(karcher(10, 1e-5, &gram(&[0.0, 0.0, 0.0], 2)), vec![0.0, 0.0]);
+    }
+}
