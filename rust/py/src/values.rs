@@ -62,7 +62,7 @@ impl PyValue {
     }
 }
 
-impl<'de> IntoDeserializer<'de, DeError> for PyValue {
+impl IntoDeserializer<'_, DeError> for PyValue {
     type Deserializer = Self;
     fn into_deserializer(self) -> Self {
         self
