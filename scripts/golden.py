@@ -8,7 +8,7 @@ A refactor that claims "behaviour does not change" runs this before and after an
     python scripts/golden.py --compare /tmp/golden-before.json /tmp/golden-after.json
 
 The family and every config are written under a fixed directory (``--work``, default /tmp/ferromerge-golden), so
-the absolute paths inside the plan JSON are the same in both runs. Every method of the registry runs (with
+the model paths are the same in both runs (they are also masked out of text outputs before hashing). Every method of the registry runs (with
 parameters that exercise its options), plus slices (a frankenmerge), ``modules``-free per-layer gradients, a
 vocabulary union, a dtype cast, several output shards and bf16/f16 families.
 """
@@ -138,8 +138,25 @@ def configs(fam: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return c
 
 
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+# Text outputs (plan JSON, saved configs, the model card) carry the absolute paths of the models: those are
+# replaced by a placeholder before hashing, so runs under different --work directories compare equal.
+_TEXT = {".json", ".yml", ".yaml", ".md", ".txt", ".jinja"}
+
+
+def _sha(data: bytes, work: Path) -> str:
+    return hashlib.sha256(data.replace(str(work).encode(), b"<WORK>")).hexdigest()
+
+
+# What `plan --json` measures on the machine at the time (free disk, probed read and compute rates, the time that
+# follows from them, whether the file was cached) differs from run to run; everything else must not.
+_MEASURED = ("disk_free", "compute_rate", "read_rate", "read_cached", "seconds", "bound_by")
+
+
+def _stable_plan(stdout: str) -> str:
+    plan = json.loads(stdout)
+    for key in _MEASURED:
+        plan.get("summary", {}).pop(key, None)
+    return json.dumps(plan, sort_keys=True)
 
 
 def fingerprint(work: Path, ferromerge: str) -> dict[str, Any]:
@@ -165,14 +182,17 @@ def fingerprint(work: Path, ferromerge: str) -> dict[str, Any]:
                                  capture_output=True, text=True)
             entry: dict[str, Any] = {"plan_rc": plan.returncode, "run_rc": run.returncode}
             if plan.returncode == 0:
-                entry["plan"] = hashlib.sha256(plan.stdout.encode()).hexdigest()
+                entry["plan"] = _sha(_stable_plan(plan.stdout).encode(), work)
                 (work / f"plan-{dtype}-{name}.json").write_text(plan.stdout)
             else:
-                entry["plan_err"] = plan.stderr.strip().splitlines()[-1:]
+                entry["plan_err"] = [ln.replace(str(work), "<WORK>") for ln in plan.stderr.strip().splitlines()[-1:]]
             if run.returncode == 0:
-                entry["files"] = {p.name: _sha(p) for p in sorted(out.iterdir()) if p.is_file()}
+                entry["files"] = {
+                    p.name: _sha(p.read_bytes(), work) if p.suffix in _TEXT else _sha(p.read_bytes(), Path("/nonexistent"))
+                    for p in sorted(out.iterdir()) if p.is_file()
+                }
             else:
-                entry["run_err"] = run.stderr.strip().splitlines()[-1:]
+                entry["run_err"] = [ln.replace(str(work), "<WORK>") for ln in run.stderr.strip().splitlines()[-1:]]
             result[key] = entry
             print(key, entry["plan_rc"], entry["run_rc"], file=sys.stderr)
     return result
