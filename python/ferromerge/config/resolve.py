@@ -28,9 +28,9 @@ from .. import methods
 from ..errors import ConfigError
 from ..io.dtypes import CONFIG_DTYPE_SUGGESTIONS, ST_NAME
 from ..methods.spec import MethodSpec
-from ..models.refs import split_ref
+from ..models.refs import check_ref
 from ..tokenizer.chat_template import check_chat_template
-from ..tokenizer.config import ModelTokenSource, TokenizerSettings
+from ..tokenizer.config import TokenizerSettings, check_settings
 from ..torch_spectral import check_device
 from . import settings
 from .schema import ModelEntry, ModuleEntry, RawConfig, SliceEntry, validation_message
@@ -304,7 +304,7 @@ def parse_config(data: Any, *, text: str | None = None, origin: str = "config") 
     out_dtype = _dtype(raw.out_dtype, "out_dtype")
     device = check_device(raw.device) if raw.device is not None else None
     top = Level(_settings(method, raw.parameters or {}, "parameters", level="global"), "parameters")
-    base_ref = _ref(raw.base_model, "base_model") if raw.base_model is not None else None
+    base_ref = check_ref(raw.base_model, "base_model") if raw.base_model is not None else None
     notes: list[str] = []
     modules: tuple[OutputModule, ...] = ()
     if raw.modules:
@@ -355,8 +355,7 @@ def parse_config(data: Any, *, text: str | None = None, origin: str = "config") 
 
 
 def _tokenizer(raw: RawConfig, refs: list[str]) -> TokenizerSettings | None:
-    """The vocabulary alignment settings, checked: the source, the models that ``tokens`` take rows from (each
-    must be merged: the rows come from the tensors being merged), padding, and the chat template's form."""
+    """The vocabulary alignment settings (``tokenizer.config.check_settings``) and the chat template's form."""
     if raw.tokenizer_source is not None and raw.tokenizer is not None:
         raise ConfigError("tokenizer_source and tokenizer: give one of them (tokenizer_source: X is tokenizer: {source: X})")
     if raw.chat_template is not None:
@@ -366,27 +365,7 @@ def _tokenizer(raw: RawConfig, refs: list[str]) -> TokenizerSettings | None:
         settings = TokenizerSettings(source=raw.tokenizer_source)
     if settings is None:
         return None
-    where = "tokenizer_source" if raw.tokenizer_source is not None else "tokenizer.source"
-    if settings.source not in ("union", "base"):
-        _ref(settings.source, where)
-    if settings.pad_to_multiple_of is not None and settings.pad_to_multiple_of < 1:
-        raise ConfigError(f"tokenizer.pad_to_multiple_of: must be a positive integer, got {settings.pad_to_multiple_of}")
-    for token, entry in (settings.tokens or {}).items():
-        place = f"tokenizer.tokens[{token!r}].source"
-        if token == "":
-            raise ConfigError("tokenizer.tokens: an empty token")
-        src = entry.source
-        model = src if isinstance(src, str) else src.model if isinstance(src, ModelTokenSource) else None
-        if isinstance(src, ModelTokenSource):
-            if (src.token is None) == (src.token_id is None):
-                raise ConfigError(f"{place}: give exactly one of token and token_id")
-            if src.token_id is not None and src.token_id < 0:
-                raise ConfigError(f"{place}.token_id: must be >= 0, got {src.token_id}")
-        if model is not None and _ref(model, place) not in refs:
-            raise ConfigError(
-                f"{place}: {model!r} is not one of the merged models ({', '.join(dict.fromkeys(refs))}); the row "
-                "is taken from the embeddings being merged"
-            )
+    check_settings(settings, "tokenizer_source" if raw.tokenizer_source is not None else "tokenizer.source", refs)
     return settings
 
 
@@ -422,7 +401,7 @@ def _models_slice(
     ``modules:`` entry (its where-prefix, and its parameters as a level above the top-level ones)."""
     refs: list[str] = []
     for i, entry in enumerate(entries):
-        ref = _ref(entry.model, f"{prefix}models[{i}].model")
+        ref = check_ref(entry.model, f"{prefix}models[{i}].model")
         if ref in refs:
             raise ConfigError(
                 f"{prefix}models[{i}].model: {ref!r} is listed twice (also {prefix}models[{refs.index(ref)}])"
@@ -464,7 +443,7 @@ def _slice(
     refs: list[str] = []
     for i, src in enumerate(entry.sources):
         place = f"{where}.sources[{i}]"
-        ref = _ref(src.model, f"{place}.model")
+        ref = check_ref(src.model, f"{place}.model")
         if ref in refs:
             # mergekit rejects it too ("Duplicate merge inputs"): one model contributes once per output tensor.
             raise ConfigError(
@@ -483,7 +462,7 @@ def _slice(
     if len(set(lengths)) > 1:
         detail = ", ".join(f"sources[{i}] ({r[0]}) {n}" for i, (r, n) in enumerate(zip(sources, lengths)))
         raise ConfigError(f"{where}: every source of a slice must span the same number of layers; got {detail}")
-    slice_base = _ref(entry.base_model, f"{where}.base_model") if entry.base_model is not None else base_ref
+    slice_base = check_ref(entry.base_model, f"{where}.base_model") if entry.base_model is not None else base_ref
     if entry.base_model is not None and not method.takes_base:
         notes.append(f"{where}.base_model has no effect with {method.name}")
     own = Level(_settings(method, entry.parameters or {}, f"{where}.parameters", "slice"), f"{where}.parameters")
@@ -562,14 +541,6 @@ def _dtype(value: str | None, where: str) -> str | None:
     if name in CONFIG_DTYPE_SUGGESTIONS:
         raise ConfigError(f"{where}: {value!r} is not a dtype name mergekit accepts; write {CONFIG_DTYPE_SUGGESTIONS[name]}")
     raise ConfigError(f"{where}: unsupported dtype {value!r}; use one of {', '.join(ST_NAME)}")
-
-
-def _ref(value: str, where: str) -> str:
-    if not value.strip():
-        raise ConfigError(f"{where}: empty model reference")
-    # model+lora: the adapter is merged into the model first (``models.lora``); here only the form is checked
-    split_ref(value, where)
-    return value
 
 
 def _settings(method: MethodSpec, given: dict[str, Any], where: str, level: str) -> dict[str, Setting]:

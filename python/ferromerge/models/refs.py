@@ -61,6 +61,15 @@ def _from_hf_cache(ref: str, name: str, revision: str, local: Path) -> Path:
     raise InputError(f"{absent}: looked for {ref_file}")
 
 
+def check_ref(value: str, where: str) -> str:
+    """``value`` as a model reference of a config (``where`` names its place): not empty, and a well-formed
+    ``model+lora`` if it has a ``+``; the adapter is merged into the model later (``lora``)."""
+    if not value.strip():
+        raise ConfigError(f"{where}: empty model reference")
+    split_ref(value, where)
+    return value
+
+
 def split_ref(ref: str, where: str) -> tuple[str, str] | None:
     """``(model, adapter)`` of a ``model+lora`` reference, None for a plain one (``where`` names it in errors)."""
     if "+" not in ref:

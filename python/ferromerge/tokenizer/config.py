@@ -7,6 +7,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from ..errors import ConfigError
+from ..models.refs import check_ref
+
 
 class ModelTokenSource(BaseModel):
     """``tokenizer.tokens.<tok>.source: {kind: model_token, model, token | token_id}``: a row of one model."""
@@ -47,3 +50,29 @@ class TokenizerSettings(BaseModel):
     source: str = "union"
     tokens: dict[str, TokenEmbedding] | None = None
     pad_to_multiple_of: int | None = None
+
+
+def check_settings(settings: TokenizerSettings, where: str, refs: list[str]) -> None:
+    """The checks pydantic cannot make, in config notation: the source (``where`` names its key) is union, base or a
+    model reference; padding is positive; each token's row comes from one of the merged models ``refs`` (the rows
+    are taken from the embeddings being merged), by exactly one of ``token`` and ``token_id``."""
+    if settings.source not in ("union", "base"):
+        check_ref(settings.source, where)
+    if settings.pad_to_multiple_of is not None and settings.pad_to_multiple_of < 1:
+        raise ConfigError(f"tokenizer.pad_to_multiple_of: must be a positive integer, got {settings.pad_to_multiple_of}")
+    for token, entry in (settings.tokens or {}).items():
+        place = f"tokenizer.tokens[{token!r}].source"
+        if token == "":
+            raise ConfigError("tokenizer.tokens: an empty token")
+        src = entry.source
+        model = src if isinstance(src, str) else src.model if isinstance(src, ModelTokenSource) else None
+        if isinstance(src, ModelTokenSource):
+            if (src.token is None) == (src.token_id is None):
+                raise ConfigError(f"{place}: give exactly one of token and token_id")
+            if src.token_id is not None and src.token_id < 0:
+                raise ConfigError(f"{place}.token_id: must be >= 0, got {src.token_id}")
+        if model is not None and check_ref(model, place) not in refs:
+            raise ConfigError(
+                f"{place}: {model!r} is not one of the merged models ({', '.join(dict.fromkeys(refs))}); the row "
+                "is taken from the embeddings being merged"
+            )
