@@ -53,6 +53,7 @@ from .io.dtypes import MERGEABLE_DTYPES, RAW, from_f32, to_f32
 from .io.output_dir import OutputDir, check_free_space
 from .io.reader import Header, read_header
 from .io.writer import PlannedTensor, SafetensorsWriter
+from .methods import default
 from .models.architecture import (
     CONV1D_MODEL_TYPES,
     HEADS,
@@ -509,8 +510,8 @@ def extract_lora(
     skip_undecomposable: bool = False,
     seed: int = 0,
     threads: int | None = None,
-    oversample: int = 10,
-    power_iters: int = 2,
+    oversample: int = default("tsv_m", "oversample"),
+    power_iters: int = default("tsv_m", "power_iters"),
     overwrite: bool = False,
     quiet: bool = True,
     on_progress: Progress | None = None,

@@ -25,6 +25,7 @@ from ..io.dtypes import ITEMSIZE, ST_NAME, from_f32, numel, to_f32
 from ..io.output_dir import OutputDir
 from ..io.reader import ShardReader, row_blocks
 from ..io.writer import SafetensorsWriter
+from ..methods import default
 from ..models.index import INDEX_FILE, ModelIndex, TensorInfo, index_model
 from . import unpack
 from .archive import (
@@ -371,7 +372,7 @@ def compress(
     fraction: float | None = None,
     energy: float | None = None,
     exact: bool = False,
-    tall_mask_lambda: float = 0.4,
+    tall_mask_lambda: float = default("tall_masks", "tall_mask_lambda"),
     dtype: str | None = None,
     seed: int = 0,
     threads: int | None = None,

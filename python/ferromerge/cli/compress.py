@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from ..io.dtypes import ST_NAME
+from ..methods import default
 from .args import non_negative, parse_seed, parse_threads, positive_int, unit_fraction
 
 
@@ -32,8 +33,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     rank.add_argument("--energy", type=unit_fraction, default=None, metavar="E",
                       help="lowrank: keep the fewest triplets holding E of each task vector's squared Frobenius norm")
     p.add_argument("--exact", action="store_true", help="lowrank: exact thin SVD (default: randomized)")
-    p.add_argument("--tall-mask-lambda", type=non_negative, default=0.4, metavar="L",
-                   help="tall: mask = |tau_t| > L * |tau_MTL - tau_t| (default 0.4)")
+    tall_lambda = default("tall_masks", "tall_mask_lambda")  # the TALL-mask methods' (the engine's)
+    p.add_argument("--tall-mask-lambda", type=non_negative, default=tall_lambda, metavar="L",
+                   help=f"tall: mask = |tau_t| > L * |tau_MTL - tau_t| (default {tall_lambda})")
     p.add_argument("--dtype", choices=tuple(ST_NAME), default=None,
                    help="storage dtype of the factors / tau_MTL (default: the models' dtype)")
     p.add_argument("--seed", type=parse_seed, default=0, help="seed of the randomized SVD's sketches (default 0)")

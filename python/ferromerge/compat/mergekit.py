@@ -48,44 +48,30 @@ from typing import Any
 from .. import _engine
 from .._validate import check_seed
 from ..arrays import as_array, give_back, torch_dtype_name
+from ..methods import EXTENSIONS, GENERALIZED_TASK_ARITHMETIC, REGISTRY
 
 __all__ = ["SUPPORTED", "register", "registered", "unregister", "main"]
 
-#: mergekit method name -> the kernel's ``params`` it takes: {mergekit parameter: kernel parameter}
-_PARAMS: dict[str, dict[str, str]] = {
-    "linear": {},
-    "passthrough": {},
-    "task_arithmetic": {},
-    "ties": {},
-    "dare_ties": {},
-    "dare_linear": {},
-    "breadcrumbs": {},
-    "breadcrumbs_ties": {},
-    "della": {},
-    "della_linear": {},
-    "slerp": {"t": "t"},
-    "nearswap": {"t": "t"},
-    "nuslerp": {"nuslerp_row_wise": "nuslerp_row_wise", "nuslerp_flatten": "nuslerp_flatten"},
-    "multislerp": {"normalize_weights": "normalize_weights", "eps": "eps"},
-    "karcher": {"max_iter": "max_iter", "tol": "tol"},
-    "model_stock": {"filter_wise": "filter_wise"},
-    "sce": {"select_topk": "select_topk"},
-    "ram": {"epsilon": "epsilon"},
-    "ramplus_tl": {"epsilon": "epsilon", "r": "r", "alpha": "alpha"},
-    "arcee_fusion": {},
+#: every mergekit method that ``register()`` can back with a kernel (mergekit 0.1.5's names; their contract is
+#: ``ferromerge.methods.REGISTRY``'s)
+SUPPORTED: tuple[str, ...] = (
+    "linear", "passthrough", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
+    "della", "della_linear", "slerp", "nearswap", "nuslerp", "multislerp", "karcher", "model_stock", "sce", "ram",
+    "ramplus_tl", "arcee_fusion",
+)
+
+#: mergekit method name -> the kernel ``params`` it takes, which mergekit binds under the same names (ferromerge's
+#: own additions, such as breadcrumbs' ``per_row``, are not mergekit parameters: the kernel's default applies)
+_PARAMS: dict[str, tuple[str, ...]] = {
+    name: tuple(p for p in REGISTRY[name].kernel_params if p not in EXTENSIONS) for name in SUPPORTED
 }
-
-#: every mergekit method that ``register()`` can back with a kernel
-SUPPORTED: tuple[str, ...] = tuple(_PARAMS)
-
-_GTA = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
-        "della_linear")
+_GTA = GENERALIZED_TASK_ARITHMETIC
 #: the base is one more input (mergekit: base ignored), so the kernel gets none
-_BASE_JOINS = ("linear", "karcher", "passthrough")
+_BASE_JOINS = tuple(name for name in SUPPORTED if REGISTRY[name].base == "joins")
 #: methods that use the seed (see the module docstring)
-_RANDOM = ("dare_ties", "dare_linear", "della", "della_linear", "arcee_fusion")
+_RANDOM = tuple(name for name in SUPPORTED if REGISTRY[name].random)
 #: methods whose per-input weight the kernel uses; the others get 1.0, which their kernels ignore
-_WEIGHTED = ("linear", "nuslerp", "multislerp", *_GTA)
+_WEIGHTED = tuple(name for name in SUPPORTED if REGISTRY[name].weight_param == "weight")
 
 #: name -> mergekit's own method, while registered
 _originals: dict[str, Any] = {}
@@ -197,7 +183,7 @@ def _merge_group(method: str, group: Any, params: Mapping[str, Any], dtype: Any,
             extra["gammas"] = _floats(params["gamma"], inputs)
         if "epsilon" in params:
             extra["epsilons"] = _floats(params["epsilon"], inputs)
-    kparams = {kname: float(params[mname]) for mname, kname in _PARAMS[method].items()}
+    kparams = {name: float(params[name]) for name in _PARAMS[method]}
     if kparams:
         extra["params"] = kparams
     if method in _RANDOM:

@@ -1,7 +1,7 @@
 """Which merge methods exist and what they take, for mergekit users: the contract (``spec``) and the table
 (``registry``)."""
 
-from .registry import REGISTRY, get
+from .registry import EXTENSIONS, GENERALIZED_TASK_ARITHMETIC, REGISTRY, default, get
 from .spec import (
     RESCALE_MODES,
     MethodSpec,
@@ -16,12 +16,15 @@ from .spec import (
 )
 
 __all__ = [
+    "EXTENSIONS",
+    "GENERALIZED_TASK_ARITHMETIC",
     "REGISTRY",
     "RESCALE_MODES",
     "MethodSpec",
     "ParamSpec",
     "check_model",
     "coerce",
+    "default",
     "get",
     "kernel_for_tensor",
     "kernel_kwargs",

@@ -34,7 +34,7 @@ from .. import _engine
 from ..errors import ParameterError
 from .spec import RESCALE_MODES, MethodSpec, ParamSpec
 
-__all__ = ["EXTENSIONS", "PLANNER_PARAMS", "REGISTRY", "derive", "get"]
+__all__ = ["EXTENSIONS", "GENERALIZED_TASK_ARITHMETIC", "PLANNER_PARAMS", "REGISTRY", "default", "derive", "get"]
 
 #: kernel parameters the planner sets per tensor from other settings (never written in a config)
 PLANNER_PARAMS = frozenset({"mean_only"})
@@ -114,6 +114,9 @@ class _ConfigFacts:
     seeded: bool = False
     #: the kernel needs the tensor's shape (row-wise work); the spectral methods always do (they factorize matrices)
     row_wise: bool = False
+    #: mergekit implements it as a ``GeneralizedTaskArithmeticMerge`` (per-model weight and density, shared
+    #: normalize, lambda, rescale, int8_mask)
+    generalized_task_arithmetic: bool = False
 
 
 def _gta(*, normalize: bool, rescale: bool | None = None, row_wise: bool = False) -> _ConfigFacts:
@@ -122,7 +125,7 @@ def _gta(*, normalize: bool, rescale: bool | None = None, row_wise: bool = False
     before = {"normalize": ParamSpec(bool, normalize), "lambda": _LAMBDA, "int8_mask": _INT8_MASK}
     if rescale is not None:
         before |= {"rescale": ParamSpec(bool, rescale), "rescale_mode": _RESCALE_MODE}
-    return _ConfigFacts(before=before, row_wise=row_wise)
+    return _ConfigFacts(before=before, row_wise=row_wise, generalized_task_arithmetic=True)
 
 
 _SPECTRAL = _ConfigFacts(after={"exclude": _EXCLUDE})
@@ -242,6 +245,8 @@ def derive(rows: Iterable[Mapping[str, Any]]) -> dict[str, MethodSpec]:
 
 
 REGISTRY: dict[str, MethodSpec] = derive(_engine.methods())
+#: the methods mergekit 0.1.5 runs as a ``GeneralizedTaskArithmeticMerge`` (task vectors, sparsified or not)
+GENERALIZED_TASK_ARITHMETIC: tuple[str, ...] = tuple(n for n, f in _CONFIG_FACTS.items() if f.generalized_task_arithmetic)
 
 
 def get(name: str) -> MethodSpec:
@@ -250,3 +255,10 @@ def get(name: str) -> MethodSpec:
     if spec is None:
         raise ParameterError(f"unknown merge method {name!r}; ferromerge implements: {', '.join(sorted(REGISTRY))}")
     return spec
+
+
+def default(method: str, param: str) -> Any:
+    """``method``'s default of ``param`` (the engine's, for a kernel parameter). Tools that share a kernel's knob
+    start from it rather than from a copy: extract-lora's randomized SVD (tsv_m's sketch), compress's TALL masks."""
+    spec = get(method)
+    return {**spec.per_model, **spec.shared}[param].default
