@@ -21,6 +21,8 @@ from . import _engine
 from .io.dtypes import ST_NAME, from_f32
 
 Array = npt.NDArray[np.float32]
+#: the storage dtype of the models written here unless told otherwise (mergekit's name)
+DTYPE = "bfloat16"
 
 
 @dataclass(frozen=True)
@@ -218,7 +220,7 @@ def save_model(
     out_dir: str | os.PathLike[str],
     tensors: Mapping[str, Array],
     *,
-    dtype: str = "bfloat16",
+    dtype: str = DTYPE,
     shard_size: int | None = None,
     config: Mapping[str, Any] | None = None,
     vocab: int | None = None,
@@ -261,57 +263,65 @@ def save_model(
     return out
 
 
+def _base_weights(shape: Shape, seed: int) -> dict[str, Array]:
+    """The random weights of the model ``seed`` names (``make_model``'s, and ``make_family``'s base)."""
+    return random_weights(shape, np.random.default_rng([seed, 0]))
+
+
+def _save_llama(
+    out_dir: str | os.PathLike[str], weights: Mapping[str, Array], shape: Shape, dtype: str, shard_size: int | None
+) -> Path:
+    return save_model(
+        out_dir, weights, dtype=dtype, shard_size=shard_size, config=llama_config(shape, dtype), vocab=shape.vocab
+    )
+
+
 def make_model(
     out_dir: str | os.PathLike[str],
     *,
-    hidden: int = 64,
-    intermediate: int = 128,
-    layers: int = 2,
-    vocab: int = 256,
-    heads: int = 4,
-    kv_heads: int = 2,
-    dtype: str = "bfloat16",
+    hidden: int = Shape.hidden,
+    intermediate: int = Shape.intermediate,
+    layers: int = Shape.layers,
+    vocab: int = Shape.vocab,
+    heads: int = Shape.heads,
+    kv_heads: int = Shape.kv_heads,
+    dtype: str = DTYPE,
     seed: int = 0,
     shard_size: int | None = None,
 ) -> Path:
     """One random Llama-shaped model (weights, config.json, tokenizer) in ``out_dir``."""
     shape = Shape(hidden, intermediate, layers, vocab, heads, kv_heads)
-    weights = random_weights(shape, np.random.default_rng([seed, 0]))
-    return save_model(
-        out_dir, weights, dtype=dtype, shard_size=shard_size, config=llama_config(shape, dtype), vocab=vocab
-    )
+    return _save_llama(out_dir, _base_weights(shape, seed), shape, dtype, shard_size)
 
 
 def make_family(
     out_dir: str | os.PathLike[str],
     *,
     n_finetunes: int = 3,
-    hidden: int = 64,
-    intermediate: int = 128,
-    layers: int = 2,
-    vocab: int = 256,
-    heads: int = 4,
-    kv_heads: int = 2,
-    dtype: str = "bfloat16",
+    hidden: int = Shape.hidden,
+    intermediate: int = Shape.intermediate,
+    layers: int = Shape.layers,
+    vocab: int = Shape.vocab,
+    heads: int = Shape.heads,
+    kv_heads: int = Shape.kv_heads,
+    dtype: str = DTYPE,
     seed: int = 0,
     shard_size: int | None = None,
     delta_scale: float = 0.01,
 ) -> Family:
-    """``out_dir/base`` and ``out_dir/ft{1..n}``: fine-tune k = base + N(0, delta_scale²) noise (per element)."""
+    """``out_dir/base`` (``make_model``'s model of ``seed``) and ``out_dir/ft{1..n}``: fine-tune k = base +
+    N(0, delta_scale²) noise (per element)."""
     if hidden % heads or heads % kv_heads:
         raise ValueError("hidden must be a multiple of heads, and heads a multiple of kv_heads")
     shape = Shape(hidden, intermediate, layers, vocab, heads, kv_heads)
-    config = llama_config(shape, dtype)
     root = Path(out_dir)
-    base = random_weights(shape, np.random.default_rng([seed, 0]))
-    base_dir = save_model(root / "base", base, dtype=dtype, shard_size=shard_size, config=config, vocab=vocab)
+    base = _base_weights(shape, seed)
+    base_dir = _save_llama(root / "base", base, shape, dtype, shard_size)
     finetunes = []
     for k in range(1, n_finetunes + 1):
         rng = np.random.default_rng([seed, k])
         tuned = {
             n: x + np.float32(delta_scale) * rng.standard_normal(x.shape, dtype=np.float32) for n, x in base.items()
         }
-        finetunes.append(
-            save_model(root / f"ft{k}", tuned, dtype=dtype, shard_size=shard_size, config=config, vocab=vocab)
-        )
+        finetunes.append(_save_llama(root / f"ft{k}", tuned, shape, dtype, shard_size))
     return Family(base_dir, finetunes)

@@ -47,7 +47,7 @@ torch is imported only when a function is called; without it the functions raise
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -293,31 +293,48 @@ def disjoint_merge(task_tensors: Any, majority_sign_mask: Any) -> Any:
     return selected / count
 
 
-def task_arithmetic(task_tensors: list[Any], weights: Any) -> Any:
-    """Σ_i weights[i] · task_tensors[i]."""
+def _weighted_tasks(task_tensors: Any, weights: Any) -> tuple[list[Any], list[float], Any]:
+    """The checked task tensors, their weights, and the dtype of Σ weights[i]·tasks[i] (both promoted, as PEFT's
+    weighted sum does)."""
     torch = _torch()
     tasks = _check_tasks(task_tensors)
     w, w_dtype = _weight_values(weights, len(tasks))
-    out_dtype = torch.promote_types(_task_dtype(tasks), w_dtype)
-    return _kernel("task_arithmetic", tasks, w, [1.0] * len(tasks), out_dtype)
+    return tasks, w, torch.promote_types(_task_dtype(tasks), w_dtype)
 
 
-def magnitude_prune(task_tensors: list[Any], weights: Any, density: float) -> Any:
-    """Σ_i weights[i] · (task_tensors[i] with only its ``int(density·numel)`` largest |entries| kept)."""
-    torch = _torch()
-    tasks = _check_tasks(task_tensors)
-    w, w_dtype = _weight_values(weights, len(tasks))
-    out_dtype = torch.promote_types(_task_dtype(tasks), w_dtype)
+#: ``pruned_sum(tasks, weights, out_dtype, density)`` of a linear merge, density in [0, 1)
+_PrunedSum = Callable[[list[Any], list[float], Any, float], Any]
+
+
+def _pruned_linear(task_tensors: Any, weights: Any, density: float, pruned_sum: _PrunedSum) -> Any:
+    """Σ_i weights[i]·prune(task_tensors[i]) with PEFT's checks: a density ≥ 1 prunes nothing (PEFT warns), so
+    the sum is plain task arithmetic; else ``density`` must lie in [0, 1) and ``pruned_sum`` merges."""
+    tasks, w, out_dtype = _weighted_tasks(task_tensors, weights)
     density = float(density)
     if density >= 1:
         _warn_no_pruning(density)
         return _kernel("task_arithmetic", tasks, w, [1.0] * len(tasks), out_dtype)
     _check_density(density)
-    if int(density * tasks[0].numel()) == 0:
-        return torch.zeros(tasks[0].shape, dtype=out_dtype, device=tasks[0].device)
-    n = len(tasks)
-    # breadcrumbs without outliers (gamma 0) keeps exactly the int(density·n) largest |δ|, lowest index on ties
-    return _kernel("breadcrumbs", tasks, w, [density] * n, out_dtype, gammas=[0.0] * n)
+    return pruned_sum(tasks, w, out_dtype, density)
+
+
+def task_arithmetic(task_tensors: list[Any], weights: Any) -> Any:
+    """Σ_i weights[i] · task_tensors[i]."""
+    tasks, w, out_dtype = _weighted_tasks(task_tensors, weights)
+    return _kernel("task_arithmetic", tasks, w, [1.0] * len(tasks), out_dtype)
+
+
+def magnitude_prune(task_tensors: list[Any], weights: Any, density: float) -> Any:
+    """Σ_i weights[i] · (task_tensors[i] with only its ``int(density·numel)`` largest |entries| kept)."""
+
+    def keep_largest(tasks: list[Any], w: list[float], out_dtype: Any, density: float) -> Any:
+        if int(density * tasks[0].numel()) == 0:
+            return _torch().zeros(tasks[0].shape, dtype=out_dtype, device=tasks[0].device)
+        n = len(tasks)
+        # breadcrumbs without outliers (gamma 0) keeps exactly the int(density·n) largest |δ|, lowest index on ties
+        return _kernel("breadcrumbs", tasks, w, [density] * n, out_dtype, gammas=[0.0] * n)
+
+    return _pruned_linear(task_tensors, weights, density, keep_largest)
 
 
 def _consensus(
@@ -386,19 +403,16 @@ def dare_linear(task_tensors: list[Any], weights: Any, density: float, *, seed: 
 
     Masks are keyed by ``seed``, ``name`` and the tensor's position in the list (not torch's global RNG).
     """
-    torch = _torch()
-    tasks = _check_tasks(task_tensors)
-    w, w_dtype = _weight_values(weights, len(tasks))
-    out_dtype = torch.promote_types(_task_dtype(tasks), w_dtype)
-    density = float(density)
-    if density >= 1:
-        _warn_no_pruning(density)
-        return _kernel("task_arithmetic", tasks, w, [1.0] * len(tasks), out_dtype)
-    _check_density(density)
-    if density == 0:
-        raise ValueError("dare_linear: density 0 divides by zero when rescaling (PEFT returns NaN); use a density > 0")
-    return _kernel("dare_linear", tasks, w, [density] * len(tasks), out_dtype, rescale="inverse_density",
-                   seed=seed, name=name)
+
+    def keep_at_random(tasks: list[Any], w: list[float], out_dtype: Any, density: float) -> Any:
+        if density == 0:
+            raise ValueError(
+                "dare_linear: density 0 divides by zero when rescaling (PEFT returns NaN); use a density > 0"
+            )
+        return _kernel("dare_linear", tasks, w, [density] * len(tasks), out_dtype, rescale="inverse_density",
+                       seed=seed, name=name)
+
+    return _pruned_linear(task_tensors, weights, density, keep_at_random)
 
 
 def dare_ties(
