@@ -20,29 +20,47 @@ always use the exact SVD. Polar factors are U·Vᵀ of a thin SVD.
 
 torch is optional: nothing here imports it at module import time, and ``import ferromerge`` never imports this
 module's dependencies. Device strings: ``cpu`` (the Rust kernels, no torch), ``cuda``, ``cuda:N`` and
-``torch:cpu`` (the torch path on the CPU: tests, and machines where torch's LAPACK beats the Rust SVD).
+``torch:cpu`` (the torch path on the CPU: tests, and machines where torch's LAPACK beats the Rust SVD); checking
+them and whether torch can serve one is ``device``'s job. This module reads top-down: the building blocks (sketch
+seeds, the task stream, polar factors, top-k SVDs), the four methods on one 2-D tensor (merged task vector, before
+alpha), then the external merge that dispatches to them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import re
 import threading
-import warnings
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import methods
-from .errors import ParameterError
+from .. import methods
+from ..errors import ParameterError
+from .device import TorchUnavailableWarning, check_device, torch_device, torch_unavailable_reason
+
+__all__ = [
+    "NULL_SV",
+    "TORCH_METHODS",
+    "ExternalMerge",
+    "Load",
+    "TorchUnavailableWarning",
+    "check_device",
+    "external_merge",
+    "iso_c",
+    "iso_cts",
+    "merge_tensor",
+    "sketch_seed",
+    "star",
+    "torch_device",
+    "torch_unavailable_reason",
+    "tsv_m",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-
-_DEVICE_RE = re.compile(r"^(?:cpu|torch:cpu|cuda|cuda:(\d+))$")
 
 Load = Callable[[int], np.ndarray]
 ExternalMerge = Callable[[str, str, tuple, dict, int, int, Load], "np.ndarray | None"]
@@ -50,81 +68,6 @@ ExternalMerge = Callable[[str, str, tuple, dict, int, int, Load], "np.ndarray | 
 # svd_lowrank draws its sketch from the global RNG; the fork/seed/draw sequence must not interleave between
 # threads (torch releases the GIL inside its kernels)
 _RNG_LOCK = threading.Lock()
-
-
-class TorchUnavailableWarning(UserWarning):
-    """A torch device was asked for but cannot be used; the Rust kernels run instead."""
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# devices
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def check_device(device: str) -> str:
-    """Validate a device string without importing torch; returns it unchanged. Raises ``ParameterError``."""
-    if not isinstance(device, str) or not _DEVICE_RE.match(device):
-        raise ParameterError(
-            f"device must be 'cpu' (Rust kernels), 'cuda', 'cuda:N' or 'torch:cpu' (torch on the CPU), got {device!r}"
-        )
-    return device
-
-
-def _import_torch() -> tuple[Any, str | None]:
-    try:
-        import torch
-    except ImportError:
-        return None, "torch is not installed (pip install 'ferromerge[torch]', with a CUDA build for a GPU)"
-    except Exception as e:  # a broken install (missing CUDA libraries, ...) must not stop a CPU merge
-        return None, f"torch failed to import ({type(e).__name__}: {e})"
-    return torch, None
-
-
-def torch_unavailable_reason(device: str) -> str | None:
-    """Why ``device`` cannot run the torch path (None when it can). ``cpu`` always has a reason: it means the Rust
-    kernels. Raises ``ParameterError`` for a malformed device string."""
-    check_device(device)
-    if device == "cpu":
-        return "device 'cpu' runs the Rust kernels"
-    torch, why = _import_torch()
-    if torch is None:
-        return why
-    if device == "torch:cpu":
-        return None
-    if not torch.cuda.is_available():
-        built = torch.version.cuda
-        return (f"torch {torch.__version__} was built without CUDA" if built is None
-                else f"torch {torch.__version__} (CUDA {built}) sees no CUDA device")
-    if device != "cuda":
-        index = int(device.split(":", 1)[1])
-        count = torch.cuda.device_count()
-        if index >= count:
-            return f"{device} asked for, but torch sees {count} CUDA device(s) (cuda:0..cuda:{count - 1})"
-    return None
-
-
-def torch_device(device: str, *, warn: bool = False) -> "torch.device | None":
-    """The torch device for ``cuda``, ``cuda:N`` or ``torch:cpu``; None for ``cpu`` and when torch or CUDA is
-    missing (``torch_unavailable_reason`` says why; with ``warn`` a ``TorchUnavailableWarning`` says it too, so
-    the caller can simply fall back to the Rust kernels)."""
-    why = torch_unavailable_reason(device)
-    if why is not None:
-        if warn and device != "cpu":
-            warnings.warn(f"{why}; using the Rust kernels instead of {device}", TorchUnavailableWarning,
-                          stacklevel=2)
-        return None
-    import torch
-
-    if device == "torch:cpu":
-        return torch.device("cpu")
-    if device == "cuda":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device(device)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# building blocks
-# ----------------------------------------------------------------------------------------------------------------
 
 
 def sketch_seed(seed: int, name: str) -> int:
@@ -192,11 +135,6 @@ def _top_k(torch: Any, a: "torch.Tensor", k: int, *, exact: bool, oversample: in
         return u[:, :k], s[:k], vh[:k, :]
     u, s, v = torch.svd_lowrank(a, q=q, niter=max(0, power_iters))
     return u[:, :k], s[:k], v[:, :k].mT
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the four methods on one 2-D tensor (merged task vector, before alpha)
-# ----------------------------------------------------------------------------------------------------------------
 
 
 #: singular values at or below this share of a task's largest count as zero in TSV-M (rust: spectral::NULL_SV)
@@ -288,11 +226,6 @@ def star(torch: Any, tasks: _Tasks, params: dict, seed: int) -> "torch.Tensor":
 _METHODS = {"tsv_m": tsv_m, "iso_c": iso_c, "iso_cts": iso_cts, "star": star}
 #: the methods the external merge takes (2-D tensors only)
 TORCH_METHODS = frozenset(_METHODS)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the external merge
-# ----------------------------------------------------------------------------------------------------------------
 
 
 def merge_tensor(device: "torch.device", name: str, method: str, shape: tuple[int, ...], params: dict,
