@@ -28,6 +28,9 @@ so it gets no factors at all (mergekit writes all-zero factors of full rank, or 
 PEFT cannot load); ``lora_bias`` is set when every factorised module carries a bias delta (without it PEFT ignores
 ``lora_B.bias``); 3-D+ tensors are saved at full rank; tensors the base has and the fine-tune lacks, or shapes
 that differ outside the vocabulary, are errors. GPT-2-style Conv1D weights (stored in × in) are refused.
+
+The module reads top-down: the parameter checks, planning (which modules are factorised, saved whole or left
+out), reading the two models' tensors, then writing the adapter.
 """
 
 from __future__ import annotations
@@ -93,9 +96,6 @@ class Module:
         return f"{self.name}.bias" if f"{self.name}.bias" in self.tensors else None
 
 
-# --- parameters ----------------------------------------------------------------------------------------------------
-
-
 def _int(value: Any, what: str, lo: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
         bound = f"an integer ≥ {lo}"
@@ -116,9 +116,6 @@ def _regexes(value: str | Sequence[str] | None, what: str) -> list[re.Pattern[st
         except re.error as e:
             raise ParameterError(f"{what} regex {r!r}: {e}") from None
     return out
-
-
-# --- planning ------------------------------------------------------------------------------------------------------
 
 
 def _is_embedding(module: str) -> bool:
@@ -271,9 +268,6 @@ def _check_base(base: ModelIndex, ft: ModelIndex, module: Module) -> None:
             raise InputError(f"{theirs.file}: tensor {name} has dtype {theirs.dtype}; only F32/F16/BF16 are factorised")
 
 
-# --- reading -------------------------------------------------------------------------------------------------------
-
-
 class _Reader:
     """Read-only memory maps of stored tensors (safetensors layouts parsed once per file)."""
 
@@ -344,9 +338,6 @@ def _rel_error(delta: npt.NDArray[np.float32], b: npt.NDArray[np.float32], a: np
     if den == 0.0:
         return 0.0 if num == 0.0 else math.inf
     return math.sqrt(num / den)
-
-
-# --- the adapter ---------------------------------------------------------------------------------------------------
 
 
 def _factor_keys(module: Module) -> tuple[str, str]:

@@ -1,6 +1,8 @@
 """The compress archive's bookkeeping: ``manifest.json`` (written, read back and checked), the base model's
 fingerprint, the models' config and tokenizer files, and the checksums that make a damaged archive an error
 naming the damaged file. The layout itself is described in ``ferromerge.compress``.
+
+It reads top-down: the base model's fingerprint, the config and tokenizer files, then ``manifest.json``.
 """
 
 from __future__ import annotations
@@ -42,9 +44,6 @@ def sha256_file(path: Path) -> str:
     except OSError as e:
         raise InputError(f"{path}: cannot read: {e}") from None
     return h.hexdigest()
-
-
-# --- the base model's fingerprint ---------------------------------------------------------------------------
 
 
 def _header_sha256(file: Path) -> str:
@@ -90,9 +89,6 @@ def open_base(manifest: dict[str, Any], archive: Path, given: str | None) -> Mod
             + "; ".join(problems)
         )
     return base
-
-
-# --- config and tokenizer files -----------------------------------------------------------------------------
 
 
 def side_files(model: Path) -> list[Path]:
@@ -151,9 +147,6 @@ def verify_archive_file(archive: Path, manifest: dict[str, Any], name: str) -> P
     if sha256_file(path) != entry["sha256"]:
         raise InputError(f"archive {archive}: {path} is corrupt (its sha256 is not the manifest's)")
     return path
-
-
-# --- manifest.json ------------------------------------------------------------------------------------------
 
 
 def write_manifest(archive: Path, manifest: dict[str, Any]) -> None:

@@ -4,6 +4,8 @@ reporting each model's reconstruction error measured on exactly what ``unpack.de
 
 The schemes, the archive layout, the kinds of stored tensors and the choices behind them are specified once, in
 docs/compress.md; ``archive`` reads and writes the manifest and the side files.
+
+The module reads top-down: the options, checks on the family, the two schemes, then the report and ``compress``.
 """
 
 from __future__ import annotations
@@ -109,9 +111,6 @@ def _options(scheme: str, rank: Any, fraction: Any, energy: Any, exact: Any, lam
                     None if dtype is None else ST_NAME[dtype], seed, threads)
 
 
-# --- reading the family -------------------------------------------------------------------------------------
-
-
 def _check_family(base: ModelIndex, models: list[ModelIndex]) -> None:
     """Every model has the base's tensors with the base's shapes (``InputError`` naming file and tensor)."""
     for m in models:
@@ -160,9 +159,6 @@ def _sq_norm(x: unpack.F32) -> float:
 
 def _error(err2: float, dn2: float) -> float | None:
     return math.sqrt(err2 / dn2) if dn2 > 0 else (0.0 if err2 == 0 else None)
-
-
-# --- the two schemes ----------------------------------------------------------------------------------------
 
 
 class _Compressor:

@@ -42,6 +42,10 @@ Where results differ from PEFT, and why:
   without a copy; tensors on other devices are copied to the CPU and the result is moved back.
 
 torch is imported only when a function is called; without it the functions raise ``ImportError``.
+
+The module reads top-down: argument checks with PEFT's messages, the one kernel call over a zero base
+(``_kernel``, with the single-tensor pruners built on it), then PEFT's functions themselves; the helpers serve
+only those functions' PEFT-compatible checks and dtype promotion, so they stay beside them.
 """
 
 from __future__ import annotations
@@ -81,11 +85,6 @@ def _torch() -> Any:
             "ferromerge.compat.peft works on torch tensors, and torch is not installed (pip install torch)"
         ) from e
     return torch
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# argument checks
-# ----------------------------------------------------------------------------------------------------------------
 
 
 def _check_tensor(t: Any, where: str) -> None:
@@ -148,11 +147,6 @@ def _warn_no_pruning(density: float) -> None:
     warnings.warn(f"The density {density} is greater than or equal to 1, no pruning will be performed.", stacklevel=3)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# one kernel call over a zero base
-# ----------------------------------------------------------------------------------------------------------------
-
-
 def _kernel(
     method: str,
     tasks: list[Any],
@@ -211,11 +205,6 @@ def _random(tensor: Any, density: float, rescale: bool, seed: int, name: str, mo
         "dare_linear", [tensor], [1.0], [density], tensor.dtype,
         rescale="inverse_density" if rescale else "none", seed=seed, name=name, model_ids=[model_id],
     )
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# PEFT's functions
-# ----------------------------------------------------------------------------------------------------------------
 
 
 def reshape_weight_task_tensors(task_tensors: Any, weights: Any) -> Any:

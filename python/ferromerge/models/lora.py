@@ -16,6 +16,10 @@ Per adapted weight W (PEFT's formula, float32 math, one rounding back to W's dty
 
 A malformed adapter is an ``InputError`` naming the adapter file and tensor: A without B, ranks that disagree,
 a target the model does not have, shapes that do not fit, DoRA or other variants PEFT merges differently.
+
+The module reads top-down: the merged view's index and how it is built (the adapter's config and updates,
+checked against the model), then writing the cache (stored tensors read through headers the engine validated,
+W + (B·A)·s in row blocks), then the entry points the planner and ``run`` call.
 """
 
 from __future__ import annotations
@@ -297,9 +301,6 @@ def _cache_key(model: ModelIndex, adapter_dir: Path, weights_file: Path, updates
         st = f.stat()
         h.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
     return h.hexdigest()[:16]
-
-
-# --- reading and writing safetensors data (the engine validated every header this reads) ---------------------
 
 
 def _open(stored: _Stored, headers: dict[Path, Header]) -> np.memmap:

@@ -14,6 +14,9 @@ memory used is a few blocks whatever the vocabulary, never a whole embedding mat
 rounded to the config's ``dtype`` first when it has one (mergekit casts before permuting), averaged in float32 in
 model order and rounded once to the file's dtype (the config's ``dtype``, else the models' common dtype, float32
 when they differ).
+
+The module reads top-down: planning which source row fills each output row (``fill_plan``), then writing the
+permuted tensors block by block (``write_permuted``); the two share the plan's types and nothing else uses them.
 """
 
 from __future__ import annotations
@@ -223,11 +226,6 @@ def fill_plan(
         kind[t], src_member[t], src_row[t] = _COPY, k, row
     orphans = tuple(tokens[t] for t in np.flatnonzero((kind == _ZERO) & (count == 0)) if tokens[t] not in overrides)
     return kind, forced, src_member, src_row, orphans
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# writing
-# ---------------------------------------------------------------------------------------------------------------
 
 
 class _Source:
