@@ -152,15 +152,16 @@ def svd(
     energy: float | None = None,
     nuclear: float | None = None,
     exact: bool = False,
-    oversample: int = 10,
-    power_iters: int = 2,
+    oversample: int | None = None,
+    power_iters: int | None = None,
     seed: int = 0,
     name: str = "",
     sv_epsilon: float = 0.0,
     threads: int | None = None,
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.float32]]:
     """``(U, S, Vt)`` of a C-contiguous float32 matrix, truncated by every rank rule given (docs/svd.md):
-    randomized (seeded by ``seed`` and ``name``) unless ``exact`` or ``nuclear``. Same bytes at any thread count."""
+    randomized (seeded by ``seed`` and ``name``) unless ``exact`` or ``nuclear``, with tsv_m's sketch defaults
+    (``oversample``, ``power_iters``) where they are None. Same bytes at any thread count."""
 
 def polar(a: npt.NDArray[np.float32], *, threads: int | None = None) -> npt.NDArray[np.float32]:
     """The nearest matrix with orthonormal columns (rows, for a wide matrix): ``U Vᵀ`` of the thin SVD."""

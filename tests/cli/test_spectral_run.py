@@ -243,7 +243,7 @@ def test_the_external_merge_sees_inputs_and_its_result_is_written(tmp_path: Path
             want = base[name] + np.mean([ft[name].astype(np.float64) - base[name] for ft in fts], axis=0)
             np.testing.assert_allclose(v, want, atol=1e-6)
     # a loader kept past its call refuses to read freed inputs
-    with pytest.raises(RuntimeError, match="after the hook returned"):
+    with pytest.raises(RuntimeError, match="after the external merge returned"):
         next(iter(seen.values()))(0)
 
 

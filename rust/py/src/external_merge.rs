@@ -51,7 +51,7 @@ impl PyExternalMerge {
             move |args: &Bound<'_, PyTuple>, _kw: Option<&Bound<'_, PyDict>>| -> PyResult<Py<PyAny>> {
                 let py = args.py();
                 if !flag.load(Ordering::SeqCst) {
-                    return Err(PyRuntimeError::new_err("load() called after the hook returned"));
+                    return Err(PyRuntimeError::new_err("load() called after the external merge returned"));
                 }
                 let i: isize = args.get_item(0)?.extract()?;
                 // SAFETY: live is set, so the job is alive (see JobPtr).
@@ -76,7 +76,7 @@ impl PyExternalMerge {
         })?;
         if arr.shape() != job.shape.as_slice() {
             return Err(PyValueError::new_err(format!(
-                "tensor '{}': the torch hook returned shape {:?}, expected {:?}",
+                "tensor '{}': the external merge (torch) returned shape {:?}, expected {:?}",
                 job.name,
                 arr.shape(),
                 job.shape

@@ -6,6 +6,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use ferromerge_core::linalg::{self, RankRule, Solver};
+use ferromerge_core::merge::params;
 use ferromerge_core::pool;
 use ferromerge_core::rng::Stream;
 
@@ -35,7 +36,7 @@ fn to_numpy<'py>(py: Python<'py>, a: faer::MatRef<'_, f32>) -> PyResult<Matrix<'
 /// `(U, S, Vt)` of the triplets the rank rule keeps; see `ferromerge_core::linalg::RankRule`.
 #[pyfunction]
 #[pyo3(signature = (
-    a, *, rank=None, fraction=None, energy=None, nuclear=None, exact=false, oversample=10, power_iters=2,
+    a, *, rank=None, fraction=None, energy=None, nuclear=None, exact=false, oversample=None, power_iters=None,
     seed=0, name="", sv_epsilon=0.0, threads=None
 ))]
 #[allow(clippy::too_many_arguments)]
@@ -47,8 +48,8 @@ pub fn svd<'py>(
     energy: Option<f64>,
     nuclear: Option<f64>,
     exact: bool,
-    oversample: usize,
-    power_iters: usize,
+    oversample: Option<usize>,
+    power_iters: Option<usize>,
     seed: u64,
     name: &str,
     sv_epsilon: f64,
@@ -59,7 +60,12 @@ pub fn svd<'py>(
     let solver = if exact {
         Solver::Exact
     } else {
-        Solver::Randomized { oversample, power_iters, stream: Stream::new(seed, name, 0) }
+        // The sketch defaults are tsv_m's (merge/params.rs): one home for both the merge and this function.
+        Solver::Randomized {
+            oversample: oversample.unwrap_or(params::OVERSAMPLE.default_value() as usize),
+            power_iters: power_iters.unwrap_or(params::POWER_ITERS.default_value() as usize),
+            stream: Stream::new(seed, name, 0),
+        }
     };
     let pool = pool::pool(threads).map_err(to_py)?;
     let out = py
