@@ -1,6 +1,7 @@
-"""The package's import layers (house.md 4.5, rule 9): cli -> run -> plan -> config/methods/models/tokenizer -> io ->
-errors. A module may import its own layer or the layers below, never one above; imports form no cycle; and no
-module imports another module's private (``_name``) attribute: a name two modules need is public in one of them.
+"""The package's import layers (docs/architecture.md, "Layers of the Python package"): cli -> run -> plan ->
+config/methods/models/tokenizer -> io -> errors. A module may import its own layer or the layers below, never one
+above; imports form no cycle; and no module imports another module's private (``_name``) attribute: a name two
+modules need is public in one of them.
 
 Read from the source with ``ast`` (nothing is imported), so an import inside a function counts too: a lazy import
 hides a dependency from the import system, not from the design.
