@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError, OutputError
+from ..io.json_file import read_json
 from ..io.reader import read_header
 from ..models.index import INDEX_FILE, ModelIndex, index_model
 
@@ -171,10 +172,7 @@ def load_manifest(archive: Path) -> dict[str, Any]:
     if not path.is_file():
         raise InputError(f"archive {archive}: has no {MANIFEST} (not a ferromerge compress archive, or a partial "
                          "copy of one)")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: cannot read the archive manifest: {e}") from None
+    manifest = read_json(path, "the archive manifest")
     where = str(path)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise InputError(f"{path}: not a ferromerge compress manifest (no \"format\": \"{FORMAT}\")")

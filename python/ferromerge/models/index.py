@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import numpy.typing as npt
 from .. import _engine
 from ..errors import InputError
 from ..io.dtypes import MERGEABLE_DTYPES, RAW, to_f32
+from ..io.json_file import read_json
 from ..io.reader import read_header
 from .refs import resolve
 
@@ -92,10 +92,7 @@ def index_model(ref: str) -> ModelIndex:
 
 
 def _read_weight_map(index_path: Path) -> dict[str, str]:
-    try:
-        data = json.loads(index_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{index_path}: cannot read the shard index: {e}") from None
+    data = read_json(index_path, "the shard index")
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) and v and Path(v).name == v for k, v in weight_map.items()

@@ -25,7 +25,6 @@ W + (B·A)·s in row blocks), then the entry points the planner and ``run`` call
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -39,6 +38,7 @@ import numpy.typing as npt
 from .. import _engine
 from ..errors import InputError, MergeError
 from ..io.dtypes import ITEMSIZE, MERGEABLE_DTYPES, RAW, from_f32, numel, to_f32
+from ..io.json_file import read_json
 from ..io.reader import Header, read_header
 from ..io.writer import header_bytes
 from .architecture import PEFT_PREFIX
@@ -152,10 +152,7 @@ def _read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise InputError(f"LoRA adapter {adapter_dir}: {ADAPTER_CONFIG} not found (a PEFT LoRA adapter directory has "
                          f"{ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: cannot read the adapter config: {e}") from None
+    data = read_json(path, "the adapter config")
     if not isinstance(data, dict):
         raise InputError(f"{path}: expected a JSON object")
     peft_type = data.get("peft_type", "LORA")

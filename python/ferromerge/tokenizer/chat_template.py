@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from collections.abc import Sequence
@@ -10,6 +9,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import ConfigError, InputError
+from ..io.json_file import read_json
 
 #: built-in templates, by mergekit's names (package data: templates/<name>.jinja, as mergekit keeps its own);
 #: written for ferromerge from each format's published layout. llama3 ends every message with a newline after
@@ -34,10 +34,7 @@ def model_chat_template(model_dir: Path) -> str | None:
     path = model_dir / "tokenizer_config.json"
     if not path.is_file():
         return None
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: cannot read the tokenizer config: {e}") from None
+    config = read_json(path, "the tokenizer config")
     template = config.get("chat_template") if isinstance(config, dict) else None
     if isinstance(template, list):
         template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)

@@ -25,7 +25,6 @@ config order (tokenizer base first), each model's tokens by id.
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..errors import InputError
+from ..io.json_file import read_json
 from ..models.index import ModelIndex
 from ..models.refs import resolve
 
@@ -101,10 +101,7 @@ def read_tokenizer(model_dir: Path) -> Tokenizer | None:
                 "AutoTokenizer.from_pretrained(dir).save_pretrained(dir)"
             )
         return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: cannot read the tokenizer: {e}") from None
+    data = read_json(path, "the tokenizer")
     if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
         raise InputError(f"{path}: not a tokenizer.json (no 'model' object)")
     vocab = dict(_model_vocab(data, path))
@@ -138,10 +135,7 @@ def config_vocab_size(model_dir: Path) -> int | None:
     path = model_dir / "config.json"
     if not path.is_file():
         return None
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: cannot read the model config: {e}") from None
+    config = read_json(path, "the model config")
     for scope in (config, config.get("text_config") if isinstance(config, dict) else None):
         if isinstance(scope, dict) and _is_id(scope.get("vocab_size")):
             return int(scope["vocab_size"])
