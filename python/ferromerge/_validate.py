@@ -6,6 +6,7 @@ functions as argparse ``type=`` converters, so ``--seed -1`` and ``seed=-1`` fai
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -15,6 +16,9 @@ from .errors import ParameterError
 
 #: seeds are u64 in the engine
 SEED_LIMIT = 2**64
+
+#: sizes (shard size, memory limit) are u64 in the engine; 2**63 keeps every sum of them below 2**64
+SIZE_LIMIT = 2**63
 
 
 def check_seed(value: Any, error: type[Exception] = ParameterError) -> int:
@@ -57,7 +61,8 @@ _UNITS = {
 
 def parse_size(value: str | int, what: str = "shard size") -> int:
     """Bytes from a size: an int, or a number with mergekit's K/M/B suffixes (x1000, so "5B" is 5e9 bytes),
-    or KB/MB/GB (x1000) or KiB/MiB/GiB (x1024). ``what`` names the setting in error messages."""
+    or KB/MB/GB (x1000) or KiB/MiB/GiB (x1024), below ``SIZE_LIMIT``. ``what`` names the setting in error
+    messages."""
     if isinstance(value, int) and not isinstance(value, bool):
         size = value
     else:
@@ -66,9 +71,13 @@ def parse_size(value: str | int, what: str = "shard size") -> int:
             raise ParameterError(
                 f"{what} {value!r}: expected a number of bytes with an optional K/M/B or KiB/MiB/GiB suffix"
             )
-        size = int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()])
+        # float arithmetic as mergekit's; a long digit string ("9" * 400) is inf, which int() would not take
+        scaled = float(match.group(1)) * _UNITS[(match.group(2) or "").lower()]
+        size = int(scaled) if math.isfinite(scaled) else SIZE_LIMIT
     if size <= 0:
         raise ParameterError(f"{what} {value!r}: must be positive")
+    if size >= SIZE_LIMIT:
+        raise ParameterError(f"{what} {value!r}: too large (at most 2**63 - 1 bytes)")
     return size
 
 
