@@ -10,12 +10,13 @@ from . import _engine
 from ._compress import compress, decompress
 from ._extract_lora import extract_lora
 from ._run import PlanReport, RunReport, plan, run
-from .errors import ConfigError, InputError, MergeError, OutputError, ParameterError
+from .errors import CompatWarning, ConfigError, InputError, MergeError, OutputError, ParameterError
 from .tensors import merge_state_dicts, merge_tensors
 
 __version__ = _engine.version()
 
 __all__ = [
+    "CompatWarning",
     "ConfigError",
     "InputError",
     "MergeError",
