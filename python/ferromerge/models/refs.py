@@ -7,6 +7,7 @@ file's directory).
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from pathlib import Path
@@ -29,14 +30,22 @@ def hf_cache_dir() -> Path:
 def resolve(ref: str) -> Path:
     """The absolute directory of a model reference; ``InputError`` naming every place looked at if absent."""
     local = Path(ref).expanduser()
+    try:
+        local.stat()
+    except OSError as e:
+        # a symlink loop (or a path too long, a component that is a file) is no directory, and Path.resolve()
+        # would raise RuntimeError on the loop: say what it is, naming the path
+        if e.errno not in (errno.ENOENT, errno.ENOTDIR):
+            raise InputError(f"model {ref!r}: cannot open {os.path.abspath(local)}: {e.strerror}") from None
     if local.is_dir():
         return local.resolve()
     if local.exists():
         raise InputError(f"model {ref!r}: {local.resolve()} is not a directory")
     name, _, revision = ref.partition("@")
+    absolute = Path(os.path.abspath(local))
     if not _HUB_ID.fullmatch(name) or (revision == "" and "@" in ref):
-        raise InputError(f"model {ref!r}: directory not found: {local.resolve()}")
-    return _from_hf_cache(ref, name, revision or "main", local.resolve())
+        raise InputError(f"model {ref!r}: directory not found: {absolute}")
+    return _from_hf_cache(ref, name, revision or "main", absolute)
 
 
 def _from_hf_cache(ref: str, name: str, revision: str, local: Path) -> Path:
