@@ -113,6 +113,8 @@ class Plan:
     vocabulary: Vocabulary | None = None
     #: the vocabulary tensors' permuted sources, to write (``tokenizer.embed.write_permuted``) before the engine runs
     permuted: tuple[PermutedTensor, ...] = ()
+    #: NaN and infinite input values are merged as they are (``--allow-nonfinite``), not refused by the engine
+    allow_nonfinite: bool = False
 
     @property
     def bytes_scratch(self) -> int:
@@ -151,6 +153,7 @@ class Plan:
                 "metadata": {"format": "pt"},
                 "chunk_elems": None,
                 "shards": [{"file": s.file, "tensors": [tensor(t) for t in s.tensors]} for s in self.shards],
+                **({"allow_nonfinite": True} if self.allow_nonfinite else {}),
             }
         )
 
