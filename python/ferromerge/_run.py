@@ -20,6 +20,7 @@ from .config.resolve import MergeConfig, load_config
 from .errors import ParameterError
 from .io.output_dir import OutputDir, check_free_space
 from .methods.spec import MethodSpec
+from .model_card import merge_card, write_card
 from .models import lora
 from .models.index import ModelIndex
 from .output_files import (
@@ -214,8 +215,19 @@ def _merge_tensors(
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _write_side_files(out: Path, config: MergeConfig, plan: Plan, seed: int, log: Callable[[str], None]) -> None:
-    """Everything besides the shards: the index, config.json, the tokenizer, the chat template, the configs."""
+def _write_side_files(
+    out: Path,
+    config: MergeConfig,
+    plan: Plan,
+    seed: int,
+    log: Callable[[str], None],
+    *,
+    tokenizer: bool,
+    card: bool,
+    out_name: str,
+) -> None:
+    """Everything besides the shards: the index, config.json, the tokenizer (unless not ``tokenizer``), the chat
+    template, the configs, the model card (if ``card``; ``out_name``, the output's name, is its title)."""
     reference = plan.models[0]
     if len(plan.shards) > 1:
         write_index(out, plan.weight_map(), plan.bytes_out)
@@ -225,11 +237,13 @@ def _write_side_files(out: Path, config: MergeConfig, plan: Plan, seed: int, log
     write_model_config(out, reference.path, config.out_dtype or config.dtype or plan.tensors[0].out_dtype, updates)
     if plan.vocabulary is not None:
         write_tokenizer(out, plan.vocabulary)
-    else:
+    elif tokenizer:
         copy_tokenizer(out, reference.path)
     if config.raw.chat_template is not None:
         template = chat_template(config.raw.chat_template, [m.path for m in plan.models])
-        if template is None:
+        if not tokenizer and plan.vocabulary is None:
+            log("note: chat_template not written: the tokenizer is not copied (--no-copy-tokenizer)")
+        elif template is None:
             log("note: chat_template auto: no model has a chat template; the output keeps its tokenizer's")
         elif not set_chat_template(out, template):
             log(f"note: chat_template not written: {reference.path} has no tokenizer to carry it")
@@ -238,6 +252,8 @@ def _write_side_files(out: Path, config: MergeConfig, plan: Plan, seed: int, log
     resolved["seed"] = seed
     resolved["ferromerge_version"] = _engine.version()
     write_configs(out, config.text, resolved)
+    if card:
+        write_card(out, merge_card(config, out_name, seed=seed))
 
 
 def run(
@@ -253,6 +269,8 @@ def run(
     memory_limit: str | int | None = None,
     lora_merge_cache: str | os.PathLike[str] | None = None,
     device: str | None = None,
+    copy_tokenizer: bool = True,
+    write_model_card: bool = True,
 ) -> RunReport:
     """Merge the models of a mergekit config into ``out_dir``.
 
@@ -267,7 +285,9 @@ def run(
     merged to (kept and reused across runs); None = inside the output's temporary directory, removed after the merge.
     ``device`` (overrides the config's ``device:``): ``cpu`` (default) runs the Rust kernels; ``cuda``, ``cuda:N`` or
     ``torch:cpu`` hand the SVD-heavy methods' matrices to torch (``torch_spectral``), falling back to the Rust
-    kernels with a note when torch or the GPU is missing.
+    kernels with a note when torch or the GPU is missing. ``copy_tokenizer=False`` leaves the reference model's
+    tokenizer files out (an aligned vocabulary is still written, as mergekit's ``--no-copy-tokenizer`` does);
+    ``write_model_card=False`` writes no ``README.md`` model card (``model_card``).
 
     The steps: check the arguments; ``prepare`` (config -> models -> plan); check the output's place; merge the
     tensors; write the side files; rename the finished directory into place (``OutputDir.building``).
@@ -298,7 +318,9 @@ def run(
         )
         if temp_cache is not None:
             shutil.rmtree(temp_cache, ignore_errors=True)
-        _write_side_files(tmp, config, plan, seed, log)
+        _write_side_files(
+            tmp, config, plan, seed, log, tokenizer=copy_tokenizer, card=write_model_card, out_name=output.target.name
+        )
     return RunReport(
         tensors=stats["tensors"],
         bytes_read=stats["bytes_read"],
