@@ -57,6 +57,7 @@ from .io.output_dir import OutputDir, check_free_space
 from .io.reader import Header, read_header
 from .io.writer import PlannedTensor, SafetensorsWriter
 from .methods import default
+from .model_card import lora_card, write_card
 from .models.architecture import (
     CONV1D_MODEL_TYPES,
     HEADS,
@@ -456,35 +457,6 @@ def adapter_config(base_ref: str, ranks: dict[str, int], modules_to_save: list[s
     return config
 
 
-def _readme(base: str, finetuned: str, out: Path, summary: dict[str, Any], params: dict[str, Any]) -> str:
-    saved = ", ".join(summary["modules_to_save"]) or "none"
-    lines = [
-        "---",
-        "library_name: peft",
-        f"base_model: {json.dumps(base)}",
-        "tags:",
-        "- ferromerge",
-        "- peft",
-        "- lora",
-        "---",
-        f"# {out.name}",
-        "",
-        f"A LoRA adapter extracted by ferromerge {_engine.version()} from the difference between `{finetuned}` "
-        f"(fine-tuned) and `{base}` (base).",
-        "",
-        f"- rank r = {summary['r']} over {len(summary['ranks'])} modules ({', '.join(summary['target_modules'])}); "
-        f"modules saved at full rank: {saved}",
-        f"- relative reconstruction error ‖ΔW − B·A‖_F / ‖ΔW‖_F: max {summary['max_error']:.3g}, "
-        f"mean {summary['mean_error']:.3g}",
-        f"- parameters: {', '.join(f'{k}={v!r}' for k, v in params.items())}",
-        "",
-        "Load it with PEFT: `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), ADAPTER)`.",
-        "",
-    ]
-    lines += [f"Note: {n}" for n in summary["notes"]]
-    return "\n".join(lines) + "\n"
-
-
 def extract_lora(
     base: str | os.PathLike[str],
     finetuned: str | os.PathLike[str],
@@ -506,6 +478,7 @@ def extract_lora(
     overwrite: bool = False,
     quiet: bool = True,
     on_progress: Progress | None = None,
+    write_model_card: bool = True,
 ) -> dict[str, Any]:
     """Write a PEFT LoRA adapter (``adapter_model.safetensors``, ``adapter_config.json``, ``README.md``) into ``out``
     that turns ``base`` into (an approximation of) ``finetuned``; see the module docstring for what goes where.
@@ -516,6 +489,7 @@ def extract_lora(
     ``exact``. ``include`` / ``exclude``: regexes searched in module names; ``save_modules``: module names or keys
     saved at full rank besides the automatic ones. The output is built beside ``out`` and renamed onto it when
     complete; an existing ``out`` is an ``OutputError`` unless ``overwrite``. Models are read one tensor at a time.
+    ``write_model_card=False``: no ``README.md`` (a PEFT adapter card, ``model_card.lora_card``).
 
     Returns a summary: ``r``, ``ranks`` and ``errors`` (‖ΔW − B·A‖_F / ‖ΔW‖_F of the stored factors) per module,
     ``max_error`` (and ``max_error_module``), ``mean_error``, ``target_modules``, ``modules_to_save``, ``unchanged``
@@ -612,7 +586,7 @@ def extract_lora(
         params = dict(rank=rank, sv_epsilon=sv_epsilon, exact=exact, distribute_scale=distribute_scale,
                       embed_lora=embed_lora, seed=seed, oversample=oversample, power_iters=power_iters)
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        (tmp / "README.md").write_text(_readme(os.fspath(base), os.fspath(finetuned), output.target, summary, params),
-                                       encoding="utf-8")
+        if write_model_card:
+            write_card(tmp, lora_card(os.fspath(base), os.fspath(finetuned), output.target.name, summary, params))
     summary["seconds"] = time.perf_counter() - start
     return summary
