@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import shutil
 import sys
@@ -18,6 +20,7 @@ from ._plan.estimate import Estimate, estimate
 from ._validate import check_seed, check_threads, parse_size
 from .config.resolve import MergeConfig, load_config
 from .errors import ParameterError
+from .io import journal
 from .io.output_dir import OutputDir, check_free_space
 from .methods.spec import MethodSpec
 from .model_card import merge_card, write_card
@@ -56,6 +59,8 @@ class RunReport:
     bytes_written: int
     seconds: float
     out_dir: Path
+    #: output shards a resumed run found finished and verified (not merged again); tensors and bytes count the rest
+    shards_reused: int = 0
 
     @property
     def gb_per_s(self) -> float:
@@ -103,14 +108,17 @@ def prepare(
     out_shard_size: str | int = DEFAULT_SHARD_SIZE,
     lora_merge_cache: str | os.PathLike[str] | None = None,
     scratch: Path | None = None,
+    allow_nonfinite: bool = False,
 ) -> tuple[MergeConfig, Plan]:
     """Load the config, index every model and build the plan; nothing is written (``model+lora`` models are
     planned to be read from ``lora_merge_cache``, which ``run`` fills: see ``models.lora``). ``scratch``: where a
-    run puts the permuted vocabulary tensors (``_plan.build.build_plan``)."""
+    run puts the permuted vocabulary tensors (``_plan.build.build_plan``). ``allow_nonfinite``: the engine merges
+    NaN and infinite input values as they are instead of refusing them."""
     check_seed(seed)
     config = load_config(config_or_path)
     models: dict[str, ModelIndex] = {ref: lora.index_any(ref, lora_merge_cache) for ref in config.model_refs()}
-    return config, build_plan(config, models, seed=seed, out_shard_size=out_shard_size, scratch=scratch)
+    built = build_plan(config, models, seed=seed, out_shard_size=out_shard_size, scratch=scratch)
+    return config, dataclasses.replace(built, allow_nonfinite=bool(allow_nonfinite))
 
 
 @dataclass(frozen=True)
@@ -147,6 +155,7 @@ def plan(
     out_shard_size: str | int = DEFAULT_SHARD_SIZE,
     memory_limit: str | int | None = None,
     lora_merge_cache: str | os.PathLike[str] | None = None,
+    allow_nonfinite: bool = False,
 ) -> PlanReport:
     """Check a config and its models as ``run`` does (same errors, in the same order, all but the output
     directory's) and predict the run's disk, peak memory and time (``_plan.estimate``); writes nothing.
@@ -154,17 +163,22 @@ def plan(
     arguments are ``run``'s."""
     check_threads(threads)
     limit = memory_limit_bytes(memory_limit)
-    config, built = prepare(config_or_path, seed=seed, out_shard_size=out_shard_size, lora_merge_cache=lora_merge_cache)
+    config, built = prepare(
+        config_or_path,
+        seed=seed,
+        out_shard_size=out_shard_size,
+        lora_merge_cache=lora_merge_cache,
+        allow_nonfinite=allow_nonfinite,
+    )
     return PlanReport(config, built, estimate(built, out_dir, threads=threads, memory_limit=limit))
 
 
-def _check_output(output: OutputDir, plan: Plan, temp_cache: Path | None) -> None:
-    """The output must not be an input, and its filesystem must hold the shards, the permuted vocabulary and the
-    LoRA merges a temporary cache will hold during the run."""
-    output.check_inputs([m.path for m in plan.models])
+def _check_space(output: OutputDir, plan: Plan, temp_cache: Path | None, reused: int = 0) -> None:
+    """The output's filesystem must hold the shards (less the ``reused`` bytes a resume keeps), the permuted
+    vocabulary and the LoRA merges a temporary cache will hold during the run."""
     check_free_space(
         output.target,
-        plan.bytes_out + plan.bytes_scratch + (lora.pending_bytes(plan.models) if temp_cache else 0),
+        plan.bytes_out - reused + plan.bytes_scratch + (lora.pending_bytes(plan.models) if temp_cache else 0),
     )
 
 
@@ -192,6 +206,8 @@ def _progress(bar: ProgressBar | None, on_progress: ProgressCallback | None) -> 
 
 def _merge_tensors(
     plan: Plan,
+    plan_json: dict[str, Any],
+    book: journal.Journal,
     out: Path,
     scratch: Path,
     *,
@@ -202,13 +218,25 @@ def _merge_tensors(
     on_progress: ProgressCallback | None,
     log: Callable[[str], None],
 ) -> dict[str, Any]:
-    """Write the permuted vocabulary tensors (if any), then run the engine over the plan into ``out``."""
+    """Write the permuted vocabulary tensors (if any), then run the engine over ``plan_json`` (the plan, less the
+    shards a resume kept) into ``out``, journaling each shard it finishes."""
+    watcher = journal.ShardWatcher(book, out, plan_json["shards"])
+    progress = _progress(bar, on_progress)
+
+    def engine_progress(done: int, total: int, bytes_done: int, bytes_total: int) -> None:
+        watcher.progress(done)
+        if progress is not None:
+            progress(done, total, bytes_done, bytes_total)
+
     try:
+        if not plan_json["shards"]:
+            return {"tensors": 0, "bytes_read": 0, "bytes_written": 0}
         if plan.permuted:
             scratch.mkdir()
             write_permuted(plan.permuted, log)
-        return _engine.execute(plan.to_json(), str(out), _progress(bar, on_progress), threads, limit, merge)
+        return _engine.execute(json.dumps(plan_json), str(out), engine_progress, threads, limit, merge)
     finally:
+        watcher.close()
         if bar is not None:
             bar.close()
         # never part of the output: removed before the tokenizer and config files are written
@@ -271,6 +299,8 @@ def run(
     device: str | None = None,
     copy_tokenizer: bool = True,
     write_model_card: bool = True,
+    resume: bool = False,
+    allow_nonfinite: bool = False,
 ) -> RunReport:
     """Merge the models of a mergekit config into ``out_dir``.
 
@@ -280,51 +310,99 @@ def run(
     ``on_progress(tensors_done, tensors_total, bytes_done, bytes_total)`` is called after each tensor; an exception
     it raises aborts the run. ``memory_limit`` (bytes or a size such as "2GiB", at least 64 MiB; None =
     ``_engine.default_memory_limit()``) bounds what the engine keeps resident; it never changes the output. Raises
-    ``OutputError`` before merging when the output's filesystem lacks room for the shards (+1%). On any failure
-    (or Ctrl-C) ``out_dir`` is left absent, never partial. ``lora_merge_cache``: where ``model+lora`` models are
-    merged to (kept and reused across runs); None = inside the output's temporary directory, removed after the merge.
-    ``device`` (overrides the config's ``device:``): ``cpu`` (default) runs the Rust kernels; ``cuda``, ``cuda:N`` or
-    ``torch:cpu`` hand the SVD-heavy methods' matrices to torch (``torch_spectral``), falling back to the Rust
-    kernels with a note when torch or the GPU is missing. ``copy_tokenizer=False`` leaves the reference model's
-    tokenizer files out (an aligned vocabulary is still written, as mergekit's ``--no-copy-tokenizer`` does);
-    ``write_model_card=False`` writes no ``README.md`` model card (``model_card``).
+    ``OutputError`` before merging when the output's filesystem lacks room for the shards (+1%), and at once when
+    another run is writing ``out_dir`` (a lock beside it). On any failure (or Ctrl-C) ``out_dir`` is left absent,
+    never partial. ``lora_merge_cache``: where ``model+lora`` models are merged to (kept and reused across runs);
+    None = inside the output's temporary directory, removed after the merge. ``device`` (overrides the config's
+    ``device:``): ``cpu`` (default) runs the Rust kernels; ``cuda``, ``cuda:N`` or ``torch:cpu`` hand the
+    SVD-heavy methods' matrices to torch (``torch_spectral``), falling back to the Rust kernels with a note when
+    torch or the GPU is missing. ``copy_tokenizer=False`` leaves the reference model's tokenizer files out (an
+    aligned vocabulary is still written, as mergekit's ``--no-copy-tokenizer`` does); ``write_model_card=False``
+    writes no ``README.md`` model card (``model_card``). ``allow_nonfinite``: merge NaN and infinite input values as they are (the
+    method's arithmetic carries them into the output) instead of failing with an ``InputError`` naming them.
 
-    The steps: check the arguments; ``prepare`` (config -> models -> plan); check the output's place; merge the
-    tensors; write the side files; rename the finished directory into place (``OutputDir.building``).
+    ``resume``: continue the hidden partial output a killed run left beside ``out_dir`` (``io.journal``): its
+    journaled shards are verified (size, crc32) and kept, only the others are merged; the result is byte-identical
+    to an uninterrupted run. A partial output of another config, other inputs or another ferromerge version is
+    refused (``OutputError``). With ``resume``, a run that fails or is interrupted keeps its partial output for the
+    next resume; without it, the partial output is removed (and a killed run's is removed by the next run).
+
+    The steps: check the arguments; lock the output; ``prepare`` (config -> models -> plan); check the output's
+    place; merge the tensors; write the side files; rename the finished directory into place
+    (``OutputDir.building``).
     """
     check_threads(threads)
     limit = memory_limit_bytes(memory_limit)
     log = _log(quiet)
     start = time.perf_counter()
-    output = OutputDir(out_dir, overwrite=overwrite)
-    # the default LoRA cache lives in the output's temporary directory, so a failed run leaves nothing behind
-    temp_cache = output.temp / "lora-merge-cache" if lora_merge_cache is None else None
-    scratch = output.temp / SCRATCH
-    config, plan = prepare(
-        config_or_path,
-        seed=seed,
-        out_shard_size=out_shard_size,
-        lora_merge_cache=lora_merge_cache or temp_cache,
-        scratch=scratch,
-    )
-    _check_output(output, plan, temp_cache)
-    _log_notes(config, plan, log)
-    merge = _external_merge(device if device is not None else config.device, config.method, log)
-    bar = None if quiet else ProgressBar()
-    with output.building(log) as tmp:
-        lora.materialise_all(plan.models, log)
-        stats = _merge_tensors(
-            plan, tmp, scratch, threads=threads, limit=limit, merge=merge, bar=bar, on_progress=on_progress, log=log
+    with OutputDir(out_dir, overwrite=overwrite) as output:
+        # the default LoRA cache lives in the output's temporary directory, so a failed run leaves nothing behind
+        temp_cache = output.temp / journal.KEEP[0] if lora_merge_cache is None else None
+        scratch = output.temp / SCRATCH
+        config, plan = prepare(
+            config_or_path,
+            seed=seed,
+            out_shard_size=out_shard_size,
+            lora_merge_cache=lora_merge_cache or temp_cache,
+            scratch=scratch,
+            allow_nonfinite=allow_nonfinite,
         )
-        if temp_cache is not None:
-            shutil.rmtree(temp_cache, ignore_errors=True)
-        _write_side_files(
-            tmp, config, plan, seed, log, tokenizer=copy_tokenizer, card=write_model_card, out_name=output.target.name
+        output.check_inputs([m.path for m in plan.models])
+        if not resume:
+            _check_space(output, plan, temp_cache)
+        _log_notes(config, plan, log)
+        merge = _external_merge(device if device is not None else config.device, config.method, log)
+        bar = None if quiet else ProgressBar()
+        full_plan = json.loads(plan.to_json())
+        ident = journal.identity(
+            plan.to_json(), config.resolved(), journal.plan_inputs(full_plan) | _source_files(plan), output.temp
         )
+        with output.building(log, resume=resume) as tmp:
+            kept = journal.resume(tmp, ident, [s.file for s in plan.shards], log) if resume else {}
+            if resume:
+                if kept:
+                    log(f"resuming: {len(kept)} of {len(plan.shards)} shards are finished and verified")
+                _check_space(output, plan, temp_cache, sum(size for size, _ in kept.values()))
+            book = journal.Journal(tmp, ident, kept)
+            lora.materialise_all(plan.models, log)
+            stats = _merge_tensors(
+                plan,
+                journal.reduced_plan(full_plan, kept),
+                book,
+                tmp,
+                scratch,
+                threads=threads,
+                limit=limit,
+                merge=merge,
+                bar=bar,
+                on_progress=on_progress,
+                log=log,
+            )
+            if temp_cache is not None:
+                shutil.rmtree(temp_cache, ignore_errors=True)
+            _write_side_files(
+                tmp,
+                config,
+                plan,
+                seed,
+                log,
+                tokenizer=copy_tokenizer,
+                card=write_model_card,
+                out_name=output.target.name,
+            )
+            book.close(remove=True)
     return RunReport(
         tensors=stats["tensors"],
         bytes_read=stats["bytes_read"],
         bytes_written=stats["bytes_written"],
         seconds=time.perf_counter() - start,
         out_dir=output.target,
+        shards_reused=len(kept),
     )
+
+
+def _source_files(plan: Plan) -> set[Path]:
+    """The files of every model, besides those the plan reads: what a resume checks for changes. (A LoRA-merged
+    model's cache files are named by a digest of the adapter and model files they come from, so the plan digest
+    covers those.)"""
+    return {f for m in plan.models for f in m.files}
