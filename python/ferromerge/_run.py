@@ -108,6 +108,7 @@ def prepare(
     out_shard_size: str | int = DEFAULT_SHARD_SIZE,
     lora_merge_cache: str | os.PathLike[str] | None = None,
     scratch: Path | None = None,
+    strict: bool = False,
     allow_nonfinite: bool = False,
 ) -> tuple[MergeConfig, Plan]:
     """Load the config, index every model and build the plan; nothing is written (``model+lora`` models are
@@ -115,7 +116,7 @@ def prepare(
     run puts the permuted vocabulary tensors (``_plan.build.build_plan``). ``allow_nonfinite``: the engine merges
     NaN and infinite input values as they are instead of refusing them."""
     check_seed(seed)
-    config = load_config(config_or_path)
+    config = load_config(config_or_path, strict=strict)
     models: dict[str, ModelIndex] = {ref: lora.index_any(ref, lora_merge_cache) for ref in config.model_refs()}
     built = build_plan(config, models, seed=seed, out_shard_size=out_shard_size, scratch=scratch)
     return config, dataclasses.replace(built, allow_nonfinite=bool(allow_nonfinite))
@@ -156,6 +157,7 @@ def plan(
     memory_limit: str | int | None = None,
     lora_merge_cache: str | os.PathLike[str] | None = None,
     allow_nonfinite: bool = False,
+    strict: bool = False,
 ) -> PlanReport:
     """Check a config and its models as ``run`` does (same errors, in the same order, all but the output
     directory's) and predict the run's disk, peak memory and time (``_plan.estimate``); writes nothing.
@@ -169,6 +171,7 @@ def plan(
         out_shard_size=out_shard_size,
         lora_merge_cache=lora_merge_cache,
         allow_nonfinite=allow_nonfinite,
+        strict=strict,
     )
     return PlanReport(config, built, estimate(built, out_dir, threads=threads, memory_limit=limit))
 
@@ -301,10 +304,13 @@ def run(
     write_model_card: bool = True,
     resume: bool = False,
     allow_nonfinite: bool = False,
+    strict: bool = False,
 ) -> RunReport:
     """Merge the models of a mergekit config into ``out_dir``.
 
-    ``config_or_path``: a config file path, YAML text or a mapping. ``seed`` keys every random choice (DARE and
+    ``config_or_path``: a config file path, YAML text or a mapping; ``strict``: what mergekit accepts and ferromerge
+    questions (``errors.CompatWarning``: an unused parameter, a misspelled key) is a ``ConfigError``, not a warning.
+    ``seed`` keys every random choice (DARE and
     DELLA masks, arcee_fusion's sample of large tensors, randomized SVD sketches: the output is a pure function of
     inputs, config and seed). ``out_shard_size``: bytes per output shard ("5B" = 5e9, as in mergekit).
     ``on_progress(tensors_done, tensors_total, bytes_done, bytes_total)`` is called after each tensor; an exception
@@ -345,6 +351,7 @@ def run(
             out_shard_size=out_shard_size,
             lora_merge_cache=lora_merge_cache or temp_cache,
             scratch=scratch,
+            strict=strict,
             allow_nonfinite=allow_nonfinite,
         )
         output.check_inputs([m.path for m in plan.models])
