@@ -1,9 +1,12 @@
 """Resolve a mergekit YAML merge config into a ``MergeConfig`` (and serialize it back: ``MergeConfig.resolved``).
 
 The config may be a path, a YAML string or a mapping. Every key is checked before any model is opened (the keys
-and types by ``schema``): a key ferromerge does not know is an error naming its place
-(``models[1].parameters.densty``), and mergekit features ferromerge does not merge (several YAML documents:
-mergekit-multi) are "not supported yet" errors, so that no part of a config is ever silently ignored.
+and types by ``schema``). What mergekit 0.1.5 accepts is accepted, with mergekit's result: a key neither tool
+declares (``merge_methd``, ``models[1].weight`` beside ``parameters:``) and a parameter the method does not use
+(``models[1].parameters.gamma`` in a ties merge) are ignored as mergekit ignores them, each with a compat warning
+naming its place (``leniency``; ``strict=True`` makes them errors), and values are read as mergekit's pydantic
+reads them (``methods.coerce``). What mergekit refuses is refused, with the place; mergekit features ferromerge
+does not merge (several YAML documents: mergekit-multi) are "not supported yet" errors.
 
 A config lists its inputs either as ``models:`` (whole models) or as ``slices:`` (layer ranges, concatenated into
 the output's layers). Both become a tuple of ``OutputSlice``; ``models:`` is one slice whose sources span every
@@ -27,12 +30,14 @@ from pydantic import ValidationError
 from .. import methods
 from ..errors import ConfigError
 from ..io.dtypes import CONFIG_DTYPE_SUGGESTIONS, ST_NAME
+from ..methods.registry import PARAMETER_NAMES
 from ..methods.spec import MethodSpec
 from ..models.refs import check_ref
 from ..tokenizer.chat_template import check_chat_template
 from ..tokenizer.config import TokenizerSettings, check_settings
 from ..torch_spectral import check_device
 from . import settings
+from .leniency import IGNORED, QUIET, Lenient, drop_unknown_keys, suggest
 from .schema import ModelEntry, ModuleEntry, RawConfig, SliceEntry, validation_message
 from .settings import Level, Setting
 
@@ -224,15 +229,16 @@ def _module_data(method: MethodSpec, m: OutputModule) -> dict[str, Any]:
     return data
 
 
-def load_config(source: str | os.PathLike[str] | Mapping[str, Any]) -> MergeConfig:
+def load_config(source: str | os.PathLike[str] | Mapping[str, Any], *, strict: bool = False) -> MergeConfig:
     """Read and validate a config from a path, a YAML string or a mapping.
 
     A ``str`` naming an existing file is read as a path; a ``str`` containing a newline or a ``:`` is YAML text;
     any other ``str`` is taken as a path that does not exist. Raises ``ConfigError`` (syntax, keys, values) or
-    ``ParameterError`` (unknown method).
+    ``ParameterError`` (unknown method). What mergekit accepts and ferromerge questions is a ``CompatWarning``
+    (``leniency``), or with ``strict`` a ``ConfigError``.
     """
     data, text, origin = _read(source)
-    return parse_config(data, text=text, origin=origin)
+    return parse_config(data, text=text, origin=origin, strict=strict)
 
 
 def _read(source: str | os.PathLike[str] | Mapping[str, Any]) -> tuple[Any, str | None, str]:
@@ -269,16 +275,16 @@ def _parse_yaml(text: str, origin: str) -> Any:
     return docs[0]
 
 
-def parse_config(data: Any, *, text: str | None = None, origin: str = "config") -> MergeConfig:
-    """Validate already-parsed config data (``origin`` names it in messages)."""
+def parse_config(
+    data: Any, *, text: str | None = None, origin: str = "config", strict: bool = False
+) -> MergeConfig:
+    """Validate already-parsed config data (``origin`` names it in messages; ``strict``: see ``load_config``)."""
     if not isinstance(data, Mapping):
         raise ConfigError(
             f"{origin}: expected a mapping of keys (merge_method, models, ...), got {type(data).__name__}"
         )
-    for key in data:
-        if key not in RawConfig.model_fields:
-            known = ", ".join(sorted(RawConfig.model_fields))
-            raise ConfigError(f"{origin}: {key}: unknown key; known: {known}")
+    lenient = Lenient(strict)
+    data = drop_unknown_keys(data, PARAMETER_NAMES, lenient)
     if "merge_method" not in data:
         raise ConfigError(f"{origin}: merge_method: missing (e.g. merge_method: ties)")
     given = [k for k in ("models", "slices", "modules") if data.get(k)]
@@ -289,11 +295,6 @@ def parse_config(data: Any, *, text: str | None = None, origin: str = "config") 
         )
     if not given:
         raise ConfigError(f"{origin}: models: missing or empty; list the models to merge (or use slices: or modules:)")
-    modules = data.get("modules")
-    for name, entry in modules.items() if isinstance(modules, Mapping) else ():
-        for key in entry if isinstance(entry, Mapping) else ():
-            if key not in ModuleEntry.model_fields:
-                raise ConfigError(f"{origin}: modules.{name}.{key}: unknown key; known: models, parameters, slices")
     try:
         raw = RawConfig.model_validate(dict(data))
     except ValidationError as e:
@@ -303,20 +304,22 @@ def parse_config(data: Any, *, text: str | None = None, origin: str = "config") 
     dtype = _dtype(raw.dtype, "dtype")
     out_dtype = _dtype(raw.out_dtype, "out_dtype")
     device = check_device(raw.device) if raw.device is not None else None
-    top = Level(_settings(method, raw.parameters or {}, "parameters", level="global"), "parameters")
+    top = Level(_settings(method, raw.parameters or {}, "parameters", "global", lenient), "parameters")
     base_ref = check_ref(raw.base_model, "base_model") if raw.base_model is not None else None
     notes: list[str] = []
     modules: tuple[OutputModule, ...] = ()
     if raw.modules:
-        modules = tuple(_module(method, name, m, base_ref, top, notes) for name, m in raw.modules.items())
+        modules = tuple(
+            _module(method, name, m, base_ref, top, notes, lenient) for name, m in raw.modules.items()
+        )
         slices = tuple(s for m in modules for s in m.slices)
         reference = base_ref if base_ref is not None else slices[0].sources()[0].ref
     elif raw.models:
-        slices = (_models_slice(method, raw.models, base_ref, top, notes),)
+        slices = (_models_slice(method, raw.models, base_ref, top, notes, lenient),)
         reference = base_ref if base_ref is not None else slices[0].sources()[0].ref
     else:
         assert raw.slices is not None
-        slices = tuple(_slice(method, i, s, base_ref, top, notes) for i, s in enumerate(raw.slices))
+        slices = tuple(_slice(method, i, s, base_ref, top, notes, lenient) for i, s in enumerate(raw.slices))
         reference = base_ref if base_ref is not None else slices[0].sources()[0].ref
         if reference == base_ref and not any(m.ref == base_ref for s in slices for m in s.sources()):
             notes.append(
@@ -370,19 +373,29 @@ def _tokenizer(raw: RawConfig, refs: list[str]) -> TokenizerSettings | None:
 
 
 def _module(
-    method: MethodSpec, name: str, entry: ModuleEntry, base_ref: str | None, top: Level, notes: list[str]
+    method: MethodSpec,
+    name: str,
+    entry: ModuleEntry,
+    base_ref: str | None,
+    top: Level,
+    notes: list[str],
+    lenient: Lenient,
 ) -> OutputModule:
     """One ``modules:`` entry; its ``parameters`` rank between its slices' and the top-level ones (mergekit)."""
     where = f"modules.{name}"
     if bool(entry.models) == bool(entry.slices):
         raise ConfigError(f"{where}: give models: or slices: (exactly one, not empty)")
-    own = Level(_settings(method, entry.parameters or {}, f"{where}.parameters", "slice"), f"{where}.parameters")
+    own = Level(
+        _settings(method, entry.parameters or {}, f"{where}.parameters", "slice", lenient), f"{where}.parameters"
+    )
     if entry.models:
-        slices = (_models_slice(method, entry.models, base_ref, top, notes, prefix=f"{where}.", module=own),)
+        slices = (
+            _models_slice(method, entry.models, base_ref, top, notes, lenient, prefix=f"{where}.", module=own),
+        )
     else:
         assert entry.slices is not None
         slices = tuple(
-            _slice(method, i, s, base_ref, top, notes, prefix=f"{where}.", module=own)
+            _slice(method, i, s, base_ref, top, notes, lenient, prefix=f"{where}.", module=own)
             for i, s in enumerate(entry.slices)
         )
     return OutputModule(name, where, slices, entry.slices is not None)
@@ -394,6 +407,7 @@ def _models_slice(
     base_ref: str | None,
     top: Level,
     notes: list[str],
+    lenient: Lenient,
     prefix: str = "",
     module: Level | None = None,
 ) -> OutputSlice:
@@ -412,7 +426,7 @@ def _models_slice(
             refs[i],
             f"{prefix}models[{i}]",
             None,
-            _settings(method, e.parameters or {}, f"{prefix}models[{i}].parameters", "model"),
+            _settings(method, e.parameters or {}, f"{prefix}models[{i}].parameters", "model", lenient),
         )
         for i, e in enumerate(entries)
     ]
@@ -431,6 +445,7 @@ def _slice(
     base_ref: str | None,
     top: Level,
     notes: list[str],
+    lenient: Lenient,
     prefix: str = "",
     module: Level | None = None,
 ) -> OutputSlice:
@@ -456,7 +471,7 @@ def _slice(
             raise ConfigError(
                 f"{place}.layer_range: [{start}, {end}] is empty or negative; give [start, end), start < end"
             )
-        own = _settings(method, src.parameters or {}, f"{place}.parameters", "model")
+        own = _settings(method, src.parameters or {}, f"{place}.parameters", "model", lenient)
         sources.append((ref, place, (start, end), own))
     lengths = [r[2][1] - r[2][0] for r in sources]
     if len(set(lengths)) > 1:
@@ -465,7 +480,9 @@ def _slice(
     slice_base = check_ref(entry.base_model, f"{where}.base_model") if entry.base_model is not None else base_ref
     if entry.base_model is not None and not method.takes_base:
         notes.append(f"{where}.base_model has no effect with {method.name}")
-    own = Level(_settings(method, entry.parameters or {}, f"{where}.parameters", "slice"), f"{where}.parameters")
+    own = Level(
+        _settings(method, entry.parameters or {}, f"{where}.parameters", "slice", lenient), f"{where}.parameters"
+    )
     upper = (own, top) if module is None else (own, module, top)
     return _build_slice(method, where, sources, slice_base, upper, notes)
 
@@ -543,22 +560,43 @@ def _dtype(value: str | None, where: str) -> str | None:
     raise ConfigError(f"{where}: unsupported dtype {value!r}; use one of {', '.join(ST_NAME)}")
 
 
-def _settings(method: MethodSpec, given: dict[str, Any], where: str, level: str) -> dict[str, Setting]:
-    """Validate the parameter names and settings of one level (``model``, ``slice`` or ``global``)."""
+def _settings(
+    method: MethodSpec, given: dict[str, Any], where: str, level: str, lenient: Lenient
+) -> dict[str, Setting]:
+    """Validate the parameter settings of one level (``model``, ``slice`` or ``global``). A parameter the method
+    does not read at that level is ignored, as mergekit ignores it, with a compat warning (its form is still
+    checked: mergekit's pydantic refuses a malformed one before any method looks)."""
     out: dict[str, Setting] = {}
+    known = method.per_model if level == "model" else {**method.per_model, **method.shared}
     for name, value in given.items():
         place = f"{where}.{name}"
-        if level == "model" and name in method.shared:
-            # mergekit reads method-wide parameters only from the slice/module/top level: here it is ignored.
-            raise ConfigError(
-                f"{place}: {name!r} applies to the whole merge, not to one model; "
-                "set it under the top-level (or the slice's) parameters"
-            )
-        known = method.per_model if level == "model" else {**method.per_model, **method.shared}
-        if name not in known:
-            names = ", ".join(sorted(known)) or "none (it takes no parameters here)"
-            raise ConfigError(f"{place}: unknown parameter for method {method.name}; known: {names}")
-        if value is None:
-            continue
-        out[name] = settings.parse_setting(value, name, known[name], place)
+        spec = known.get(name)
+        setting = settings.parse_setting(value, name, spec, place, lenient if spec is not None else QUIET)
+        if spec is None:
+            lenient.warn(_unused_message(method, name, place, level, known))
+        elif setting is not None:
+            out[name] = setting
     return out
+
+
+def _unused_message(method: MethodSpec, name: str, place: str, level: str, known: Mapping[str, Any]) -> str:
+    """Why parameter ``name`` at ``place`` has no effect, and the one probably meant."""
+    if level == "model" and name in method.shared:
+        # mergekit reads method-wide parameters only from the slice, module and top-level parameters
+        return (
+            f"{place}: {name!r} applies to the whole merge, not to one model (set it under the top-level or the "
+            f"slice's parameters); {IGNORED} here"
+        )
+    close = suggest(name, known)
+    if close is not None:
+        return f"{place}: {method.name} has no parameter {name!r} (did you mean {close!r}?); {IGNORED}"
+    if name in PARAMETER_NAMES:
+        return f"{place}: {method.name} does not use {name!r}; {IGNORED}"
+    other = suggest(name, PARAMETER_NAMES)
+    if other is not None:
+        return (
+            f"{place}: {method.name} has no parameter {name!r} (a misspelling of {other!r}? {method.name} does not "
+            f"use that either); {IGNORED}"
+        )
+    names = ", ".join(sorted(known)) or "none"
+    return f"{place}: {method.name} has no parameter {name!r} (known: {names}); {IGNORED}"

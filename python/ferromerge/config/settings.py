@@ -24,6 +24,7 @@ from typing import Any
 from .. import methods
 from ..errors import ConfigError
 from ..methods.spec import ParamSpec
+from .leniency import IGNORED, Lenient, suggest
 
 
 @dataclass(frozen=True)
@@ -53,27 +54,51 @@ class Filtered:
 Setting = Const | Gradient | Filtered
 
 
-def parse_setting(raw: Any, name: str, spec: ParamSpec, place: str) -> Setting:
+def parse_setting(
+    raw: Any, name: str, spec: ParamSpec | None, place: str, lenient: Lenient | None = None
+) -> Setting | None:
     """Validate one setting as written at ``place`` (``models[0].parameters.density``) for parameter ``name``.
 
-    Every value is type- and range-checked here, so resolution never meets a bad value. An unfiltered
-    ``{value: x}`` (or ``filter: "*"``), and a filter list whose first entry matches everything, are plain values.
+    The forms are mergekit's (its ``ParameterSetting``: a scalar, a gradient of scalars, ``{filter, value}`` or a
+    list of those); a form mergekit refuses is a ``ConfigError`` here too. Each value is read as mergekit's
+    pydantic reads it for the parameter's type (``methods.coerce``) and range-checked, so resolution never meets a
+    bad value. ``spec`` None: the method does not use the parameter; only the form is checked (mergekit checks
+    that much before ignoring it) and the result is None. An unfiltered ``{value: x}`` (or ``filter: "*"``), and a
+    filter list whose first entry matches everything, are plain values; an empty list sets nothing (None), as in
+    mergekit, with a compat warning.
     """
+    if raw is None:
+        # mergekit's ParameterSetting has no null: pydantic refuses the whole config
+        raise ConfigError(f"{place}: no value (null); give a value, or remove the key")
     if isinstance(raw, Mapping):
-        return _simplify(Filtered((_entry(raw, name, spec, place),)))
+        return _simplify(Filtered((_entry(raw, name, spec, place, lenient),)))
     if isinstance(raw, list):
         if not raw:
-            raise ConfigError(f"{place}: an empty list; give a value, a gradient [v0, v1, ...] or [{{filter, value}}]")
+            if lenient is not None:
+                lenient.warn(f"{place}: an empty list sets nothing; {IGNORED}")
+            return None
         if any(isinstance(v, Mapping) for v in raw):
             if not all(isinstance(v, Mapping) for v in raw):
                 raise ConfigError(f"{place}: a list mixing {{filter, value}} entries with plain values")
-            return _simplify(Filtered(tuple(_entry(v, name, spec, f"{place}[{i}]") for i, v in enumerate(raw))))
-    return _value(raw, name, spec, place)
+            return _simplify(
+                Filtered(tuple(_entry(v, name, spec, f"{place}[{i}]", lenient) for i, v in enumerate(raw)))
+            )
+    return _value(raw, name, spec, place, lenient)
 
 
-def _entry(raw: Mapping[str, Any], name: str, spec: ParamSpec, place: str) -> tuple[str | None, Const | Gradient]:
-    if "value" not in raw or not set(raw) <= {"filter", "value"}:
+def _entry(
+    raw: Mapping[str, Any], name: str, spec: ParamSpec | None, place: str, lenient: Lenient | None
+) -> tuple[str | None, Const | Gradient]:
+    if "value" not in raw:
         raise ConfigError(f"{place}: expected a value or {{filter, value}}, got {dict(raw)!r}")
+    for key in raw:
+        if key not in ("filter", "value"):
+            # mergekit's ConditionalParameter ignores keys it does not declare
+            if lenient is None:
+                raise ConfigError(f"{place}: expected a value or {{filter, value}}, got {dict(raw)!r}")
+            close = suggest(str(key), ("filter", "value"))
+            hint = f"did you mean {close!r}?" if close else "a filter entry has filter and value"
+            lenient.warn(f"{place}.{key}: unknown key ({hint}); {IGNORED}")
     flt = raw.get("filter")
     if flt is not None and not isinstance(flt, str):
         raise ConfigError(f"{place}.filter: expected a string (a substring of tensor names), got {flt!r}")
@@ -81,7 +106,7 @@ def _entry(raw: Mapping[str, Any], name: str, spec: ParamSpec, place: str) -> tu
         isinstance(raw["value"], list) and any(isinstance(v, Mapping) for v in raw["value"])
     ):
         raise ConfigError(f"{place}.value: filters cannot be nested")
-    return (None if flt in (None, "*") else flt), _value(raw["value"], name, spec, f"{place}.value")
+    return (None if flt in (None, "*") else flt), _value(raw["value"], name, spec, f"{place}.value", lenient)
 
 
 def _simplify(setting: Filtered) -> Setting:
@@ -89,15 +114,29 @@ def _simplify(setting: Filtered) -> Setting:
     return value if flt is None else setting
 
 
-def _value(raw: Any, name: str, spec: ParamSpec, place: str) -> Const | Gradient:
+def _value(raw: Any, name: str, spec: ParamSpec | None, place: str, lenient: Lenient | None) -> Const | Gradient:
     if isinstance(raw, list):
         if not raw:
             raise ConfigError(f"{place}: an empty gradient; give at least one value")
-        values = tuple(methods.coerce(spec, name, v, f"{place}[{i}]") for i, v in enumerate(raw))
+        values = tuple(_scalar(spec, name, v, f"{place}[{i}]", lenient) for i, v in enumerate(raw))
         if len(values) == 1:
             return Const(values[0])
-        return Gradient(values, numeric=spec.kind is float)
-    return Const(methods.coerce(spec, name, raw, place))
+        return Gradient(values, numeric=spec is not None and spec.kind is float)
+    return Const(_scalar(spec, name, raw, place, lenient))
+
+
+def _scalar(spec: ParamSpec | None, name: str, raw: Any, place: str, lenient: Lenient | None) -> Any:
+    """One value, read as mergekit reads it for ``spec`` (``methods.coerce``); a boolean read as a number is a
+    compat warning (``weight: true`` is 1.0 to pydantic, rarely what was meant). ``spec`` None: any scalar (the form
+    mergekit checks before it ignores the parameter)."""
+    if spec is None:
+        if raw is None or not isinstance(raw, (bool, int, float, str)):
+            raise ConfigError(f"{place}: expected a number, true/false or a string, got {raw!r}")
+        return raw
+    value = methods.coerce(spec, name, raw, place)
+    if isinstance(raw, bool) and spec.kind is float and lenient is not None:
+        lenient.warn(f"{place}: {str(raw).lower()} read as the number {value!r}, as mergekit reads it")
+    return value
 
 
 def layer_t(index: int, count: int) -> float:

@@ -34,7 +34,16 @@ from .. import _engine
 from ..errors import ParameterError
 from .spec import RESCALE_MODES, MethodSpec, ParamSpec
 
-__all__ = ["EXTENSIONS", "GENERALIZED_TASK_ARITHMETIC", "PLANNER_PARAMS", "REGISTRY", "default", "derive", "get"]
+__all__ = [
+    "EXTENSIONS",
+    "GENERALIZED_TASK_ARITHMETIC",
+    "PARAMETER_NAMES",
+    "PLANNER_PARAMS",
+    "REGISTRY",
+    "default",
+    "derive",
+    "get",
+]
 
 #: kernel parameters the planner sets per tensor from other settings (never written in a config)
 PLANNER_PARAMS = frozenset({"mean_only"})
@@ -247,6 +256,8 @@ def derive(rows: Iterable[Mapping[str, Any]]) -> dict[str, MethodSpec]:
 REGISTRY: dict[str, MethodSpec] = derive(_engine.methods())
 #: the methods mergekit 0.1.5 runs as a ``GeneralizedTaskArithmeticMerge`` (task vectors, sparsified or not)
 GENERALIZED_TASK_ARITHMETIC: tuple[str, ...] = tuple(n for n, f in _CONFIG_FACTS.items() if f.generalized_task_arithmetic)
+#: every parameter name of every method: a config key with one of these names is a parameter out of its place
+PARAMETER_NAMES: frozenset[str] = frozenset(p for spec in REGISTRY.values() for p in [*spec.per_model, *spec.shared])
 
 
 def get(name: str) -> MethodSpec:

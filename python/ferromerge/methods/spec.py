@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import TypeAdapter, ValidationError
+
 from ..errors import ParameterError
 
 RESCALE_MODES = ("l1", "inverse_density")
@@ -108,30 +110,52 @@ def mean_only(method: MethodSpec, shared: dict[str, Any], tensor: str) -> bool:
     return method.gpu_bound and bool(pattern) and re.search(pattern, tensor) is not None
 
 
+#: mergekit's parameter types, read in pydantic's lax mode as mergekit's ``ParameterSpec.validate`` reads them
+_LAX: dict[str, TypeAdapter[Any]] = {"float": TypeAdapter(float), "int": TypeAdapter(int), "bool": TypeAdapter(bool)}
+
+
+def _lax(kind: str, value: Any) -> tuple[bool, Any]:
+    try:
+        return True, _LAX[kind].validate_python(value)
+    except ValidationError:
+        return False, None
+
+
 def coerce(spec: ParamSpec, name: str, value: Any, where: str) -> Any:
-    """Check one parameter value's type and range; ``where`` names its place in the config."""
+    """Check one parameter value's type and range; ``where`` names its place in the config.
+
+    Values are read as mergekit 0.1.5 reads them: its ``ParameterSpec.validate`` is pydantic's lax mode for the
+    declared type, so a number may be written as a string (``"1e-6"``: YAML 1.1 reads an exponent without a dot as
+    a string), a boolean as 0/1, 0.0/1.0 or "true"/"yes"/"on"/"1"..., an integer as 5.0 or "5", a number as a
+    boolean (1.0); what pydantic refuses is refused here, with the parameter's place. ferromerge's own string
+    parameters (``rescale_mode``, ``exclude``) take strings only. Numbers must be finite (pydantic's "nan" would make
+    a NaN model) and within the parameter's range.
+    """
     if spec.kind is bool:
-        if not isinstance(value, bool):
+        ok, flag = _lax("bool", value)
+        if not ok:
             raise ParameterError(f"{where}: parameter {name!r} must be true or false, got {value!r}")
-        return value
+        return flag
     if spec.kind is str:
         if not isinstance(value, str) or (spec.choices and value not in spec.choices):
             raise ParameterError(f"{where}: parameter {name!r} must be one of {list(spec.choices)}, got {value!r}")
         return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    ok, number = _lax("float", value)
+    if not ok:
         raise ParameterError(f"{where}: parameter {name!r} must be a number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
+    if not math.isfinite(number):
         raise ParameterError(f"{where}: parameter {name!r} must be finite, got {value!r}")
     if spec.integer:
-        if not value.is_integer():
+        # mergekit's int parameters refuse "1e3" and 2.5 as pydantic's int does
+        ok, whole = _lax("int", value)
+        if not ok:
             raise ParameterError(f"{where}: parameter {name!r} must be an integer, got {value!r}")
-        value = int(value)
-    below = spec.low is not None and (value < spec.low or (spec.low_open and value == spec.low))
-    above = spec.high is not None and (value > spec.high or (spec.high_open and value == spec.high))
+        number = whole
+    below = spec.low is not None and (number < spec.low or (spec.low_open and number == spec.low))
+    above = spec.high is not None and (number > spec.high or (spec.high_open and number == spec.high))
     if below or above:
-        raise ParameterError(f"{where}: {name} must be in {spec.range_text()}, got {value!r}")
-    return value
+        raise ParameterError(f"{where}: {name} must be in {spec.range_text()}, got {number!r}")
+    return number
 
 
 def check_model(method: MethodSpec, values: dict[str, Any], where: str) -> None:
