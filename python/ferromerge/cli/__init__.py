@@ -2,17 +2,27 @@
 ``compress`` and ``decompress`` (``cli.compress``), ``--version``.
 
 Errors print one line, ``ferromerge: error: <message>``, and exit with 2 for config/parameter problems, 1 for
-input/output problems, 130 on Ctrl-C (no output is left behind in any of these cases).
+input/output problems, 130 on Ctrl-C (SIGINT), 143 on SIGTERM (``kill``, ``docker stop``, Slurm, systemd) and 129 on
+SIGHUP (no output is left behind in any of these cases; ``run --resume`` keeps its partial output to resume).
+SIGTERM and SIGHUP take Ctrl-C's road: their handler raises ``KeyboardInterrupt`` (``Terminated``), which the engine
+lets through at its next tensor (it checks for signals after each one) and every cleanup already handles. A compat warning (what
+mergekit accepts and ferromerge questions: ``errors.CompatWarning``) prints one line, ``ferromerge: warning:
+<message>``, and the command goes on (``--strict`` makes it an error).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from types import FrameType
+from typing import TextIO
 
 from .. import _engine
-from ..errors import MergeError, ParameterError
+from ..errors import CompatWarning, MergeError, ParameterError
 from . import compress, extract_lora, merge
 
 __all__ = ["main"]
@@ -35,11 +45,70 @@ def _error(message: object) -> None:
     print(f"ferromerge: error: {message}", file=sys.stderr)
 
 
+class Terminated(KeyboardInterrupt):
+    """A SIGTERM or SIGHUP, raised where Ctrl-C's ``KeyboardInterrupt`` would be."""
+
+    def __init__(self, signo: int) -> None:
+        super().__init__(signal.Signals(signo).name)
+        self.signo = signo
+
+
+#: the signals that stop a command as Ctrl-C does
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    """While a command runs, SIGTERM and SIGHUP raise ``Terminated`` (once: a second signal while cleaning up is
+    ignored, so the cleanup finishes); the previous handlers come back after."""
+    raised = False
+
+    def handler(signo: int, _frame: FrameType | None) -> None:
+        nonlocal raised
+        if not raised:
+            raised = True
+            raise Terminated(signo)
+
+    try:
+        previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    except ValueError:  # not the main thread (main() called from a worker thread): leave the signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _print_compat_warnings() -> None:
+    """From now on (within ``main``'s ``catch_warnings``), each compat warning prints as ``ferromerge: warning:
+    ...``, every time (a command loads its config once); other warnings print as Python prints them."""
+    python_way = warnings.showwarning
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: TextIO | None = None, line: str | None = None) -> None:
+        if issubclass(category, CompatWarning):
+            print(f"ferromerge: warning: {message}", file=sys.stderr)
+        else:
+            python_way(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    warnings.simplefilter("always", CompatWarning)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ferromerge`` console script; returns the exit status."""
     args = _parser().parse_args(argv)
+    with warnings.catch_warnings():
+        _print_compat_warnings()
+        return _dispatch(args)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     try:
-        return int(args.func(args))
+        with _stop_on_signals():
+            return int(args.func(args))
     except ParameterError as e:
         _error(e)
         return 2
@@ -49,9 +118,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         _error(e)
         return 1
+    except Terminated as e:
+        print(f"ferromerge: terminated by {signal.Signals(e.signo).name}; no output was written", file=sys.stderr)
+        return 128 + e.signo
     except KeyboardInterrupt:
         print("ferromerge: interrupted; no output was written", file=sys.stderr)
-        return 130
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":
