@@ -91,6 +91,12 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
         "cuda:N or torch:cpu (torch); overrides the config's device:. Without torch or a GPU the Rust kernels run",
     )
     p.add_argument("--cuda", action="store_const", const="cuda", dest="device", help="mergekit's spelling of --device cuda")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="make every compat warning an error (exit 2): what mergekit accepts and ferromerge questions, such as a "
+        "parameter the method does not use or a misspelled key, which are otherwise ignored as mergekit ignores them",
+    )
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -107,6 +113,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         memory_limit=args.memory_limit,
         lora_merge_cache=args.lora_merge_cache,
         device=args.device,
+        strict=args.strict,
     )
     if not args.quiet:
         print(
@@ -127,6 +134,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         out_shard_size=args.out_shard_size,
         memory_limit=args.memory_limit,
         lora_merge_cache=args.lora_merge_cache,
+        strict=args.strict,
     )
     if args.json:
         print(json.dumps({**json.loads(report.plan.to_json()), "summary": report.summary()}))
