@@ -6,6 +6,9 @@ input/output problems, 130 on Ctrl-C (SIGINT), 143 on SIGTERM (``kill``, ``docke
 SIGHUP (no output is left behind in any of these cases; ``run --resume`` keeps its partial output to resume).
 SIGTERM and SIGHUP take Ctrl-C's road: their handler raises ``KeyboardInterrupt`` (``Terminated``), which the engine
 lets through at its next tensor (it checks for signals after each one) and every cleanup already handles.
+
+A compat warning (what mergekit accepts and ferromerge questions: ``errors.CompatWarning``) prints one line,
+``ferromerge: warning: <message>``, and the command goes on (``--strict`` makes it an error).
 """
 
 from __future__ import annotations
@@ -13,12 +16,14 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from types import FrameType
+from typing import TextIO
 
 from .. import _engine
-from ..errors import MergeError, ParameterError
+from ..errors import CompatWarning, MergeError, ParameterError
 from . import compress, extract_lora, merge
 
 __all__ = ["main"]
@@ -77,9 +82,31 @@ def _stop_on_signals() -> Iterator[None]:
             signal.signal(s, h)
 
 
+def _print_compat_warnings() -> None:
+    """From now on (within ``main``'s ``catch_warnings``), each compat warning prints as ``ferromerge: warning:
+    ...``, every time (a command loads its config once); other warnings print as Python prints them."""
+    python_way = warnings.showwarning
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: TextIO | None = None, line: str | None = None) -> None:
+        if issubclass(category, CompatWarning):
+            print(f"ferromerge: warning: {message}", file=sys.stderr)
+        else:
+            python_way(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    warnings.simplefilter("always", CompatWarning)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ferromerge`` console script; returns the exit status."""
     args = _parser().parse_args(argv)
+    with warnings.catch_warnings():
+        _print_compat_warnings()
+        return _dispatch(args)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     try:
         with _stop_on_signals():
             return int(args.func(args))
