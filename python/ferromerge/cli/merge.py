@@ -24,6 +24,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--overwrite", action="store_true", help="replace OUT_DIR if it exists (only once the merge is done)"
     )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the partial output a killed or interrupted run left beside OUT_DIR: its finished shards are "
+        "verified and kept, only the rest is merged (the same config, inputs and ferromerge version only); a run "
+        "with --resume that fails or is interrupted keeps its partial output for the next --resume",
+    )
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("plan", help="check a config and its models and print what a run would do (writes nothing)")
@@ -97,6 +104,12 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
         help="make every compat warning an error (exit 2): what mergekit accepts and ferromerge questions, such as a "
         "parameter the method does not use or a misspelled key, which are otherwise ignored as mergekit ignores them",
     )
+    p.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="merge NaN and infinite input values as they are (the method's arithmetic carries them into the "
+        "output) instead of stopping with an error naming the file, tensor and count",
+    )
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -114,8 +127,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         lora_merge_cache=args.lora_merge_cache,
         device=args.device,
         strict=args.strict,
+        resume=args.resume,
+        allow_nonfinite=args.allow_nonfinite,
     )
     if not args.quiet:
+        if report.shards_reused:
+            print(f"resumed: {report.shards_reused} finished shard(s) kept, the counts below are the rest")
         print(
             f"merged {report.tensors} tensors into {report.out_dir}: read {format_bytes(report.bytes_read)}, "
             f"wrote {format_bytes(report.bytes_written)} in {report.seconds:.2f} s ({report.gb_per_s:.2f} GB/s read)"
@@ -135,6 +152,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         memory_limit=args.memory_limit,
         lora_merge_cache=args.lora_merge_cache,
         strict=args.strict,
+        allow_nonfinite=args.allow_nonfinite,
     )
     if args.json:
         print(json.dumps({**json.loads(report.plan.to_json()), "summary": report.summary()}))
