@@ -1,37 +1,54 @@
-"""``ferromerge run``, ``plan`` and ``demo``: the commands of a config-driven merge.
+"""``ferromerge run``, ``multi``, ``plan`` and ``demo``: the commands of a config-driven merge.
 
-``plan`` checks a config and its models like ``run`` (same errors, same exit codes) and prints what a run would
-do and need (disk, peak memory, time: see ``ferromerge.plan``) without writing anything.
+``run`` takes every mergekit-yaml option (``cli.mergekit_options``), so a script can call it where it called
+``mergekit-yaml``; on a file of several YAML documents (mergekit-multi's format) it runs them all, as ``multi``
+does (``ferromerge.multi``). ``plan`` checks a config and its models like ``run`` (same errors, same exit codes) and
+prints what a run would do and need (disk, peak memory, time: see ``ferromerge.plan``) without writing anything.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+from typing import Any
 
-from .._plan.build import DEFAULT_SHARD_SIZE
 from .._validate import format_bytes
-from .args import parse_seed, parse_threads
+from . import mergekit_options
+from .mergekit_options import FERROMERGE_NAMES, PLAN_FIELDS, RUN_FIELDS
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    """Register ``run``, ``plan`` and ``demo``; each sets ``func``, which ``cli.main`` calls."""
-    p = sub.add_parser("run", help="merge the models of a config into OUT_DIR")
+    """Register ``run``, ``multi``, ``plan`` and ``demo``; each sets ``func``, which ``cli.main`` calls."""
+    p = sub.add_parser(
+        "run",
+        help="merge the models of a config into OUT_DIR (takes mergekit-yaml's options)",
+        description="Merge the models of a mergekit config into OUT_DIR. A file of several YAML documents "
+        "(mergekit-multi) runs every merge, as `ferromerge multi CONFIG OUT_DIR` does.",
+    )
     p.add_argument("config", metavar="CONFIG", help="mergekit YAML config")
     p.add_argument("out_dir", metavar="OUT_DIR", help="output model directory (must not exist, see --overwrite)")
     _add_plan_options(p)
-    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-    p.add_argument(
-        "--overwrite", action="store_true", help="replace OUT_DIR if it exists (only once the merge is done)"
-    )
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the partial output a killed or interrupted run left beside OUT_DIR: its finished shards are "
-        "verified and kept, only the rest is merged (the same config, inputs and ferromerge version only); a run "
-        "with --resume that fails or is interrupted keeps its partial output for the next --resume",
-    )
+    _add_run_options(p)
+    _add_multi_options(p, "multi-merge files only: ")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser(
+        "multi",
+        help="run several named merges from one file, later ones using earlier ones' outputs (mergekit-multi)",
+        description="Run the merges of a mergekit-multi file (YAML documents, each a config with a name:; a "
+        "reference to a name means that merge's output) in dependency order. Named merges go to "
+        "INTERMEDIATE_DIR/NAME and are reused while their config, settings and inputs are unchanged; the unnamed "
+        "merge (or, when all have names, the last) goes to OUT.",
+    )
+    p.add_argument("config", metavar="CONFIG", help="mergekit-multi YAML file")
+    p.add_argument("out_dir", metavar="OUT", nargs="?", default=None,
+                   help="output of the final merge (needed when a merge has no name)")
+    p.add_argument("--out-path", dest="out_path", default=None, metavar="OUT", help="mergekit-multi's spelling of OUT")
+    _add_plan_options(p)
+    _add_run_options(p)
+    _add_multi_options(p, "")
+    p.set_defaults(func=_cmd_multi)
 
     p = sub.add_parser("plan", help="check a config and its models and print what a run would do (writes nothing)")
     p.add_argument("config", metavar="CONFIG", help="mergekit YAML config")
@@ -58,11 +75,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
-
 def _add_plan_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--threads", type=parse_threads, default=None, metavar="N", help="worker threads (default: all cores)"
-    )
+    """The options ``plan`` shares with ``run``: mergekit's that change what is checked, the memory budget and
+    ``--strict``."""
+    mergekit_options.add(p, PLAN_FIELDS, FERROMERGE_NAMES)
     p.add_argument(
         "--memory-limit",
         default=None,
@@ -70,34 +86,6 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
         help="memory budget of the engine, e.g. 2GiB (at least 64MiB; default: half of RAM or of the cgroup "
         "limit, at most 8 GiB); never changes the output",
     )
-    p.add_argument(
-        "--seed",
-        type=parse_seed,
-        default=0,
-        help="seed of every random choice: DARE/DELLA masks, arcee_fusion's sample of large tensors, randomized SVD "
-        "sketches (default 0: reproducible)",
-    )
-    p.add_argument(
-        "--out-shard-size",
-        default=DEFAULT_SHARD_SIZE,
-        metavar="SIZE",
-        help="bytes per output shard, K/M/B = x1000 as in mergekit, also KiB/MiB/GiB (default 5B = 5e9 bytes)",
-    )
-    p.add_argument(
-        "--lora-merge-cache",
-        default=None,
-        metavar="DIR",
-        help="where model+lora references are merged to, and reused from by later runs (default: a temporary "
-        "directory inside the output's, removed after the merge)",
-    )
-    p.add_argument(
-        "--device",
-        default=None,
-        metavar="DEVICE",
-        help="where SVD-heavy methods (tsv_m, iso_c, iso_cts, star) run: cpu (the Rust kernels, default), cuda, "
-        "cuda:N or torch:cpu (torch); overrides the config's device:. Without torch or a GPU the Rust kernels run",
-    )
-    p.add_argument("--cuda", action="store_const", const="cuda", dest="device", help="mergekit's spelling of --device cuda")
     p.add_argument(
         "--strict",
         action="store_true",
@@ -112,25 +100,55 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace OUT_DIR if it exists (only once the merge is done)"
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the partial output a killed or interrupted run left beside OUT_DIR: its finished shards are "
+        "verified and kept, only the rest is merged (the same config, inputs and ferromerge version only); a run "
+        "with --resume that fails or is interrupted keeps its partial output for the next --resume",
+    )
+    mergekit_options.add(p.add_argument_group("mergekit-yaml's other options"), RUN_FIELDS)
+
+
+def _add_multi_options(p: argparse.ArgumentParser, prefix: str) -> None:
+    p.add_argument("-I", "--intermediate-dir", default=None, metavar="DIR",
+                   help=f"{prefix}where named merges are written and reused from (default: OUT-intermediates)")
+    p.add_argument("--lazy", action=argparse.BooleanOptionalAction, default=True,
+                   help=f"{prefix}reuse a merge whose config, settings and inputs are unchanged (default)")
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    """``run``'s keywords from the options, after printing a note for each one that has no effect here."""
+    kwargs, notes = mergekit_options.settings(args)
+    if not kwargs.get("quiet", False):
+        for note in notes:
+            print(f"ferromerge: note: {note}", file=sys.stderr)
+    return kwargs
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
+    from ..multi import is_multi
+
+    if is_multi(args.config):
+        return _cmd_multi(args)
     from .._run import run
 
+    kwargs = _settings(args)
     report = run(
         args.config,
         args.out_dir,
-        threads=args.threads,
-        seed=args.seed,
-        out_shard_size=args.out_shard_size,
-        quiet=args.quiet,
         overwrite=args.overwrite,
         memory_limit=args.memory_limit,
-        lora_merge_cache=args.lora_merge_cache,
-        device=args.device,
         strict=args.strict,
         resume=args.resume,
         allow_nonfinite=args.allow_nonfinite,
+        **kwargs,
     )
-    if not args.quiet:
+    if not kwargs["quiet"]:
         if report.shards_reused:
             print(f"resumed: {report.shards_reused} finished shard(s) kept, the counts below are the rest")
         print(
@@ -140,17 +158,37 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_multi(args: argparse.Namespace) -> int:
+    from ..multi import run_multi
+
+    out = getattr(args, "out_path", None) or args.out_dir
+    kwargs = _settings(args)
+    results = run_multi(
+        args.config, out, intermediate_dir=args.intermediate_dir, lazy=args.lazy, overwrite=args.overwrite,
+        memory_limit=args.memory_limit, strict=args.strict, allow_nonfinite=args.allow_nonfinite, **kwargs,
+    )
+    if not kwargs["quiet"]:
+        for r in results:
+            if r.report is None:
+                print(f"{r.merge.label}: reused {r.merge.out} (config, settings and inputs unchanged)")
+            else:
+                print(f"{r.merge.label}: merged {r.report.tensors} tensors into {r.merge.out} in "
+                      f"{r.report.seconds:.2f} s")
+    return 0
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     from .._run import plan
 
+    kwargs = _settings(args)
     report = plan(
         args.config,
         args.out_dir,
-        threads=args.threads,
-        seed=args.seed,
-        out_shard_size=args.out_shard_size,
+        threads=kwargs["threads"],
+        seed=kwargs["seed"],
+        out_shard_size=kwargs["out_shard_size"],
         memory_limit=args.memory_limit,
-        lora_merge_cache=args.lora_merge_cache,
+        lora_merge_cache=kwargs["lora_merge_cache"],
         strict=args.strict,
         allow_nonfinite=args.allow_nonfinite,
     )
