@@ -7,7 +7,9 @@ functions as argparse ``type=`` converters, so ``--seed -1`` and ``seed=-1`` fai
 from __future__ import annotations
 
 import math
+import os
 import re
+import stat
 from typing import Any
 
 import numpy as np
@@ -79,6 +81,33 @@ def parse_size(value: str | int, what: str = "shard size") -> int:
     if size >= SIZE_LIMIT:
         raise ParameterError(f"{what} {value!r}: too large (at most 2**63 - 1 bytes)")
     return size
+
+
+#: the largest config or JSON side file read: far above any real one, and a bound on what a hostile one costs
+TEXT_FILE_LIMIT = 64 << 20
+
+
+def check_text_file(path: str | os.PathLike[str], what: str, error: type[Exception] = ParameterError) -> None:
+    """``path`` is a regular file of at most ``TEXT_FILE_LIMIT`` bytes, else ``error`` naming it as ``what``
+    ("config file"): checked before reading, since reading a FIFO waits forever and ``/dev/zero`` never ends.
+    A path that does not exist passes (the reader says so in its own words)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise error(f"cannot read {what} {path}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = (
+            "a directory" if stat.S_ISDIR(st.st_mode)
+            else "a FIFO" if stat.S_ISFIFO(st.st_mode)
+            else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+            else "a socket" if stat.S_ISSOCK(st.st_mode)
+            else "not a regular file"
+        )
+        raise error(f"{what} {path} is {kind}, not a regular file")
+    if st.st_size > TEXT_FILE_LIMIT:
+        raise error(f"{what} {path} is {st.st_size} bytes; at most {format_bytes(TEXT_FILE_LIMIT)} is read")
 
 
 def format_bytes(n: int) -> str:

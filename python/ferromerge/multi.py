@@ -31,6 +31,7 @@ import yaml
 from . import _engine
 from ._plan.build import DEFAULT_SHARD_SIZE
 from ._run import RunReport, run
+from ._validate import check_text_file
 from .config.resolve import parse_config
 from .errors import ConfigError, InputError, ParameterError
 from .models.refs import resolve
@@ -88,6 +89,7 @@ def _read(source: str | os.PathLike[str]) -> tuple[str, str]:
     """(text, origin) of a file path, or of YAML text given as a string with a newline."""
     if isinstance(source, str) and "\n" in source and not os.path.isfile(source):
         return source, "config"
+    check_text_file(source, "config file", ConfigError)
     try:
         return Path(source).read_text(encoding="utf-8"), os.fspath(source)
     except FileNotFoundError:

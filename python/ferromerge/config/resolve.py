@@ -28,6 +28,7 @@ import yaml
 from pydantic import ValidationError
 
 from .. import methods
+from .._validate import check_text_file
 from ..errors import ConfigError
 from ..io.dtypes import CONFIG_DTYPE_SUGGESTIONS, ST_NAME
 from ..methods.registry import PARAMETER_NAMES
@@ -247,6 +248,7 @@ def _read(source: str | os.PathLike[str] | Mapping[str, Any]) -> tuple[Any, str 
     if isinstance(source, str) and not os.path.isfile(source) and ("\n" in source or ":" in source):
         return _parse_yaml(source, "config"), source, "config"
     path = Path(source)
+    check_text_file(path, "config file", ConfigError)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .._validate import check_text_file
 from ..errors import InputError
 
 __all__ = ["read_json"]
@@ -14,6 +15,7 @@ __all__ = ["read_json"]
 
 def read_json(path: Path, what: str) -> Any:
     """The parsed content of ``path``; ``what`` names the file in the error ("the shard index")."""
+    check_text_file(path, what, InputError)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
