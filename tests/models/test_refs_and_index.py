@@ -118,8 +118,10 @@ def test_index_of_a_sharded_model_follows_shard_order(tmp_path: Path) -> None:
 
 
 def test_pytorch_bin_only_is_rejected(tmp_path: Path) -> None:
+    """Without a cache directory (extract-lora, compress, a LoRA's model) pickles are refused; merges read them
+    (tests/models/test_pickle_checkpoints.py)."""
     (tmp_path / "pytorch_model.bin").write_bytes(b"\0")
-    with pytest.raises(InputError, match=r"only PyTorch \.bin weights; ferromerge reads safetensors only"):
+    with pytest.raises(InputError, match=r"only PyTorch \.bin weights, which only merges \(ferromerge run, plan\) read"):
         index_model(str(tmp_path))
 
 

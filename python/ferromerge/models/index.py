@@ -1,4 +1,7 @@
-"""Index the tensors of a model's safetensors shards (its directory found from the reference by ``refs``).
+"""Index the tensors of a model's safetensors shards (its directory found from the reference by ``refs``), or of
+its PyTorch pickles (``pytorch_model.bin``, sharded or not): those are read without running them
+(``io.torch_pickle``) and their tensors planned from safetensors copies in a cache directory, which
+``PickledModelIndex.convert`` writes (only the tensors a merge reads) before the engine runs.
 
 ``read_tensors`` loads a small model's tensors into NumPy
 (for the demo and tests; merges never load whole tensors in Python).
@@ -6,25 +9,31 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
-from dataclasses import dataclass
+import stat
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
 from .. import _engine
-from ..errors import InputError
+from ..errors import InputError, MergeError
 from ..io.dtypes import MERGEABLE_DTYPES, RAW, to_f32
 from ..io.json_file import read_json
-from ..io.reader import read_header
+from ..io.reader import ShardReader, read_header
+from ..io.torch_pickle import StoredTensor, copy_tensors, read_checkpoint, tensor_chunks
 from .refs import resolve
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-
-
+PICKLE_FILE = "pytorch_model.bin"
+PICKLE_INDEX_FILE = "pytorch_model.bin.index.json"
+#: bumped when the cache files written from the same pickles would change
+_PICKLE_CACHE_VERSION = "1"
 
 @dataclass(frozen=True)
 class TensorInfo:
@@ -47,6 +56,54 @@ class ModelIndex:
     path: Path
     files: tuple[Path, ...]
     tensors: dict[str, TensorInfo]
+    #: what the user should know about how the model was read (for the plan's notes)
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PickledModelIndex(ModelIndex):
+    """A model stored as PyTorch pickles: ``tensors`` point into safetensors copies in a cache directory, which
+    ``convert`` writes for the tensors a merge reads."""
+
+    #: tensor -> its checkpoint file and where it lies there
+    stored: Mapping[str, tuple[Path, StoredTensor]] = field(default_factory=dict)
+    #: checkpoint file -> its cache file
+    cache_files: Mapping[Path, Path] = field(default_factory=dict)
+
+    def pending_bytes(self, names: Iterable[str]) -> int:
+        """Bytes ``convert(names)`` would write (0 when the cache already holds them)."""
+        return sum(
+            self.stored[n][1].nbytes for f, ns in self._wanted(names).items() if not _cached(f, ns, self) for n in ns
+        )
+
+    def convert(self, names: Iterable[str], log: Callable[[str], None] = lambda _: None) -> None:
+        """Write the cache files holding ``names`` (those not there yet), each atomically: complete or absent. An
+        ``InputError`` when a checkpoint changes while it is copied."""
+        for cache, wanted in self._wanted(names).items():
+            if _cached(cache, wanted, self):
+                continue
+            source = self.stored[wanted[0]][0]
+            log(f"copying {len(wanted)} tensor(s) of {source} into {cache}")
+            before = _identity(source)
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            partial = cache.with_name(f".{cache.name}.partial-{os.getpid()}")
+            try:
+                copy_tensors(source, [(n, self.stored[n][1]) for n in wanted], partial, {"format": "pt"})
+                if _identity(source) != before:
+                    raise InputError(f"{source} changed while ferromerge was copying its tensors")
+                os.replace(partial, cache)
+            except BaseException:
+                partial.unlink(missing_ok=True)
+                raise
+
+    def _wanted(self, names: Iterable[str]) -> dict[Path, list[str]]:
+        """Cache file -> the wanted tensors it must hold, in the model's order."""
+        wanted = set(names)
+        out: dict[Path, list[str]] = {}
+        for name, info in self.tensors.items():
+            if name in wanted:
+                out.setdefault(info.file, []).append(name)
+        return out
 
 
 def natural_key(name: str) -> list[object]:
@@ -54,17 +111,19 @@ def natural_key(name: str) -> list[object]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def index_model(ref: str) -> ModelIndex:
-    """Resolve ``ref`` and read (and validate) the header of every shard of its safetensors weights."""
+def index_model(ref: str, cache_dir: str | os.PathLike[str] | None = None) -> ModelIndex:
+    """Resolve ``ref`` and read (and validate) the header of every shard of its safetensors weights; without
+    safetensors, its PyTorch pickles, planned from copies in ``cache_dir`` (None: pickles are refused)."""
     path = resolve(ref)
     index_path = path / INDEX_FILE
-    if index_path.is_file():
+    single = path / SINGLE_FILE
+    if _exists(index_path):
+        _check_regular(index_path, "the shard index")
         weight_map = _read_weight_map(index_path)
         files = sorted({path / f for f in weight_map.values()}, key=lambda p: natural_key(p.name))
         headers: dict[Path, dict[str, tuple[str, list[int]]]] = {}
         for file in files:
-            if not file.is_file():
-                raise InputError(f"{index_path}: names shard {file.name}, but {file} does not exist")
+            _check_shard(index_path, file)
             headers[file] = _engine.read_header(str(file))
         for name, shard in weight_map.items():
             if name not in headers[path / shard]:
@@ -75,20 +134,135 @@ def index_model(ref: str) -> ModelIndex:
         # them too), so only the weight_map's tensors are indexed.
         order = sorted(weight_map, key=lambda n: (files.index(path / weight_map[n]), natural_key(n)))
         tensors = {n: _info(path / weight_map[n], headers[path / weight_map[n]][n]) for n in order}
-        return ModelIndex(ref, path, tuple(files), tensors)
-    single = path / SINGLE_FILE
-    if single.is_file():
+        notes: tuple[str, ...] = ()
+        if _exists(single):
+            # mergekit reads the index too; transformers' from_pretrained would load model.safetensors
+            notes = (
+                f"model {ref!r}: {path} has both {SINGLE_FILE} and {INDEX_FILE}; the shards the index names are "
+                f"read, as mergekit does (transformers would load {SINGLE_FILE}): remove the one that is stale",
+            )
+        return ModelIndex(ref, path, tuple(files), tensors, notes)
+    if _exists(single):
+        _check_regular(single, "the model's weights")
         header = _engine.read_header(str(single))
         tensors = {n: _info(single, header[n]) for n in sorted(header, key=natural_key)}
         return ModelIndex(ref, path, (single,), tensors)
-    if any((path / f).exists() for f in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
-        raise InputError(
-            f"model {ref!r}: {path} has only PyTorch .bin weights; ferromerge reads safetensors only "
-            "(convert with transformers: model.save_pretrained(dir, safe_serialization=True))"
-        )
+    if _exists(path / PICKLE_INDEX_FILE) or _exists(path / PICKLE_FILE):
+        if cache_dir is None:
+            raise InputError(
+                f"model {ref!r}: {path} has only PyTorch .bin weights, which only merges (ferromerge run, plan) read; "
+                "convert them with transformers: model.save_pretrained(dir, safe_serialization=True)"
+            )
+        return _index_pickled(ref, path, Path(cache_dir))
     found = sorted(p.name for p in path.glob("*.safetensors"))
     also = f" (found {', '.join(found)})" if found else ""
     raise InputError(f"model {ref!r}: {path} has no {SINGLE_FILE} or {INDEX_FILE}{also}")
+
+
+def _exists(path: Path) -> bool:
+    """Whether anything is at ``path`` (a dangling symbolic link counts: it is reported, not skipped)."""
+    return path.exists() or path.is_symlink()
+
+
+def _kind(path: Path) -> str | None:
+    """What ``path`` is when it is not a regular file (following links): "does not exist", "is a directory", ..."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "does not exist" + (" (a dangling symbolic link)" if path.is_symlink() else "")
+    except OSError as e:
+        return f"cannot be read ({e.strerror})"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a file"
+    if stat.S_ISFIFO(mode):
+        return "is a FIFO (named pipe), not a regular file"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "is a device, not a regular file"
+    if stat.S_ISSOCK(mode):
+        return "is a socket, not a regular file"
+    return "is not a regular file"
+
+
+def _check_regular(path: Path, what: str) -> None:
+    kind = _kind(path)
+    if kind is not None:
+        raise InputError(f"{path} ({what}) {kind}")
+
+
+def _check_shard(index_path: Path, file: Path) -> None:
+    kind = _kind(file)
+    if kind is not None:
+        raise InputError(f"{index_path}: names shard {file.name}, but {file} {kind}")
+
+
+def _index_pickled(ref: str, path: Path, cache_dir: Path) -> PickledModelIndex:
+    """The model's pickles read (never run), each tensor planned from the cache file of its checkpoint."""
+    index_path = path / PICKLE_INDEX_FILE
+    if _exists(index_path):
+        _check_regular(index_path, "the shard index")
+        weight_map = _read_weight_map(index_path)
+        files = sorted({path / f for f in weight_map.values()}, key=lambda p: natural_key(p.name))
+        checkpoints: dict[Path, dict[str, StoredTensor]] = {}
+        for file in files:
+            _check_shard(index_path, file)
+            checkpoints[file] = read_checkpoint(file)
+        for name, shard in weight_map.items():
+            if name not in checkpoints[path / shard]:
+                raise InputError(
+                    f"{index_path}: says tensor {name} is in {path / shard}, but that checkpoint does not contain it"
+                )
+        order = sorted(weight_map, key=lambda n: (files.index(path / weight_map[n]), natural_key(n)))
+        stored = {n: (path / weight_map[n], checkpoints[path / weight_map[n]][n]) for n in order}
+    else:
+        single = path / PICKLE_FILE
+        _check_regular(single, "the model's weights")
+        files = [single]
+        checkpoint = read_checkpoint(single)
+        stored = {n: (single, checkpoint[n]) for n in sorted(checkpoint, key=natural_key)}
+    digest = hashlib.sha256(_PICKLE_CACHE_VERSION.encode())
+    for f in files:
+        st = f.stat()
+        digest.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    folder = cache_dir.expanduser().absolute() / f"pickled-{path.name}-{digest.hexdigest()[:16]}"
+    cache_files = {f: folder / f"{f.stem}.safetensors" for f in files}
+    tensors = {n: TensorInfo(cache_files[f], t.dtype, t.shape) for n, (f, t) in stored.items()}
+    return PickledModelIndex(
+        ref, path, tuple(cache_files.values()), tensors, stored=stored, cache_files=cache_files
+    )
+
+
+def _identity(path: Path) -> tuple[int, int, int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino
+
+
+def _cached(cache: Path, wanted: list[str], model: PickledModelIndex) -> bool:
+    """Whether the cache file (from an earlier run) holds every wanted tensor with its dtype and shape."""
+    if not cache.is_file():
+        return False
+    try:
+        header = _engine.read_header(str(cache))
+    except MergeError:
+        return False
+    return all(n in header and (header[n][0], tuple(header[n][1])) == (model.tensors[n].dtype, model.tensors[n].shape)
+               for n in wanted)
+
+
+def tensor_bytes(model: ModelIndex, name: str) -> Iterator[bytes]:
+    """The stored bytes of tensor ``name`` of ``model``, a chunk at a time (from its pickle when it has one: the
+    cache may not be written yet)."""
+    if isinstance(model, PickledModelIndex):
+        source, stored = model.stored[name]
+        yield from tensor_chunks(source, stored)
+        return
+    reader = ShardReader()
+    try:
+        for block in reader.chunks(model.tensors[name].file, name):
+            yield block.tobytes()
+    finally:
+        reader.close()
 
 
 def _read_weight_map(index_path: Path) -> dict[str, str]:
