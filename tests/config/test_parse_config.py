@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from ferromerge import ConfigError, ParameterError, methods
+from ferromerge import CompatWarning, ConfigError, ParameterError, methods
 from ferromerge.config.resolve import load_config, parse_config
 from ferromerge.config.settings import Const, Filtered, Gradient
 
@@ -52,12 +52,16 @@ def test_method_defaults_follow_mergekit() -> None:
     assert ta.shared == {"normalize": False, "lambda": 1.0, "int8_mask": False}
 
 
-def test_a_parameter_the_method_does_not_take_is_reported() -> None:
-    with pytest.raises(
-        ConfigError,
-        match=r"models\[0\]\.parameters\.density: unknown parameter for method task_arithmetic; known: weight",
-    ):
-        load_config(ties(merge_method="task_arithmetic", parameters={}))
+def test_a_parameter_the_method_does_not_take_is_reported_and_ignored_as_mergekit_ignores_it() -> None:
+    # mergekit looks up only the parameters its method declares (tests/compat/test_mergekit_leniency.py: same merge)
+    message = r"models\[0\]\.parameters\.density: task_arithmetic does not use 'density'; ignored, as mergekit ignores it"
+    with pytest.warns(CompatWarning, match=message):
+        cfg = load_config(ties(merge_method="task_arithmetic", parameters={}))
+    clean = ties(merge_method="task_arithmetic", parameters={})
+    del clean["models"][0]["parameters"]["density"]
+    assert cfg.resolved() == load_config(clean).resolved()
+    with pytest.raises(ConfigError, match=message + r" \(strict mode"):
+        load_config(ties(merge_method="task_arithmetic", parameters={}), strict=True)
 
 
 def test_base_listed_in_models_is_not_an_input_and_model_ids_count_non_base_models() -> None:
@@ -142,29 +146,36 @@ def test_global_density_out_of_range_names_the_global_place() -> None:
         load_config(ties(parameters={"density": 2}))
 
 
-def test_unknown_parameter_is_reported_with_its_place_and_the_known_ones() -> None:
+def test_misspelled_parameter_is_reported_with_its_place_and_the_likely_name() -> None:
     cfg = ties()
     cfg["models"][1]["parameters"]["densty"] = 0.5
-    with pytest.raises(ConfigError) as e:
-        load_config(cfg)
-    assert str(e.value) == "models[1].parameters.densty: unknown parameter for method ties; known: density, weight"
+    with pytest.warns(CompatWarning) as record:
+        parsed = load_config(cfg)
+    assert [str(w.message) for w in record] == [
+        "models[1].parameters.densty: ties has no parameter 'densty' (did you mean 'density'?); ignored, as mergekit "
+        "ignores it"
+    ]
+    assert parsed.inputs[1].density == 0.7  # the global density, as if densty were not there
 
 
-def test_unknown_global_parameter() -> None:
-    with pytest.raises(ConfigError, match=r"parameters\.t: unknown parameter for method ties; known: density, "):
-        load_config(ties(parameters={"t": 0.5}))
+def test_unused_global_parameter() -> None:
+    with pytest.warns(CompatWarning, match=r"^parameters\.t: ties does not use 't'; ignored, as mergekit ignores it$"):
+        cfg = load_config(ties(parameters={"t": 0.5}))
+    assert cfg.resolved() == load_config(ties(parameters={})).resolved()
 
 
-def test_method_wide_parameter_given_per_model_is_reported_not_ignored() -> None:
+def test_method_wide_parameter_given_per_model_is_reported_and_ignored() -> None:
     cfg = ties()
     cfg["models"][0]["parameters"]["normalize"] = False
-    with pytest.raises(
-        ConfigError, match=r"models\[0\]\.parameters\.normalize: 'normalize' applies to the whole merge"
+    with pytest.warns(
+        CompatWarning, match=r"models\[0\]\.parameters\.normalize: 'normalize' applies to the whole merge, not to one "
+        r"model \(set it under the top-level or the slice's parameters\); ignored, as mergekit ignores it here"
     ):
-        load_config(cfg)
+        parsed = load_config(cfg)
+    assert parsed.shared["normalize"] is True  # ties' default: mergekit reads normalize from the slice/top levels
 
 
-def test_wrongly_typed_parameter() -> None:
+def test_wrongly_typed_parameter() -> None:  # pydantic's lax float refuses "heavy" too
     cfg = ties()
     cfg["models"][0]["parameters"]["weight"] = "heavy"
     with pytest.raises(ParameterError, match=r"models\[0\]\.parameters\.weight: parameter 'weight' must be a number"):
@@ -196,7 +207,6 @@ def test_gradients_and_filters_are_parsed_and_vary_per_tensor(value: Any, settin
         ([0.5, 1.5], r"models\[0\]\.parameters\.density\[1\]: density must be in \(0, 1\]"),
         ([{"filter": "mlp", "value": 0.5}, 0.3], "a list mixing"),
         ({"filter": "mlp"}, r"expected a value or \{filter, value\}"),
-        ([], "an empty list"),
         ([{"filter": 3, "value": 0.5}], r"density\[0\]\.filter: expected a string"),
         ({"filter": "mlp", "value": [0.5, "x"]}, r"density\.value\[1\]: parameter 'density' must be a number"),
     ],
@@ -208,6 +218,16 @@ def test_malformed_gradients_and_filters_name_their_place(value: Any, match: str
         load_config(cfg)
 
 
+def test_an_empty_list_sets_nothing_as_in_mergekit() -> None:
+    # mergekit's evaluate_setting gives None for [], so the next level (here the global density 0.7) applies
+    cfg = ties()
+    cfg["models"][0]["parameters"]["density"] = []
+    with pytest.warns(CompatWarning, match=r"^models\[0\]\.parameters\.density: an empty list sets nothing; ignored"):
+        assert load_config(cfg).inputs[0].density == 0.7
+    with pytest.raises(ConfigError, match="an empty list sets nothing"):
+        load_config(cfg, strict=True)
+
+
 def test_an_unfiltered_value_wrapper_is_a_plain_value() -> None:
     cfg = ties()
     cfg["models"][0]["parameters"]["density"] = {"filter": "*", "value": 0.25}
@@ -215,8 +235,11 @@ def test_an_unfiltered_value_wrapper_is_a_plain_value() -> None:
 
 
 def test_unknown_top_level_key() -> None:
-    with pytest.raises(ConfigError, match=r"^config: merge_methd: unknown key; known: base_model, .*merge_method, models, modules,"):
-        load_config(ties(merge_methd="ties"))
+    with pytest.warns(
+        CompatWarning, match=r"^merge_methd: unknown key \(did you mean 'merge_method'\?\); ignored, as mergekit ignores it$"
+    ):
+        cfg = load_config(ties(merge_methd="ties"))
+    assert cfg.resolved() == load_config(ties()).resolved()
 
 
 def test_name_is_accepted_without_effect() -> None:
@@ -226,8 +249,12 @@ def test_name_is_accepted_without_effect() -> None:
 def test_unknown_key_in_a_model_entry() -> None:
     cfg = ties()
     cfg["models"][1]["layer_range"] = [0, 2]
-    with pytest.raises(ConfigError, match=r"models\[1\]\.layer_range: unknown key; known: model, parameters"):
-        load_config(cfg)
+    with pytest.warns(
+        CompatWarning, match=r"^models\[1\]\.layer_range: a models: entry takes every layer \(layer ranges need "
+        r"slices:\); ignored, as mergekit ignores it$"
+    ):
+        parsed = load_config(cfg)
+    assert parsed.resolved() == load_config(ties()).resolved() and parsed.inputs[1].layer_range is None
 
 
 def test_unknown_method() -> None:

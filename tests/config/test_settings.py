@@ -111,7 +111,7 @@ def test_uniform_detects_values_that_can_vary() -> None:
 @pytest.mark.parametrize(
     ("raw", "match"),
     [
-        ([], "empty list"),
+        ({"filter": "x", "value": []}, "an empty gradient"),
         ([1, {"filter": "x", "value": 1}], "a list mixing"),
         ({"filter": "x", "value": {"filter": "y", "value": 1}}, "cannot be nested"),
         ({"filter": "x", "valu": 1}, "expected a value or"),
@@ -120,6 +120,11 @@ def test_uniform_detects_values_that_can_vary() -> None:
 def test_malformed_settings(raw: Any, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         setting(raw)
+
+
+def test_an_empty_list_sets_nothing() -> None:
+    # mergekit's evaluate_setting gives None for [] (resolution falls through to the next level)
+    assert setting([]) is None
 
 
 def test_filtered_setting_keeps_its_entries() -> None:
