@@ -101,6 +101,8 @@ def _int(value: Any, what: str, lo: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
         bound = f"an integer ≥ {lo}"
         raise ParameterError(f"{what} must be {bound}, got {value!r}")
+    if value >= 2**63:  # the engine takes it as usize: a larger value was an OverflowError traceback
+        raise ParameterError(f"{what} must be below 2**63, got {value!r}")
     return int(value)
 
 

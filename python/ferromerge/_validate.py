@@ -19,8 +19,12 @@ from .errors import ParameterError
 #: seeds are u64 in the engine
 SEED_LIMIT = 2**64
 
-#: sizes (shard size, memory limit) are u64 in the engine; 2**63 keeps every sum of them below 2**64
+#: sizes (shard size, memory limit) and counts (rank) are u64/usize in the engine; 2**63 keeps every sum of them
+#: below 2**64
 SIZE_LIMIT = 2**63
+
+#: more worker threads than this is a typo, not a machine (each is an OS thread with its own stack)
+THREADS_LIMIT = 4096
 
 
 def check_seed(value: Any, error: type[Exception] = ParameterError) -> int:
@@ -32,15 +36,21 @@ def check_seed(value: Any, error: type[Exception] = ParameterError) -> int:
 
 
 def check_positive_int(value: Any, what: str) -> int:
-    """``value`` as a positive integer; ``what`` names it in the message."""
+    """``value`` as a positive integer below ``SIZE_LIMIT``; ``what`` names it in the message."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ParameterError(f"{what} must be a positive integer, got {value!r}")
+    if value >= SIZE_LIMIT:
+        raise ParameterError(f"{what} must be below 2**63, got {value!r}")
     return int(value)
 
 
 def check_threads(value: Any) -> int | None:
-    """Worker threads: None (all cores) or a positive integer."""
-    return None if value is None else check_positive_int(value, "threads")
+    """Worker threads: None (all cores) or a positive integer up to ``THREADS_LIMIT``."""
+    if value is None:
+        return None
+    if check_positive_int(value, "threads") > THREADS_LIMIT:
+        raise ParameterError(f"threads must be at most {THREADS_LIMIT}, got {value!r}")
+    return int(value)
 
 
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgb]|kb|mb|gb|kib|mib|gib)?\s*", re.IGNORECASE)
