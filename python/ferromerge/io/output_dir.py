@@ -75,6 +75,12 @@ class OutputDir:
             if _real(Path.cwd()).is_relative_to(_real(self.target)):
                 raise OutputError(f"refusing to replace {self.target}: it contains the current directory")
         parent = self.target.parent
+        try:
+            os.stat(parent)
+        except FileNotFoundError:
+            pass  # created by building()
+        except OSError as e:  # a symlink loop on the way, a file where a directory should be
+            raise OutputError(f"cannot create {self.target}: {parent}: {e.strerror}") from None
         if parent.exists() and not parent.is_dir():
             raise OutputError(f"cannot create {self.target}: {parent} is not a directory")
 
