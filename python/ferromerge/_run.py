@@ -25,7 +25,7 @@ from .io.output_dir import OutputDir, check_free_space
 from .methods.spec import MethodSpec
 from .model_card import merge_card, write_card
 from .models import lora
-from .models.index import ModelIndex
+from .models.index import ModelIndex, convert_pickled, pickled_pending_bytes
 from .output_files import (
     config_updates,
     copy_tokenizer,
@@ -139,12 +139,13 @@ class PlanReport:
             "num_layers": self.plan.num_layers,
             "shards": len(self.plan.shards),
             **self.estimate.to_dict(),
-            "notes": list(self.config.notes),
+            "notes": [*self.plan.notes, *self.config.notes],
         }
 
     def lines(self) -> list[str]:
         """The human-readable report ``ferromerge plan`` prints."""
-        return [self.plan.summary(), *self.estimate.lines(), *(f"note: {note}" for note in self.config.notes)]
+        notes = [*self.plan.notes, *self.config.notes]
+        return [self.plan.summary(), *self.estimate.lines(), *(f"note: {note}" for note in notes)]
 
 
 def plan(
@@ -181,7 +182,10 @@ def _check_space(output: OutputDir, plan: Plan, temp_cache: Path | None, reused:
     vocabulary and the LoRA merges a temporary cache will hold during the run."""
     check_free_space(
         output.target,
-        plan.bytes_out - reused + plan.bytes_scratch + (lora.pending_bytes(plan.models) if temp_cache else 0),
+        plan.bytes_out
+        - reused
+        + plan.bytes_scratch
+        + (lora.pending_bytes(plan.models) + pickled_pending_bytes(plan.models, plan.reads()) if temp_cache else 0),
     )
 
 
@@ -189,7 +193,7 @@ def _log_notes(config: MergeConfig, plan: Plan, log: Callable[[str], None]) -> N
     if plan.vocabulary is not None:
         for note in plan.vocabulary.notes:
             log(f"note: {note}")
-    for note in config.notes:
+    for note in [*plan.notes, *config.notes]:
         log(f"note: {note}")
 
 
@@ -265,7 +269,7 @@ def _write_side_files(
     updates, remarks = config_updates(reference, plan)
     for remark in remarks:
         log(f"note: {remark}")
-    write_model_config(out, reference.path, config.out_dtype or config.dtype or plan.tensors[0].out_dtype, updates)
+    write_model_config(out, reference.path, config.out_dtype or config.dtype or plan.float_dtype, updates)
     if plan.vocabulary is not None:
         write_tokenizer(out, plan.vocabulary)
     elif tokenizer:
@@ -371,6 +375,7 @@ def run(
                     log(f"resuming: {len(kept)} of {len(plan.shards)} shards are finished and verified")
                 _check_space(output, plan, temp_cache, sum(size for size, _ in kept.values()))
             book = journal.Journal(tmp, ident, kept)
+            convert_pickled(plan.models, plan.reads(), log)
             lora.materialise_all(plan.models, log)
             stats = _merge_tensors(
                 plan,

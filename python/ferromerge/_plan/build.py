@@ -5,6 +5,11 @@ tensors line up (float dtypes, equal shapes: mismatches are ``InputError``s nami
 raised before anything is written), resolves every parameter for every tensor (``config.settings``: filters see
 the output name for method-wide parameters and each model's own tensor name for per-model ones), and cuts the
 output into shards.
+
+A non-float tensor (int64 ``position_ids``, bool masks, ...: any dtype but F32/F16/BF16) is never merged: it is
+copied byte for byte (the engine's passthrough of one input in its own dtype) from the slice's base when it has
+it, else from the first model (config order) that does; models without it are fine, and models holding other
+values get a note, the copied model's value winning (docs/compat.md).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from ..config.resolve import InputModel, MergeConfig, OutputSlice
 from ..errors import ConfigError, InputError
 from ..io.dtypes import ITEMSIZE, MERGEABLE_DTYPES, ST_NAME
 from ..models.architecture import is_vocab_tensor
-from ..models.index import ModelIndex, TensorInfo
+from ..models.index import ModelIndex, TensorInfo, tensor_bytes
 from ..tokenizer.embed import Aligner, PermutedTensor
 from ..tokenizer.vocab import Vocabulary, build_vocabulary
 from .layout import Job, Layout, build_layout, tensor_of
@@ -73,8 +78,14 @@ class PlanTensor:
         return n
 
     @property
+    def float(self) -> bool:
+        """Whether the tensor is merged (a float dtype), not copied (a non-float one: ``out_dtype`` is then the
+        safetensors name of its one input's dtype, ``I64``, ``BOOL``, ...)."""
+        return self.out_dtype in ST_NAME
+
+    @property
     def bytes_out(self) -> int:
-        return self.numel * ITEMSIZE[ST_NAME[self.out_dtype]]
+        return self.numel * ITEMSIZE[ST_NAME.get(self.out_dtype, self.out_dtype)]
 
     @property
     def bytes_in(self) -> int:
@@ -105,7 +116,7 @@ class Plan:
     num_layers: int | None = None
     #: the output has an explicit lm_head that some input (or the reference's config) has tied
     untied_head: bool = False
-    #: ``modules:``: config.json keys (dotted into sub-configs) -> new layer counts of sliced modules
+    #: config.json keys (dotted into sub-configs) holding a sliced stack's layer count -> its output layers' sources
     config_layers: Mapping[str, int] = field(default_factory=dict)
     #: remarks of the layout for the user (``Layout.remarks``)
     remarks: tuple[str, ...] = ()
@@ -113,6 +124,8 @@ class Plan:
     vocabulary: Vocabulary | None = None
     #: the vocabulary tensors' permuted sources, to write (``tokenizer.embed.write_permuted``) before the engine runs
     permuted: tuple[PermutedTensor, ...] = ()
+    #: what the user should know, printed before the merge (how models were read, non-float tensors that differ)
+    notes: tuple[str, ...] = ()
     #: NaN and infinite input values are merged as they are (``--allow-nonfinite``), not refused by the engine
     allow_nonfinite: bool = False
 
@@ -136,13 +149,26 @@ class Plan:
     def weight_map(self) -> dict[str, str]:
         return {t.name: s.file for s in self.shards for t in s.tensors}
 
+    def reads(self) -> set[tuple[Path, str]]:
+        """Every (file, tensor) of the models that the run reads: the engine's inputs and the permuted
+        vocabulary tensors' sources."""
+        out = {(i.info.file, i.tensor) for t in self.tensors for i in t.inputs}
+        out |= {(t.base.info.file, t.base.tensor) for t in self.tensors if t.base is not None}
+        out |= {(m.info.file, m.tensor) for p in self.permuted for m in p.members}
+        return out
+
+    @property
+    def float_dtype(self) -> str:
+        """The output's float dtype (the first merged tensor's), for config.json."""
+        return next((t.out_dtype for t in self.tensors if t.float), "float32")
+
     def to_json(self) -> str:
         def tensor(t: PlanTensor) -> dict[str, Any]:
             return {
                 "name": t.name,
                 "shape": list(t.shape),
                 "out_dtype": t.out_dtype,
-                "cast_dtype": self.cast_dtype,
+                "cast_dtype": self.cast_dtype if t.float else None,
                 "method": t.method,
                 "base": None if t.base is None else {"file": str(t.base.info.file), "tensor": t.base.tensor},
                 "inputs": [_input_json(i) for i in t.inputs],
@@ -208,7 +234,8 @@ def build_plan(
     aligner = None
     if vocabulary is not None:
         aligner = Aligner(vocabulary, scratch if scratch is not None else Path("vocab-scratch"), config.dtype)
-    planned = [_plan_tensor(config, models, job, seed, kernels, aligner) for job in layout.jobs]
+    notes = [note for ref in config.model_refs() for note in models[ref].notes]
+    planned = [_plan_tensor(config, models, job, seed, kernels, aligner, notes) for job in layout.jobs]
 
     groups: list[list[PlanTensor]] = [[]]
     size = 0
@@ -231,6 +258,7 @@ def build_plan(
         remarks=layout.remarks,
         vocabulary=vocabulary,
         permuted=tuple(aligner.tensors) if aligner is not None else (),
+        notes=tuple(notes),
     )
 
 
@@ -262,6 +290,7 @@ def _plan_tensor(
     seed: int,
     kernels: dict[tuple[Any, ...], dict[str, Any]],
     aligner: Aligner | None = None,
+    notes: list[str] | None = None,
 ) -> PlanTensor:
     method = config.method
     s = job.slice
@@ -269,7 +298,8 @@ def _plan_tensor(
     tmpl_name = tensor_of(tmpl_index, job.names[job.template])
     assert tmpl_name is not None  # layout picks a template that has the tensor
     template = PlanSource(tmpl_index.tensors[tmpl_name], tmpl_name)
-    _check_dtype(tmpl_index, tmpl_name, template.info)
+    if template.info.dtype not in MERGEABLE_DTYPES:
+        return _copied(config, models, job, seed, notes if notes is not None else [])
     aligned = aligner is not None and is_vocab_tensor(job.out)
     base = _source(models, job, s.base, template, aligned) if s.base is not None else None
     inputs = []
@@ -310,6 +340,56 @@ def _plan_tensor(
             base = PlanSource(files.pop(0), job.out)
         inputs = [dataclasses.replace(i, info=f, tensor=job.out) for i, f in zip(inputs, files, strict=True)]
     return PlanTensor(job.out, shape, out_dtype, kernel, base, tuple(inputs))
+
+
+def _copied(
+    config: MergeConfig, models: Mapping[str, ModelIndex], job: Job, seed: int, notes: list[str]
+) -> PlanTensor:
+    """A non-float tensor, copied from the slice's base (``models:`` configs without one: the config's base,
+    else the reference) when it has it, else from the first source that does; other values are a note."""
+    s = job.slice
+    sources = s.sources()
+    first = s.base.ref if s.base is not None else config.reference
+    sources.sort(key=lambda m: m.ref != first)  # stable: the base, then config order
+    having = [m for m in sources if job.names[m.ref] in models[m.ref].tensors]
+    chosen = having[0]
+    index = models[chosen.ref]
+    name = job.names[chosen.ref]
+    info = index.tensors[name]
+    differ: list[str] = []
+    for m in having[1:]:
+        other = models[m.ref]
+        if m.ref == chosen.ref or m.ref in differ:
+            continue
+        theirs = other.tensors[job.names[m.ref]]
+        if (theirs.dtype, theirs.shape) != (info.dtype, info.shape) or not _same_bytes(
+            index, name, other, job.names[m.ref]
+        ):
+            differ.append(m.ref)
+    if differ:
+        notes.append(
+            f"tensor {job.out} ({info.dtype}, not a float: copied, never merged) differs between models: "
+            f"{', '.join(repr(r) for r in differ)} hold other values than {chosen.ref!r}, whose are kept"
+        )
+    kernel = methods.kernel_spec(methods.get("passthrough"), {}, seed)
+    copy = PlanInput(info, name, 1.0, 1.0, chosen.model_id)
+    return PlanTensor(job.out, info.shape, info.dtype, kernel, None, (copy,))
+
+
+def _same_bytes(a: ModelIndex, a_name: str, b: ModelIndex, b_name: str) -> bool:
+    """Whether two stored tensors (of the same dtype and shape) hold the same bytes, compared a chunk at a time."""
+    left, right = tensor_bytes(a, a_name), tensor_bytes(b, b_name)
+    pending = b""
+    for block in left:
+        while len(pending) < len(block):
+            more = next(right, None)
+            if more is None:
+                return False
+            pending += more
+        if pending[: len(block)] != block:
+            return False
+        pending = pending[len(block) :]
+    return not pending and next(right, None) is None
 
 
 def _vocab_base(config: MergeConfig, s: OutputSlice) -> str | None:

@@ -126,7 +126,8 @@ def compute_rate(plan: Plan, tensor: PlanTensor, threads: int | None, elems: int
     """Input bytes per second that ``_engine.merge_arrays`` merges with ``tensor``'s method, parameters, model count
     and dtypes, timed on ``elems`` synthetic elements per model."""
     rng = np.random.default_rng(0)
-    dtypes = [MERGEABLE_DTYPES[i.info.dtype] for i in tensor.inputs]
+    # a copied non-float tensor is timed as float32 (it is the passthrough's copy)
+    dtypes = [MERGEABLE_DTYPES.get(i.info.dtype, "float32") for i in tensor.inputs]
     base_dtype = None if tensor.base is None else MERGEABLE_DTYPES[tensor.base.info.dtype]
     k = tensor.method
     # row-wise methods (della, model_stock filter_wise, ...) cost per row: keep the tensor's row length
@@ -212,7 +213,8 @@ def estimate(
         t.base.info.file for t in plan.tensors if t.base is not None
     }
     # a model+lora's cache files exist only once a run has merged the adapter; the model's own shards always do
-    files = {f for f in files if f.is_file()} or {f for m in plan.models for f in m.files if f.is_file()}
+    # (a PyTorch-pickled model's copies only once a run has made them: then its pickles are read)
+    files = {f for f in files if f.is_file()} or {f for m in plan.models for f in m.stored_files if f.is_file()}
     biggest_file = max(sorted(files), key=lambda f: f.stat().st_size)
     compute = compute_rate(plan, largest, threads)
     read, cached = read_rate(biggest_file)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from ..config.resolve import InputModel, MergeConfig, OutputSlice
 from ..config.settings import layer_t
 from ..errors import InputError
+from ..io.dtypes import MERGEABLE_DTYPES
 from ..models import layers
 from ..models.architecture import HEAD_WEIGHT, INPUT_EMBEDDING_WEIGHT, PRE_LAYER_TENSOR
 from ..models.index import ModelIndex
@@ -58,6 +59,21 @@ class Layout:
 
 def is_head(name: str) -> bool:
     return HEAD_WEIGHT.search(name) is not None
+
+
+def is_copied(model: ModelIndex, name: str) -> bool:
+    """A non-float tensor of ``model`` (int64 ``position_ids``, bool masks, ...): copied from one model, never
+    merged, so other models may lack it (``_plan.build``)."""
+    info = model.tensors.get(name)
+    return info is not None and info.dtype not in MERGEABLE_DTYPES
+
+
+def _add_copied(names: list[str], sources: list[tuple[ModelIndex, list[str]]]) -> list[str]:
+    """``names`` and, after them, the non-float tensors among each source's ``candidates`` that it lacks."""
+    out = list(names)
+    for model, candidates in sources:
+        out += [n for n in candidates if n not in out and is_copied(model, n)]
+    return out
 
 
 def tied_embedding(model: ModelIndex) -> str | None:
@@ -124,7 +140,7 @@ def _whole_models(
         raise InputError(f"model {reference.ref!r} ({reference.path}) has no tensors")
     for model in [models[m.ref] for m in s.sources() if m.ref != reference.ref]:
         _check_no_extra(reference, model)
-    names = list(reference.tensors)
+    names = _add_copied(list(reference.tensors), [(models[m.ref], list(models[m.ref].tensors)) for m in s.sources()])
     heads = {n for m in s.sources() for n in models[m.ref].tensors if is_head(n)}
     names += sorted(heads - set(names))
     jobs = []
@@ -142,7 +158,7 @@ def _whole_models(
 
 
 def _check_no_extra(reference: ModelIndex, model: ModelIndex) -> None:
-    extra = [n for n in model.tensors if n not in reference.tensors and not is_head(n)]
+    extra = [n for n in model.tensors if n not in reference.tensors and not is_head(n) and not is_copied(model, n)]
     if extra:
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
         raise InputError(
@@ -205,10 +221,14 @@ def _sliced(config: MergeConfig, models: Mapping[str, ModelIndex], stacks: Mappi
             for src in s.sources():
                 if src is not template:
                     _check_same_layer(src, template, k, rests, by_layer, stack_of, models)
+            for src in s.sources():  # non-float tensors the template's layer lacks
+                rests += [r for r in _rests(src, k, by_layer, stack_of)
+                          if r not in rests and is_copied(models[src.ref], _layer_name(src, k, r, stack_of))]
             for rest in rests:
                 names = {src.ref: _layer_name(src, k, rest, stack_of) for src in s.sources()}
                 origin = f"{s.where}, layer {k} of the slice"
-                jobs.append(Job(f"{out_stack}.{j}.{rest}", layer_t(k, n), s, names, template.ref, origin))
+                holder = next(m.ref for m in [template, *s.sources()] if names[m.ref] in models[m.ref].tensors)
+                jobs.append(Job(f"{out_stack}.{j}.{rest}", layer_t(k, n), s, names, holder, origin))
             j += 1
     for name in post:
         job = _non_layer_job(name, last, models)
@@ -228,7 +248,7 @@ def _non_layer(s: OutputSlice, models: Mapping[str, ModelIndex], *, pre: bool) -
             n for n in model.tensors if layers.parse(n) is None and (PRE_LAYER_TENSOR.search(n) is not None) == pre
         ]
 
-    names = side(template)
+    names = _add_copied(side(template), [(models[m.ref], side(models[m.ref])) for m in s.sources()])
     if not pre:
         heads = {n for m in s.sources() for n in side(models[m.ref]) if is_head(n)}
         names += sorted(heads - set(names))
@@ -274,11 +294,12 @@ def _check_same_layer(
     models: Mapping[str, ModelIndex],
 ) -> None:
     mine = _rests(src, k, by_layer, stack_of)
-    missing = [r for r in rests if r not in mine]
-    extra = [r for r in mine if r not in rests]
+    model = models[src.ref]
+    tmpl = models[template.ref]
+    # non-float tensors may be missing anywhere (_plan.build copies them from a model that has them)
+    missing = [r for r in rests if r not in mine and not is_copied(tmpl, _layer_name(template, k, r, stack_of))]
+    extra = [r for r in mine if r not in rests and not is_copied(model, _layer_name(src, k, r, stack_of))]
     if missing or extra:
-        model = models[src.ref]
-        tmpl = models[template.ref]
         if missing:
             raise InputError(
                 f"model {src.ref!r} ({model.path}, {src.where}) has no tensor "

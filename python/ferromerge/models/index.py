@@ -59,6 +59,11 @@ class ModelIndex:
     #: what the user should know about how the model was read (for the plan's notes)
     notes: tuple[str, ...] = ()
 
+    @property
+    def stored_files(self) -> tuple[Path, ...]:
+        """The files on disk that hold the model's weights (``files``, unless they are copies made later)."""
+        return self.files
+
 
 @dataclass(frozen=True)
 class PickledModelIndex(ModelIndex):
@@ -69,6 +74,10 @@ class PickledModelIndex(ModelIndex):
     stored: Mapping[str, tuple[Path, StoredTensor]] = field(default_factory=dict)
     #: checkpoint file -> its cache file
     cache_files: Mapping[Path, Path] = field(default_factory=dict)
+
+    @property
+    def stored_files(self) -> tuple[Path, ...]:
+        return tuple(self.cache_files)
 
     def pending_bytes(self, names: Iterable[str]) -> int:
         """Bytes ``convert(names)`` would write (0 when the cache already holds them)."""
@@ -248,6 +257,27 @@ def _cached(cache: Path, wanted: list[str], model: PickledModelIndex) -> bool:
         return False
     return all(n in header and (header[n][0], tuple(header[n][1])) == (model.tensors[n].dtype, model.tensors[n].shape)
                for n in wanted)
+
+
+def _wanted(model: PickledModelIndex, reads: Iterable[tuple[Path, str]]) -> set[str]:
+    files = set(model.cache_files.values())
+    return {tensor for file, tensor in reads if file in files}
+
+
+def convert_pickled(models: Iterable[ModelIndex], reads: Iterable[tuple[Path, str]],
+                    log: Callable[[str], None] = lambda _: None) -> None:
+    """Copy the tensors a run reads (``reads``: (file, tensor) pairs, ``Plan.reads``) of every pickled model among
+    ``models`` into its cache files."""
+    reads = set(reads)
+    for m in models:
+        if isinstance(m, PickledModelIndex):
+            m.convert(_wanted(m, reads), log)
+
+
+def pickled_pending_bytes(models: Iterable[ModelIndex], reads: Iterable[tuple[Path, str]]) -> int:
+    """Bytes ``convert_pickled`` will write (for the free-space check)."""
+    reads = set(reads)
+    return sum(m.pending_bytes(_wanted(m, reads)) for m in models if isinstance(m, PickledModelIndex))
 
 
 def tensor_bytes(model: ModelIndex, name: str) -> Iterator[bytes]:

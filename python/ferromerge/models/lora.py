@@ -389,10 +389,12 @@ def default_cache_dir() -> Path:
 
 
 def index_any(ref: str, cache_dir: str | os.PathLike[str] | None) -> ModelIndex:
-    """``index_model`` for a plain reference, ``index_lora_model`` for ``model+lora`` (cache: ``cache_dir``)."""
+    """``index_model`` for a plain reference, ``index_lora_model`` for ``model+lora`` (cache: ``cache_dir``, where
+    a PyTorch-pickled model's tensors are copied too)."""
+    cache = cache_dir if cache_dir is not None else default_cache_dir()
     if split_ref(ref, "model reference") is None:
-        return index_model(ref)
-    return index_lora_model(ref, cache_dir if cache_dir is not None else default_cache_dir())
+        return index_model(ref, cache)
+    return index_lora_model(ref, cache)
 
 
 def materialise_all(models: Any, log: Callable[[str], None] = lambda _: None) -> None:
