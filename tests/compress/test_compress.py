@@ -527,8 +527,9 @@ def test_wrong_base_is_refused_and_a_moved_base_accepted(family_bf16: Family, fa
     with pytest.raises(InputError, match=r"is not the base archive .* was made from .*model\.safetensors"):
         decompress(tall_archive, 0, tmp_path / "out", base=family_f32.base)
     other = make_family(tmp_path / "other", dtype="bfloat16", seed=9, n_finetunes=0)  # same header, other values
-    decompress(tall_archive, 0, tmp_path / "undetected", base=other.base)  # a documented limit: headers only
-    assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
+    with pytest.raises(InputError, match=r"is not the base archive .* holds other values"):
+        decompress(tall_archive, 0, tmp_path / "other-base", base=other.base)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "other-base").exists() and not leftovers(tmp_path)
     moved = tmp_path / "moved"
     shutil.copytree(family_bf16.base, moved)
     decompress(tall_archive, 1, tmp_path / "ok", base=moved)

@@ -52,17 +52,57 @@ def _header_sha256(file: Path) -> str:
     return hashlib.sha256(read_header(file).raw).hexdigest()
 
 
+#: bytes read per sample, and samples per tensor, of the base's content digest (``_sample_sha256``)
+SAMPLE_BYTES = 4096
+SAMPLES = 4
+
+
+def _sample_sha256(file: Path) -> str:
+    """sha256 of ``SAMPLES`` evenly spaced ranges of ``SAMPLE_BYTES`` of every tensor of a shard (the whole tensor
+    when it is smaller). Models of one family share names, shapes and sizes, so the header digest cannot tell
+    them apart; a fine-tune changes nearly every value of the tensors it changes, so a few samples of each tensor
+    do, for a few KiB read per tensor."""
+    try:
+        header = read_header(file)
+        h = hashlib.sha256()
+        with open(file, "rb") as f:
+            for _, _, start, end in header.tensors.values():
+                length = end - start
+                if length <= SAMPLES * SAMPLE_BYTES:
+                    offsets = [start]
+                    size = length
+                else:
+                    step = (length - SAMPLE_BYTES) // (SAMPLES - 1)
+                    offsets = [start + k * step for k in range(SAMPLES)]
+                    size = SAMPLE_BYTES
+                for offset in offsets:
+                    f.seek(offset)
+                    h.update(f.read(size))
+        return h.hexdigest()
+    except (OSError, ValueError) as e:
+        raise InputError(f"{file}: cannot read: {e}") from None
+
+
 def base_fingerprint(base: ModelIndex) -> list[dict[str, Any]]:
-    """Each base shard's name, size and header digest: cheap (no data read) and enough to tell another model,
-    another dtype or a re-sharded copy; a base whose values alone were changed in place is not detected."""
+    """Each base shard's name, size, header digest and content digest (``_sample_sha256``): enough to tell
+    another model (of the same family too), another dtype or a re-sharded copy, reading a few KiB per tensor."""
     return [
-        {"file": f.name, "size": f.stat().st_size, "header_sha256": _header_sha256(f)} for f in base.files
+        {
+            "file": f.name,
+            "size": f.stat().st_size,
+            "header_sha256": _header_sha256(f),
+            "sample_sha256": _sample_sha256(f),
+        }
+        for f in base.files
     ]
 
 
-def open_base(manifest: dict[str, Any], archive: Path, given: str | None) -> ModelIndex:
+def open_base(
+    manifest: dict[str, Any], archive: Path, given: str | None, notes: list[str] | None = None
+) -> ModelIndex:
     """The base model to rebuild on (``given`` or the path recorded at compress time), checked against the
-    manifest's fingerprint; ``InputError`` saying what differs."""
+    manifest's fingerprint; ``InputError`` saying what differs. An archive made before the content digest
+    existed is checked by headers and sizes only, with a note appended to ``notes``."""
     recorded = manifest["base"]
     ref = given if given is not None else recorded["path"]
     try:
@@ -84,10 +124,17 @@ def open_base(manifest: dict[str, Any], archive: Path, given: str | None) -> Mod
                 problems.append(f"{name} is {have[name]['size']} bytes, the archive's base's was {s['size']}")
             elif have[name]["header_sha256"] != s["header_sha256"]:
                 problems.append(f"{name} has another header (tensor names, dtypes, shapes or offsets differ)")
+            elif "sample_sha256" in s and have[name]["sample_sha256"] != s["sample_sha256"]:
+                problems.append(f"{name} holds other values (same names and shapes: another model of the family?)")
     if problems:
         raise InputError(
             f"base model {base.path} is not the base archive {archive} was made from ({recorded['path']}): "
             + "; ".join(problems)
+        )
+    if notes is not None and not all("sample_sha256" in s for s in want.values()):
+        notes.append(
+            f"archive {archive} predates the base's content digest: {base.path} was checked by its shards' headers "
+            "and sizes only, which another model of the same family shares; make sure it is the base"
         )
     return base
 
@@ -188,6 +235,8 @@ def load_manifest(archive: Path) -> dict[str, Any]:
         _need(s, "file", str, f"{where}: base shards")
         _need(s, "size", int, f"{where}: base shards")
         _need(s, "header_sha256", str, f"{where}: base shards")
+        if "sample_sha256" in s:
+            _need(s, "sample_sha256", str, f"{where}: base shards")
     models = _need(manifest, "models", list, where)
     if not models:
         raise InputError(f"{path}: lists no models")

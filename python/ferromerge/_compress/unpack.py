@@ -79,6 +79,8 @@ class DecompressReport:
     bytes_written: int
     seconds: float
     summary: ModelSummary
+    #: information for the user (the rebuild went on): the CLI prints each as ``ferromerge: note: ...``
+    notes: tuple[str, ...] = ()
 
     def lines(self) -> list[str]:
         return [f"rebuilt model {self.index} ({self.model}) into {self.out_dir}: {self.tensors} tensors, "
@@ -202,7 +204,8 @@ def decompress(
     manifest = load_manifest(arch)
     i = pick_model(manifest, arch, model)
     entry = manifest["models"][i]
-    base_idx = open_base(manifest, arch, None if base is None else str(base))
+    notes: list[str] = []
+    base_idx = open_base(manifest, arch, None if base is None else str(base), notes)
     target = OutputDir(out, overwrite=overwrite)
     target.check_inputs([arch, base_idx.path])
     rebuild = _Rebuilder(arch, manifest, i, base_idx)
@@ -228,4 +231,4 @@ def decompress(
         restore_side_files(arch, entry["files"], tmp)
         rebuild.rd.close()
     return DecompressReport(target.target, entry["name"], i, len(tensors), written, time.perf_counter() - start,
-                            _summary_from(manifest, i))
+                            _summary_from(manifest, i), tuple(notes))

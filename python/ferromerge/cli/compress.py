@@ -7,6 +7,7 @@ which the ``ferromerge`` command calls with the parsed arguments (its error hand
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..io.dtypes import ST_NAME
 from ..methods import default
@@ -66,7 +67,10 @@ def main(args: argparse.Namespace) -> int:
         )
         lines = report.lines()
     else:
-        lines = decompress(args.archive, args.model, args.out, base=args.base, overwrite=args.overwrite).lines()
+        rebuilt = decompress(args.archive, args.model, args.out, base=args.base, overwrite=args.overwrite)
+        for note in rebuilt.notes:
+            print(f"ferromerge: note: {note}", file=sys.stderr)
+        lines = rebuilt.lines()
     for line in lines:
         print(line)
     return 0
