@@ -294,8 +294,6 @@ def config_fails(
         ("della", 2, True, {"weight": 1.0, "density": [0.5, 0.9]},
          ["tensor model.layers.1.", "density 0.9 with epsilon 0.15"]),
         ("karcher", 2, False, {"max_iter": 0.5}, ["parameters.max_iter: parameter 'max_iter' must be an integer"]),
-        ("karcher", 2, False, {"weight": 1.0}, ["parameters.weight: unknown parameter for method karcher; known: "
-                                                "max_iter, tol"]),
         ("breadcrumbs", 2, True, {"weight": 1.0, "gamma": -0.1}, ["parameters.gamma: gamma must be in [0, 1]"]),
         ("sce", 2, True, {"select_topk": 2}, ["parameters.select_topk: select_topk must be in [0, 1], got 2.0"]),
     ],
@@ -320,6 +318,32 @@ def test_configuration_errors_exit_2_and_write_nothing(
     if extra:
         cfg["parameters"] = extra
     config_fails(capsys, tmp_path, cfg, *fragments)
+
+
+def test_a_parameter_the_method_does_not_use_warns_and_merges_as_without_it(
+    family_f32: Family, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # was an error; mergekit 0.1.5 ignores it (same tensors as mergekit: tests/compat/test_mergekit_leniency.py,
+    # karcher_weight_and_string_numbers), so ferromerge warns and merges as if it were not there
+    cfg, *_ = case(family_f32, "karcher")
+    cfg = {"merge_method": "karcher", **cfg, "parameters": {**cfg["parameters"], "weight": 1.0}}
+    config = write_config(tmp_path / "k.yml", cfg)
+    capsys.readouterr()
+    assert main(["run", str(config), str(tmp_path / "out"), "--quiet", "--seed", "7"]) == 0
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "ferromerge: warning: parameters.weight: karcher does not use 'weight'; ignored, as mergekit ignores it"
+    ]
+    merged, want = read_model(tmp_path / "out"), expected(family_f32, "karcher", seed=7)
+    assert merged.keys() == want.keys()
+    for name, (_, values) in merged.items():
+        np.testing.assert_array_equal(values, want[name], err_msg=name)
+    for command in ("run", "plan"):  # --strict: the warning is an error, nothing written
+        assert main([command, str(config), str(tmp_path / "strict"), "--strict"]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(
+            "ferromerge: error: parameters.weight: karcher does not use 'weight'; ignored, as mergekit ignores it "
+            "(strict mode"), lines
+    assert not (tmp_path / "strict").exists()
 
 
 def test_slice_without_its_base_is_an_error_for_optional_base_methods(

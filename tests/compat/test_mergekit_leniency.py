@@ -77,8 +77,9 @@ def case_configs(root: Path) -> dict[str, tuple[dict[str, Any], list[str]]]:
         ),
         "karcher_weight_and_string_numbers": (
             cfg("karcher", [model("a", weight=1), model("b", weight=2), model("c")],
-                {"max_iter": "3", "tol": "1e-9"}, base=False),
-            [f"models[0].parameters.weight: karcher does not use 'weight'{IGNORED}",
+                {"max_iter": "3", "tol": "1e-9", "weight": 1.0}, base=False),
+            [f"parameters.weight: karcher does not use 'weight'{IGNORED}",
+             f"models[0].parameters.weight: karcher does not use 'weight'{IGNORED}",
              f"models[1].parameters.weight: karcher does not use 'weight'{IGNORED}"],
         ),
         "linear_boolean_words_and_numbers": (
