@@ -19,8 +19,9 @@ from ._plan.build import DEFAULT_SHARD_SIZE, Plan, build_plan
 from ._plan.estimate import Estimate, estimate
 from ._validate import check_seed, check_threads, parse_size
 from .config.resolve import MergeConfig, load_config
-from .errors import ParameterError
+from .errors import InputError, ParameterError
 from .io import journal
+from .io.json_file import read_json
 from .io.output_dir import OutputDir, check_free_space
 from .methods.spec import MethodSpec
 from .model_card import merge_card, write_card
@@ -119,7 +120,23 @@ def prepare(
     config = load_config(config_or_path, strict=strict)
     models: dict[str, ModelIndex] = {ref: lora.index_any(ref, lora_merge_cache) for ref in config.model_refs()}
     built = build_plan(config, models, seed=seed, out_shard_size=out_shard_size, scratch=scratch)
+    _check_model_config(built)
     return config, dataclasses.replace(built, allow_nonfinite=bool(allow_nonfinite))
+
+
+def _model_config(plan: Plan) -> Path:
+    """The ``config.json`` the output's is made from: the reference model's (the first of the plan)."""
+    return plan.models[0].path / "config.json"
+
+
+def _check_model_config(plan: Plan) -> None:
+    """A reference ``config.json`` that is not a JSON object fails before merging (``InputError`` naming it), not
+    after: the output's is made from it, and transformers cannot load anything else."""
+    src = _model_config(plan)
+    if src.is_file():
+        data = read_json(src, "the model config")
+        if not isinstance(data, dict):
+            raise InputError(f"{src}: the model config is a JSON {type(data).__name__}, not an object")
 
 
 @dataclass(frozen=True)
@@ -190,6 +207,11 @@ def _check_space(output: OutputDir, plan: Plan, temp_cache: Path | None, reused:
 
 
 def _log_notes(config: MergeConfig, plan: Plan, log: Callable[[str], None]) -> None:
+    if not _model_config(plan).is_file():
+        log(
+            f"note: {plan.models[0].path} has no config.json, so the output has none either (transformers needs "
+            "one to load it: copy or write it before loading)"
+        )
     if plan.vocabulary is not None:
         for note in plan.vocabulary.notes:
             log(f"note: {note}")
