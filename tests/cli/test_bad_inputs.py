@@ -256,9 +256,11 @@ def test_unknown_method(fam: Family, tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 def test_unknown_parameter(fam: Family, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # mergekit ignores it, so ferromerge warns (tests/config/test_leniency.py); --strict makes it this error
     cfg = ties_config(fam)
     cfg["models"][1]["parameters"]["densty"] = 0.3
-    fails(capsys, cfg, tmp_path / "out", 2, "models[1].parameters.densty: unknown parameter for method ties")
+    fails(capsys, cfg, tmp_path / "out", 2, "models[1].parameters.densty: ties has no parameter 'densty' (did you "
+          "mean 'density'?)", "strict mode", args=("--strict",))
 
 
 @pytest.mark.parametrize("density", [0, 1.5, -0.5])

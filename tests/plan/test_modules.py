@@ -15,7 +15,7 @@ from helpers.vlm import TEXT_LAYERS, VISION_LAYERS, make_vlms, vlm_config, vlm_s
 
 from ferromerge._plan import modules
 from ferromerge.config.resolve import parse_config
-from ferromerge.errors import ConfigError, InputError
+from ferromerge.errors import CompatWarning, ConfigError, InputError
 
 @pytest.fixture(scope="module")
 def vlms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
@@ -120,13 +120,24 @@ def test_config_module_parameters_rank_between_slice_and_global() -> None:
     ({"modules": {"x": {"models": [{"model": "a"}], "slices": [{"sources": [{"model": "a", "layer_range": [0, 1]}]}]}}},
      r"modules\.x: give models: or slices:"),
     ({"modules": {"x": {}}}, r"modules\.x: give models: or slices:"),
-    ({"modules": {"x": {"modles": []}}}, r"modules\.x\.modles: unknown key"),
-    ({"modules": {"x": {"models": [{"model": "a", "parameters": {"wieght": 1}}]}}},
-     r"modules\.x\.models\[0\]\.parameters\.wieght: unknown parameter"),
 ])
 def test_config_errors(data: dict[str, Any], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         parse_config({"merge_method": "linear", "parameters": {"weight": 1.0}, **data})
+
+
+@pytest.mark.parametrize(("data", "match"), [
+    ({"modules": {"x": {"modles": [], "models": [{"model": "a"}]}}},
+     r"modules\.x\.modles: unknown key \(did you mean 'models'\?\)"),
+    ({"modules": {"x": {"models": [{"model": "a", "parameters": {"wieght": 1}}]}}},
+     r"modules\.x\.models\[0\]\.parameters\.wieght: linear has no parameter 'wieght' \(did you mean 'weight'\?\)"),
+])
+def test_unknown_keys_and_parameters_are_ignored_as_mergekit_ignores_them(data: dict[str, Any], match: str) -> None:
+    # mergekit ignores both: a compat warning, an error only in strict mode
+    with pytest.warns(CompatWarning, match=match):
+        parse_config({"merge_method": "linear", "parameters": {"weight": 1.0}, **data})
+    with pytest.raises(ConfigError, match=match):
+        parse_config({"merge_method": "linear", "parameters": {"weight": 1.0}, **data}, strict=True)
 
 
 # --- the pipeline ---------------------------------------------------------------------------------------------

@@ -226,15 +226,29 @@ def test_layer_range_beyond_the_model_names_the_model(fam: Family) -> None:
         ([{"sources": [{"model": "x", "layer_range": [0, 2]}, {"model": "x", "layer_range": [2, 4]}]}],
          r"slices\[0\]\.sources\[1\]\.model: 'x' is listed twice in slices\[0\]"),
         ([{"sources": [{"model": "x"}]}], r"slices\[0\]\.sources\[0\]\.layer_range: missing"),
-        ([{"sources": [{"model": "x", "layer_range": [0, 1], "weight": 1}]}],
-         r"slices\[0\]\.sources\[0\]\.weight: unknown key; known: layer_range, model, parameters"),
-        ([{"sources": [{"model": "x", "layer_range": [0, 1]}], "bogus": 1}],
-         r"slices\[0\]\.bogus: unknown key; known: base_model, parameters, residual_weight, sources"),
     ],
 )
 def test_malformed_slices(slices: list[dict[str, Any]], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         ferromerge.config.load_config({"merge_method": "passthrough", "slices": slices})
+
+
+@pytest.mark.parametrize(
+    ("slices", "match"),
+    [
+        ([{"sources": [{"model": "x", "layer_range": [0, 1], "weight": 1}]}],
+         r"slices\[0\]\.sources\[0\]\.weight: 'weight' is a method parameter, which belongs under "
+         r"slices\[0\]\.sources\[0\]\.parameters"),
+        ([{"sources": [{"model": "x", "layer_range": [0, 1]}], "bogus": 1}],
+         r"slices\[0\]\.bogus: unknown key \(known: base_model, parameters, residual_weight, sources\)"),
+    ],
+)
+def test_unknown_keys_in_slices_are_ignored_as_mergekit_ignores_them(slices: list[dict[str, Any]], match: str) -> None:
+    # mergekit's pydantic models ignore undeclared keys: a compat warning, an error only in strict mode
+    with pytest.warns(ferromerge.CompatWarning, match=match):
+        ferromerge.config.load_config({"merge_method": "passthrough", "slices": slices})
+    with pytest.raises(ConfigError, match=match):
+        ferromerge.config.load_config({"merge_method": "passthrough", "slices": slices}, strict=True)
 
 
 def test_models_and_slices_together_are_an_error() -> None:
