@@ -372,7 +372,7 @@ def _copied(
             f"{', '.join(repr(r) for r in differ)} hold other values than {chosen.ref!r}, whose are kept"
         )
     kernel = methods.kernel_spec(methods.get("passthrough"), {}, seed)
-    copy = PlanInput(info, name, 1.0, 1.0, chosen.model_id)
+    copy = PlanInput(info, name, 1.0, 1.0, 0)  # model_id keys random streams: a copy has none
     return PlanTensor(job.out, info.shape, info.dtype, kernel, None, (copy,))
 
 
