@@ -133,7 +133,7 @@ def _scalar(spec: ParamSpec | None, name: str, raw: Any, place: str, lenient: Le
         if raw is None or not isinstance(raw, (bool, int, float, str)):
             raise ConfigError(f"{place}: expected a number, true/false or a string, got {raw!r}")
         return raw
-    value = methods.coerce(spec, name, raw, place)
+    value = methods.coerce(spec, name, raw, place, lax=True)
     if isinstance(raw, bool) and spec.kind is float and lenient is not None:
         lenient.warn(f"{place}: {str(raw).lower()} read as the number {value!r}, as mergekit reads it")
     return value

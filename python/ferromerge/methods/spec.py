@@ -121,18 +121,32 @@ def _lax(kind: str, value: Any) -> tuple[bool, Any]:
         return False, None
 
 
-def coerce(spec: ParamSpec, name: str, value: Any, where: str) -> Any:
+def _exact(kind: str, value: Any) -> tuple[bool, Any]:
+    """``_lax``'s result for Python values of the type itself: a bool for bool, an int or float (not a bool) for a
+    number, one with no fraction for an integer."""
+    if kind == "bool":
+        return isinstance(value, bool), value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False, None
+    if kind == "int":
+        return float(value).is_integer(), int(value) if float(value).is_integer() else None
+    return True, float(value)
+
+
+def coerce(spec: ParamSpec, name: str, value: Any, where: str, *, lax: bool = False) -> Any:
     """Check one parameter value's type and range; ``where`` names its place in the config.
 
-    Values are read as mergekit 0.1.5 reads them: its ``ParameterSpec.validate`` is pydantic's lax mode for the
-    declared type, so a number may be written as a string (``"1e-6"``: YAML 1.1 reads an exponent without a dot as
-    a string), a boolean as 0/1, 0.0/1.0 or "true"/"yes"/"on"/"1"..., an integer as 5.0 or "5", a number as a
-    boolean (1.0); what pydantic refuses is refused here, with the parameter's place. ferromerge's own string
+    ``lax`` (a config's values): read as mergekit 0.1.5 reads them: its ``ParameterSpec.validate`` is pydantic's lax
+    mode for the declared type, so a number may be written as a string (``"1e-6"``: YAML 1.1 reads an exponent
+    without a dot as a string), a boolean as 0/1, 0.0/1.0 or "true"/"yes"/"on"/"1"..., an integer as 5.0 or "5", a
+    number as a boolean (1.0); what pydantic refuses is refused here, with the parameter's place. Otherwise (the
+    in-memory API's Python values) a number is an int or float, a boolean a bool. ferromerge's own string
     parameters (``rescale_mode``, ``exclude``) take strings only. Numbers must be finite (pydantic's "nan" would make
     a NaN model) and within the parameter's range.
     """
+    read = _lax if lax else _exact
     if spec.kind is bool:
-        ok, flag = _lax("bool", value)
+        ok, flag = read("bool", value)
         if not ok:
             raise ParameterError(f"{where}: parameter {name!r} must be true or false, got {value!r}")
         return flag
@@ -140,14 +154,14 @@ def coerce(spec: ParamSpec, name: str, value: Any, where: str) -> Any:
         if not isinstance(value, str) or (spec.choices and value not in spec.choices):
             raise ParameterError(f"{where}: parameter {name!r} must be one of {list(spec.choices)}, got {value!r}")
         return value
-    ok, number = _lax("float", value)
+    ok, number = read("float", value)
     if not ok:
         raise ParameterError(f"{where}: parameter {name!r} must be a number, got {value!r}")
     if not math.isfinite(number):
         raise ParameterError(f"{where}: parameter {name!r} must be finite, got {value!r}")
     if spec.integer:
         # mergekit's int parameters refuse "1e3" and 2.5 as pydantic's int does
-        ok, whole = _lax("int", value)
+        ok, whole = read("int", value)
         if not ok:
             raise ParameterError(f"{where}: parameter {name!r} must be an integer, got {value!r}")
         number = whole
