@@ -73,14 +73,6 @@ class RawConfig(BaseModel):
     device: str | None = None
 
 
-#: the keys each kind of entry knows, for "unknown key" messages
-_KNOWN_KEYS = {
-    "sources": "layer_range, model, parameters",
-    "slices": "base_model, parameters, residual_weight, sources",
-    "models": "model, parameters",
-}
-
-
 def validation_message(e: ValidationError) -> str:
     """The first validation error as ``place: problem`` in config notation (``models[1].layer_range``)."""
     err = e.errors()[0]
@@ -88,8 +80,8 @@ def validation_message(e: ValidationError) -> str:
     for part in err["loc"]:
         place += f"[{part}]" if isinstance(part, int) else (f".{part}" if place else str(part))
     if err["type"] == "extra_forbidden":
-        kind = next((str(p) for p in reversed(err["loc"][:-1]) if isinstance(p, str)), "models")
-        return f"{place}: unknown key; known: {_KNOWN_KEYS.get(kind, _KNOWN_KEYS['models'])}"
+        # the unknown keys mergekit ignores are dropped before (``leniency``); what is left is in a malformed entry
+        return f"{place}: unknown key"
     if err["type"] == "missing":
         return f"{place}: missing"
     return f"{place}: {err['msg'].lower()}, got {err['input']!r}"
