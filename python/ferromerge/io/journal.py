@@ -257,9 +257,11 @@ class ShardWatcher:
             self._queue.put(self._ends[self._next][1])
             self._next += 1
 
-    def close(self) -> None:
-        """The engine returned or failed: stop at once (what is journaled stays). A finished run needs no more
-        (its journal goes with the commit), and an interrupted one must stop within a second."""
-        self._stop.set()
+    def close(self, drain: float = 0.0) -> None:
+        """Stop, after journaling the shards already queued for at most ``drain`` seconds: a failed or
+        interrupted run drains (what it journals, a resume keeps; an interruption must still end within a second),
+        a finished one needs no more (its journal goes with the commit)."""
         self._queue.put(None)
+        self._thread.join(timeout=drain)
+        self._stop.set()
         self._thread.join()

@@ -169,7 +169,8 @@ class OutputDir:
             if resume:
                 self._adopt(log)
             for p in self.stale():
-                if p != self.temp:
+                # our own pid's directory, when not adopted, can only be a leftover of an earlier process
+                if not (resume and p == self.temp):
                     log(f"removing {p}, left by an interrupted run")
                     shutil.rmtree(p, ignore_errors=True)
             try:
