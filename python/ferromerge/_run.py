@@ -257,15 +257,18 @@ def _merge_tensors(
         if progress is not None:
             progress(done, total, bytes_done, bytes_total)
 
+    finished = False
     try:
         if not plan_json["shards"]:
             return {"tensors": 0, "bytes_read": 0, "bytes_written": 0}
         if plan.permuted:
             scratch.mkdir()
             write_permuted(plan.permuted, log)
-        return _engine.execute(json.dumps(plan_json), str(out), engine_progress, threads, limit, merge)
+        stats = _engine.execute(json.dumps(plan_json), str(out), engine_progress, threads, limit, merge)
+        finished = True
+        return stats
     finally:
-        watcher.close()
+        watcher.close(drain=0 if finished else 0.5)
         if bar is not None:
             bar.close()
         # never part of the output: removed before the tokenizer and config files are written
