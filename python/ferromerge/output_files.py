@@ -1,5 +1,5 @@
 """The output model's side files, besides the shards: the shard index, the reference model's ``config.json``
-(dtype, and for slices the layer count, updated), its tokenizer files (or the aligned vocabulary's), the chat
+(dtype, and for slices the layer counts and per-layer lists, updated), its tokenizer files (or the aligned vocabulary's), the chat
 template, the config as given (``mergekit_config.yml``, as mergekit names it) and the resolved merge
 (``ferromerge_config.yml``). The directory they go into is ``io.output_dir.OutputDir``'s.
 """
@@ -14,10 +14,11 @@ from typing import Any
 import yaml
 
 from ._plan.build import Plan
+from ._plan.layout import LayerSources
 from .errors import OutputError
-from .models.architecture import LAYER_COUNT_KEYS
+from .models.architecture import NOT_PER_LAYER
 from .models.index import ModelIndex
-from .models.layers import declared_layers, read_model_config
+from .models.layers import read_model_config
 from .tokenizer.vocab import Vocabulary
 
 #: copied from the reference model when present (mergekit copies the tokenizer of the base or first model too)
@@ -54,41 +55,70 @@ def write_index(out: Path, weight_map: dict[str, str], total_size: int) -> None:
 def config_updates(reference: ModelIndex, plan: Plan) -> tuple[dict[str, Any], list[str]]:
     """The ``config.json`` keys the merge changes besides the dtype, and remarks for the user.
 
-    Slices set the layer count (under the key the reference's config uses); an output lm_head that some input
-    had tied sets ``tie_word_embeddings: false``, or transformers would ignore the merged head.
+    Slices set the layer count (every key the layout names: ``num_hidden_layers``, T5's ``num_decoder_layers``,
+    a sub-config's ``text_config.num_hidden_layers``), and every list beside such a key with one entry per old
+    layer (``layer_types``, ...) follows the slices: output layer j gets the entry of the layer it is taken from,
+    read from that model's config.json (transformers refuses a config whose per-layer lists miss layers). An output
+    lm_head that some input had tied sets ``tie_word_embeddings: false``, or transformers would ignore the merged
+    head.
     """
     config = read_model_config(reference)
     updates: dict[str, Any] = {}
     remarks: list[str] = []
     if config is None:
         return updates, remarks
-    if plan.num_layers is not None:
-        declared = declared_layers(config)
-        if declared is None:
-            remarks.append(
-                f"{reference.path / 'config.json'} has no layer count ({', '.join(LAYER_COUNT_KEYS)}); "
-                f"the output has {plan.num_layers} layers"
-            )
-        elif declared[1] != plan.num_layers:
-            updates[declared[0]] = plan.num_layers
     remarks += plan.remarks
-    for key, count in plan.config_layers.items():
-        # a sliced module of a modules: config: its key may sit in a sub-config (text_config.num_hidden_layers)
+    # scope ("" = the top level, else a sub-config's key) -> its updated copy
+    scopes: dict[str, dict[str, Any]] = {}
+    # (scope, old count) -> the layer sources of the stacks that had that count there
+    per_layer: dict[tuple[str, int], set[LayerSources]] = {}
+    for key, sources in plan.config_layers.items():
         scope, _, name = key.rpartition(".")
+        here = _scope(config, scope)
+        old = here.get(name)
+        scopes.setdefault(scope, dict(here))[name] = len(sources)
+        if isinstance(old, int):
+            per_layer.setdefault((scope, old), set()).add(sources)
+    configs: dict[str, dict[str, Any] | None] = {}
+    for (scope, old), found in per_layer.items():
+        for name, value in _scope(config, scope).items():
+            if not isinstance(value, list) or len(value) != old or name in NOT_PER_LAYER:
+                continue
+            if len(found) > 1:
+                remarks.append(f"{reference.path / 'config.json'}: {name!r} has one entry per layer of several "
+                               "stacks that slices changed; it is left as it is")
+                continue
+            (sources,) = found
+            entries = []
+            for ref, i in sources:
+                if ref not in configs:
+                    configs[ref] = next((read_model_config(m) for m in plan.models if m.ref == ref), None)
+                theirs = _scope(configs[ref] or {}, scope).get(name)
+                entries.append(theirs[i] if isinstance(theirs, list) and i < len(theirs) else value[min(i, old - 1)])
+            scopes[scope][name] = entries
+    for scope, values in scopes.items():
         if scope:
-            updates[scope] = {**updates.get(scope, config[scope]), name: count}
+            updates[scope] = values
         else:
-            updates[name] = count
+            updates.update({k: v for k, v in values.items() if v != config.get(k)})
     if plan.untied_head and config.get("tie_word_embeddings") is not False:
         updates["tie_word_embeddings"] = False
     if plan.vocabulary is not None:
         # mergekit's _update_config_vocab: the padded size; under text_config for models that keep it there
-        text = config.get("text_config")
+        text = updates.get("text_config", config.get("text_config"))
         if "vocab_size" not in config and isinstance(text, dict) and "vocab_size" in text:
             updates["text_config"] = {**text, "vocab_size": plan.vocabulary.rows}
         else:
             updates["vocab_size"] = plan.vocabulary.rows
     return updates, remarks
+
+
+def _scope(config: dict[str, Any], scope: str) -> dict[str, Any]:
+    """The top level of ``config`` (scope ``""``) or its sub-config ``scope``."""
+    if not scope:
+        return config
+    sub = config.get(scope)
+    return sub if isinstance(sub, dict) else {}
 
 
 def write_model_config(out: Path, source: Path, dtype: str, updates: dict[str, Any] | None = None) -> None:

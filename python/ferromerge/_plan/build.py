@@ -31,7 +31,7 @@ from ..models.architecture import is_vocab_tensor
 from ..models.index import ModelIndex, TensorInfo, tensor_bytes
 from ..tokenizer.embed import Aligner, PermutedTensor
 from ..tokenizer.vocab import Vocabulary, build_vocabulary
-from .layout import Job, Layout, build_layout, tensor_of
+from .layout import Job, LayerSources, Layout, build_layout, tensor_of
 
 DEFAULT_SHARD_SIZE = "5B"
 
@@ -117,7 +117,7 @@ class Plan:
     #: the output has an explicit lm_head that some input (or the reference's config) has tied
     untied_head: bool = False
     #: config.json keys (dotted into sub-configs) holding a sliced stack's layer count -> its output layers' sources
-    config_layers: Mapping[str, int] = field(default_factory=dict)
+    config_layers: Mapping[str, LayerSources] = field(default_factory=dict)
     #: remarks of the layout for the user (``Layout.remarks``)
     remarks: tuple[str, ...] = ()
     #: the output vocabulary when the config aligns vocabularies (``tokenizer`` / ``tokenizer_source``)

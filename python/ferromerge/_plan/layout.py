@@ -9,6 +9,11 @@ tensors are planned as mergekit plans its "pre" and "post" weights: input embedd
 ``word_embeddings``, ...) from the first slice's sources, everything else (final norm, lm_head) from the last
 slice's sources. Non-layer tensors use ``t = 0`` (a gradient's first value), layers ``t = k / (n − 1)``.
 
+When slices change a stack's layer count, the layout names the config.json keys that hold it (every layer-count key
+of the reference's config that holds the old count; under ``modules:``, the module's key) and, for each output
+layer, the model and layer it is taken from (the slice template's), so that per-layer lists in config.json
+(``layer_types``, ...) can follow the slices (``output_files.config_updates``).
+
 Tied embeddings (mergekit's ``lm_head`` with ``tied_names``): when no feeding model has ``lm_head.weight``, the
 output has none (it stays tied). When only some have it, the others feed it from their input embedding, and the
 output gets an explicit lm_head (``Layout.untied_head``).
@@ -16,6 +21,7 @@ output gets an explicit lm_head (``Layout.untied_head``).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -24,7 +30,7 @@ from ..config.settings import layer_t
 from ..errors import InputError
 from ..io.dtypes import MERGEABLE_DTYPES
 from ..models import layers
-from ..models.architecture import HEAD_WEIGHT, INPUT_EMBEDDING_WEIGHT, PRE_LAYER_TENSOR
+from ..models.architecture import HEAD_WEIGHT, INPUT_EMBEDDING_WEIGHT, LAYER_COUNT_KEYS, PRE_LAYER_TENSOR
 from ..models.index import ModelIndex
 from . import modules
 
@@ -44,6 +50,10 @@ class Job:
     origin: str
 
 
+#: per output layer of a sliced stack: the model it is taken from and its layer index there
+LayerSources = tuple[tuple[str, int], ...]
+
+
 @dataclass(frozen=True)
 class Layout:
     jobs: tuple[Job, ...]
@@ -51,8 +61,11 @@ class Layout:
     num_layers: int | None
     #: the output has lm_head although some feeding model has it tied (or the reference lacks it)
     untied_head: bool
-    #: ``modules:`` configs: config.json keys (dotted into sub-configs) -> the new layer count of a sliced module
-    config_layers: Mapping[str, int] = field(default_factory=dict)
+    #: config.json keys (dotted into sub-configs) that hold the layer count of a sliced stack -> its output layers'
+    #: sources (their number is the new count)
+    config_layers: Mapping[str, LayerSources] = field(default_factory=dict)
+    #: the sliced stack's output layers' sources (set by ``_sliced``, for the caller to name its config keys)
+    sources: LayerSources = ()
     #: things the user should know about the layout (a layer count no config.json key could be found for)
     remarks: tuple[str, ...] = ()
 
@@ -98,7 +111,20 @@ def build_layout(config: MergeConfig, models: Mapping[str, ModelIndex]) -> Layou
     stacks = {ref: layers.layer_stacks(models[ref]) for ref in config.model_refs()}
     if not config.sliced:
         return _whole_models(config, models, stacks)
-    return _sliced(config, models, stacks)
+    part = _sliced(config, models, stacks)
+    reference = models[config.reference]
+    out_config = layers.read_model_config(reference)
+    declared = layers.declared_layers(out_config)
+    if declared is None:
+        remark = None if out_config is None else (
+            f"{reference.path / 'config.json'} has no layer count ({', '.join(LAYER_COUNT_KEYS)}); the output has "
+            f"{part.num_layers} layers"
+        )
+        return dataclasses.replace(part, remarks=(remark,) if remark else ())
+    assert out_config is not None
+    # every key that holds the count (configs may carry aliases, n_layer beside num_hidden_layers)
+    keys = [k for k in LAYER_COUNT_KEYS if out_config.get(k) == declared[1] and not isinstance(out_config[k], bool)]
+    return dataclasses.replace(part, config_layers={k: part.sources for k in keys})
 
 
 def _modular(config: MergeConfig, models: Mapping[str, ModelIndex]) -> Layout:
@@ -107,7 +133,7 @@ def _modular(config: MergeConfig, models: Mapping[str, ModelIndex]) -> Layout:
     out_config = layers.read_model_config(models[config.reference])
     jobs: list[Job] = []
     untied = False
-    counts: dict[str, int] = {}
+    counts: dict[str, LayerSources] = {}
     remarks: list[str] = []
     for module in config.modules:
         sub = modules.sub_config(config, module)
@@ -116,7 +142,7 @@ def _modular(config: MergeConfig, models: Mapping[str, ModelIndex]) -> Layout:
         part = _sliced(sub, mine, stacks) if module.sliced else _whole_models(sub, mine, stacks)
         jobs += part.jobs
         untied = untied or part.untied_head
-        if part.num_layers is None:
+        if not part.sources:
             continue
         # the output's config.json is the reference's: its count for this module is under some key
         before = layers.layer_stacks(mine[config.reference], check_declared=False) if config.reference in mine else {}
@@ -127,8 +153,8 @@ def _modular(config: MergeConfig, models: Mapping[str, ModelIndex]) -> Layout:
                 f"{config.reference!r} could be told to hold its layer count; set it by hand"
             )
         else:
-            counts[key] = part.num_layers
-    return Layout(tuple(jobs), None, untied, counts, tuple(remarks))
+            counts[key] = part.sources
+    return Layout(tuple(jobs), None, untied, counts, remarks=tuple(remarks))
 
 
 def _whole_models(
@@ -212,11 +238,13 @@ def _sliced(config: MergeConfig, models: Mapping[str, ModelIndex], stacks: Mappi
     for name in pre:
         jobs.append(_non_layer_job(name, first, models))
     j = 0
+    sources: list[tuple[str, int]] = []
     for s in config.slices:
         template = s.template()
         assert template.layer_range is not None
         n = template.layer_range[1] - template.layer_range[0]
         for k in range(n):
+            sources.append((template.ref, template.layer_range[0] + k))
             rests = _rests(template, k, by_layer, stack_of)
             for src in s.sources():
                 if src is not template:
@@ -235,7 +263,7 @@ def _sliced(config: MergeConfig, models: Mapping[str, ModelIndex], stacks: Mappi
         if is_head(name) and any(name not in models[m.ref].tensors for m in last.sources()):
             untied = True
         jobs.append(job)
-    return Layout(tuple(jobs), j, untied)
+    return Layout(tuple(jobs), j, untied, sources=tuple(sources))
 
 
 def _non_layer(s: OutputSlice, models: Mapping[str, ModelIndex], *, pre: bool) -> list[str]:

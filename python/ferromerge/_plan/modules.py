@@ -31,6 +31,7 @@ from ..config.resolve import MergeConfig, OutputModule
 from ..errors import ConfigError, InputError
 from ..models.architecture import (
     KNOWN_MARKERS,
+    MODULE_COUNT_KEY_HINTS,
     MODULE_LAYER_COUNT_KEYS,
     REMAINDER_NAMES,
     SUBCONFIG_HINTS,
@@ -127,7 +128,8 @@ def sub_config(config: MergeConfig, module: OutputModule) -> MergeConfig:
 
 def layer_key(config: Mapping[str, object] | None, module: str, count: int) -> str | None:
     """The config.json key (dotted into sub-configs) holding ``module``'s layer count ``count``: the one key with
-    that value, or among several the one in the sub-config the module name hints at; None when unclear."""
+    that value, or among several the one the module name hints at (T5's ``decoder``: ``num_decoder_layers``), else
+    the one in the sub-config the module name hints at; None when unclear."""
     if config is None:
         return None
     found: list[str] = []
@@ -138,6 +140,9 @@ def layer_key(config: Mapping[str, object] | None, module: str, count: int) -> s
             value = scope.get(key)
             if isinstance(value, int) and not isinstance(value, bool) and value == count:
                 found.append(prefix + key)
+    if len(found) > 1:
+        named = [k for word, keys in MODULE_COUNT_KEY_HINTS.items() if word in module for k in keys]
+        found = [k for k in found if k.rpartition(".")[2] in named] or found
     if len(found) > 1:
         hinted = [sub for word, sub in SUBCONFIG_HINTS.items() if word in module]
         found = [k for k in found if hinted and k.startswith(hinted[0] + ".")] or [

@@ -10,8 +10,31 @@ from __future__ import annotations
 
 import re
 
+
+def _components(names: tuple[str, ...] | frozenset[str], end: str = r"(\.|$)") -> str:
+    """A regex matching any of ``names`` as a whole dotted component of a tensor name (followed by ``end``)."""
+    return r"(^|\.)(" + "|".join(sorted(map(re.escape, names))) + ")" + end
+
+
+# The non-layer tensors, by the name of their module. One row per fact: the regexes and sets below derive from
+# these four tuples.
+
+#: token embeddings (nn.Embedding over the vocabulary): Llama/Mistral/Qwen/Gemma ``embed_tokens``, GPT-2 ``wte``,
+#: Falcon/BLOOM/BERT ``word_embeddings``, InternLM ``tok_embeddings``, GPT-NeoX ``embed_in``
+TOKEN_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "tok_embeddings", "embed_in")
+
+#: the other input embeddings (positions, token types): no vocabulary axis
+OTHER_EMBEDDINGS = ("wpe", "embed_positions", "position_embeddings", "token_type_embeddings")
+
+#: containers of the embedding side's other tensors (BERT's ``embeddings.LayerNorm``)
+EMBEDDING_CONTAINERS = ("embeddings",)
+
+#: keys of output heads (nn.Linear over the vocabulary): full rank, or factorised like linear layers with embed_lora
+HEADS = frozenset({"lm_head", "embed_out"})
+
+
 #: tensors whose first axis is the vocabulary
-VOCAB_TENSOR = re.compile(r"(^|\.)(embed_tokens|lm_head|wte|word_embeddings|embed_in|embed_out)(\.|$)")
+VOCAB_TENSOR = re.compile(_components((*TOKEN_EMBEDDINGS, *HEADS)))
 
 
 def is_vocab_tensor(name: str) -> bool:
@@ -23,22 +46,16 @@ HEAD_WEIGHT = re.compile(r"(^|\.)lm_head\.weight$")
 
 
 #: input embeddings an untied head can be fed from
-INPUT_EMBEDDING_WEIGHT = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|tok_embeddings|embed_in)\.weight$")
-
-
-#: non-layer tensors that mergekit plans before the layers (from the first slice); the rest come after
-PRE_LAYER_TENSOR = re.compile(r"(^|\.)(embed_tokens|embed_in|embed_positions|wte|wpe|tok_embeddings|embeddings)(\.|$)")
+INPUT_EMBEDDING_WEIGHT = re.compile(_components(TOKEN_EMBEDDINGS, end=r"\.weight$"))
 
 
 #: keys of input embeddings (nn.Embedding in transformers): full rank, or factorised transposed with embed_lora
-INPUT_EMBEDDINGS = frozenset({
-    "embed_tokens", "embed_in", "wte", "wpe", "word_embeddings", "tok_embeddings", "embed_positions",
-    "position_embeddings", "token_type_embeddings",
-})
+INPUT_EMBEDDINGS = frozenset(TOKEN_EMBEDDINGS + OTHER_EMBEDDINGS)
 
 
-#: keys of output heads (nn.Linear over the vocabulary): full rank, or factorised like linear layers with embed_lora
-HEADS = frozenset({"lm_head", "embed_out"})
+#: non-layer tensors that mergekit plans before the layers (from the first slice): the embedding side; the rest
+#: (final norm, head) come after the layers (from the last slice)
+PRE_LAYER_TENSOR = re.compile(_components(INPUT_EMBEDDINGS | frozenset(EMBEDDING_CONTAINERS)))
 
 
 #: model types whose linear layers are transformers' Conv1D, stored in × out: PEFT needs fan_in_fan_out for them
@@ -49,8 +66,15 @@ CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt"})
 LAYER_TENSOR = re.compile(r"^(?P<stack>(?:[^.]+\.)*?(?:layers|layer|h|blocks|block))\.(?P<index>\d+)\.(?P<rest>.+)$")
 
 
-#: config.json keys that hold the number of layers, as transformers' configs name it
+#: config.json keys that hold the number of layers, as transformers' configs name it (Llama and most:
+#: num_hidden_layers; GPT-2: n_layer; T5, ChatGLM: num_layers): a single stack's output sets every one of them that
+#: holds its old count
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+#: config.json lists that are not per-layer whatever their length (the others with one entry per layer, such as
+#: Qwen2's and Gemma 2/3's ``layer_types``, follow the slices)
+NOT_PER_LAYER = frozenset({"architectures"})
 
 
 #: containers of the modules mergekit's multi-module architectures name (module name -> dotted markers)
@@ -74,6 +98,12 @@ REMAINDER_NAMES = ("text_decoder", "language_model", "decoder", "default")
 
 #: config.json keys that hold a layer count in a multi-module model's sub-configs
 MODULE_LAYER_COUNT_KEYS = (*LAYER_COUNT_KEYS, "depth", "encoder_layers", "decoder_layers", "num_decoder_layers")
+
+
+#: keys preferred for a module whose name contains the key word, when several keys hold its count (T5's
+#: num_layers and num_decoder_layers, BART's and Whisper's encoder_layers and decoder_layers)
+MODULE_COUNT_KEY_HINTS = {"encoder": ("num_layers", "encoder_layers", "num_hidden_layers"),
+                          "decoder": ("num_decoder_layers", "decoder_layers")}
 
 
 #: sub-config names preferred for a module whose name contains the key word, when several keys fit
