@@ -371,7 +371,6 @@ def test_unused_base_tokens_are_stripped(tmp_path):
     [
         ({"tokenizer_source": "union", "tokenizer": {"source": "base"}}, "give one of them"),
         ({"tokenizer": {"source": "base", "pad_to_multiple_of": 0}}, "pad_to_multiple_of"),
-        ({"tokenizer": {"sorce": "base"}}, "sorce"),
         ({"tokenizer": {"tokens": {"x": {"source": "/nowhere"}}}}, "not one of the merged models"),
         ({"tokenizer": {"tokens": {"x": {"source": {"kind": "model_token", "model": "BASE", "token": "a",
                                                     "token_id": 1}}}}}, "exactly one of token and token_id"),
@@ -382,6 +381,15 @@ def test_unused_base_tokens_are_stripped(tmp_path):
 def test_config_errors(family, extra, match):
     with pytest.raises(ConfigError, match=match):
         parse_config(linear_cfg(family, **_resolve(extra, family)))
+
+
+def test_a_misspelled_tokenizer_key_is_ignored_as_mergekit_ignores_it(family):
+    # mergekit's TokenizerConfig ignores undeclared keys: a compat warning (an error with strict=True)
+    cfg = linear_cfg(family, tokenizer={"sorce": "base"})
+    with pytest.warns(ferromerge.CompatWarning, match=r"^tokenizer\.sorce: unknown key \(did you mean 'source'\?\)"):
+        assert parse_config(cfg).tokenizer.source == "union"  # the default, as in mergekit
+    with pytest.raises(ConfigError, match=r"tokenizer\.sorce: unknown key"):
+        parse_config(cfg, strict=True)
 
 
 def test_token_source_without_the_token(family, tmp_path):
