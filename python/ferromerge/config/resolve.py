@@ -5,8 +5,8 @@ and types by ``schema``). What mergekit 0.1.5 accepts is accepted, with mergekit
 declares (``merge_methd``, ``models[1].weight`` beside ``parameters:``) and a parameter the method does not use
 (``models[1].parameters.gamma`` in a ties merge) are ignored as mergekit ignores them, each with a compat warning
 naming its place (``leniency``; ``strict=True`` makes them errors), and values are read as mergekit's pydantic
-reads them (``methods.coerce``). What mergekit refuses is refused, with the place; mergekit features ferromerge
-does not merge (several YAML documents: mergekit-multi) are "not supported yet" errors.
+reads them (``methods.coerce``). What mergekit refuses is refused, with the place. A file of several YAML documents
+(mergekit-multi) is not one merge: ``ferromerge.multi`` runs those.
 
 A config lists its inputs either as ``models:`` (whole models) or as ``slices:`` (layer ranges, concatenated into
 the output's layers). Both become a tuple of ``OutputSlice``; ``models:`` is one slice whose sources span every
@@ -270,7 +270,8 @@ def _parse_yaml(text: str, origin: str) -> Any:
     docs = [d for d in docs if d is not None]
     if len(docs) > 1:
         raise ConfigError(
-            f"{origin}: {len(docs)} YAML documents (mergekit-multi) are not supported yet; give one merge per file"
+            f"{origin}: {len(docs)} YAML documents: a mergekit-multi file of several merges; run it with "
+            "`ferromerge multi` (or `ferromerge run`) or ferromerge.multi.run_multi"
         )
     if not docs:
         raise ConfigError(f"{origin}: the config is empty")
