@@ -152,6 +152,38 @@ def case_configs(root: Path) -> dict[str, tuple[dict[str, Any], list[str]]]:
     }
 
 
+def refused_configs(root: Path) -> dict[str, tuple[dict[str, Any], str, str]]:
+    """{case: (a config mergekit refuses, a fragment of ferromerge's error, one of mergekit's)}: refused here too,
+    for the same reason."""
+    base, a, b = (str(root / n) for n in ("base", "a", "b"))
+    slerp = {"merge_method": "slerp", "base_model": base, "models": [{"model": a}], "dtype": "float32"}
+    ties = {"merge_method": "ties", "base_model": base, "dtype": "float32"}
+    return {
+        # the only t is misplaced (ignored), so t is missing
+        "refused_slerp_t_at_top_level": ({**slerp, "t": 0.5}, "Missing required parameter t for slerp",
+                                         "Missing required parameter t"),
+        "refused_slerp_t_per_model": ({**slerp, "models": [{"model": a, "parameters": {"t": 0.5}}]},
+                                      "Missing required parameter t for slerp",
+                                         "Missing required parameter t"),
+        "refused_missing_merge_method": ({"merge_methd": "ties", "base_model": base, "models": [{"model": a}]},
+                                         "merge_method: missing", "merge_method\n  Field required"),
+        "refused_null_parameter": ({**ties, "models": [{"model": a, "parameters": {"weight": 1, "density": None}}]},
+                                   "models[0].parameters.density: no value (null)", "models.0.parameters.density"),
+        "refused_filter_without_value": (
+            {**ties, "models": [{"model": a, "parameters": {"weight": 1, "gamma": {"filter": "mlp"}}}]},
+            "models[0].parameters.gamma: expected a value or {filter, value}",
+            "models.0.parameters.gamma.ConditionalParameter.value\n  Field required"),
+        "refused_float_string_as_bool": ({**ties, "models": [{"model": a, "parameters": {"weight": 1}}],
+                                          "parameters": {"normalize": "1.0"}},
+                                         "parameter 'normalize' must be true or false, got '1.0'", "bool_parsing"),
+        "refused_exponent_as_int": ({"merge_method": "karcher", "models": [{"model": a}, {"model": b}],
+                                     "parameters": {"max_iter": "1e3"}},
+                                    "parameter 'max_iter' must be an integer, got '1e3'", "int_parsing"),
+        "refused_hex_as_float": ({**ties, "models": [{"model": a, "parameters": {"weight": "0x1"}}]},
+                                 "parameter 'weight' must be a number, got '0x1'", "float_parsing"),
+    }
+
+
 SPHERICAL_METHODS = {"slerp", "karcher", "multislerp", "nuslerp", "model_stock"}
 
 
@@ -161,10 +193,22 @@ def runs(family, mergekit_python_path, tmp_path_factory):
     import ferromerge
 
     cases = case_configs(family)
+    refused = refused_configs(family)
     work = tmp_path_factory.mktemp("mk-leniency")
-    done = run_mergekit({k: c for k, (c, _) in cases.items()}, mergekit_python_path, work)
+    done = run_mergekit({**{k: c for k, (c, _) in cases.items()}, **{k: c for k, (c, *_) in refused.items()}},
+                        mergekit_python_path, work)
     out = {}
     for name, (cfg_path, mk_dir, err) in done.items():
+        if name in refused:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    ferromerge.run(str(cfg_path), str(work / f"fm-{name}"), quiet=True, seed=0)
+                fm_error = None
+            except ferromerge.ParameterError as e:  # ConfigError is one
+                fm_error = str(e)
+            out[name] = (err, fm_error, refused[name][1:], work / f"fm-{name}")
+            continue
         fm_dir = work / f"fm-{name}"
         with warnings.catch_warnings(record=True) as record:
             warnings.simplefilter("always")
@@ -203,3 +247,11 @@ def test_ignored_parameters_change_nothing(runs, family):
     want = base[name].astype(np.float64) + 0.5 * (a[name].astype(np.float64) - base[name])
     np.testing.assert_allclose(fm[name], want, rtol=1e-6, atol=1e-7)
     assert not np.allclose(fm[name], a[name], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", list(refused_configs(Path("/family"))))
+def test_what_mergekit_refuses_is_refused(runs, case):
+    mk_error, fm_error, (fragment, mk_fragment), fm_dir = runs[case]
+    assert mk_error is not None and mk_fragment in mk_error, f"mergekit on {case}: {mk_error}"
+    assert fm_error is not None and fragment in fm_error, fm_error
+    assert not fm_dir.exists()
