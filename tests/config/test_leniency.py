@@ -177,6 +177,9 @@ def test_string_parameters_of_ferromerge_stay_strict() -> None:
          "either)"),
         ("ties", "global", "zzz", "ties has no parameter 'zzz' (known: density, int8_mask, lambda, normalize, "
                                   "rescale, rescale_mode, weight)"),
+        # mergekit-evolve's genome option, no misspelling of multislerp's normalize_weights
+        ("sce", "global", "allow_negative_weights", "sce has no parameter 'allow_negative_weights' (known: int8_mask, "
+                                                    "select_topk)"),
     ],
 )
 def test_a_parameter_the_method_does_not_use_is_ignored_with_a_warning(
@@ -265,7 +268,7 @@ def test_ferromerge_extensions_are_accepted_without_a_word() -> None:
          "tokenizer.pad_to: unknown key (known: pad_to_multiple_of, source, tokens)"),
         (gta(tokenizer={"source": "union", "tokens": {"<x>": {"source": {"kind": "zero", "why": 1}, "forse": True}}}),
          "tokenizer.tokens['<x>'].forse: unknown key (did you mean 'force'?)"),
-        (gta(weight_xyz=1), "weight_xyz: unknown key (did you mean the parameter parameters.weight?)"),
+        (gta(wieght=1), "wieght: unknown key (did you mean the parameter parameters.weight?)"),
         (gta(zzz_qq=1), "zzz_qq: unknown key (known: base_model, chat_template, device, dtype, merge_method, models, "
                         "modules, name, out_dtype, parameters, slices, tokenizer, tokenizer_source)"),
     ],

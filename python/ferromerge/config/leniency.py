@@ -48,9 +48,10 @@ class Lenient:
 QUIET = Lenient(quiet=True)
 
 
-def suggest(word: str, candidates: Iterable[str]) -> str | None:
-    """The candidate closest to ``word`` (a likely misspelling of it), or None when none is close."""
-    close = difflib.get_close_matches(word, sorted(candidates), n=1, cutoff=0.6)
+def suggest(word: str, candidates: Iterable[str], cutoff: float = 0.6) -> str | None:
+    """The candidate closest to ``word`` (a likely misspelling of it), or None when none is close (difflib's
+    ratio below ``cutoff``)."""
+    close = difflib.get_close_matches(word, sorted(candidates), n=1, cutoff=cutoff)
     return close[0] if close else None
 
 
@@ -144,7 +145,9 @@ def _unknown_key_message(key: str, prefix: str, model: type[BaseModel], paramete
         return f"{place}: a models: entry takes every layer (layer ranges need slices:); {IGNORED}"
     if close is not None:
         return f"{place}: unknown key (did you mean {close!r}?); {IGNORED}"
-    hint = suggest(key, parameters) if "parameters" in fields else None
+    # against every method's parameter names, only a near miss (``allow_negative_weights`` is no misspelling of
+    # ``normalize_weights``)
+    hint = suggest(key, parameters, cutoff=0.8) if "parameters" in fields else None
     if hint is not None:
         return (
             f"{place}: unknown key (did you mean the parameter {prefix}parameters.{hint}?); {IGNORED}"

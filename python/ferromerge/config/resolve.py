@@ -595,7 +595,7 @@ def _unused_message(method: MethodSpec, name: str, place: str, level: str, known
         return f"{place}: {method.name} has no parameter {name!r} (did you mean {close!r}?); {IGNORED}"
     if name in PARAMETER_NAMES:
         return f"{place}: {method.name} does not use {name!r}; {IGNORED}"
-    other = suggest(name, PARAMETER_NAMES)
+    other = suggest(name, PARAMETER_NAMES, cutoff=0.8)  # a near miss only: there are many names
     if other is not None:
         return (
             f"{place}: {method.name} has no parameter {name!r} (a misspelling of {other!r}? {method.name} does not "
