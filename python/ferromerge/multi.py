@@ -175,9 +175,12 @@ def load_multi(
     source: str | os.PathLike[str],
     out: str | os.PathLike[str] | None,
     intermediate_dir: str | os.PathLike[str] | None = None,
+    *,
+    strict: bool = False,
 ) -> list[Merge]:
     """The merges of a multi-merge file in the order they run, each config checked (``ConfigError`` or
-    ``ParameterError`` naming the merge). ``intermediate_dir`` defaults to ``OUT-intermediates`` beside ``out``."""
+    ``ParameterError`` naming the merge; ``strict``: compat warnings are errors too, as in ``load_config``).
+    ``intermediate_dir`` defaults to ``OUT-intermediates`` beside ``out``."""
     text, origin = _read(source)
     docs = _documents(text, origin)
     if not docs:
@@ -219,11 +222,12 @@ def load_multi(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                parse_config(m.config, text=m.text, origin=f"{origin}: {m.label}")
+                parse_config(m.config, text=m.text, origin=f"{origin}: {m.label}", strict=strict)
             except (ConfigError, ParameterError) as e:
-                if isinstance(e, ConfigError) or origin in str(e):
+                where = f"{origin}: {m.label}"
+                if where in str(e):
                     raise
-                raise type(e)(f"{origin}: {m.label}: {e}") from None
+                raise type(e)(f"{where}: {e}") from None
     return ordered
 
 
@@ -275,6 +279,7 @@ def run_multi(
     device: str | None = None,
     copy_tokenizer: bool = True,
     write_model_card: bool = True,
+    strict: bool = False,
     **run_kwargs: Any,
 ) -> list[MergeResult]:
     """Run every merge of a multi-merge file (see the module docstring) and return what each did, in run order.
@@ -283,7 +288,9 @@ def run_multi(
     stamp matches; ``overwrite``: replace an existing ``out`` (intermediates are always replaced when stale). The
     other keywords are ``run``'s, applied to every merge.
     """
-    merges = load_multi(source, out, intermediate_dir)
+    if run_kwargs.get("resume"):
+        raise ParameterError("resume applies to one merge; a multi-merge reuses its finished merges by itself (lazy)")
+    merges = load_multi(source, out, intermediate_dir, strict=strict)
     log: Callable[[str], None] = (lambda _: None) if quiet else (lambda m: print(f"ferromerge: {m}", file=sys.stderr))
     settings = dict(seed=seed, out_shard_size=str(out_shard_size), device=device, copy_tokenizer=copy_tokenizer,
                     write_model_card=write_model_card)
@@ -299,7 +306,7 @@ def run_multi(
         report = run(
             m.text, m.out, overwrite=overwrite if m.out == final else True, quiet=quiet, seed=seed,
             out_shard_size=out_shard_size, device=device, copy_tokenizer=copy_tokenizer,
-            write_model_card=write_model_card, **run_kwargs,
+            write_model_card=write_model_card, strict=strict, **run_kwargs,
         )
         try:
             (m.out / STAMP).write_text(json.dumps({"name": m.name, "fingerprint": digest}) + "\n", encoding="utf-8")

@@ -184,3 +184,14 @@ def test_single_document_with_a_name_is_a_plain_config(family_f32: Family, tmp_p
     proc = run_cli("run", config, tmp_path / "out", "--quiet")
     assert proc.returncode == 0, proc.stderr
     assert not (tmp_path / "out-intermediates").exists()
+
+
+def test_strict_checks_every_merge_before_the_first_runs_and_resume_is_refused(family_f32: Family, tmp_path):
+    ft1, ft2 = (str(p) for p in family_f32.finetunes[:2])
+    config = tmp_path / "multi.yml"
+    config.write_text(_docs(_linear("pair", ft1, ft2), {**_linear(None, "pair", ft2), "parameters": {"densty": 0.5}}))
+    with pytest.raises(ConfigError, match="the unnamed merge"):
+        run_multi(config, tmp_path / "out", quiet=True, strict=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["multi.yml"]
+    with pytest.raises(ParameterError, match="resume"):
+        run_multi(config, tmp_path / "out", quiet=True, resume=True)

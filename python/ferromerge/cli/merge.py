@@ -165,7 +165,8 @@ def _cmd_multi(args: argparse.Namespace) -> int:
     kwargs = _settings(args)
     results = run_multi(
         args.config, out, intermediate_dir=args.intermediate_dir, lazy=args.lazy, overwrite=args.overwrite,
-        memory_limit=args.memory_limit, strict=args.strict, allow_nonfinite=args.allow_nonfinite, **kwargs,
+        memory_limit=args.memory_limit, strict=args.strict, allow_nonfinite=args.allow_nonfinite,
+        resume=getattr(args, "resume", False), **kwargs,
     )
     if not kwargs["quiet"]:
         for r in results:
