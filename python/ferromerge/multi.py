@@ -138,9 +138,9 @@ def _patched(value: Any, paths: Mapping[str, Path], used: list[str], key: str | 
 
 
 def _name(doc: Mapping[str, Any], where: str) -> str | None:
-    if "name" not in doc:
+    name = doc.get("name")
+    if name is None:  # absent or null: mergekit-multi's unnamed merge
         return None
-    name = doc["name"]
     if not isinstance(name, str) or not name.strip() or name in (".", "..") or "/" in name or "\\" in name:
         raise ConfigError(f"{where}: name: {name!r} must be a non-empty string usable as a directory name")
     return name

@@ -121,6 +121,8 @@ def test_cycle_is_a_config_error_naming_it(tmp_path):
     [
         ([_linear("a", "/m/x", "/m/y"), _linear("a", "/m/x", "/m/z")], "two merges are named 'a'"),
         ([_linear(None, "/m/x", "/m/y"), _linear(None, "/m/x", "/m/z")], "a second merge without a name"),
+        ([{**_linear(None, "/m/x", "/m/y"), "name": None}, _linear(None, "/m/x", "/m/z")],
+         "a second merge without a name"),
         ([_linear("a/b", "/m/x", "/m/y"), _linear(None, "/m/x", "/m/z")], "usable as a directory name"),
         ([_linear("..", "/m/x", "/m/y"), _linear(None, "/m/x", "/m/z")], "usable as a directory name"),
         ([{**_linear("a", "/m/x", "/m/y"), "name": 3}, _linear(None, "a", "/m/z")], "usable as a directory name"),
