@@ -175,16 +175,19 @@ def merge_arrays(
     shape: Sequence[int] | None = None,
     threads: int | None = None,
     chunk_elems: int | None = None,
+    allow_nonfinite: bool = False,
 ) -> EngineArray:
     """Merge one tensor in memory with the engine's kernels; a flat array of ``out_dtype``.
 
     ``method`` is the plan's method object, ``values`` one input-values object per input (``input_values``
     builds them; an input without ``model_id`` gets its index). The result does not depend on ``threads`` or
-    ``chunk_elems``."""
+    ``chunk_elems``. ``allow_nonfinite``: NaN and infinite inputs are merged as they are, not refused."""
     values = [v if "model_id" in v else {**v, "model_id": i} for i, v in enumerate(values)]
+    # passed only when set: an engine without the keyword (before CONTRACTS R2) still merges the rest
+    extra = {"allow_nonfinite": True} if allow_nonfinite else {}
     return _core.merge_arrays(
         dict(method), list(inputs), base, values, out_dtype=out_dtype, cast_dtype=cast_dtype, name=name,
-        shape=None if shape is None else [int(d) for d in shape], threads=threads, chunk_elems=chunk_elems,
+        shape=None if shape is None else [int(d) for d in shape], threads=threads, chunk_elems=chunk_elems, **extra,
     )
 
 

@@ -162,6 +162,7 @@ def _merge_flat(
     threads: int | None,
     chunk_elems: int | None,
     model_ids: Sequence[int] | None = None,
+    allow_nonfinite: bool = False,
 ) -> np.ndarray:
     k = _methods.kernel_for_tensor(r.spec, r.kernel, r.shared or {}, name)
     params = k.get("params")
@@ -180,6 +181,7 @@ def _merge_flat(
         shape=extra.get("shape"),
         threads=threads,
         chunk_elems=chunk_elems,
+        allow_nonfinite=allow_nonfinite,
     )
 
 
@@ -195,6 +197,7 @@ def merge_tensors(
     out_dtype: Any = None,
     threads: int | None = None,
     chunk_size: int | None = None,
+    allow_nonfinite: bool = False,
 ) -> Any:
     """Merge the tensors that contribute to one output tensor (mergekit 0.1.5's ``merge_tensors``).
 
@@ -203,7 +206,8 @@ def merge_tensors(
     tensor (per tensor for ``linear``/``karcher``) or a mapping keyed by position in ``tensors``. ``name`` keys the
     random streams (DARE, DELLA) together with ``seed`` and each model's position among the non-base tensors.
     ``chunk_size`` (elements) and ``threads`` never change the result.
-    Raises ``ParameterError`` for bad parameters and ``InputError`` for bad arrays.
+    Raises ``ParameterError`` for bad parameters and ``InputError`` for bad arrays, NaN or infinite values among
+    them included (``allow_nonfinite=True`` merges those as they are: the method's arithmetic carries them).
     """
     if isinstance(tensors, (str, bytes)) or not isinstance(tensors, Sequence) or len(tensors) == 0:
         raise InputError("merge_tensors: expected a non-empty sequence of arrays")
@@ -245,6 +249,7 @@ def merge_tensors(
         out_dtype=out,
         threads=threads,
         chunk_elems=chunk_size,
+        allow_nonfinite=allow_nonfinite,
     )
     return give_back(flat, out, shape, arrays[ref_i].kind)
 
@@ -280,6 +285,7 @@ def merge_state_dicts(
     dtype: Any = None,
     out_dtype: Any = None,
     threads: int | None = None,
+    allow_nonfinite: bool = False,
 ) -> dict[str, Any]:
     """Merge whole state dicts ``{model_name: {tensor_name: array}}`` (mergekit 0.1.5's ``merge_state_dicts``).
 
@@ -287,7 +293,8 @@ def merge_state_dicts(
     Per-model parameters are a scalar, a list (in mapping order, non-base models only unless ``linear`` or
     ``karcher``) or a dict keyed by model name. Random masks (DARE, DELLA) are keyed by ``seed``, the tensor name and
     the model's position among the non-base models in mapping order. Integer/bool buffers are copied when every
-    model agrees. Returns ``{tensor_name: merged array}`` in the first model's key order.
+    model agrees. NaN or infinite values are an ``InputError`` unless ``allow_nonfinite=True`` (``merge_tensors``).
+    Returns ``{tensor_name: merged array}`` in the first model's key order.
     """
     if not isinstance(state_dicts, Mapping) or not state_dicts:
         raise InputError("merge_state_dicts: expected a non-empty mapping {model_name: state_dict}")
@@ -345,6 +352,7 @@ def merge_state_dicts(
             threads=threads,
             chunk_elems=None,
             model_ids=list(range(len(inputs))),
+            allow_nonfinite=allow_nonfinite,
         )
         result[k] = give_back(flat, out, shape, arrays[ref_model].kind)
     return result
