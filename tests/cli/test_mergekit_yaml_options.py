@@ -237,3 +237,30 @@ def test_help_lists_mergekit_options_as_a_group(capsys):
     with pytest.raises(SystemExit):
         mergekit_yaml.parser().parse_args(["--help"])
     assert "CONFIG_FILE OUT_PATH" in capsys.readouterr().out
+
+
+LIST_MULTI_FLAGS = """
+import json
+from mergekit.scripts.multimerge import main
+from mergekit.options import MergeOptions
+print(json.dumps([[list(p.opts), list(p.secondary_opts)] for p in main.params
+                  if p.param_type_name == "option" and p.name not in MergeOptions.model_fields]))
+"""
+
+
+def test_multi_takes_mergekit_multi_arguments(tmp_path):
+    """mergekit-multi's own options (besides mergekit-yaml's): --out-path, -I/--intermediate-dir, --[no-]lazy."""
+    env = os.environ.get("FERROMERGE_MERGEKIT_PYTHON")
+    python = Path(env) if env else DEFAULT_VENV / "bin" / "python"
+    flags = [[["--out-path"], []], [["--intermediate-dir", "-I"], []], [["--lazy"], ["--no-lazy"]]]
+    if python.is_file() and os.access(python, os.X_OK):
+        proc = subprocess.run([str(python), "-c", LIST_MULTI_FLAGS], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        flags = json.loads(proc.stdout)
+    for opts, secondary in flags:
+        for flag in [*opts, *secondary]:
+            argv = [flag] if flag.endswith("lazy") else [flag, str(tmp_path / "x")]
+            args = ferromerge_parser().parse_args(["multi", "c.yml", *argv])
+            assert args.func is not None
+    args = ferromerge_parser().parse_args(["multi", "c.yml", "--out-path", "o", "-I", "i", "--no-lazy"])
+    assert (args.out_path, args.intermediate_dir, args.lazy) == ("o", "i", False)
