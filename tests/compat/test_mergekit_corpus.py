@@ -48,7 +48,7 @@ import numpy as np
 import pytest
 import yaml
 
-from helpers.corpus import DRIVER, World, build_world, corpus_files, mergekit_env, sources
+from helpers.corpus import DRIVER, World, build_world, corpus_files, mergekit_env, references, sources
 from helpers.mergekit import dtypes_in_dir, read_safetensors_dir
 
 pytestmark = pytest.mark.mergekit
@@ -70,6 +70,8 @@ WARNS = {
     "card-novaciano-sce-all-params.yml": ["parameters.rescale", "parameters.filter_wise", "models[0].parameters.density"],
     "guide-breadcrumbs-misplaced-weight.yml": ["models[0].weight"],
     "card-nous-hermes-2-sus-chat-34b-slerp.yml": ["t"],
+    "card-hekate-model-stock-weights.yml": ["models[0].parameters.weight"],
+    "repo-triage-dare-ties-flow.yml": ["out_path"],
 }
 BITS = {"BF16": 8, "F16": 11, "F32": 24}
 
@@ -180,6 +182,9 @@ def test_corpus_config(name: str, world: World, mk_results: dict[str, str | None
         return
 
     assert fm_error is None, f"{name}: mergekit merges it, ferromerge refuses: {type(fm_error).__name__}: {fm_error}"
+    if references(FILES[name].read_text(encoding="utf-8")).loras:
+        # mergekit merged the adapter (so agreeing with it is not agreeing on ignoring it)
+        assert any((world.cwd(name) / ".lora-cache").iterdir()), f"{name}: mergekit merged no LoRA"
     mk_dir = world.root / "mk" / Path(name).stem
     mk, fm = read_safetensors_dir(mk_dir), read_safetensors_dir(out)
     assert set(mk) == set(fm), \

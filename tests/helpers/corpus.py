@@ -18,10 +18,13 @@ Where a name is looked up, both tools must find the same files:
   ``adapter_model.safetensors``, rank 2 on q_proj and v_proj) at the adapter's name.
 
 Every model is a tiny Llama (hidden 8, intermediate 16, 2 heads, vocabulary 32 with a word-level tokenizer, stored in
-bfloat16): the architecture a name implies is not imitated, since layer layout, not the architecture, is what the
-corpus exercises. All models of one config have the same number of layers, the largest ``layer_range`` end in it
-(4 when it has none); a Hub name shared by several configs ties them together (one cache holds one copy), so the
-count is the largest over every config connected that way. Weights: one base draw plus a small per-model change (fine-tunes of one base, as merges assume), from seeds derived from the names.
+bfloat16), written as MistralForCausalLM (same tensors, Mistral's config.json) where a name says Mistral; other
+architectures a name implies (Gemma, Qwen, Mixtral, Yi) are not imitated: layer layout is what the corpus
+exercises, and tests/compat's architecture tests cover the rest. All models of one config have the same number of
+layers, the largest ``layer_range`` end in it (4 when it has none); a Hub name shared by several configs ties them
+together (one cache holds one copy), so layers and architecture are decided over every config connected that way
+(``families``). Weights: one base draw plus a small per-model change (fine-tunes of one base, as merges assume),
+from seeds derived from the names.
 """
 
 from __future__ import annotations
@@ -133,8 +136,22 @@ def commit_of(name: str, revision: str) -> str:
     return hashlib.sha1(f"{name}@{revision}".encode()).hexdigest()
 
 
-def layer_groups(all_refs: dict[str, Refs]) -> dict[str, int]:
-    """Layers per config: the largest layer_range end over the configs its Hub names connect it to."""
+@dataclass(frozen=True)
+class Family:
+    """What all models of a group of configs share: the layer count and the architecture."""
+
+    layers: int
+    mistral: bool  # MistralForCausalLM (same tensors as Llama, its own config.json) when a name says Mistral
+
+
+def _says_mistral(path: str) -> bool:
+    return "mistral" in path.lower() and "mixtral" not in path.lower()
+
+
+def families(all_refs: dict[str, Refs]) -> dict[str, Family]:
+    """The family of each config: configs that share a Hub name share its one copy in the cache, so they form a
+    group; the group's layer count is its largest layer_range end, and it is Mistral-shaped when any of its names
+    says Mistral (a config mixing both would need ``--allow-crimes`` in mergekit, which published ones do not)."""
     parent: dict[str, str] = {}
 
     def find(x: str) -> str:
@@ -147,11 +164,13 @@ def layer_groups(all_refs: dict[str, Refs]) -> dict[str, int]:
         for path in refs.models | refs.loras:
             if is_hub(path):
                 parent[find("cfg:" + cfg)] = find("hub:" + path)
-    best: dict[str, int] = {}
+    layers: dict[str, int] = {}
+    mistral: dict[str, bool] = {}
     for cfg, refs in all_refs.items():
         root = find("cfg:" + cfg)
-        best[root] = max(best.get(root, DEFAULT_LAYERS), refs.max_layer)
-    return {cfg: best[find("cfg:" + cfg)] for cfg in all_refs}
+        layers[root] = max(layers.get(root, DEFAULT_LAYERS), refs.max_layer)
+        mistral[root] = mistral.get(root, False) or any(_says_mistral(p) for p in refs.models)
+    return {cfg: Family(layers[find("cfg:" + cfg)], mistral[find("cfg:" + cfg)]) for cfg in all_refs}
 
 
 def _weights(layers: int, base_seed: int, name: str) -> dict[str, np.ndarray]:
@@ -161,9 +180,13 @@ def _weights(layers: int, base_seed: int, name: str) -> dict[str, np.ndarray]:
     return {k: (v + rng.normal(0.0, 0.05, v.shape) * (np.abs(v) + 0.1)).astype(np.float32) for k, v in base.items()}
 
 
-def write_model(path: Path, layers: int, base_seed: int, name: str) -> None:
-    shape = Shape(hidden=HIDDEN, intermediate=INTER, layers=layers, vocab=VOCAB, heads=HEADS, kv_heads=HEADS)
-    save_model(path, _weights(layers, base_seed, name), dtype=DTYPE, config=llama_config(shape, DTYPE), vocab=VOCAB)
+def write_model(path: Path, family: Family, base_seed: int, name: str) -> None:
+    shape = Shape(hidden=HIDDEN, intermediate=INTER, layers=family.layers, vocab=VOCAB, heads=HEADS, kv_heads=HEADS)
+    config = llama_config(shape, DTYPE)
+    if family.mistral:
+        del config["attention_bias"], config["mlp_bias"]
+        config.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=None)
+    save_model(path, _weights(family.layers, base_seed, name), dtype=DTYPE, config=config, vocab=VOCAB)
 
 
 def write_lora(path: Path, layers: int, name: str) -> None:
@@ -188,7 +211,7 @@ def write_lora(path: Path, layers: int, name: str) -> None:
 class World:
     root: Path
     hf_cache: Path
-    layers: dict[str, int]  # config file name -> layers of its models
+    families: dict[str, Family]  # config file name -> the family of its models
 
     def cwd(self, config: str) -> Path:
         return self.root / "cwd" / Path(config).stem
@@ -198,11 +221,11 @@ def build_world(root: Path, files: list[Path]) -> World:
     """Tiny models for every name the ``files`` reference: Hub names in ``root/hf-cache``, the rest under
     ``root/cwd/<config stem>/`` (each config runs with that directory as its working directory)."""
     all_refs = {f.name: references(f.read_text(encoding="utf-8")) for f in files}
-    layers = layer_groups(all_refs)
-    world = World(root, root / "hf-cache", layers)
+    fams = families(all_refs)
+    world = World(root, root / "hf-cache", fams)
     written: set[Path] = set()
     for cfg, refs in all_refs.items():
-        n = layers[cfg]
+        fam = fams[cfg]
         for path in sorted(refs.models | refs.loras):
             lora = path in refs.loras and path not in refs.models
             if is_hub(path):
@@ -222,9 +245,9 @@ def build_world(root: Path, files: list[Path]) -> World:
                     continue
                 written.add(d)
                 if lora:
-                    write_lora(d, n, path)
+                    write_lora(d, fam.layers, path)
                 else:
-                    write_model(d, n, BASE_SEED, path)
+                    write_model(d, fam, BASE_SEED, path)
         world.cwd(cfg).mkdir(parents=True, exist_ok=True)
     return world
 
