@@ -264,7 +264,10 @@ def _merge_tensors(
         if plan.permuted:
             scratch.mkdir()
             write_permuted(plan.permuted, log)
-        stats = _engine.execute(json.dumps(plan_json), str(out), engine_progress, threads, limit, merge)
+        try:
+            stats = _engine.execute(json.dumps(plan_json), str(out), engine_progress, threads, limit, merge)
+        except InputError as e:
+            raise _naming_the_model(e, plan) from None
         finished = True
         return stats
     finally:
@@ -273,6 +276,16 @@ def _merge_tensors(
             bar.close()
         # never part of the output: removed before the tokenizer and config files are written
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _naming_the_model(error: InputError, plan: Plan) -> InputError:
+    """The engine's error about an input file (NaN values, a truncated or changed shard), with the config's name
+    of the model that file belongs to when the message does not say it (a hub model lives in a cache snapshot)."""
+    message = str(error)
+    for m in plan.models:
+        if m.ref not in message and any(message.startswith(f"{f}:") or message.startswith(f"{f} ") for f in m.files):
+            return InputError(f"{message} (model {m.ref})")
+    return error
 
 
 def _write_side_files(

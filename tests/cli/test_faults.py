@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+import ferromerge
+from ferromerge import _engine
 from ferromerge.cli import main
 from ferromerge.io import journal
 from ferromerge.synth import Family, make_family
@@ -344,3 +346,25 @@ def test_the_reference_config_json(family: Family, tmp_path: Path, capsys: pytes
     assert main(["run", str(config), str(out)]) == 0
     assert f"note: {fam.base} has no config.json, so the output has none either" in capsys.readouterr().err
     assert not (out / "config.json").exists()
+
+
+def test_an_engine_error_about_a_cached_file_names_the_model(
+    family: Family, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a hub model lives in a cache snapshot: its path does not say which model of the config it is
+    commit = "0" * 40
+    repo = tmp_path / "hub" / "models--org--base"
+    shutil.copytree(family.base, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    shard = repo / "snapshots" / commit / "model.safetensors"
+
+    def execute(*_args: object, **_kw: object) -> None:
+        raise ferromerge.InputError(f"{shard}: tensor lm_head.weight: 1 NaN and 0 infinite values")
+
+    monkeypatch.setattr(_engine, "execute", execute)
+    with pytest.raises(ferromerge.InputError) as e:
+        ferromerge.run({**ties_config(family), "base_model": "org/base"}, tmp_path / "out", quiet=True)
+    assert str(e.value) == f"{shard}: tensor lm_head.weight: 1 NaN and 0 infinite values (model org/base)"
+    assert leftovers(tmp_path / "out") == []
