@@ -15,9 +15,11 @@ Departures, each asserted as such (docs/compat.md says why):
   (equal bit for bit); TIES and SLERP experts against mergekit's own kernel (``merge_tensors``) run per expert.
 * sliced Qwen2, Qwen3, Gemma 2 and Gemma 3: mergekit refuses (its output config keeps a 4-entry ``layer_types``
   for 6 layers, which transformers 5 rejects); ferromerge's output is checked against the inputs layer by layer.
-* BERT: mergekit drops ``cls.seq_relationship.*`` (not in its table); ferromerge keeps every tensor.
+* Qwen2-MoE frankenmerge: mergekit has no table for it, and its inferred architecture takes the final norm and
+  lm_head from the first slice and leaves ``num_hidden_layers`` at 4; checked against the inputs instead.
+* BERT: mergekit drops ``cls.predictions.transform.*`` and ``cls.seq_relationship.*`` (not in its table);
+  ferromerge keeps every tensor.
 * GPT-NeoX: mergekit casts the causal-mask buffer (bool) to the config's ``dtype``; ferromerge keeps it bool.
-* T5: mergekit drops the untied ``lm_head.weight`` of a ``modules:`` merge; ferromerge keeps it.
 
 Cost: one mergekit-virtualenv interpreter builds all 57 models and runs all mergekit merges, another loads the
 ferromerge outputs; ``-s`` prints the max differences per case.
@@ -61,7 +63,6 @@ MERGEKIT_WRONG = {("qwen2_moe", "franken")}
 KEPT_HERE = {
     # its table lists cls.predictions.bias and the tied decoder only: the MLM head's transform is dropped too
     "bert": re.compile(r"^cls\.(seq_relationship|predictions\.transform)\."),
-    "t5": re.compile(r"^lm_head\.weight$"),
 }
 
 #: non-float buffers: carried from the base unchanged (mergekit casts them to the config's dtype)

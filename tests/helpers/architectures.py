@@ -90,9 +90,10 @@ ARCHITECTURES: dict[str, Arch] = {
                                     num_attention_heads=4, max_position_embeddings=64),
                  auto_class="AutoModelForPreTraining", load_class="AutoModelForMaskedLM",
                  architectures=("BertForMaskedLM",)),
-    # flan-t5's layout (gated feed-forward wi_0/wi_1, untied lm_head): mergekit's table has the gated one
+    # flan-t5's gated feed-forward (wi_0/wi_1): mergekit's table has the gated one (transformers 5 always ties
+    # T5's lm_head to shared, so the checkpoint has no lm_head)
     "t5": Arch("T5Config", dict(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=LAYERS, num_heads=4,
-                                feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+                                feed_forward_proj="gated-gelu"),
                auto_class="AutoModelForSeq2SeqLM", modules=("encoder", "decoder"), whole_modules=("shared",),
                layer_keys=("num_layers", "num_decoder_layers")),
 }
