@@ -5,7 +5,9 @@ Hugging Face cache for Hub names, directories under the config's working directo
 
 * Every config mergekit merges, ferromerge merges: the same tensor names, shapes and dtypes (but arcee_fusion,
   where mergekit writes float32 whatever the config says: its issue #604, a documented departure), the same
-  ``num_hidden_layers`` and ``vocab_size`` in config.json, and values within the bound of the method's class below.
+  ``num_hidden_layers`` and ``vocab_size`` in config.json, the same tokenizer vocabulary, a chat template in both
+  outputs or in neither (its text is test_mergekit_tokenizer.py's), and values within the bound of the method's
+  class below. Where a config has a ``model+lora``, mergekit must have merged the adapter (its LoRA cache).
 * Every config mergekit refuses, ferromerge refuses too (ConfigError, ParameterError or InputError), with one
   allowance: a file of several YAML documents (mergekit-multi's format, which mergekit-yaml refuses) may be run
   as mergekit-multi would.
@@ -156,6 +158,22 @@ def _change_norm(out: dict[str, np.ndarray], base: dict[str, np.ndarray]) -> flo
     return float(np.sqrt(sum(((out[k].astype(np.float64) - base[k]) ** 2).sum() for k in out if k in base)))
 
 
+def _vocab(d: Path) -> list[tuple[str, int]] | None:
+    path = d / "tokenizer.json"
+    if not path.exists():
+        return None
+    tok = json.loads(path.read_text(encoding="utf-8"))
+    return sorted(tok["model"]["vocab"].items()) + sorted((t["content"], t["id"]) for t in tok["added_tokens"])
+
+
+def _chat_template(d: Path) -> str | None:
+    """The output's chat template: chat_template.jinja (mergekit on transformers 5) or tokenizer_config.json's."""
+    if (d / "chat_template.jinja").exists():
+        return (d / "chat_template.jinja").read_text(encoding="utf-8")
+    path = d / "tokenizer_config.json"
+    return json.loads(path.read_text(encoding="utf-8")).get("chat_template") if path.exists() else None
+
+
 def test_every_config_has_a_source() -> None:
     src = sources()
     assert set(src) == set(FILES), f"sources.json and corpus/*.yml disagree: {sorted(set(src) ^ set(FILES))}"
@@ -200,6 +218,10 @@ def test_corpus_config(name: str, world: World, mk_results: dict[str, str | None
     for key in ("num_hidden_layers", "vocab_size"):
         assert mk_cfg.get(key) == fm_cfg.get(key), f"{name}: config.json {key}: {mk_cfg.get(key)} vs {fm_cfg.get(key)}"
 
+    assert _vocab(mk_dir) == _vocab(out), f"{name}: the output tokenizers' vocabularies differ"
+    assert (_chat_template(mk_dir) is None) == (_chat_template(out) is None), \
+        f"{name}: a chat template in only one output (mergekit: {_chat_template(mk_dir) is not None})"
+
     kind = method_class(doc)
     outside = total = 0
     for t in mk:
@@ -226,3 +248,31 @@ def test_corpus_config(name: str, world: World, mk_results: dict[str, str | None
     if compat:
         line += f"; {len(compat)} CompatWarning(s): " + " | ".join(w.split(";")[0] for w in compat)
     print(line, end="")
+
+
+def test_names_resolve_to_the_same_files_in_both_tools(tmp_path: Path, mergekit_python_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The harness itself: a Hub name with and without a revision and a model+lora, resolved by ferromerge's
+    models.refs and by huggingface_hub in mergekit's interpreter (offline), and a relative path."""
+    from ferromerge.models.refs import resolve
+
+    cfg = tmp_path / "names.yml"
+    cfg.write_text("merge_method: linear\nmodels:\n  - model: org/a@v2\n  - model: org/a\n  - model: ./here/b\n"
+                   "  - model: org/c+org/lora\n", encoding="utf-8")
+    world = build_world(tmp_path / "w", [cfg])
+    monkeypatch.chdir(world.cwd(cfg.name))
+    for key, value in mergekit_env(world).items():
+        monkeypatch.setenv(key, value)
+    ours = {ref: str(resolve(ref)) for ref in ("org/a@v2", "org/a", "org/c", "org/lora")}
+    assert ours["org/a@v2"] != ours["org/a"]
+    probe = (
+        "import json, sys, huggingface_hub as h\n"
+        "print(json.dumps({r: h.snapshot_download(r.split('@')[0], revision=(r.split('@') + ['main'])[1],"
+        " local_files_only=True) for r in sys.argv[1:]}))\n"
+    )
+    proc = subprocess.run([str(mergekit_python_path), "-c", probe, *ours], capture_output=True, text=True,
+                          env={**os.environ, **mergekit_env(world)}, timeout=300, check=True)
+    theirs = json.loads(proc.stdout)
+    assert {r: str(Path(p).resolve()) for r, p in theirs.items()} == ours
+    assert resolve("./here/b") == (world.cwd(cfg.name) / "here" / "b").resolve()
+    assert (world.cwd(cfg.name) / "here" / "b" / "config.json").is_file()
