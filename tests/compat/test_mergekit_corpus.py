@@ -74,6 +74,7 @@ WARNS = {
     "card-nous-hermes-2-sus-chat-34b-slerp.yml": ["t"],
     "card-hekate-model-stock-weights.yml": ["models[0].parameters.weight"],
     "repo-triage-dare-ties-flow.yml": ["out_path"],
+    "blog-zh-slerp-weights.yml": ["models[0].parameters.weight"],
 }
 BITS = {"BF16": 8, "F16": 11, "F32": 24}
 
