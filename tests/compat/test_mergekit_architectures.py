@@ -144,7 +144,7 @@ def _unfuse(mk: dict[str, np.ndarray], fm: dict[str, np.ndarray]) -> dict[str, n
 
 def _config_diff(mk: dict[str, Any], fm: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """Keys whose values differ (keys only one side writes are transformers' defaults: not compared)."""
-    skip = {"transformers_version", "torch_dtype", "dtype", "architectures"}
+    skip = {"transformers_version", "torch_dtype", "dtype"}
     return {k: (mk[k], fm[k]) for k in mk.keys() & fm.keys() if k not in skip and mk[k] != fm[k]}
 
 
