@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import ferromerge
 from ferromerge import InputError
 from ferromerge.models.index import index_model, read_tensors
 from ferromerge.models.refs import resolve
@@ -137,3 +140,61 @@ def test_read_tensors_round_trips_synthetic_weights(tmp_path: Path) -> None:
     assert next(iter(tensors)) == "model.embed_tokens.weight" and len(tensors) == 12
     norm = tensors["model.layers.0.input_layernorm.weight"]
     assert norm.dtype == np.float32 and norm.shape == (64,) and np.all(norm == 1.0)
+
+
+def _sharded(family: Family, root: Path) -> Path:
+    """The base as two shards with an index (the tensors split in file order)."""
+    from safetensors.numpy import load_file, save_file
+
+    model = root / "m"
+    shutil.copytree(family.base, model)
+    tensors = load_file(str(model / "model.safetensors"))
+    (model / "model.safetensors").unlink()
+    names = list(tensors)
+    files = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+             "model-00002-of-00002.safetensors": names[len(names) // 2 :]}
+    for file, part in files.items():
+        save_file({n: tensors[n] for n in part}, str(model / file), metadata={"format": "pt"})
+    weight_map = {n: f for f, part in files.items() for n in part}
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return model
+
+
+def test_single_file_beside_the_shard_index_is_a_note(family_f32: Family, tmp_path: Path) -> None:
+    """mergekit reads the index; transformers would load model.safetensors: the shards are read, with a note."""
+    model = _sharded(family_f32, tmp_path)
+    assert index_model(str(model)).notes == ()
+    shutil.copy(family_f32.base / "model.safetensors", model / "model.safetensors")
+    index = index_model(str(model))
+    assert [f.name for f in index.files] == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    (note,) = index.notes
+    assert "has both model.safetensors and model.safetensors.index.json; the shards the index names are read" in note
+    config = {"merge_method": "linear", "models": [{"model": str(model), "parameters": {"weight": 1.0}}]}
+    report = ferromerge.plan(config)
+    assert note in report.plan.notes and f"note: {note}" in report.lines()
+
+
+@pytest.mark.parametrize(
+    ("make", "what"),
+    [
+        (lambda p: p.mkdir(), "is a directory, not a file"),
+        (lambda p: os.mkfifo(p), r"is a FIFO \(named pipe\), not a regular file"),
+        (lambda p: p.symlink_to("/dev/zero"), "is a device, not a regular file"),
+        (lambda p: p.symlink_to(p.parent / "gone"), r"does not exist \(a dangling symbolic link\)"),
+    ],
+)
+def test_a_shard_that_is_not_a_regular_file_is_named_for_what_it_is(
+    family_f32: Family, tmp_path: Path, make, what: str  # type: ignore[no-untyped-def]
+) -> None:
+    model = _sharded(family_f32, tmp_path)
+    shard = model / "model-00002-of-00002.safetensors"
+    shard.unlink()
+    make(shard)
+    with pytest.raises(InputError, match=rf"names shard model-00002-of-00002\.safetensors, but {shard} {what}"):
+        index_model(str(model))
+    # the single-file layout: model.safetensors itself
+    single = tmp_path / "single"
+    single.mkdir()
+    make(single / "model.safetensors")
+    with pytest.raises(InputError, match=rf"model\.safetensors \(the model's weights\) {what}"):
+        index_model(str(single))
