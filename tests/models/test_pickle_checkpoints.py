@@ -166,6 +166,23 @@ def test_a_strided_tensor_larger_than_a_chunk_is_refused(tmp_path: Path) -> None
     assert len(b"".join(tensor_chunks(tmp_path / "x.bin", stored))) == 64 * 32 * 4
 
 
+def test_expanded_tensors_are_gathered_or_refused(tmp_path: Path) -> None:
+    """A saved ``expand`` view (stride 0) holds one stored element for the whole shape: small ones are gathered,
+    ones too large to gather (or absurd shapes) are refused before anything is allocated."""
+    torch = _torch()
+    one = torch.tensor([2.5])
+    torch.save({"small": one.expand(1000), "huge": one.expand(1 << 40), "absurd": one.expand(1 << 50)},
+               tmp_path / "a.bin")
+    with pytest.raises(InputError, match=r"a\.bin: not a tensor checkpoint .* more elements than a tensor can have"):
+        read_checkpoint(tmp_path / "a.bin")
+    torch.save({"small": one.expand(1000), "huge": one.expand(1 << 40)}, tmp_path / "b.bin")
+    read = read_checkpoint(tmp_path / "b.bin")
+    assert np.array_equal(np.frombuffer(b"".join(tensor_chunks(tmp_path / "b.bin", read["small"])), "<f4"),
+                          np.full(1000, 2.5, np.float32))
+    with pytest.raises(InputError, match=r"b\.bin: a tensor of shape \[1099511627776\] is stored with strides \[0\]"):
+        next(tensor_chunks(tmp_path / "b.bin", read["huge"]))
+
+
 class _Evil:
     def __init__(self, marker: Path) -> None:
         self.marker = marker

@@ -17,6 +17,7 @@ an ``InputError`` naming the file and the global. Legacy (pre-1.6, not zip) pick
 from __future__ import annotations
 
 import collections
+import math
 import os
 import pickle
 import struct
@@ -32,8 +33,10 @@ from ..errors import InputError
 from .dtypes import ITEMSIZE, numel
 from .writer import PlannedTensor, SafetensorsWriter
 
-#: bytes copied at a time (and the largest storage span a non-C-order tensor may be gathered from)
+#: bytes copied at a time (and the largest tensor stored in other than C order that is gathered whole)
 CHUNK = 64 << 20
+#: more elements than any real tensor has (a shape beyond it is a damaged or hostile file, not a model)
+_MAX_ELEMENTS = 1 << 48
 
 #: torch's typed storage classes (``torch.FloatStorage``, ...) -> safetensors dtype
 _STORAGES = {
@@ -137,6 +140,8 @@ def _tensor(storage: Any, offset: Any, size: Any, stride: Any, dtype: str | None
     shape, strides = _ints(size, "the tensor's size"), _ints(stride, "the tensor's stride")
     if len(shape) != len(strides) or any(d < 0 for d in shape) or any(s < 0 for s in strides):
         raise pickle.UnpicklingError(f"size {list(shape)} with stride {list(strides)}")
+    if math.prod(shape) > _MAX_ELEMENTS:
+        raise pickle.UnpicklingError(f"size {list(shape)}: more elements than a tensor can have")
     kind = dtype if dtype is not None else storage.dtype
     if kind is None:
         raise pickle.UnpicklingError("a tensor of an untyped storage without a dtype")
@@ -283,7 +288,7 @@ def _locate(
     if t.dtype not in ITEMSIZE:
         raise InputError(f"{path}: tensor {name}: dtype {t.dtype} is not supported")
     item = ITEMSIZE[t.dtype]
-    reach = t.offset + 1 + sum((d - 1) * s for d, s in zip(t.shape, t.stride, strict=True)) if numel(t.shape) else 0
+    reach = t.offset + 1 + sum((d - 1) * s for d, s in zip(t.shape, t.stride, strict=True)) if math.prod(t.shape) else 0
     if reach * item > info.file_size:
         raise InputError(
             f"{path}: tensor {name} (shape {list(t.shape)}, stride {list(t.stride)}, offset {t.offset}) reaches "
@@ -312,14 +317,15 @@ def tensor_chunks(path: Path, tensor: StoredTensor, f: Any = None, chunk: int = 
         for at in range(0, tensor.nbytes, chunk):
             yield _read(f, path, start + at, min(chunk, tensor.nbytes - at))
         return
-    # strided: gather from the storage's span the tensor covers, which must fit the chunk
+    # strided (a saved view: transposed, sliced, expanded): gathered whole from the storage's span it covers, so
+    # both that span and the tensor must fit the chunk
     low = tensor.offset
     high = tensor.offset + 1 + sum((d - 1) * s for d, s in zip(tensor.shape, tensor.stride, strict=True))
-    if (high - low) * item > chunk:
+    if max(high - low, numel(tensor.shape)) * item > chunk:
         raise InputError(
             f"{path}: a tensor of shape {list(tensor.shape)} is stored with strides {list(tensor.stride)} (not in C "
-            f"order) over {(high - low) * item} bytes, more than the {chunk} bytes ferromerge gathers at once; "
-            "re-save the checkpoint with contiguous tensors (tensor.contiguous()) or as safetensors"
+            f"order) and takes more than the {chunk} bytes ferromerge gathers at once; re-save the checkpoint with "
+            "contiguous tensors (tensor.contiguous()) or as safetensors"
         )
     span = np.frombuffer(_read(f, path, tensor.storage_start + low * item, (high - low) * item), np.uint8)
     view = np.lib.stride_tricks.as_strided(
