@@ -142,6 +142,15 @@ def case_configs(root: Path) -> dict[str, tuple[dict[str, Any], list[str]]]:
              f"slices[0].sources[0].foo: unknown key (known: layer_range, model, parameters){IGNORED}",
              f"slices[0].sources[0].parameters.weight: passthrough does not use 'weight'{IGNORED}"],
         ),
+        # a task-vector method with only its base (mlabonne's lorablated recipe: base+LoRA merged on its own):
+        # mergekit returns the base
+        "task_arithmetic_base_only_slice": (
+            {"merge_method": "task_arithmetic", "base_model": m["base"], "dtype": "float32",
+             "slices": [{"sources": [{"model": m["base"], "layer_range": [0, 2], "parameters": {"weight": 1.0}}]}]},
+            [],
+        ),
+        "ties_base_only_models": (cfg("ties", [model("base", weight=1.0)]), []),
+        "sce_base_only_models": (cfg("sce", [model("base")]), []),
         # an empty list sets nothing (the default lambda); a filter entry's extra key is ignored
         "ties_empty_list_and_filter_extra": (
             cfg("ties", [model("a", weight=1.0)],

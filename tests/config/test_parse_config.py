@@ -274,13 +274,24 @@ def test_every_mergekit_method_is_registered() -> None:
     assert set(methods.REGISTRY) == mergekit | ours
 
 
-def test_gta_method_needs_a_base_and_a_non_base_model() -> None:
+def test_gta_method_needs_a_base_and_model_stock_a_non_base_model() -> None:
     cfg = ties()
     del cfg["base_model"]
     with pytest.raises(ConfigError, match="base_model: ties needs a base model"):
         load_config(cfg)
     with pytest.raises(ConfigError, match="needs at least one model besides the base"):
-        load_config(ties(models=[{"model": "org/base"}]))
+        load_config(ties(merge_method="model_stock", models=[{"model": "org/base"}], parameters={}))
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "della", "breadcrumbs", "sce", "ram"])
+def test_a_task_vector_method_with_only_its_base_copies_the_base_as_mergekit_does(method: str) -> None:
+    # mergekit's GeneralizedTaskArithmeticMerge (and sce, ram) return the base when a group has no other input
+    cfg = load_config(ties(merge_method=method, models=[{"model": "org/base"}], parameters={"weight": 1}))
+    assert cfg.slices[0].inputs == () and cfg.slices[0].base is not None and cfg.slices[0].base.ref == "org/base"
+    assert cfg.notes == (
+        f"models: only the base model 'org/base': its tensors are copied as they are ({method} has no task vector "
+        "to add, as in mergekit)",
+    )
 
 
 @pytest.mark.parametrize(("given", "expected"), [("float16", "float16"), ("torch.bfloat16", "bfloat16")])

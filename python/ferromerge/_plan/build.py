@@ -339,6 +339,12 @@ def _plan_tensor(
         if base is not None:
             base = PlanSource(files.pop(0), job.out)
         inputs = [dataclasses.replace(i, info=f, tensor=job.out) for i, f in zip(inputs, files, strict=True)]
+    if not inputs:
+        # only the slice's base (a task-vector method with no task vector; mergekit returns the base): a copy
+        assert base is not None
+        copy = PlanInput(base.info, base.tensor, 1.0, 1.0, 0)
+        passthrough = methods.kernel_spec(methods.get("passthrough"), {}, seed)
+        return PlanTensor(job.out, shape, out_dtype, passthrough, None, (copy,))
     return PlanTensor(job.out, shape, out_dtype, kernel, base, tuple(inputs))
 
 

@@ -538,8 +538,16 @@ def _build_slice(
     if method.requires_base:
         if base_ref is None:
             raise ConfigError(f"base_model: {method.name} needs a base model (the reference of the task vectors)")
-        if not inputs:
+        if not inputs and not method.base_alone:
             raise ConfigError(f"{where}: {method.name} needs at least one model besides the base model {base_ref!r}")
+        if not inputs:
+            # mergekit's task-vector methods (and sce, ram) return the base when there is no task vector (a recipe:
+            # base+LoRA merged on its own); the planner copies the base's tensors
+            notes.append(
+                f"{where}: only the base model {base_ref!r}: its tensors are copied as they are ({method.name} has "
+                "no task vector to add, as in mergekit)"
+            )
+            return OutputSlice(where, (), base, upper)
     listed = ", ".join(f"{m.where} {m.ref!r}" for m in inputs)
     if not method.takes_base and method.max_inputs is not None and len(inputs) > method.max_inputs:
         raise ConfigError(

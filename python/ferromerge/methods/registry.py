@@ -126,6 +126,8 @@ class _ConfigFacts:
     #: mergekit implements it as a ``GeneralizedTaskArithmeticMerge`` (per-model weight and density, shared
     #: normalize, lambda, rescale, int8_mask)
     generalized_task_arithmetic: bool = False
+    #: mergekit's kernel returns the base when it is the only input (``MethodSpec.base_alone``)
+    base_alone: bool = False
 
 
 def _gta(*, normalize: bool, rescale: bool | None = None, row_wise: bool = False) -> _ConfigFacts:
@@ -134,7 +136,7 @@ def _gta(*, normalize: bool, rescale: bool | None = None, row_wise: bool = False
     before = {"normalize": ParamSpec(bool, normalize), "lambda": _LAMBDA, "int8_mask": _INT8_MASK}
     if rescale is not None:
         before |= {"rescale": ParamSpec(bool, rescale), "rescale_mode": _RESCALE_MODE}
-    return _ConfigFacts(before=before, row_wise=row_wise, generalized_task_arithmetic=True)
+    return _ConfigFacts(before=before, row_wise=row_wise, generalized_task_arithmetic=True, base_alone=True)
 
 
 _SPECTRAL = _ConfigFacts(after={"exclude": _EXCLUDE})
@@ -155,9 +157,9 @@ _CONFIG_FACTS: dict[str, _ConfigFacts] = {
     "multislerp": _ConfigFacts(),
     "karcher": _ConfigFacts(),
     "model_stock": _ConfigFacts(row_wise=True),
-    "sce": _ConfigFacts(after={"int8_mask": _INT8_MASK}),
-    "ram": _ConfigFacts(),
-    "ramplus_tl": _ConfigFacts(),
+    "sce": _ConfigFacts(after={"int8_mask": _INT8_MASK}, base_alone=True),
+    "ram": _ConfigFacts(base_alone=True),
+    "ramplus_tl": _ConfigFacts(base_alone=True),
     "nearswap": _ConfigFacts(),
     "arcee_fusion": _ConfigFacts(seeded=True, row_wise=True),
     "tsv_m": _SPECTRAL,
@@ -221,6 +223,7 @@ def _from_row(row: Mapping[str, Any], facts: _ConfigFacts) -> MethodSpec:
         min_inputs=row["min_inputs"],
         max_inputs=row["max_inputs"],
         gpu_bound=row["spectral"],
+        base_alone=facts.base_alone,
     )
 
 

@@ -67,6 +67,9 @@ class MethodSpec:
     max_inputs: int | None = None
     #: SVD-heavy: handed to torch (``torch_spectral``) when the run's device is a torch one
     gpu_bound: bool = False
+    #: a base model alone (no other input) is accepted and gives the base, as mergekit's kernel returns it (the
+    #: task-vector methods, sce, ram, ramplus_tl)
+    base_alone: bool = False
 
     @property
     def requires_base(self) -> bool:
