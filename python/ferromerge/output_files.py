@@ -16,7 +16,7 @@ import yaml
 from ._plan.build import Plan
 from ._plan.layout import LayerSources
 from .errors import OutputError
-from .models.architecture import NOT_PER_LAYER
+from .models.architecture import LAYER_INDEX_LISTS, per_layer_list
 from .models.index import ModelIndex
 from .models.layers import read_model_config
 from .tokenizer.vocab import Vocabulary
@@ -58,9 +58,10 @@ def config_updates(reference: ModelIndex, plan: Plan) -> tuple[dict[str, Any], l
     Slices set the layer count (every key the layout names: ``num_hidden_layers``, T5's ``num_decoder_layers``,
     a sub-config's ``text_config.num_hidden_layers``), and every list beside such a key with one entry per old
     layer (``layer_types``, ...) follows the slices: output layer j gets the entry of the layer it is taken from,
-    read from that model's config.json (transformers refuses a config whose per-layer lists miss layers). An output
-    lm_head that some input had tied sets ``tie_word_embeddings: false``, or transformers would ignore the merged
-    head.
+    read from that model's config.json (transformers refuses a config whose per-layer lists miss layers); token-id
+    lists are not per-layer (``models.architecture.per_layer_list``), and lists of layer indices (``mlp_only_layers``)
+    name the output layers whose source layer they list. An output lm_head that some input had tied sets
+    ``tie_word_embeddings: false``, or transformers would ignore the merged head.
     """
     config = read_model_config(reference)
     updates: dict[str, Any] = {}
@@ -80,21 +81,32 @@ def config_updates(reference: ModelIndex, plan: Plan) -> tuple[dict[str, Any], l
         if isinstance(old, int):
             per_layer.setdefault((scope, old), set()).add(sources)
     configs: dict[str, dict[str, Any] | None] = {}
+
+    def theirs(ref: str, scope: str, name: str) -> Any:
+        """``name`` in the config of the model ``ref`` (its scope)."""
+        if ref not in configs:
+            configs[ref] = next((read_model_config(m) for m in plan.models if m.ref == ref), None)
+        return _scope(configs[ref] or {}, scope).get(name)
+
     for (scope, old), found in per_layer.items():
         for name, value in _scope(config, scope).items():
-            if not isinstance(value, list) or len(value) != old or name in NOT_PER_LAYER:
+            index_list = name in LAYER_INDEX_LISTS
+            if not isinstance(value, list) or not (index_list or len(value) == old and per_layer_list(name)):
                 continue
             if len(found) > 1:
-                remarks.append(f"{reference.path / 'config.json'}: {name!r} has one entry per layer of several "
-                               "stacks that slices changed; it is left as it is")
+                remarks.append(f"{reference.path / 'config.json'}: {name!r} lists layers of several stacks that "
+                               "slices changed; it is left as it is")
                 continue
             (sources,) = found
+            if index_list:
+                # the output layers whose source layer is listed in its model's config
+                scopes[scope][name] = [j for j, (ref, i) in enumerate(sources)
+                                       if i in _list_or(theirs(ref, scope, name), value)]
+                continue
             entries = []
             for ref, i in sources:
-                if ref not in configs:
-                    configs[ref] = next((read_model_config(m) for m in plan.models if m.ref == ref), None)
-                theirs = _scope(configs[ref] or {}, scope).get(name)
-                entries.append(theirs[i] if isinstance(theirs, list) and i < len(theirs) else value[min(i, old - 1)])
+                mine = theirs(ref, scope, name)
+                entries.append(mine[i] if isinstance(mine, list) and i < len(mine) else value[min(i, old - 1)])
             scopes[scope][name] = entries
     for scope, values in scopes.items():
         if scope:
@@ -111,6 +123,10 @@ def config_updates(reference: ModelIndex, plan: Plan) -> tuple[dict[str, Any], l
         else:
             updates["vocab_size"] = plan.vocabulary.rows
     return updates, remarks
+
+
+def _list_or(value: Any, default: list[Any]) -> list[Any]:
+    return value if isinstance(value, list) else default
 
 
 def _scope(config: dict[str, Any], scope: str) -> dict[str, Any]:

@@ -40,8 +40,10 @@ def _with_config(model: Path, where: Path, **extra: Any) -> Path:
 
 def test_slices_set_every_count_key_and_per_layer_lists_follow_their_source_models(fam: Family, tmp_path: Path):
     a = _with_config(fam.finetunes[0], tmp_path / "a", n_layer=4, layer_types=["a0", "a1", "a2", "a3"],
-                     mlp_only_layers=[1], architectures=["LlamaForCausalLM"], max_window_layers=4)
-    b = _with_config(fam.finetunes[1], tmp_path / "b", n_layer=4, layer_types=["b0", "b1", "b2", "b3"])
+                     mlp_only_layers=[1], architectures=["LlamaForCausalLM"], max_window_layers=4,
+                     eos_token_id=[1, 2, 3, 4], suppress_tokens=[5, 6, 7, 8])
+    b = _with_config(fam.finetunes[1], tmp_path / "b", n_layer=4, layer_types=["b0", "b1", "b2", "b3"],
+                     mlp_only_layers=[2, 3])
     cfg = {"merge_method": "passthrough", "slices": [
         {"sources": [{"model": str(a), "layer_range": [0, 2]}]},
         {"sources": [{"model": str(b), "layer_range": [1, 4]}]},
@@ -50,8 +52,11 @@ def test_slices_set_every_count_key_and_per_layer_lists_follow_their_source_mode
     out = json.loads((tmp_path / "out" / "config.json").read_text())
     assert (out["num_hidden_layers"], out["n_layer"]) == (5, 5)
     assert out["layer_types"] == ["a0", "a1", "b1", "b2", "b3"]
-    # lists of another length, and numbers that merely equal the count, are not layer counts
-    assert (out["mlp_only_layers"], out["architectures"], out["max_window_layers"]) == ([1], ["LlamaForCausalLM"], 4)
+    # layer indices: output layer 1 is a's layer 1, output layers 3 and 4 are b's layers 2 and 3
+    assert out["mlp_only_layers"] == [1, 3, 4]
+    # token ids and class names are not per-layer, numbers that merely equal the count are not layer counts
+    assert (out["eos_token_id"], out["suppress_tokens"]) == ([1, 2, 3, 4], [5, 6, 7, 8])
+    assert (out["architectures"], out["max_window_layers"]) == (["LlamaForCausalLM"], 4)
 
 
 def _plan(models: list[ModelIndex], config_layers: dict[str, Any], vocabulary: Any = None) -> Plan:
@@ -86,7 +91,7 @@ def test_a_list_two_sliced_stacks_could_own_is_left_with_a_remark(tmp_path: Path
                          "num_decoder_layers": (("ref", 1), ("ref", 1), ("ref", 0))})
     updates, remarks = config_updates(ref, plan)
     assert updates == {"num_layers": 3, "num_decoder_layers": 3}
-    assert len(remarks) == 1 and "'per_layer' has one entry per layer of several stacks" in remarks[0]
+    assert len(remarks) == 1 and "'per_layer' lists layers of several stacks" in remarks[0]
 
 
 def test_module_layer_key_by_module_name_when_several_keys_hold_the_count() -> None:

@@ -72,9 +72,22 @@ LAYER_TENSOR = re.compile(r"^(?P<stack>(?:[^.]+\.)*?(?:layers|layer|h|blocks|blo
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
 
-#: config.json lists that are not per-layer whatever their length (the others with one entry per layer, such as
-#: Qwen2's and Gemma 2/3's ``layer_types``, follow the slices)
-NOT_PER_LAYER = frozenset({"architectures"})
+#: config.json lists that are not per-layer whatever their length: class names and token ids (Llama 3's
+#: ``eos_token_id`` list, Whisper's ``suppress_tokens``), besides every ``*_token_id(s)`` key; the other lists with
+#: one entry per layer (Qwen2's and Gemma 2/3's ``layer_types``, SmolLM3's ``no_rope_layers``) follow the slices
+NOT_PER_LAYER = frozenset({"architectures", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens",
+                           "forced_decoder_ids"})
+TOKEN_ID_SUFFIXES = ("_token_id", "_token_ids")
+
+
+#: config.json lists of layer indices (Qwen2-MoE's ``mlp_only_layers``, Llama 4's ``moe_layers``): after slices,
+#: the output layers whose source layer is listed
+LAYER_INDEX_LISTS = frozenset({"mlp_only_layers", "moe_layers"})
+
+
+def per_layer_list(key: str) -> bool:
+    """Whether a config.json list under ``key`` with one entry per layer is per-layer (not a list of ids)."""
+    return key not in NOT_PER_LAYER and key not in LAYER_INDEX_LISTS and not key.endswith(TOKEN_ID_SUFFIXES)
 
 
 #: containers of the modules mergekit's multi-module architectures name (module name -> dotted markers)
