@@ -148,3 +148,19 @@ def test_merged_output_holds_the_bytes(family_f32: Family, tmp_path: Path) -> No
         assert out[k].tobytes() == v.tobytes(), k
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config.get("torch_dtype", config.get("dtype")) == "float32"
+
+
+def test_a_dtype_that_cannot_be_copied_is_an_error(family_f32: Family, tmp_path: Path) -> None:
+    """Sub-byte and exotic safetensors dtypes (F8_E8M0 here) are named in an error, never a traceback."""
+    from ferromerge.io.writer import header_bytes
+
+    m = _copy(family_f32, tmp_path, {})
+    odd = m["base"] / "model-odd.safetensors"
+    odd.write_bytes(header_bytes([("model.embeddings.scales", "F8_E8M0", [2], 0, 2)], {"format": "pt"}) + b"\0\0")
+    tensors = load_file(str(m["base"] / "model.safetensors"))
+    (m["base"] / "model.safetensors").rename(m["base"] / "model-main.safetensors")
+    weight_map = {n: "model-main.safetensors" for n in tensors} | {"model.embeddings.scales": "model-odd.safetensors"}
+    (m["base"] / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(InputError, match=r"model-odd\.safetensors: tensor model\.embeddings\.scales has dtype F8_E8M0, "
+                                         "which ferromerge cannot copy"):
+        ferromerge.plan(_ties(m))

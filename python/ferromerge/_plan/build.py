@@ -362,6 +362,9 @@ def _copied(
     index = models[chosen.ref]
     name = job.names[chosen.ref]
     info = index.tensors[name]
+    if info.dtype not in ITEMSIZE:  # sub-byte and other exotic dtypes (F4, F6_E2M3, F8_E8M0, C64)
+        raise InputError(f"{info.file}: tensor {name} has dtype {info.dtype}, which ferromerge cannot copy "
+                         f"(model {chosen.ref!r})")
     differ: list[str] = []
     for m in having[1:]:
         other = models[m.ref]
