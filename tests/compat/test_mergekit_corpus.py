@@ -28,10 +28,10 @@ output). By class:
   thresholds fall on ties that the two tools break differently, and a bfloat16 sign/variance computed by mergekit
   moves elements across the threshold; karcher iterates in bfloat16 in mergekit (the float32 twin of
   absa-karcher-default agrees within 2e-7 of the tensor maximum). Measured maxima: ties 1.43%, breadcrumbs 1.18%,
-  sce 0.99%, karcher 1.37%, arcee_fusion 12.1% (docs/compat.md: mergekit's bf16 importance is rounding noise).
+  sce 1.01%, karcher 1.37%, arcee_fusion 12.1% (docs/compat.md: mergekit's bf16 importance is rounding noise).
 * RANDOM (dare_ties, dare_linear, della, della_linear with a density below 1): mergekit draws its masks from
   torch's generator, ferromerge from its own, so elements cannot agree; the norm of the merged change
-  ``‖out − base‖`` over the whole model agrees within ``RANDOM_NORM`` (measured 0.985–1.041); per-element checks
+  ``‖out − base‖`` over the whole model agrees within ``RANDOM_NORM`` (measured 0.982–1.041); per-element checks
   of these methods are test_mergekit_methods.py's statistics.
 
 Run with ``-s`` for one line per config (outcome, share outside the bound, warnings).
