@@ -31,8 +31,9 @@ output). By class:
   sce 1.01%, karcher 1.37%, arcee_fusion 12.1% (docs/compat.md: mergekit's bf16 importance is rounding noise).
 * RANDOM (dare_ties, dare_linear, della, della_linear with a density below 1): mergekit draws its masks from
   torch's generator, ferromerge from its own, so elements cannot agree; the norm of the merged change
-  ``‖out − base‖`` over the whole model agrees within ``RANDOM_NORM`` (measured 0.982–1.041); per-element checks
-  of these methods are test_mergekit_methods.py's statistics.
+  ``‖out − base‖`` over the whole model agrees within ``RANDOM_NORM`` (measured 0.982–1.041), and the share of
+  elements left exactly at the base (dropped everywhere) within 5σ of two binomial draws (measured ≤ 2.5σ);
+  per-element checks of these methods are test_mergekit_methods.py's statistics.
 
 Run with ``-s`` for one line per config (outcome, share outside the bound, warnings).
 """
@@ -40,6 +41,7 @@ Run with ``-s`` for one line per config (outcome, share outside the bound, warni
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import warnings
@@ -246,6 +248,14 @@ def test_corpus_config(name: str, world: World, mk_results: dict[str, str | None
         ratio = _change_norm(fm, base) / _change_norm(mk, base)
         line += f"; ‖out − base‖ ferromerge/mergekit {ratio:.3f}"
         assert abs(ratio - 1) <= RANDOM_NORM, f"{name}: ‖out − base‖ ratio {ratio:.3f} (bound ±{RANDOM_NORM})"
+        # every mask element is an independent draw: the share left exactly at the base (dropped in every model,
+        # or elected out) is a binomial share in each tool
+        at_mk, at_fm = (sum(int((out[t] == base[t]).sum()) for t in out if t in base) / total for out in (mk, fm))
+        p = (at_mk + at_fm) / 2
+        sigma = math.sqrt(2 * p * (1 - p) / total)
+        line += f"; left at the base {at_fm:.3f} vs {at_mk:.3f}"
+        assert abs(at_fm - at_mk) <= 5 * sigma + 1 / total, \
+            f"{name}: {at_fm:.3f} of the elements left at the base, mergekit {at_mk:.3f} (5σ = {5 * sigma:.3f})"
     if compat:
         line += f"; {len(compat)} CompatWarning(s): " + " | ".join(w.split(";")[0] for w in compat)
     print(line, end="")
