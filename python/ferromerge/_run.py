@@ -403,9 +403,7 @@ def run(
         merge = _external_merge(device if device is not None else config.device, config.method, log)
         bar = None if quiet else ProgressBar()
         full_plan = json.loads(plan.to_json())
-        ident = journal.identity(
-            plan.to_json(), config.resolved(), journal.plan_inputs(full_plan) | _source_files(plan), output.temp
-        )
+        ident = journal.identity(plan.to_json(), config.resolved(), _input_files(plan, full_plan), output.temp)
         with output.building(log, resume=resume) as tmp:
             kept = journal.resume(tmp, ident, [s.file for s in plan.shards], log) if resume else {}
             if resume:
@@ -451,8 +449,14 @@ def run(
     )
 
 
-def _source_files(plan: Plan) -> set[Path]:
-    """The files of every model, besides those the plan reads: what a resume checks for changes. (A LoRA-merged
-    model's cache files are named by a digest of the adapter and model files they come from, so the plan digest
-    covers those.)"""
-    return {f for m in plan.models for f in m.files}
+def _input_files(plan: Plan, plan_json: Mapping[str, Any]) -> set[Path]:
+    """The files a resume checks for changes: those the plan reads and every model's, less the LoRA merge cache's
+    (written by the run itself, and named by a digest of the adapter and model files they come from, which the
+    plan digest covers), plus each LoRA adapter's files."""
+    files = journal.plan_inputs(plan_json) | {f for m in plan.models for f in m.files}
+    for m in plan.models:
+        if isinstance(m, lora.LoraModelIndex):
+            files -= set(m.cache_files)
+            if m.adapter.is_dir():
+                files |= {p for p in m.adapter.iterdir() if p.is_file()}
+    return files

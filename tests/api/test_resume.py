@@ -204,3 +204,23 @@ def test_a_single_shard_output_resumes_too(family: Family, tmp_path: Path) -> No
     report = ferromerge.run(ties_config(family), out, quiet=True, resume=True)
     assert report.shards_reused == 0 and report.tensors > 0
     same_files(out, full)
+
+
+@pytest.mark.parametrize("user_cache", [False, True])
+def test_a_model_plus_lora_run_resumes(family: Family, tmp_path: Path, user_cache: bool) -> None:
+    # the LoRA merge cache is written by the run itself (in the partial directory, or a cache directory the user
+    # gives): it must not count as a changed input when the run resumes
+    adapter = tmp_path / "adapter"
+    ferromerge.extract_lora(family.base, family.finetunes[0], adapter, rank=4)
+    config = ties_config(family)
+    config["models"][0]["model"] = f"{family.base}+{adapter}"
+    cache = {"lora_merge_cache": tmp_path / "cache"} if user_cache else {}
+    full = tmp_path / "a" / "out"
+    ferromerge.run(config, full, quiet=True, out_shard_size=SHARD, lora_merge_cache=tmp_path / "cache-a")
+    out = tmp_path / "b" / "out"
+    out.parent.mkdir()
+    interrupt_at(config, out, at=25, **cache)
+    report = ferromerge.run(config, out, quiet=True, out_shard_size=SHARD, resume=True, **cache)
+    assert report.shards_reused > 0
+    same_files(out, full)
+    assert leftovers(out) == []
