@@ -1,8 +1,8 @@
 """What mergekit 0.1.5 accepts and a careful tool would question: the compat warnings of one config load.
 
-mergekit reads a config with pydantic models that ignore keys they do not declare (``extra="ignore"`` on every
-model of ``mergekit/config.py`` and ``mergekit/tokenizer/config.py``) and looks up only the parameters its method
-declares. So a misspelled or misplaced key, and a parameter the method does not use, are silently dropped there;
+mergekit reads a config with pydantic models that ignore keys they do not declare (pydantic's default,
+``extra="ignore"``, which no model of ``mergekit/config.py`` or ``mergekit/tokenizer/config.py`` overrides) and
+looks up only the parameters its method declares. So a misspelled or misplaced key, and a parameter the method does not use, are silently dropped there;
 here they are dropped too (the merge is mergekit's), each with one ``CompatWarning`` naming its place and, where
 one is close, the key that was probably meant. ``Lenient`` raises them (or, strict, turns the first into a
 ``ConfigError``); ``drop_unknown_keys`` is the walk over the config's mappings that finds the unknown keys.
