@@ -113,8 +113,9 @@ def _token(entry: Any, where: str, lenient: Lenient) -> Any:
     entry = _known(entry, TokenEmbedding, f"{where}.", frozenset(), lenient)
     source = entry.get("source")
     kinds: dict[Any, type[BaseModel]] = {"zero": ZeroSource, "model_token": ModelTokenSource}
-    if isinstance(source, Mapping) and source.get("kind") in kinds:
-        entry["source"] = _known(source, kinds[source.get("kind")], f"{where}.source.", frozenset(), lenient)
+    kind = source.get("kind") if isinstance(source, Mapping) else None
+    if isinstance(source, Mapping) and isinstance(kind, str) and kind in kinds:
+        entry["source"] = _known(source, kinds[kind], f"{where}.source.", frozenset(), lenient)
     return entry
 
 
