@@ -378,3 +378,12 @@ def test_the_cli_prints_each_warning_once_as_a_line_and_merges(
     for _ in range(2):
         assert main(["plan", str(config)]) == 0
         assert [line for line in capsys.readouterr().err.splitlines() if "warning" in line] == err
+
+
+def test_malformed_entries_are_left_for_the_schema_to_refuse() -> None:
+    # the walk over unknown keys skips what is not a mapping (or a token source of an unknown kind): pydantic, like
+    # mergekit's, refuses it with its place
+    with pytest.raises(ConfigError, match=r"tokenizer\.tokens\.x\.source"):
+        load_config(gta(tokenizer={"tokens": {"x": {"source": {"kind": [1]}}}}))
+    with pytest.raises(ConfigError, match=r"models\[0\]: input should be a valid dictionary"):
+        load_config(gta(models=["org/a"]))
