@@ -368,3 +368,52 @@ def test_an_engine_error_about_a_cached_file_names_the_model(
         ferromerge.run({**ties_config(family), "base_model": "org/base"}, tmp_path / "out", quiet=True)
     assert str(e.value) == f"{shard}: tensor lm_head.weight: 1 NaN and 0 infinite values (model org/base)"
     assert leftovers(tmp_path / "out") == []
+
+
+# ---------------------------------------------------------------- non-finite values (CONTRACTS R2)
+
+def test_nan_and_inf_stop_a_run_unless_allowed(
+    family: Family, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import numpy as np
+
+    from ferromerge import _engine as engine
+    from helpers.cli import read_model
+
+    models = tmp_path / "models"
+    shutil.copytree(family.base.parent, models)
+    fam = Family(models / "base", [models / ft.name for ft in family.finetunes])
+    shard = fam.finetunes[1] / "model.safetensors"
+    header = engine.read_header(str(shard))
+    name = "model.layers.1.mlp.down_proj.weight"
+    tensors = {}
+    for n, (dtype, _shape) in header.items():
+        tensors[n] = (np.asarray(read_model(fam.finetunes[1])[n][1]), dtype)
+    values, dtype = tensors[name]
+    values = values.copy()
+    values.flat[3], values.flat[7], values.flat[8] = np.nan, np.inf, -np.inf
+    tensors[name] = (values, dtype)
+    engine.save_file(str(shard), {n: (engine.encode(v, d) if d != "F32" else v, d) for n, (v, d) in tensors.items()})
+    config = write_config(tmp_path / "merge.yml", ties_config(fam))
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(["run", str(config), str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"ferromerge: error: {shard}: tensor ") and err.count("\n") == 1, err
+    assert name in err and "1 NaN and 2 infinite values; pass --allow-nonfinite" in err
+    assert not out.exists() and leftovers(out) == []
+    assert main(["plan", str(config), "--json", "--allow-nonfinite"]) == 0
+    assert json.loads(capsys.readouterr().out)["allow_nonfinite"] is True
+    assert main(["run", str(config), str(out), "--quiet", "--allow-nonfinite"]) == 0
+    merged = read_model(out)[name][1]
+    assert not np.isfinite(merged).all()
+    with pytest.raises(ferromerge.InputError, match="1 NaN and 2 infinite values"):
+        ferromerge.merge_state_dicts(
+            {"base": {name: np.zeros(values.shape, np.float32)}, "ft": {name: values.astype(np.float32)}},
+            "task_arithmetic", base="base", parameters={"weight": 1.0},
+        )
+    got = ferromerge.merge_state_dicts(
+        {"base": {name: np.zeros(values.shape, np.float32)}, "ft": {name: values.astype(np.float32)}},
+        "task_arithmetic", base="base", parameters={"weight": 1.0}, allow_nonfinite=True,
+    )[name]
+    assert np.isnan(got.flat[3]) and got.flat[7] == np.inf and got.flat[8] == -np.inf
