@@ -417,3 +417,23 @@ def test_nan_and_inf_stop_a_run_unless_allowed(
         "task_arithmetic", base="base", parameters={"weight": 1.0}, allow_nonfinite=True,
     )[name]
     assert np.isnan(got.flat[3]) and got.flat[7] == np.inf and got.flat[8] == -np.inf
+
+
+def test_extract_lora_takes_hostile_arguments_as_one_line_errors(family: Family, tmp_path: Path) -> None:
+    loop = tmp_path / "loop"
+    os.symlink(tmp_path / "loop2", loop)
+    os.symlink(loop, tmp_path / "loop2")
+    base, ft = family.base, family.finetunes[0]
+    cases = [
+        (["extract-lora", loop, ft, tmp_path / "a"], 1, f"model '{loop}': cannot open {loop}: Too many levels"),
+        (["extract-lora", base, loop, tmp_path / "a"], 1, f"model '{loop}': cannot open {loop}"),
+        (["extract-lora", base, ft, loop / "a"], 1, f"cannot create {loop / 'a'}: {loop}: Too many levels"),
+        (["extract-lora", base, ft, tmp_path / "a", "--rank", "9" * 30], 2, "rank must be below 2**63"),
+        (["extract-lora", base, ft, tmp_path / "a", "--threads", "9" * 30], 2, "threads must be below 2**63"),
+    ]
+    for args, code, fragment in cases:
+        result = run_cli(*args, timeout=60)
+        last = result.stderr.strip().splitlines()[-1]
+        assert result.returncode == code and "error: " in last and fragment in last, (args, result.stderr)
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "a").exists() and leftovers(tmp_path / "a") == []
