@@ -16,6 +16,7 @@ and named by a digest of their sources.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -193,7 +194,9 @@ class Journal:
             raise OutputError(f"cannot write the resume journal {self.path}: {e}") from None
 
     def record(self, name: str, size: int, crc32: int) -> None:
-        """Append a finished shard (the engine fsynced it) and fsync the journal."""
+        """Append a finished shard (the engine fsynced it) and fsync the journal. Never raises: a journal that
+        cannot be written (a full disk) stops there, which only means that a resume merges more again; the run
+        itself goes on (and meets the full disk in its own words)."""
         with self._lock:
             if self._file is None:
                 return
@@ -201,8 +204,11 @@ class Journal:
                 self._file.write(json.dumps({"shard": name, "size": size, "crc32": crc32}) + "\n")
                 self._file.flush()
                 os.fsync(self._file.fileno())
-            except OSError as e:
-                raise OutputError(f"cannot write the resume journal {self.path}: {e}") from None
+            except OSError:
+                # a line cut short is ignored by ``read``, as a kill's is
+                file, self._file = self._file, None
+                with contextlib.suppress(OSError):
+                    file.close()
 
     def close(self, remove: bool) -> None:
         """Close; ``remove``: delete the journal (the directory is about to become the output)."""
@@ -244,12 +250,11 @@ class ShardWatcher:
         while (name := self._queue.get()) is not None:
             try:
                 found = file_crc32(self._out / name, self._stop)
-                if found is None:
-                    return
-                self._journal.record(name, *found)
-            except (OSError, OutputError):
-                # a journal that cannot be written only means that a resume redoes more; the run goes on
+            except OSError:
+                return  # the engine reports what is wrong with its output
+            if found is None:
                 return
+            self._journal.record(name, *found)
 
     def progress(self, tensors_done: int) -> None:
         """The engine's progress: queue every shard that ended before the tensor just reported."""
