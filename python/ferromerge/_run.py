@@ -403,7 +403,11 @@ def run(
         merge = _external_merge(device if device is not None else config.device, config.method, log)
         bar = None if quiet else ProgressBar()
         full_plan = json.loads(plan.to_json())
-        ident = journal.identity(plan.to_json(), config.resolved(), _input_files(plan, full_plan), output.temp)
+        # what decides the bytes besides the plan: the resolved config (side files), and whether torch merges the
+        # SVD-heavy tensors (its results differ from the Rust kernels' in the last bits)
+        torch_device = (device if device is not None else config.device) if merge is not None else None
+        decides = {"config": config.resolved(), "torch_device": torch_device}
+        ident = journal.identity(plan.to_json(), decides, _input_files(plan, full_plan), output.temp)
         with output.building(log, resume=resume) as tmp:
             kept = journal.resume(tmp, ident, [s.file for s in plan.shards], log) if resume else {}
             if resume:
