@@ -21,6 +21,9 @@ pub enum CoreError {
     /// seen by one), carried through unchanged so the caller gets its own error back.
     #[error("{0}")]
     External(Box<dyn std::error::Error + Send + Sync>),
+    /// A bug: a kernel panicked. Caught at the merge's boundary so that it is an error, never an abort.
+    #[error("internal error (please report it): {0}")]
+    Internal(String),
 }
 
 impl CoreError {

@@ -17,6 +17,9 @@ pub struct Plan {
     pub metadata: BTreeMap<String, String>,
     #[serde(default)]
     pub chunk_elems: Option<usize>,
+    /// Merge NaN and infinite input values as they are (through the method's arithmetic) instead of stopping.
+    #[serde(default)]
+    pub allow_nonfinite: bool,
     pub shards: Vec<PlanShard>,
 }
 

@@ -47,7 +47,8 @@ fn plan_round_trip() {
     let e = f.entry("w").unwrap();
     assert_eq!((e.dtype, e.shape.clone()), (Some(DType::BF16), vec![2, 3]));
     let got: Vec<f32> = f
-        .bytes(e)
+        .read_bytes("w")
+        .unwrap()
         .chunks_exact(2)
         .map(|c| ferromerge_core::dtype::bf16_to_f32(u16::from_le_bytes([c[0], c[1]])))
         .collect();
@@ -112,8 +113,8 @@ fn interrupt_stops_the_run() {
     assert!(matches!(e, CoreError::External(ref inner) if inner.to_string() == "interrupted"));
 }
 
-/// A tensor larger than the budget's share takes the low-memory path (chunk-wise release of input pages,
-/// eager write-back, histogram selection instead of collected candidates): same bytes as an unlimited run.
+/// A tensor larger than the budget's share takes the low-memory path (inputs streamed chunk by chunk from the
+/// files, eager write-back, histogram selection instead of collected candidates): same bytes as an unlimited run.
 #[test]
 fn memory_limit_never_changes_the_output() {
     let dir = tempfile::tempdir().unwrap();

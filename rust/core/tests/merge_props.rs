@@ -4,6 +4,7 @@
 use ferromerge_core::merge::{merge_to_vec, Input, Job, Method, MethodSpec, Options, Rescale, Source};
 use ferromerge_core::{pool, DType};
 use proptest::prelude::*;
+use std::sync::atomic::AtomicBool;
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
@@ -22,15 +23,16 @@ fn job<'a>(base: &'a [u8], xs: &'a [Vec<u8>], w: &[f64], d: &[f64], spec: Method
         name: "t",
         shape: vec![n],
         numel: n,
-        base: Some(Source { bytes: base, dtype: DType::F32 }),
+        base: Some(Source::mem(base, DType::F32)),
         inputs: xs
             .iter()
             .enumerate()
-            .map(|(i, x)| Input::new(Source { bytes: x, dtype: DType::F32 }, w[i], d[i], i as u32))
+            .map(|(i, x)| Input::new(Source::mem(x, DType::F32), w[i], d[i], i as u32))
             .collect(),
         cast: None,
         spec,
         out_dtype: DType::F32,
+        nonfinite: AtomicBool::default(),
     }
 }
 
@@ -65,7 +67,7 @@ proptest! {
         let bb = f32_bytes(&base);
         let j = job(&bb, &xs, &[1.0], &[density], spec(Method::Ties, true), n);
         // Both ways of finishing the selection: collecting the threshold's bin, or histograms plus a tie pass.
-        let opts = Options { chunk_elems: chunk, candidate_bytes: if collect { usize::MAX } else { 0 }, release_inputs: false };
+        let opts = Options { chunk_elems: chunk, candidate_bytes: if collect { usize::MAX } else { 0 } };
         let out = out_f32(&pool::pool(Some(1)).unwrap().install(|| merge_to_vec(&j, &opts)).unwrap());
         let keep = oracle_keep(&v, density);
         for i in 0..n {
@@ -95,7 +97,7 @@ proptest! {
         let reference = pool::pool(Some(1)).unwrap().install(|| merge_to_vec(&j, &Options::with_chunk(1 << 16))).unwrap();
         for threads in [1, 2, 3] {
             for candidate_bytes in [0, usize::MAX] {
-                let opts = Options { chunk_elems: chunk, candidate_bytes, release_inputs: false };
+                let opts = Options { chunk_elems: chunk, candidate_bytes };
                 let got = pool::pool(Some(threads)).unwrap().install(|| merge_to_vec(&j, &opts)).unwrap();
                 prop_assert_eq!(&got, &reference);
             }

@@ -2,6 +2,7 @@
 //! the selection's memory budget, on 2-D tensors (rows matter to the row-wise methods).
 
 use std::collections::BTreeMap;
+use std::sync::atomic::AtomicBool;
 
 use ferromerge_core::merge::{
     merge_to_vec, BasePolicy, Input, Job, Method, MethodSpec, Options, Params, Rescale, Source,
@@ -86,7 +87,7 @@ proptest! {
             .iter()
             .enumerate()
             .map(|(i, x)| Input {
-                src: Source { bytes: x, dtype: DType::F32 },
+                src: Source::mem(x, DType::F32),
                 weight: 0.3 + i as f64 * 0.2,
                 density,
                 model_id: i as u32,
@@ -96,12 +97,12 @@ proptest! {
             .collect();
         let mut spec = MethodSpec::new(method, flip, 1.0, if flip { Rescale::L1 } else { Rescale::InverseDensity }, seed);
         spec.params = Params::parse(method, &params_for(method, flip)).unwrap();
-        let base = (method.base_policy() != BasePolicy::Joins).then_some(Source { bytes: &bb, dtype: DType::F32 });
-        let job = Job { name: "w", shape: vec![rows, cols], numel: n, base, inputs, cast: None, spec, out_dtype: DType::F32 };
+        let base = (method.base_policy() != BasePolicy::Joins).then_some(Source::mem(&bb, DType::F32));
+        let job = Job { name: "w", shape: vec![rows, cols], numel: n, base, inputs, cast: None, spec, out_dtype: DType::F32, nonfinite: AtomicBool::default() };
         let reference = pool::pool(Some(1)).unwrap().install(|| merge_to_vec(&job, &Options::with_chunk(1 << 16))).unwrap();
         for threads in [1, 3] {
             for candidate_bytes in [0, usize::MAX] {
-                let opts = Options { chunk_elems: chunk, candidate_bytes, release_inputs: false };
+                let opts = Options { chunk_elems: chunk, candidate_bytes };
                 let got = pool::pool(Some(threads)).unwrap().install(|| merge_to_vec(&job, &opts)).unwrap();
                 prop_assert_eq!(&got, &reference, "{} with chunk {} threads {}", METHODS[which], chunk, threads);
             }
@@ -128,16 +129,23 @@ fn spectral_methods_independent_of_threads_on_large_matrices() {
     let bb = f32_bytes(&base);
     for name in ["tsv_m", "iso_c", "iso_cts", "star"] {
         let method = Method::parse(name).unwrap();
-        let inputs = xs
-            .iter()
-            .enumerate()
-            .map(|(i, x)| Input::new(Source { bytes: x, dtype: DType::F32 }, 1.0, 1.0, i as u32))
-            .collect();
+        let inputs =
+            xs.iter().enumerate().map(|(i, x)| Input::new(Source::mem(x, DType::F32), 1.0, 1.0, i as u32)).collect();
         let spec = MethodSpec::new(method, false, 1.0, Rescale::None, 7);
-        let base = Some(Source { bytes: &bb, dtype: DType::F32 });
-        let job =
-            Job { name: "w", shape: vec![rows, cols], numel: n, base, inputs, cast: None, spec, out_dtype: DType::F32 };
-        let run = |t: usize| pool::pool(Some(t)).unwrap().install(|| merge_to_vec(&job, &Options::with_chunk(4096))).unwrap();
+        let base = Some(Source::mem(&bb, DType::F32));
+        let job = Job {
+            name: "w",
+            shape: vec![rows, cols],
+            numel: n,
+            base,
+            inputs,
+            cast: None,
+            spec,
+            out_dtype: DType::F32,
+            nonfinite: AtomicBool::default(),
+        };
+        let run =
+            |t: usize| pool::pool(Some(t)).unwrap().install(|| merge_to_vec(&job, &Options::with_chunk(4096))).unwrap();
         let one = run(1);
         assert_eq!(one, run(2), "{name}: 1 vs 2 threads");
         assert_eq!(one, run(3), "{name}: 1 vs 3 threads");
@@ -157,15 +165,16 @@ fn merge_f32(method: &str, base: Option<&[f32]>, xs: &[&[f32]], params: &[(&str,
         name: "w",
         shape: vec![n],
         numel: n,
-        base: bb.as_deref().map(|b| Source { bytes: b, dtype: DType::F32 }),
+        base: bb.as_deref().map(|b| Source::mem(b, DType::F32)),
         inputs: xb
             .iter()
             .enumerate()
-            .map(|(i, x)| Input::new(Source { bytes: x, dtype: DType::F32 }, 1.0, 1.0, i as u32))
+            .map(|(i, x)| Input::new(Source::mem(x, DType::F32), 1.0, 1.0, i as u32))
             .collect(),
         cast: None,
         spec,
         out_dtype: DType::F32,
+        nonfinite: AtomicBool::default(),
     };
     merge_to_vec(&job, &Options::with_chunk(3))
         .unwrap()

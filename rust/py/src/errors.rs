@@ -25,6 +25,7 @@ pub fn to_py(e: CoreError) -> PyErr {
         CoreError::Input { .. } | CoreError::Tensor { .. } => InputError::new_err(msg),
         CoreError::Parameter(_) => ParameterError::new_err(msg),
         CoreError::Output { .. } => OutputError::new_err(msg),
+        CoreError::Internal(_) => MergeError::new_err(msg),
         CoreError::External(inner) => match inner.downcast::<PyErr>() {
             Ok(raised) => *raised,
             Err(other) => MergeError::new_err(other.to_string()),

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
-use ferromerge_core::exec::{self, Progress, TensorNeeds};
+use ferromerge_core::exec::{self, Progress, ShardDone, TensorNeeds};
 use ferromerge_core::merge::{self, Job, MethodSpec, ParamDef, ParamKind, Source, METHODS};
 use ferromerge_core::plan::{InputValues, Plan, PlanMethod};
 use ferromerge_core::{pool, CoreError};
@@ -20,7 +20,7 @@ use crate::values;
 /// Merge one tensor in memory: `method` is the plan's method object, `values` one plan-input object per input
 /// (without `file`/`tensor`).
 #[pyfunction]
-#[pyo3(signature = (method, inputs, base, values, *, out_dtype, cast_dtype=None, name="", shape=None, threads=None, chunk_elems=None))]
+#[pyo3(signature = (method, inputs, base, values, *, out_dtype, cast_dtype=None, name="", shape=None, threads=None, chunk_elems=None, allow_nonfinite=false))]
 #[allow(clippy::too_many_arguments)] // Python's keyword arguments
 pub fn merge_arrays<'py>(
     py: Python<'py>,
@@ -34,6 +34,7 @@ pub fn merge_arrays<'py>(
     shape: Option<Vec<usize>>,
     threads: Option<usize>,
     chunk_elems: Option<usize>,
+    allow_nonfinite: bool,
 ) -> PyResult<Bound<'py, PyAny>> {
     let method: PlanMethod = values::read(&method, "method object")?;
     let input_values: Vec<InputValues> = values::read(&values, "input values")?;
@@ -56,10 +57,10 @@ pub fn merge_arrays<'py>(
         if a.len() != n {
             return Err(ParameterError::new_err(format!("inputs[{i}] has {} elements, expected {n}", a.len())));
         }
-        sources.push((Source { bytes: a.bytes(&format!("inputs[{i}]"))?, dtype: a.dtype() }, v));
+        sources.push((Source::mem(a.bytes(&format!("inputs[{i}]"))?, a.dtype()), v));
     }
     let base_src = match &base_array {
-        Some(b) => Some(Source { bytes: b.bytes("base")?, dtype: b.dtype() }),
+        Some(b) => Some(Source::mem(b.bytes("base")?, b.dtype())),
         None => None,
     };
     let shape = shape.unwrap_or_else(|| vec![n]);
@@ -73,13 +74,42 @@ pub fn merge_arrays<'py>(
     let out_dtype = job.out_dtype;
     with_output(py, out_dtype, n, |out| {
         let sink = merge::SliceSink::new(out, out_dtype);
-        pool.install(|| merge::merge(&job, chunk, &sink)).map_err(to_py)
+        pool.install(|| merge::merge(&job, chunk, &sink)).map_err(to_py)?;
+        if job.saw_nonfinite() && !allow_nonfinite {
+            return Err(nonfinite_error(&job, name));
+        }
+        Ok(())
     })
+}
+
+/// The error for a NaN or an infinity in an in-memory input: the first input holding any (`base` or
+/// `inputs[i]`), with its counts.
+fn nonfinite_error(job: &Job, name: &str) -> PyErr {
+    let counts = match merge::nonfinite_counts(job) {
+        Ok(c) => c,
+        Err(e) => return to_py(e),
+    };
+    let has_base = job.base.is_some();
+    let (k, (nan, inf)) = counts.into_iter().enumerate().find(|(_, (a, b))| a + b > 0).unwrap_or((0, (0, 0)));
+    let which = match (has_base, k) {
+        (true, 0) => "base".to_string(),
+        (true, k) => format!("inputs[{}]", k - 1),
+        (false, k) => format!("inputs[{k}]"),
+    };
+    to_py(CoreError::tensor(
+        which,
+        name,
+        format!(
+            "{nan} NaN and {inf} infinite values; pass --allow-nonfinite (allow_nonfinite=True) to merge them as \
+             they are"
+        ),
+    ))
 }
 
 /// Write every output shard of a plan into `out_dir`.
 #[pyfunction]
-#[pyo3(signature = (plan_json, out_dir, progress=None, threads=None, memory_limit=None, external=None))]
+#[pyo3(signature = (plan_json, out_dir, progress=None, threads=None, memory_limit=None, external=None, on_shard_done=None))]
+#[allow(clippy::too_many_arguments)] // Python's keyword arguments
 pub fn execute_plan(
     py: Python<'_>,
     plan_json: &str,
@@ -88,6 +118,7 @@ pub fn execute_plan(
     threads: Option<usize>,
     memory_limit: Option<u64>,
     external: Option<Py<PyAny>>,
+    on_shard_done: Option<Py<PyAny>>,
 ) -> PyResult<HashMap<String, u64>> {
     let external_merge = external.map(|callable| PyExternalMerge { callable });
     let plan = Plan::from_json(plan_json).map_err(to_py)?;
@@ -104,9 +135,14 @@ pub fn execute_plan(
                 })
                 .map_err(crate::errors::external)
             };
+            let mut on_shard = |d: &ShardDone| -> Result<(), CoreError> {
+                let Some(cb) = &on_shard_done else { return Ok(()) };
+                Python::attach(|py| cb.call1(py, (d.file, d.size, d.crc32)).map(drop)).map_err(crate::errors::external)
+            };
             let opts = exec::ExecOptions { threads, memory_limit };
             let ext = external_merge.as_ref().map(|m| m as &dyn exec::ExternalMerge);
-            exec::execute_with(&plan, Path::new(&out_dir), &opts, ext, &mut on_progress)
+            let mut callbacks = exec::Callbacks { progress: &mut on_progress, shard_done: &mut on_shard };
+            exec::execute_with(&plan, Path::new(&out_dir), &opts, ext, &mut callbacks)
         })
         .map_err(to_py)?;
     Ok(HashMap::from([

@@ -1,13 +1,19 @@
 //! Executing a whole plan: open and validate every input first (so bad input fails before any byte is
 //! written), lay out every output file, then merge tensor after tensor.
 //!
-//! Memory follows the budget (`memory_limit`), not the model (`budget`: the memory plan): a tensor whose inputs
-//! are larger than the read-ahead share is merged with each chunk's input pages unmapped as soon as a pass is
-//! done with them. Input pages are unmapped once their last consumer is done; output pages are written back one
-//! tensor behind and dropped from the page cache (`writeback`), so neither the inputs nor the output accumulate
-//! in memory.
+//! Reading: inputs are read with positioned reads, never memory-mapped (`io::reader`). A tensor whose inputs fit
+//! the budget's read-ahead share is read whole into reusable buffers, the next one on a reader thread while this
+//! one merges; a larger tensor is streamed, each pass reading its chunks from the files, so it never becomes
+//! resident whole (`budget`: the memory plan). A failed or short read is an error naming the file and the tensor.
+//! Output pages are written back one tensor behind and dropped from the page cache (`writeback`), so the output
+//! never accumulates in memory.
+//!
+//! Checks around the merge: a NaN or infinity in an input stops the run unless the plan allows them
+//! (`allow_nonfinite`); every input is checked unchanged (size, mtime, device, inode) at the end, before the caller
+//! may commit the output; a non-float tensor is only ever copied byte for byte.
 
 mod budget;
+mod read;
 mod writeback;
 
 use std::collections::HashMap;
@@ -16,14 +22,15 @@ use std::path::{Path, PathBuf};
 
 pub use budget::{chunk_elems, default_memory_limit, memory_plan, MemoryPlan, TensorNeeds, MIN_MEMORY_LIMIT};
 
-use crate::dtype::DType;
+use crate::dtype;
 use crate::error::{CoreError, Result};
-use crate::io::writer::FileSink;
-use crate::io::{SafetensorsFile, ShardLayout};
-use crate::merge::{self, Job, Options, Source};
+use crate::io::writer::{FileSink, LayoutEntry};
+use crate::io::{SafetensorsFile, ShardLayout, TensorEntry};
+use crate::merge::{self, Data, Job, Method, Options, Source};
 use crate::plan::{Plan, PlanTensor};
 use crate::pool;
-use writeback::{finish_writeback, start_writeback, TensorSink};
+use read::Held;
+use writeback::{finish_writeback, start_writeback, Crc, TensorSink};
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Progress {
@@ -40,12 +47,30 @@ pub struct Stats {
     pub bytes_written: u64,
 }
 
+/// One output file, finished: written whole and fsynced.
+#[derive(Clone, Debug)]
+pub struct ShardDone<'a> {
+    /// The plan's file name (no directory).
+    pub file: &'a str,
+    pub size: u64,
+    /// CRC-32 (IEEE, as zlib computes it) of the whole file, computed while writing it.
+    pub crc32: u32,
+}
+
 /// How a plan runs; none of it changes the output bytes.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ExecOptions {
     pub threads: Option<usize>,
     /// Bytes the run may keep resident (see the module docs); `None` picks [`default_memory_limit`].
     pub memory_limit: Option<u64>,
+}
+
+/// What the caller hears of a run while it goes; an error from either callback aborts the run.
+pub struct Callbacks<'c> {
+    /// Called on the calling thread after each tensor.
+    pub progress: &'c mut dyn FnMut(&Progress) -> Result<()>,
+    /// Called once per output file, after it is written whole and fsynced (a resume journal's entry).
+    pub shard_done: &'c mut dyn FnMut(&ShardDone) -> Result<()>,
 }
 
 fn open_all(plan: &Plan) -> Result<HashMap<PathBuf, SafetensorsFile>> {
@@ -60,22 +85,106 @@ fn open_all(plan: &Plan) -> Result<HashMap<PathBuf, SafetensorsFile>> {
     Ok(files)
 }
 
-/// The job of one plan tensor over the opened input files, validated; parameter errors name the tensor.
-fn job<'a>(t: &'a PlanTensor, files: &'a HashMap<PathBuf, SafetensorsFile>) -> Result<Job<'a>> {
-    let source = |file: &PathBuf, tensor: &str| -> Result<Source<'a>> {
-        let (bytes, dtype) = files[file].checked(tensor, &t.shape)?;
-        Ok(Source { bytes, dtype })
+/// What one output tensor takes: a merge, or a byte-for-byte copy of a non-float tensor.
+enum Work<'a> {
+    Merge(Job<'a>),
+    Copy { file: &'a SafetensorsFile, name: &'a str, entry: &'a TensorEntry },
+}
+
+impl Work<'_> {
+    fn input_bytes(&self) -> u64 {
+        match self {
+            Work::Merge(j) => j.sources().map(|s| s.byte_len() as u64).sum(),
+            Work::Copy { entry, .. } => entry.len() as u64,
+        }
+    }
+
+    fn output_bytes(&self) -> u64 {
+        match self {
+            Work::Merge(j) => (j.numel * j.out_dtype.size()) as u64,
+            Work::Copy { entry, .. } => entry.len() as u64,
+        }
+    }
+}
+
+/// The work of one plan tensor over the opened input files, validated; parameter errors name the tensor.
+fn work<'a>(t: &'a PlanTensor, files: &'a HashMap<PathBuf, SafetensorsFile>) -> Result<Work<'a>> {
+    // A tensor of a dtype the kernels do not merge (integers, booleans, f64, ...) may only be copied as it is:
+    // passthrough of exactly one input into the same dtype and shape.
+    for (f, name) in t.refs() {
+        let file = &files[f];
+        let e = file.entry(name)?;
+        if e.dtype.is_some() {
+            continue;
+        }
+        let out = dtype::stored_name(&t.out_dtype).unwrap_or(&t.out_dtype);
+        // The Python registry runs passthrough as linear over its one input with weight = scale.
+        let passthrough = t.method.name == "passthrough"
+            || (t.method.name == Method::Linear.name() && t.inputs.first().is_some_and(|i| i.weight == 1.0));
+        let copy = passthrough
+            && t.base.is_none()
+            && t.inputs.len() == 1
+            && t.cast_dtype.is_none()
+            && out == e.dtype_name
+            && e.shape == t.shape;
+        if !copy {
+            return Err(CoreError::tensor(
+                f,
+                name,
+                format!(
+                    "dtype {} is not merged (ferromerge merges F32, F16 and BF16); such a tensor can only be \
+                     copied as it is: passthrough of this one input with out_dtype {} and shape {:?}",
+                    e.dtype_name, e.dtype_name, e.shape
+                ),
+            ));
+        }
+        return Ok(Work::Copy { file, name, entry: e });
+    }
+    let source = |file: &PathBuf, tensor: &'a str| -> Result<Source<'a>> {
+        let f = &files[file];
+        let (entry, dtype) = f.checked(tensor, &t.shape)?;
+        Ok(Source { data: Data::File { file: f, name: tensor, entry }, dtype })
     };
     let base = t.base.as_ref().map(|b| source(&b.file, &b.tensor)).transpose()?;
-    let inputs =
-        t.inputs.iter().map(|i| Ok((source(&i.file, &i.tensor)?, i.values()))).collect::<Result<Vec<_>>>()?;
+    let inputs = t.inputs.iter().map(|i| Ok((source(&i.file, &i.tensor)?, i.values()))).collect::<Result<Vec<_>>>()?;
     let job = Job::from_plan(&t.name, t.shape.clone(), &t.method, &t.out_dtype, t.cast_dtype.as_deref(), base, &inputs)
         .map_err(|e| match e {
             CoreError::Parameter(m) => CoreError::param(format!("tensor '{}': {m}", t.name)),
             other => other,
         })?;
     merge::validate(&job)?;
-    Ok(job)
+    Ok(Work::Merge(job))
+}
+
+/// The error for a NaN or an infinity in an input (`job`'s sources are the files): the first input holding any,
+/// with its counts.
+fn nonfinite_error(job: &Job) -> Result<CoreError> {
+    let counts = merge::nonfinite_counts(job)?;
+    for (src, (nan, inf)) in job.sources().zip(counts) {
+        if let (Data::File { file, name, .. }, true) = (src.data, nan + inf > 0) {
+            return Ok(CoreError::tensor(
+                file.path(),
+                name,
+                format!(
+                    "{nan} NaN and {inf} infinite values; pass --allow-nonfinite (allow_nonfinite=True) to merge \
+                     them as they are"
+                ),
+            ));
+        }
+    }
+    Err(CoreError::Internal(format!("tensor '{}': a non-finite value was seen but not found again", job.name)))
+}
+
+/// The read failure a streaming pass recorded in one of the job's files, if any.
+fn take_read_fault(job: &Job) -> Result<()> {
+    for src in job.sources() {
+        if let Data::File { file, .. } = src.data {
+            if let Some(e) = file.take_fault() {
+                return Err(e);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// An external merge: a merge done outside the core for some tensors (the torch hand-off of the spectral methods
@@ -93,49 +202,43 @@ pub fn execute(
     opts: &ExecOptions,
     progress: &mut dyn FnMut(&Progress) -> Result<()>,
 ) -> Result<Stats> {
-    execute_with(plan, out_dir, opts, None, progress)
+    execute_with(plan, out_dir, opts, None, &mut Callbacks { progress, shard_done: &mut |_| Ok(()) })
 }
 
-/// [`execute`] with an [`ExternalMerge`] consulted before the kernels.
+/// [`execute`] with an [`ExternalMerge`] consulted before the kernels, and a callback per finished shard.
 pub fn execute_with(
     plan: &Plan,
     out_dir: &Path,
     opts: &ExecOptions,
     external: Option<&dyn ExternalMerge>,
-    progress: &mut dyn FnMut(&Progress) -> Result<()>,
+    callbacks: &mut Callbacks,
 ) -> Result<Stats> {
     let files = open_all(plan)?;
-    let jobs: Vec<Job> = plan.tensors().map(|t| job(t, &files)).collect::<Result<_>>()?;
-    let in_bytes =
-        |j: &Job| -> u64 { j.base.iter().chain(j.inputs.iter().map(|i| &i.src)).map(|s| s.bytes.len() as u64).sum() };
-    let bytes_total: u64 = jobs.iter().map(in_bytes).sum();
-    // How many outputs read each input tensor: its pages are released after the last one.
-    let mut uses: HashMap<(&PathBuf, &str), usize> = HashMap::new();
-    for t in plan.tensors() {
-        for r in t.refs() {
-            *uses.entry(r).or_default() += 1;
-        }
-    }
+    let works: Vec<Work> = plan.tensors().map(|t| work(t, &files)).collect::<Result<_>>()?;
+    let bytes_total: u64 = works.iter().map(Work::input_bytes).sum();
     let pool = pool::pool(opts.threads)?;
     let budget = opts.memory_limit.unwrap_or_else(default_memory_limit);
     if budget < MIN_MEMORY_LIMIT {
         return Err(CoreError::param(format!("memory limit of {budget} bytes is too small (at least 64 MiB)")));
     }
     let workers = pool.current_num_threads();
-    let needs: Vec<TensorNeeds> = jobs
+    let needs: Vec<TensorNeeds> = works
         .iter()
-        .map(|j| TensorNeeds {
-            input_bytes: in_bytes(j),
-            inputs: j.inputs.len(),
-            working_bytes: merge::working_bytes(&j.spec.params, &j.shape),
+        .map(|w| match w {
+            Work::Merge(j) => TensorNeeds {
+                input_bytes: w.input_bytes(),
+                inputs: j.inputs.len(),
+                working_bytes: merge::working_bytes(&j.spec.params, &j.shape),
+            },
+            Work::Copy { .. } => TensorNeeds { input_bytes: w.input_bytes(), inputs: 1, working_bytes: 0 },
         })
         .collect();
     let memory = memory_plan(budget, workers, &needs, plan.chunk_elems);
     let share = memory.read_ahead;
     // Spectral methods factorize whole matrices: refuse before writing anything when one cannot fit the budget
     // (an external merge, torch on a GPU, holds its factors on the device instead).
-    for (job, need) in jobs.iter().zip(&needs).filter(|_| external.is_none()) {
-        let need = need.working_bytes;
+    for (w, need) in works.iter().zip(&needs).filter(|_| external.is_none()) {
+        let (Work::Merge(job), need) = (w, need.working_bytes) else { continue };
         if need > budget {
             return Err(CoreError::param(format!(
                 "tensor '{}' {:?}: {} factorizes whole matrices and needs about {:.1} GiB for this one, above the \
@@ -152,71 +255,115 @@ pub fn execute_with(
     let chunk = memory.chunk_elems;
 
     let mut outputs: Vec<(PathBuf, File, ShardLayout)> = Vec::new();
+    let mut idx = 0usize;
     for shard in &plan.shards {
-        let specs: Vec<(&str, DType, &[usize])> = shard
-            .tensors
-            .iter()
-            .map(|t| Ok((t.name.as_str(), DType::parse(&t.out_dtype)?, t.shape.as_slice())))
-            .collect::<Result<_>>()?;
+        let mut specs: Vec<LayoutEntry> = Vec::with_capacity(shard.tensors.len());
+        for t in &shard.tensors {
+            let dtype = match &works[idx] {
+                Work::Merge(j) => j.out_dtype.st_name(),
+                Work::Copy { entry, .. } => entry.dtype_name.as_str(),
+            };
+            specs.push((t.name.as_str(), dtype, t.shape.as_slice(), works[idx].output_bytes()));
+            idx += 1;
+        }
         let layout = ShardLayout::new(&specs, &plan.metadata)?;
         let path = out_dir.join(&shard.file);
         let file = layout.create(&path)?;
         outputs.push((path, file, layout));
     }
 
-    let all: Vec<&PlanTensor> = plan.tensors().collect();
-    let mut p = Progress { tensors_total: jobs.len(), bytes_total, ..Default::default() };
+    // Tensors read whole (their inputs fit the read-ahead share); the others are streamed from the files.
+    let whole = |i: usize| works[i].input_bytes() <= share && matches!(works[i], Work::Merge(_));
+    let mut p = Progress { tensors_total: works.len(), bytes_total, ..Default::default() };
     let mut bytes_written = 0u64;
+    let (mut held, mut ahead) = (Held::default(), Held::default());
+    let mut ahead_for: Option<usize> = None;
+    let mut copy_buf = Vec::new();
     let mut idx = 0usize;
     for (s, shard) in plan.shards.iter().enumerate() {
         let (path, file, layout) = &outputs[s];
+        let mut crc = Crc::new(&layout.header);
         // The previous tensor's output range, still being written back.
         let mut behind: Option<(u64, u64)> = None;
-        for (k, _) in shard.tensors.iter().enumerate() {
-            let job = &jobs[idx];
-            let large = in_bytes(job) > share;
-            if let Some(next) = all.get(idx + 1).filter(|_| idx + 1 < jobs.len() && in_bytes(&jobs[idx + 1]) <= share) {
-                for (f, name) in next.refs() {
-                    if let Ok(e) = files[f].entry(name) {
-                        files[f].prefetch(e);
+        for k in 0..shard.tensors.len() {
+            let out_len = works[idx].output_bytes();
+            let large = !whole(idx);
+            let elem_size = match &works[idx] {
+                Work::Merge(j) => j.out_dtype.size(),
+                Work::Copy { .. } => 1,
+            };
+            let sink = TensorSink::new(FileSink { file, path }, layout.offsets[k], elem_size, large);
+            match &works[idx] {
+                Work::Copy { file: src, name, entry } => read::copy(src, name, entry, &sink, &mut copy_buf)?,
+                Work::Merge(job) => {
+                    if !large && ahead_for != Some(idx) {
+                        held.fill(job)?;
+                    } else if !large {
+                        std::mem::swap(&mut held, &mut ahead);
+                    }
+                    ahead_for = None;
+                    // Start the disk on the tensor after next; the next is read on a reader thread meanwhile.
+                    if let Some(Work::Merge(j)) = works.get(idx + 2).filter(|_| whole(idx + 2)) {
+                        read::prefetch(j);
+                    }
+                    let next = works.get(idx + 1).filter(|_| whole(idx + 1));
+                    let bound = (!large).then(|| held.bind(job));
+                    let run = bound.as_ref().unwrap_or(job);
+                    let mopts =
+                        Options { chunk_elems: chunk, candidate_bytes: usize::try_from(share).unwrap_or(usize::MAX) };
+                    let (merged, read_ahead) = std::thread::scope(|scope| {
+                        let reader = next.map(|w| {
+                            let ahead = &mut ahead;
+                            scope.spawn(move || match w {
+                                Work::Merge(j) => ahead.fill(j),
+                                Work::Copy { .. } => Ok(()),
+                            })
+                        });
+                        let merged = (|| {
+                            let outside = match external {
+                                Some(ext) => pool.install(|| ext.merge(run))?,
+                                None => None,
+                            };
+                            match outside {
+                                Some(values) => pool.install(|| merge::emit_values(run, &mopts, &values, &sink)),
+                                None => pool.install(|| merge::merge_with(run, &mopts, &sink)),
+                            }
+                        })();
+                        let read_ahead = reader.map(|h| {
+                            h.join().unwrap_or_else(|_| Err(CoreError::Internal("the reader thread panicked".into())))
+                        });
+                        (merged, read_ahead)
+                    });
+                    take_read_fault(job)?;
+                    merged?;
+                    if run.saw_nonfinite() && !plan.allow_nonfinite {
+                        return Err(nonfinite_error(job)?);
+                    }
+                    if let Some(r) = read_ahead {
+                        r?;
+                        ahead_for = Some(idx + 1);
                     }
                 }
             }
-            let out_len = (job.numel * job.out_dtype.size()) as u64;
-            let sink = TensorSink {
-                file: FileSink { file, path },
-                offset: layout.offsets[k],
-                elem_size: job.out_dtype.size() as u64,
-                eager: large,
-            };
-            let mopts = Options { chunk_elems: chunk, candidate_bytes: usize::try_from(share).unwrap_or(usize::MAX), release_inputs: large };
-            let outside = match external {
-                Some(ext) => pool.install(|| ext.merge(job))?,
-                None => None,
-            };
-            match outside {
-                Some(values) => pool.install(|| merge::emit_values(job, &mopts, &values, &sink))?,
-                None => pool.install(|| merge::merge_with(job, &mopts, &sink))?,
-            }
-            for r in all[idx].refs() {
-                let n = uses.get_mut(&r).expect("counted");
-                *n -= 1;
-                if *n == 0 {
-                    files[r.0].release(files[r.0].entry(r.1)?);
-                }
-            }
+            crc.push(&sink.finish());
             start_writeback(file, layout.offsets[k], out_len);
             if let Some((off, len)) = behind.replace((layout.offsets[k], out_len)) {
                 finish_writeback(file, off, len);
             }
             bytes_written += out_len;
             p.tensors_done += 1;
-            p.bytes_done += in_bytes(job);
+            p.bytes_done += works[idx].input_bytes();
             idx += 1;
-            progress(&p)?;
+            (callbacks.progress)(&p)?;
         }
         file.sync_all().map_err(|e| CoreError::output(path, e.to_string()))?;
         finish_writeback(file, 0, layout.total_len);
+        (callbacks.shard_done)(&ShardDone { file: &shard.file, size: layout.total_len, crc32: crc.finish() })?;
     }
-    Ok(Stats { tensors: jobs.len(), bytes_read: bytes_total, bytes_written })
+    // Every input must still be the file that was read: a shard rewritten or replaced during the run would give an
+    // output mixing two models.
+    for f in files.values() {
+        f.check_unchanged()?;
+    }
+    Ok(Stats { tensors: works.len(), bytes_read: bytes_total, bytes_written })
 }

@@ -1,6 +1,6 @@
-//! Reading safetensors shards in place (mmap) and writing output shards with a precomputed header.
+//! Reading safetensors shards with positioned reads and writing output shards with a precomputed header.
 pub mod reader;
 pub mod writer;
 
-pub use reader::{SafetensorsFile, TensorEntry};
-pub use writer::{write_safetensors, ShardLayout};
+pub use reader::{Identity, SafetensorsFile, TensorEntry};
+pub use writer::{write_safetensors, LayoutEntry, ShardLayout};

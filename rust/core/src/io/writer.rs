@@ -24,24 +24,23 @@ pub struct ShardLayout {
     pub total_len: u64,
 }
 
+/// One tensor of an output file: its name, safetensors dtype name (`BF16`, `I64`, ...), shape and size in bytes.
+pub type LayoutEntry<'a> = (&'a str, &'a str, &'a [usize], u64);
+
 impl ShardLayout {
-    pub fn new(tensors: &[(&str, DType, &[usize])], metadata: &BTreeMap<String, String>) -> Result<Self> {
+    pub fn new(tensors: &[LayoutEntry], metadata: &BTreeMap<String, String>) -> Result<Self> {
         let mut obj = Map::new();
         if !metadata.is_empty() {
             obj.insert("__metadata__".into(), json!(metadata));
         }
         let mut rel = Vec::with_capacity(tensors.len());
         let mut pos = 0u64;
-        for (name, dtype, shape) in tensors {
-            if obj.contains_key(*name) {
+        for &(name, dtype, shape, bytes) in tensors {
+            if obj.contains_key(name) {
                 return Err(CoreError::param(format!("tensor '{name}' appears twice in one output file")));
             }
-            let n: u64 = shape.iter().map(|&d| d as u64).product();
-            let end = pos + n * dtype.size() as u64;
-            obj.insert(
-                (*name).to_string(),
-                json!({"dtype": dtype.st_name(), "shape": shape, "data_offsets": [pos, end]}),
-            );
+            let end = pos + bytes;
+            obj.insert(name.to_string(), json!({"dtype": dtype, "shape": shape, "data_offsets": [pos, end]}));
             rel.push(pos);
             pos = end;
         }
@@ -82,7 +81,7 @@ pub fn write_safetensors(
     tensors: &[(&str, DType, &[usize], &[u8])],
     metadata: &BTreeMap<String, String>,
 ) -> Result<()> {
-    let specs: Vec<(&str, DType, &[usize])> = tensors.iter().map(|t| (t.0, t.1, t.2)).collect();
+    let specs: Vec<LayoutEntry> = tensors.iter().map(|t| (t.0, t.1.st_name(), t.2, t.3.len() as u64)).collect();
     for (name, dtype, shape, data) in tensors {
         let n: usize = shape.iter().product();
         if data.len() != n * dtype.size() {

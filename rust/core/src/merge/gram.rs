@@ -7,7 +7,7 @@
 
 use rayon::prelude::*;
 
-use super::passes::{block_sums, chunks, emit, load_deltas, load_raw, release_chunk, row_chunk, STAT_BLOCK};
+use super::passes::{block_sums, chunks, emit, load_deltas, load_raw, row_chunk, STAT_BLOCK};
 use super::{Job, Options, Sink};
 use crate::error::Result;
 use crate::kernels::combine::{self, Scratch};
@@ -93,14 +93,13 @@ fn gram_into(vs: &[&[f32]], out: &mut [f64]) {
 }
 
 /// The Gram matrix (upper triangle) of every group, groups in order.
-pub(crate) fn gram(job: &Job, opts: &Options, groups: Groups, vectors: Vectors) -> Vec<f64> {
+pub(crate) fn gram(job: &Job, groups: Groups, vectors: Vectors) -> Vec<f64> {
     let q = vectors.count(job);
     let p = q * (q + 1) / 2;
     let n = job.numel;
     match groups {
         Groups::Whole => block_sums(n, STAT_BLOCK, p, |s, start, len| {
             vectors.load(job, start, len, s);
-            release_chunk(job, opts, start, len);
             let mut g = vec![0f64; p];
             gram_into(&vectors.slices(s, 0, len), &mut g);
             g
@@ -108,7 +107,6 @@ pub(crate) fn gram(job: &Job, opts: &Options, groups: Groups, vectors: Vectors) 
         Groups::Rows(r) => chunks(n, row_chunk(STAT_BLOCK, r))
             .map_init(Scratch::default, |s, (start, len)| {
                 vectors.load(job, start, len, s);
-                release_chunk(job, opts, start, len);
                 let mut g = vec![0f64; p * len.div_ceil(r)];
                 for (k, from) in (0..len).step_by(r).enumerate() {
                     gram_into(&vectors.slices(s, from, (from + r).min(len)), &mut g[k * p..(k + 1) * p]);
@@ -192,7 +190,7 @@ pub(crate) fn apply(
     width: usize,
     add_base: bool,
 ) -> Result<()> {
-    emit(job, opts, opts.chunk_elems, sink, |s, start, len| {
+    emit(job, opts.chunk_elems, sink, |s, start, len| {
         vectors.load(job, start, len, s);
         let mut out = std::mem::take(&mut s.mixed);
         if let Groups::Cols(c) = groups {

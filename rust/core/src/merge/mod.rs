@@ -1,7 +1,7 @@
 //! Merging one tensor, chunk by chunk, over all models at once.
 //!
 //! Elementwise methods take one pass. Whole-tensor statistics take extra streaming passes over the inputs
-//! (re-decoding chunks from the memory maps rather than keeping anything whole): selection thresholds (TIES trim,
+//! (re-decoding chunks from the inputs rather than keeping anything decoded whole): selection thresholds (TIES trim,
 //! breadcrumbs, SCE: `select::topk`), L1 norms for rescaling and dot products (SLERP family, model stock: `gram`)
 //! by fixed-block sums, per-row statistics over row-aligned chunks (DELLA ranks, arcee_fusion). Every pass's
 //! result is independent of chunk size and thread count, so the output bytes are too.
@@ -22,12 +22,15 @@ mod validate;
 
 pub use method::{BasePolicy, Family, Method, MethodInfo, Sparsify, METHODS};
 pub use params::{ParamDef, ParamKind, Params};
-pub use passes::{decode, emit_values};
+pub use passes::{decode, emit_values, nonfinite_counts};
 pub use sink::{Sink, SliceSink};
 pub use validate::validate;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use crate::dtype::DType;
 use crate::error::{CoreError, Result};
+use crate::io::{SafetensorsFile, TensorEntry};
 use crate::plan::{InputValues, PlanMethod};
 
 /// Memory for the elements of the threshold's bin collected in pass B of a TIES trim (all inputs together);
@@ -94,11 +97,37 @@ impl MethodSpec {
     }
 }
 
+/// Where one input tensor's stored bytes are: in memory (an in-memory merge, or a tensor the executor read whole),
+/// or in a file, read chunk by chunk with positioned reads as the passes need them (a tensor too large for the
+/// memory budget: nothing of it is resident beyond the chunk being merged).
+#[derive(Clone, Copy)]
+pub enum Data<'a> {
+    Mem(&'a [u8]),
+    File { file: &'a SafetensorsFile, name: &'a str, entry: &'a TensorEntry },
+}
+
 /// Stored bytes of one input tensor.
 #[derive(Clone, Copy)]
 pub struct Source<'a> {
-    pub bytes: &'a [u8],
+    pub data: Data<'a>,
     pub dtype: DType,
+}
+
+impl<'a> Source<'a> {
+    /// A source in memory.
+    #[must_use]
+    pub fn mem(bytes: &'a [u8], dtype: DType) -> Self {
+        Source { data: Data::Mem(bytes), dtype }
+    }
+
+    /// Its size in bytes.
+    #[must_use]
+    pub fn byte_len(&self) -> usize {
+        match self.data {
+            Data::Mem(b) => b.len(),
+            Data::File { entry, .. } => entry.len(),
+        }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -138,6 +167,9 @@ pub struct Job<'a> {
     pub cast: Option<DType>,
     pub spec: MethodSpec,
     pub out_dtype: DType,
+    /// Set by any pass that decodes a NaN or an infinity from a stored input (the check is folded into the decode
+    /// loop, so it costs nothing); [`nonfinite_counts`] then counts them exactly, input by input.
+    pub nonfinite: AtomicBool,
 }
 
 impl<'a> Job<'a> {
@@ -166,7 +198,38 @@ impl<'a> Job<'a> {
             cast: cast_dtype.map(DType::parse).transpose()?,
             spec,
             out_dtype: DType::parse(out_dtype)?,
+            nonfinite: AtomicBool::new(false),
         })
+    }
+
+    /// The same merge over other sources of the same tensors (the executor's whole reads into memory).
+    #[must_use]
+    pub fn rebind<'b>(&self, base: Option<Source<'b>>, inputs: &[Source<'b>]) -> Job<'b>
+    where
+        'a: 'b,
+    {
+        Job {
+            name: self.name,
+            shape: self.shape.clone(),
+            numel: self.numel,
+            base,
+            inputs: self.inputs.iter().zip(inputs).map(|(i, src)| Input { src: *src, ..*i }).collect(),
+            cast: self.cast,
+            spec: self.spec,
+            out_dtype: self.out_dtype,
+            nonfinite: AtomicBool::new(false),
+        }
+    }
+
+    /// Every stored source, base first.
+    pub fn sources(&self) -> impl Iterator<Item = &Source<'a>> {
+        self.base.iter().chain(self.inputs.iter().map(|i| &i.src))
+    }
+
+    /// Whether a pass has decoded a NaN or an infinity from an input.
+    #[must_use]
+    pub fn saw_nonfinite(&self) -> bool {
+        self.nonfinite.load(Ordering::Relaxed)
     }
 
     /// Elements per row: the last dimension (a 1-D tensor is one row, a scalar a row of one).
@@ -192,16 +255,12 @@ pub struct Options {
     pub chunk_elems: usize,
     /// See [`CANDIDATE_BYTES`].
     pub candidate_bytes: usize,
-    /// Unmap each chunk's input pages once a pass is done with them, so a tensor larger than the memory budget
-    /// never becomes resident whole. Only for inputs that are read-only file maps (pages are re-read from the
-    /// file if needed again); never for in-memory buffers.
-    pub release_inputs: bool,
 }
 
 impl Options {
     #[must_use]
     pub fn with_chunk(chunk_elems: usize) -> Self {
-        Options { chunk_elems, candidate_bytes: CANDIDATE_BYTES, release_inputs: false }
+        Options { chunk_elems, candidate_bytes: CANDIDATE_BYTES }
     }
 }
 
@@ -219,6 +278,19 @@ pub fn merge(job: &Job, chunk_elems: usize, sink: &dyn Sink) -> Result<()> {
 /// The job's validation errors, a kernel's parameter errors, the sink's errors.
 pub fn merge_with(job: &Job, opts: &Options, sink: &dyn Sink) -> Result<()> {
     validate(job)?;
+    // A panic in a kernel (a bug) unwinds out of the rayon pool to here and becomes an error naming the tensor,
+    // never an abort of the caller's process.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_kernel(job, opts, sink))).unwrap_or_else(|p| {
+        let what = p
+            .downcast_ref::<&str>()
+            .map(ToString::to_string)
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".into());
+        Err(CoreError::Internal(format!("tensor '{}': {what}", job.name)))
+    })
+}
+
+fn run_kernel(job: &Job, opts: &Options, sink: &dyn Sink) -> Result<()> {
     match &job.spec.params {
         Params::TaskArithmetic(p) => methods::task_arithmetic::merge(job, *p, opts, sink),
         Params::Slerp(p) => methods::slerp::merge(job, p, opts, sink),

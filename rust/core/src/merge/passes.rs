@@ -1,11 +1,14 @@
 //! The streaming passes every kernel is built from: decoding a chunk of the inputs (as stored or as deltas from
-//! the base), releasing its pages, fixed-block sums whose result does not depend on the chunking, and the final
+//! the base; from memory, or read from the file with a positioned read), fixed-block sums whose result does not depend on the chunking, and the final
 //! pass that encodes merged values into a [`Sink`]. Also whole-tensor decoding, for the spectral methods and the
 //! external merge (the torch hand-off).
 
 use rayon::prelude::*;
 
-use super::{Job, Options, Sink, Source, DEFAULT_CHUNK_ELEMS};
+use std::cell::RefCell;
+use std::sync::atomic::Ordering;
+
+use super::{Data, Job, Options, Sink, Source, DEFAULT_CHUNK_ELEMS};
 use crate::dtype::{self, DType};
 use crate::error::{CoreError, Result};
 use crate::kernels::combine::{self, Scratch};
@@ -13,16 +16,66 @@ use crate::kernels::combine::{self, Scratch};
 /// Elements per block of whole-tensor dot products and sums (a fixed partition: results do not depend on chunks).
 pub(crate) const STAT_BLOCK: usize = 1 << 16;
 
-/// Decode `out.len()` elements of `src` from `start`, after the job's cast.
-pub(crate) fn load(src: &Source, cast: Option<DType>, start: usize, out: &mut [f32]) {
+thread_local! {
+    /// Each worker's buffer for the stored bytes of a chunk read from a file (reused: it only ever grows).
+    static READ_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Decode `out.len()` elements of `src` from `start`, after the job's cast. A NaN or infinity among the stored
+/// values sets the job's flag (the check is part of the decode loop). A failed read (a file truncated under us)
+/// is recorded with the file and decodes as zeros; the executor reports it after the tensor.
+pub(crate) fn load(job: &Job, src: &Source, start: usize, out: &mut [f32]) {
     let sz = src.dtype.size();
-    dtype::decode(src.dtype, &src.bytes[start * sz..(start + out.len()) * sz], out);
-    if let Some(c) = cast {
+    let bad = match src.data {
+        Data::Mem(bytes) => dtype::decode_checked(src.dtype, &bytes[start * sz..(start + out.len()) * sz], out),
+        Data::File { file, name, entry } => READ_BUF.with_borrow_mut(|buf| {
+            let n = out.len() * sz;
+            if buf.len() < n {
+                buf.resize(n, 0);
+            }
+            file.read_into(name, entry, start * sz, &mut buf[..n]);
+            dtype::decode_checked(src.dtype, &buf[..n], out)
+        }),
+    };
+    if bad {
+        job.nonfinite.store(true, Ordering::Relaxed);
+    }
+    if let Some(c) = job.cast {
         // Widening casts are exact; only a narrower (or differently rounded) dtype changes values.
         if c != DType::F32 && c != src.dtype {
             dtype::round_to(c, out);
         }
     }
+}
+
+/// How many NaN and how many infinite values each stored input holds, base first (the slow, exact count run
+/// when a pass has seen one).
+///
+/// # Errors
+/// A read failure, naming the file and the tensor.
+pub fn nonfinite_counts(job: &Job) -> Result<Vec<(u64, u64)>> {
+    let mut counts = Vec::new();
+    for src in job.sources() {
+        let sz = src.dtype.size();
+        let mut buf = vec![0u8; DEFAULT_CHUNK_ELEMS * sz];
+        let mut vals = vec![0f32; DEFAULT_CHUNK_ELEMS];
+        let (mut nan, mut inf) = (0u64, 0u64);
+        for start in (0..job.numel).step_by(DEFAULT_CHUNK_ELEMS) {
+            let len = DEFAULT_CHUNK_ELEMS.min(job.numel - start);
+            let bytes = match src.data {
+                Data::Mem(b) => &b[start * sz..(start + len) * sz],
+                Data::File { file, name, entry } => {
+                    file.read_at(name, entry, start * sz, &mut buf[..len * sz])?;
+                    &buf[..len * sz]
+                }
+            };
+            dtype::decode(src.dtype, bytes, &mut vals[..len]);
+            nan += vals[..len].iter().filter(|v| v.is_nan()).count() as u64;
+            inf += vals[..len].iter().filter(|v| v.is_infinite()).count() as u64;
+        }
+        counts.push((nan, inf));
+    }
+    Ok(counts)
 }
 
 /// Decode chunk `[start, start+len)` of every input into `s.x` (as deltas from the base when there is one).
@@ -39,20 +92,10 @@ pub(crate) fn load_deltas(job: &Job, start: usize, len: usize, s: &mut Scratch) 
 pub(crate) fn load_raw(job: &Job, start: usize, len: usize, s: &mut Scratch) {
     s.resize(job.inputs.len(), len);
     if let Some(b) = &job.base {
-        load(b, job.cast, start, &mut s.base[..len]);
+        load(job, b, start, &mut s.base[..len]);
     }
     for (inp, x) in job.inputs.iter().zip(s.x.iter_mut()) {
-        load(&inp.src, job.cast, start, &mut x[..len]);
-    }
-}
-
-/// Unmap the chunk's input pages when the options say the inputs are file maps to release.
-pub(crate) fn release_chunk(job: &Job, opts: &Options, start: usize, len: usize) {
-    if opts.release_inputs {
-        for src in job.base.iter().chain(job.inputs.iter().map(|i| &i.src)) {
-            let sz = src.dtype.size();
-            crate::io::reader::release(&src.bytes[start * sz..(start + len) * sz]);
-        }
+        load(job, &inp.src, start, &mut x[..len]);
     }
 }
 
@@ -83,14 +126,13 @@ where
 
 /// The final pass: `f` fills `s.mixed[..len]` with the merged values of chunk `[start, start+len)`, which are
 /// encoded to the output dtype and handed to the sink.
-pub(crate) fn emit<F>(job: &Job, opts: &Options, chunk: usize, sink: &dyn Sink, f: F) -> Result<()>
+pub(crate) fn emit<F>(job: &Job, chunk: usize, sink: &dyn Sink, f: F) -> Result<()>
 where
     F: Fn(&mut Scratch, usize, usize) + Sync,
 {
     let out_size = job.out_dtype.size();
     chunks(job.numel, chunk).try_for_each_init(Scratch::default, |s, (start, len)| {
         f(s, start, len);
-        release_chunk(job, opts, start, len);
         s.bytes.resize(len * out_size, 0);
         dtype::encode(job.out_dtype, &s.mixed[..len], &mut s.bytes);
         sink.put(start, &s.bytes)
@@ -110,7 +152,7 @@ pub fn emit_values(job: &Job, opts: &Options, values: &[f32], sink: &dyn Sink) -
             job.numel
         )));
     }
-    emit(job, opts, opts.chunk_elems, sink, |s, start, len| {
+    emit(job, opts.chunk_elems, sink, |s, start, len| {
         s.resize(0, len);
         s.mixed[..len].copy_from_slice(&values[start..start + len]);
     })
@@ -134,6 +176,6 @@ pub fn decode(job: &Job, input: Option<usize>) -> Result<Vec<f32>> {
 pub(crate) fn load_whole(job: &Job, src: &Source) -> Vec<f32> {
     let mut out = vec![0f32; job.numel];
     let chunk = DEFAULT_CHUNK_ELEMS;
-    out.par_chunks_mut(chunk).enumerate().for_each(|(c, o)| load(src, job.cast, c * chunk, o));
+    out.par_chunks_mut(chunk).enumerate().for_each(|(c, o)| load(job, src, c * chunk, o));
     out
 }

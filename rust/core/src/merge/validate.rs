@@ -95,8 +95,8 @@ pub fn validate(job: &Job) -> Result<()> {
     }
     let sizes = job.base.iter().chain(job.inputs.iter().map(|i| &i.src));
     for s in sizes {
-        if s.bytes.len() != job.numel * s.dtype.size() {
-            return err(format!("{} bytes do not hold {} {} elements", s.bytes.len(), job.numel, s.dtype.name()));
+        if s.byte_len() != job.numel * s.dtype.size() {
+            return err(format!("{} bytes do not hold {} {} elements", s.byte_len(), job.numel, s.dtype.name()));
         }
     }
     Ok(())

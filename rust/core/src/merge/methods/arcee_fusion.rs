@@ -7,7 +7,7 @@ use rayon::prelude::*;
 
 use crate::error::Result;
 use crate::kernels::combine::Scratch;
-use crate::merge::passes::{chunks, emit, load, load_raw, release_chunk, row_chunk};
+use crate::merge::passes::{chunks, emit, load, load_raw, row_chunk};
 use crate::merge::{Job, Options, Sink};
 use crate::rng::Stream;
 
@@ -41,7 +41,6 @@ pub(crate) fn merge(job: &Job, opts: &Options, sink: &dyn Sink) -> Result<()> {
     let kl: Vec<f32> = chunks(n, block)
         .map_init(Scratch::default, |s, (start, len)| {
             load_raw(job, start, len, s);
-            release_chunk(job, opts, start, len);
             s.base[..len].chunks(row_len).zip(s.x[0][..len].chunks(row_len)).map(|(a, b)| row_kl(a, b)).collect()
         })
         .collect::<Vec<Vec<f32>>>()
@@ -51,7 +50,6 @@ pub(crate) fn merge(job: &Job, opts: &Options, sink: &dyn Sink) -> Result<()> {
         chunks(n, block)
             .map_init(Scratch::default, |s, (start, len)| {
                 load_raw(job, start, len, s);
-                release_chunk(job, opts, start, len);
                 (0..len).map(|j| importance(s.base[j], s.x[0][j], kl[(start + j) / row_len])).collect()
             })
             .collect::<Vec<Vec<f32>>>()
@@ -65,8 +63,8 @@ pub(crate) fn merge(job: &Job, opts: &Options, sink: &dyn Sink) -> Result<()> {
         idx.iter()
             .map(|&i| {
                 let (mut a, mut b) = ([0f32], [0f32]);
-                load(base, job.cast, i as usize, &mut a);
-                load(other, job.cast, i as usize, &mut b);
+                load(job, base, i as usize, &mut a);
+                load(job, other, i as usize, &mut b);
                 importance(a[0], b[0], kl[i as usize / row_len])
             })
             .collect()
@@ -79,7 +77,7 @@ pub(crate) fn merge(job: &Job, opts: &Options, sink: &dyn Sink) -> Result<()> {
         let (q1, median, q3) = (at(0.25), at(0.5), at(0.75));
         median + 1.5 * (q3 - q1)
     };
-    emit(job, opts, opts.chunk_elems.max(1), sink, |s, start, len| {
+    emit(job, opts.chunk_elems.max(1), sink, |s, start, len| {
         load_raw(job, start, len, s);
         for j in 0..len {
             let (a, b) = (s.base[j], s.x[0][j]);

@@ -30,9 +30,9 @@ fn interpolation_factor(g: &GramMatrix) -> f64 {
 pub(crate) fn merge(job: &Job, params: ModelStockParams, opts: &Options, sink: &dyn Sink) -> Result<()> {
     let m = job.inputs.len();
     let groups = if params.filter_wise { Groups::Rows(job.row_len()) } else { Groups::Whole };
-    let stats = gram(job, opts, groups, Vectors::Deltas);
+    let stats = gram(job, groups, Vectors::Deltas);
     let factors: Vec<f32> = GramMatrix::each(&stats, m).map(|g| interpolation_factor(&g) as f32).collect();
-    emit(job, opts, opts.chunk_elems, sink, |s, start, len| {
+    emit(job, opts.chunk_elems, sink, |s, start, len| {
         // t·mean(models) + (1 − t)·base on the stored tensors, as mergekit writes it.
         load_raw(job, start, len, s);
         let inv = m as f32;

@@ -9,7 +9,7 @@ use crate::merge::{Job, Options, Sink};
 /// The kernel (a: the base, b: the other model).
 pub(crate) fn merge(job: &Job, params: NearswapParams, opts: &Options, sink: &dyn Sink) -> Result<()> {
     let t = params.t as f32;
-    emit(job, opts, opts.chunk_elems, sink, |s, start, len| {
+    emit(job, opts.chunk_elems, sink, |s, start, len| {
         load_raw(job, start, len, s);
         for ((o, &a), &b) in s.mixed[..len].iter_mut().zip(&s.base[..len]).zip(&s.x[0][..len]) {
             let w = (t / (a - b).abs().max(1e-6)).clamp(0.0, 1.0);
@@ -17,4 +17,3 @@ pub(crate) fn merge(job: &Job, params: NearswapParams, opts: &Options, sink: &dy
         }
     })
 }
-

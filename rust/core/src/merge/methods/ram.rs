@@ -6,7 +6,7 @@
 use crate::error::Result;
 use crate::kernels::combine::Scratch;
 use crate::merge::params::RamParams;
-use crate::merge::passes::{block_sums, emit, load_deltas, release_chunk, STAT_BLOCK};
+use crate::merge::passes::{block_sums, emit, load_deltas, STAT_BLOCK};
 use crate::merge::{Job, Method, Options, Sink};
 
 pub(crate) fn merge(job: &Job, params: &RamParams, opts: &Options, sink: &dyn Sink) -> Result<()> {
@@ -19,7 +19,6 @@ pub(crate) fn merge(job: &Job, params: &RamParams, opts: &Options, sink: &dyn Si
         // Per model: elements it shares with another model, and elements only it changes (exact counts).
         let counts = block_sums(job.numel, STAT_BLOCK, 2 * m, |s, start, len| {
             load_deltas(job, start, len, s);
-            release_chunk(job, opts, start, len);
             let mut c = vec![0f64; 2 * m];
             for j in 0..len {
                 let k = contributors(s, j);
@@ -39,7 +38,7 @@ pub(crate) fn merge(job: &Job, params: &RamParams, opts: &Options, sink: &dyn Si
     } else {
         vec![1.0; m]
     };
-    emit(job, opts, opts.chunk_elems, sink, |s, start, len| {
+    emit(job, opts.chunk_elems, sink, |s, start, len| {
         load_deltas(job, start, len, s);
         for j in 0..len {
             let k = contributors(s, j);
@@ -54,4 +53,3 @@ pub(crate) fn merge(job: &Job, params: &RamParams, opts: &Options, sink: &dyn Si
         }
     })
 }
-

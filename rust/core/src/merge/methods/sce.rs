@@ -7,14 +7,13 @@ use crate::error::Result;
 use crate::kernels::combine::Scratch;
 use crate::kernels::select::TrimRule;
 use crate::merge::params::SceParams;
-use crate::merge::passes::{block_sums, emit, load_deltas, release_chunk, STAT_BLOCK};
+use crate::merge::passes::{block_sums, emit, load_deltas, STAT_BLOCK};
 use crate::merge::select::topk::{select_rules, SelectionKeys};
 use crate::merge::{Job, Options, Sink};
 
 /// The population variance across models of each delta element, as SCE's selection key.
 struct VarianceKeys<'a> {
     job: &'a Job<'a>,
-    opts: &'a Options,
 }
 
 /// Σx² and Σx in f64 are exact for a few f32 values of similar magnitude, so (Σx² − (Σx)²/m)/m does not depend
@@ -45,16 +44,13 @@ impl SelectionKeys for VarianceKeys<'_> {
         variance_into(s, self.job.inputs.len(), len);
         s.x[0][..len].copy_from_slice(&s.total[..len]);
     }
-    fn release(&self, start: usize, len: usize) {
-        release_chunk(self.job, self.opts, start, len);
-    }
 }
 
 pub(crate) fn merge(job: &Job, params: SceParams, opts: &Options, sink: &dyn Sink) -> Result<()> {
     let m = job.inputs.len();
     let topk = params.select_topk;
     let chunk = opts.chunk_elems.max(1);
-    let keys = VarianceKeys { job, opts };
+    let keys = VarianceKeys { job };
     let rule = if topk < 1.0 {
         let nonzero = block_sums(job.numel, STAT_BLOCK, 1, |s, start, len| {
             keys.load(start, len, s);
@@ -80,14 +76,13 @@ pub(crate) fn merge(job: &Job, params: SceParams, opts: &Options, sink: &dyn Sin
     };
     let squares = block_sums(job.numel, STAT_BLOCK, m, |s, start, len| {
         load_masked(s, start, len);
-        release_chunk(job, opts, start, len);
         s.x.iter().map(|x| x[..len].iter().map(|&v| f64::from(v) * f64::from(v)).sum()).collect()
     });
     let means: Vec<f64> = squares.iter().map(|&q| q / job.numel.max(1) as f64).collect();
     let sum: f64 = means.iter().sum();
     let weights: Vec<f32> =
         means.iter().map(|&w| if sum.abs() < 1e-6 { 1.0 / m as f32 } else { (w / sum) as f32 }).collect();
-    emit(job, opts, chunk, sink, |s, start, len| {
+    emit(job, chunk, sink, |s, start, len| {
         load_masked(s, start, len);
         for j in 0..len {
             let total: f32 = (0..m).map(|i| s.x[i][j]).sum();

@@ -149,9 +149,9 @@ pub(crate) fn merge(job: &Job, params: &SlerpParams, opts: &Options, sink: &dyn 
     let method = job.spec.method;
     if method == Method::Multislerp && job.inputs.len() == 1 {
         // mergekit returns the one model's tensor as it is, base or not.
-        return emit(job, opts, opts.chunk_elems, sink, |s, start, len| {
+        return emit(job, opts.chunk_elems, sink, |s, start, len| {
             s.resize(1, len);
-            load(&job.inputs[0].src, job.cast, start, &mut s.mixed[..len]);
+            load(job, &job.inputs[0].src, start, &mut s.mixed[..len]);
         });
     }
     let vectors = match method {
@@ -161,7 +161,7 @@ pub(crate) fn merge(job: &Job, params: &SlerpParams, opts: &Options, sink: &dyn 
     };
     let groups = groups(job, params);
     let q = vectors.count(job);
-    let stats = gram(job, opts, groups, vectors);
+    let stats = gram(job, groups, vectors);
     let weights: Vec<f64> = job.inputs.iter().map(|i| i.weight).collect();
     let t_nuslerp = {
         let total: f64 = weights.iter().sum();

@@ -15,12 +15,11 @@
 use faer::{Mat, MatRef};
 use rayon::prelude::*;
 
+use crate::error::{CoreError, Result};
+use crate::linalg::{self, Svd};
 use crate::merge::params::SpectralParams;
 use crate::merge::passes::{emit, load_deltas, load_whole};
-use crate::merge::{Job, Method, Options, Sink, Source};
-use crate::error::{CoreError, Result};
-use crate::io::reader;
-use crate::linalg::{self, Svd};
+use crate::merge::{Job, Method, Options, Sink};
 use crate::rng::Stream;
 
 pub(crate) fn merge(job: &Job, params: &SpectralParams, opts: &Options, sink: &dyn Sink) -> Result<()> {
@@ -29,15 +28,15 @@ pub(crate) fn merge(job: &Job, params: &SpectralParams, opts: &Options, sink: &d
         return mean_delta(job, opts, sink, alpha);
     }
     let (m, n) = (job.shape[0], job.shape[1]);
-    let base = whole(job, opts, job.base.as_ref().expect("validated: a base is required"));
+    let base = load_whole(job, job.base.as_ref().expect("validated: a base is required"));
     let tau = match job.spec.method {
-        Method::TsvM => tsv_m(job, params, opts, &base, m, n)?,
-        Method::IsoC => iso_c(job, opts, &base, m, n)?,
-        Method::IsoCts => iso_cts(job, params, opts, &base, m, n)?,
-        Method::Star => star(job, params, opts, &base, m, n)?,
+        Method::TsvM => tsv_m(job, params, &base, m, n)?,
+        Method::IsoC => iso_c(job, &base, m, n)?,
+        Method::IsoCts => iso_cts(job, params, &base, m, n)?,
+        Method::Star => star(job, params, &base, m, n)?,
         other => unreachable!("{other:?} is not spectral"),
     };
-    emit(job, opts, opts.chunk_elems, sink, |s, start, len| {
+    emit(job, opts.chunk_elems, sink, |s, start, len| {
         s.resize(0, len);
         let out = &mut s.mixed[..len];
         for ((o, &b), &t) in out.iter_mut().zip(&base[start..start + len]).zip(&tau[start..start + len]) {
@@ -59,7 +58,7 @@ pub fn working_bytes(shape: &[usize]) -> u64 {
 /// θ0 + α·mean(τ_t), elementwise (tensors that are not matrices).
 fn mean_delta(job: &Job, opts: &Options, sink: &dyn Sink, alpha: f32) -> Result<()> {
     let inv = 1.0 / job.inputs.len() as f32;
-    emit(job, opts, opts.chunk_elems, sink, |s, start, len| {
+    emit(job, opts.chunk_elems, sink, |s, start, len| {
         load_deltas(job, start, len, s);
         for j in 0..len {
             let sum: f32 = s.x.iter().map(|x| x[j]).sum();
@@ -68,18 +67,9 @@ fn mean_delta(job: &Job, opts: &Options, sink: &dyn Sink, alpha: f32) -> Result<
     })
 }
 
-/// One stored tensor decoded whole (its pages are released afterwards when the tensor is large).
-fn whole(job: &Job, opts: &Options, src: &Source) -> Vec<f32> {
-    let out = load_whole(job, src);
-    if opts.release_inputs {
-        reader::release(src.bytes);
-    }
-    out
-}
-
 /// Input `i`'s task vector, checked finite (an SVD of NaN or infinity has no meaning).
-fn task_vector(job: &Job, opts: &Options, base: &[f32], i: usize) -> Result<Vec<f32>> {
-    let mut t = whole(job, opts, &job.inputs[i].src);
+fn task_vector(job: &Job, base: &[f32], i: usize) -> Result<Vec<f32>> {
+    let mut t = load_whole(job, &job.inputs[i].src);
     t.par_iter_mut().zip(base).for_each(|(x, &b)| *x -= b);
     if !linalg::all_finite(&t) {
         return Err(CoreError::param(format!(
@@ -115,7 +105,7 @@ fn recombine(ucat: MatRef<'_, f32>, s: &[f32], vcat: MatRef<'_, f32>) -> Result<
 /// TSV-M: each task keeps its top k = ⌊min(m, n)/T⌋ singular triplets; the concatenated singular vectors are
 /// replaced by their polar factors (the nearest orthonormal sets), singular values kept as they are. Slots past
 /// T·k stay zero, as in the reference. Randomized SVDs by default (only the top k are used).
-fn tsv_m(job: &Job, p: &SpectralParams, opts: &Options, base: &[f32], m: usize, n: usize) -> Result<Vec<f32>> {
+fn tsv_m(job: &Job, p: &SpectralParams, base: &[f32], m: usize, n: usize) -> Result<Vec<f32>> {
     let t = job.inputs.len();
     let r = m.min(n);
     let k = r / t;
@@ -124,7 +114,7 @@ fn tsv_m(job: &Job, p: &SpectralParams, opts: &Options, base: &[f32], m: usize, 
         if k == 0 {
             break;
         }
-        let tau = task_vector(job, opts, base, i)?;
+        let tau = task_vector(job, base, i)?;
         let a = linalg::view(&tau, m, n);
         let svd = if p.exact_svd {
             linalg::exact(a).map(|s| s.truncate(k))
@@ -147,18 +137,18 @@ fn tsv_m(job: &Job, p: &SpectralParams, opts: &Options, base: &[f32], m: usize, 
 const NULL_SV: f64 = 1e-6;
 
 /// Σ_t τ_t as a row-major buffer, one task vector resident at a time.
-fn sum_of_tasks(job: &Job, opts: &Options, base: &[f32]) -> Result<Vec<f32>> {
+fn sum_of_tasks(job: &Job, base: &[f32]) -> Result<Vec<f32>> {
     let mut sum = vec![0f32; job.numel];
     for i in 0..job.inputs.len() {
-        let tau = task_vector(job, opts, base, i)?;
+        let tau = task_vector(job, base, i)?;
         sum.par_iter_mut().zip(&tau).for_each(|(s, &x)| *s += x);
     }
     Ok(sum)
 }
 
 /// Iso-C: the summed task vector with a flat spectrum, mean(σ)·U Vᵀ (needs the whole spectrum: exact SVD).
-fn iso_c(job: &Job, opts: &Options, base: &[f32], m: usize, n: usize) -> Result<Vec<f32>> {
-    let sum = sum_of_tasks(job, opts, base)?;
+fn iso_c(job: &Job, base: &[f32], m: usize, n: usize) -> Result<Vec<f32>> {
+    let sum = sum_of_tasks(job, base)?;
     let svd = linalg::exact(linalg::view(&sum, m, n)).map_err(|e| svd_error(job, &e))?;
     drop(sum);
     let mean = (svd.s.iter().map(|&x| f64::from(x)).sum::<f64>() / svd.rank().max(1) as f64) as f32;
@@ -171,7 +161,7 @@ fn iso_c(job: &Job, opts: &Options, base: &[f32], m: usize, n: usize) -> Result<
 /// slots split evenly over the T tasks, with Python's round-half-even as in the reference), plus each task's top
 /// directions after projecting out the common left subspace; both sets orthonormalized by polar factors, every
 /// slot weighted by the mean of all r concatenated singular values.
-fn iso_cts(job: &Job, p: &SpectralParams, opts: &Options, base: &[f32], m: usize, n: usize) -> Result<Vec<f32>> {
+fn iso_cts(job: &Job, p: &SpectralParams, base: &[f32], m: usize, n: usize) -> Result<Vec<f32>> {
     let t = job.inputs.len();
     let r = m.min(n);
     let f = p.common_space_fraction;
@@ -183,7 +173,7 @@ fn iso_cts(job: &Job, p: &SpectralParams, opts: &Options, base: &[f32], m: usize
     }
     let common = r - ts_total;
     let dims = ts_total / t;
-    let sum = sum_of_tasks(job, opts, base)?;
+    let sum = sum_of_tasks(job, base)?;
     let svd = linalg::exact(linalg::view(&sum, m, n)).map_err(|e| svd_error(job, &e))?;
     drop(sum);
     let (mut ucat, mut vcat, mut scat) = (Mat::zeros(m, r), Mat::zeros(n, r), vec![0f32; r]);
@@ -193,7 +183,7 @@ fn iso_cts(job: &Job, p: &SpectralParams, opts: &Options, base: &[f32], m: usize
         if dims == 0 {
             break;
         }
-        let mut tau = task_vector(job, opts, base, i)?;
+        let mut tau = task_vector(job, base, i)?;
         let mut a = linalg::view_mut(&mut tau, m, n);
         // τ_t − U_c (U_cᵀ τ_t): the part of the task outside the common left subspace.
         let proj = linalg::mul(uc, linalg::mul(uc.transpose(), a.as_ref()).as_ref());
@@ -208,12 +198,12 @@ fn iso_cts(job: &Job, p: &SpectralParams, opts: &Options, base: &[f32], m: usize
 /// STAR: each task vector keeps the fewest top singular values reaching eta% of its nuclear norm (the
 /// reference's left `searchsorted` + 1), rescaled so the nuclear norm is unchanged; the results are averaged.
 /// A task vector that is zero contributes zero (the reference divides 0 by 0 there).
-fn star(job: &Job, p: &SpectralParams, opts: &Options, base: &[f32], m: usize, n: usize) -> Result<Vec<f32>> {
+fn star(job: &Job, p: &SpectralParams, base: &[f32], m: usize, n: usize) -> Result<Vec<f32>> {
     let t = job.inputs.len();
     let eta = p.eta / 100.0;
     let mut acc = vec![0f32; job.numel];
     for i in 0..t {
-        let tau = task_vector(job, opts, base, i)?;
+        let tau = task_vector(job, base, i)?;
         let svd = linalg::exact(linalg::view(&tau, m, n)).map_err(|e| svd_error(job, &e))?;
         drop(tau);
         let total: f64 = svd.s.iter().map(|&x| f64::from(x)).sum();

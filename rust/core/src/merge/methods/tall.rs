@@ -15,7 +15,7 @@ pub(crate) fn merge(job: &Job, params: &TallParams, opts: &Options, sink: &dyn S
     let lam = p.tall_mask_lambda;
     let scale = job.spec.lambda;
     let m = job.inputs.len();
-    emit(job, opts, opts.chunk_elems, sink, |s, start, len| {
+    emit(job, opts.chunk_elems, sink, |s, start, len| {
         load_raw(job, start, len, s);
         let mut tau = vec![0f64; m];
         for j in 0..len {
@@ -34,4 +34,3 @@ pub(crate) fn merge(job: &Job, params: &TallParams, opts: &Options, sink: &dyn S
         }
     })
 }
-

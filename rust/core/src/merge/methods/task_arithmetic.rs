@@ -16,7 +16,7 @@ use crate::kernels::combine::{self, Scale, Scratch};
 use crate::kernels::norms::{self, BLOCK};
 use crate::kernels::select::TrimRule;
 use crate::merge::params::TaskArithmeticParams;
-use crate::merge::passes::{chunks, emit, load_deltas, release_chunk, row_chunk};
+use crate::merge::passes::{chunks, emit, load_deltas, row_chunk};
 use crate::merge::select::sparsify::{della_probs, outlier_band, outlier_band_rows};
 use crate::merge::select::topk::{select_rules, SelectionKeys};
 use crate::merge::{Job, Method, Options, Rescale, Sink, Sparsify};
@@ -25,7 +25,6 @@ use crate::rng::Stream;
 /// The task vectors (deltas from the base) of a job's inputs, as selection keys.
 struct TaskVectorKeys<'a> {
     job: &'a Job<'a>,
-    opts: &'a Options,
 }
 
 impl SelectionKeys for TaskVectorKeys<'_> {
@@ -37,9 +36,6 @@ impl SelectionKeys for TaskVectorKeys<'_> {
     }
     fn load(&self, start: usize, len: usize, s: &mut Scratch) {
         load_deltas(self.job, start, len, s);
-    }
-    fn release(&self, start: usize, len: usize) {
-        release_chunk(self.job, self.opts, start, len);
     }
 }
 
@@ -86,7 +82,7 @@ pub(crate) fn merge(job: &Job, params: TaskArithmeticParams, opts: &Options, sin
     let row_len = job.row_len();
     let per_row = sparsify == Sparsify::Della || (sparsify == Sparsify::Outliers && params.per_row);
     let chunk = if per_row { row_chunk(opts.chunk_elems.max(1), row_len) } else { opts.chunk_elems.max(1) };
-    let keys = TaskVectorKeys { job, opts };
+    let keys = TaskVectorKeys { job };
     let (rules, tops) = match sparsify {
         Sparsify::Magnitude => {
             // mergekit 0.1.5: k = max(1, int(density·n)); density 1 keeps everything.
@@ -126,7 +122,6 @@ pub(crate) fn merge(job: &Job, params: TaskArithmeticParams, opts: &Options, sin
             let per_block: Vec<Vec<(f64, f64)>> = chunks(job.numel, block)
                 .map_init(Scratch::default, |s, (start, len)| {
                     load_deltas(job, start, len, s);
-                    release_chunk(job, opts, start, len);
                     (0..m)
                         .map(|i| {
                             if !sparse[i] {
@@ -151,7 +146,7 @@ pub(crate) fn merge(job: &Job, params: TaskArithmeticParams, opts: &Options, sin
     let weights: Vec<f32> = job.inputs.iter().map(|i| i.weight as f32).collect();
     let weight_sum: f32 = weights.iter().sum();
     let lambda = spec.lambda as f32;
-    emit(job, opts, chunk, sink, |s, start, len| {
+    emit(job, chunk, sink, |s, start, len| {
         load_deltas(job, start, len, s);
         for i in 0..m {
             if sparse[i] {

@@ -10,10 +10,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use rayon::prelude::*;
 
-use crate::merge::passes::chunks;
-use crate::merge::Options;
 use crate::kernels::combine::Scratch;
 use crate::kernels::select::{self, TrimRule, HIGH_BINS, LOW_BINS};
+use crate::merge::passes::chunks;
+use crate::merge::Options;
 
 /// The vectors a selection ranks: `count()` of them, `numel()` elements each, decoded chunk by chunk into
 /// `s.x[0..count()]` by `load`.
@@ -21,7 +21,6 @@ pub(crate) trait SelectionKeys: Sync {
     fn numel(&self) -> usize;
     fn count(&self) -> usize;
     fn load(&self, start: usize, len: usize, s: &mut Scratch);
-    fn release(&self, start: usize, len: usize);
 }
 
 /// The keep rule of each key vector: for `Some(k)` (0 < k < numel) the k largest |x|, ties lowest index first;
@@ -77,7 +76,6 @@ fn trim_rules(keys: &dyn SelectionKeys, chunk: usize, opts: &Options, ks: &[Opti
                         acc.cands[i] = Vec::new();
                     }
                 }
-                keys.release(start, len);
                 acc
             })
             .reduce(new_acc, |mut a, mut b| {
@@ -125,7 +123,12 @@ fn trim_rules(keys: &dyn SelectionKeys, chunk: usize, opts: &Options, ks: &[Opti
 }
 
 /// Top-k rules for `ks` (None: keep all; Some(0): keep none; Some(k >= n): keep all).
-pub(crate) fn select_rules(keys: &dyn SelectionKeys, chunk: usize, opts: &Options, ks: &[Option<u64>]) -> Vec<TrimRule> {
+pub(crate) fn select_rules(
+    keys: &dyn SelectionKeys,
+    chunk: usize,
+    opts: &Options,
+    ks: &[Option<u64>],
+) -> Vec<TrimRule> {
     let n = keys.numel() as u64;
     let inner: Vec<Option<u64>> = ks.iter().map(|k| k.filter(|&k| k > 0 && k < n)).collect();
     let mut rules = trim_rules(keys, chunk, opts, &inner);
@@ -250,7 +253,6 @@ fn radix_rules(keys: &dyn SelectionKeys, chunk: usize, opts: &Options, ks: &[Opt
                         select::hist_high(&s.x[i][..len], &mut h[i]);
                     }
                 }
-                keys.release(start, len);
                 (s, h)
             },
         )
@@ -311,7 +313,6 @@ fn radix_rules(keys: &dyn SelectionKeys, chunk: usize, opts: &Options, ks: &[Opt
                     }
                 }
             }
-            keys.release(start, len);
             acc
         })
         .reduce(new_acc, |mut a, b| {
