@@ -70,6 +70,7 @@ def merge_arrays(
     shape: Sequence[int] | None = None,
     threads: int | None = None,
     chunk_elems: int | None = None,
+    allow_nonfinite: bool = False,
 ) -> npt.NDArray[np.float32] | npt.NDArray[np.float16] | npt.NDArray[np.uint16]:
     """Merge one tensor in memory with the engine's kernels; returns a flat array of ``out_dtype``.
 
@@ -83,6 +84,10 @@ def merge_arrays(
     random streams (DARE, DELLA; arcee_fusion's quantile sample of tensors over 1e6 elements). ``shape`` (default
     ``[numel]``) gives rows (last dim) to the row-wise methods. The result does not depend on ``threads`` or
     ``chunk_elems``. The GIL is released while merging.
+
+    A NaN or infinity in an input is an ``InputError`` naming it (``base`` or ``inputs[i]``) with its counts, unless
+    ``allow_nonfinite``: then the values flow through the method's arithmetic as they are (docs/compat.md says what
+    each method family makes of a NaN).
     """
 
 def execute_plan(
@@ -92,6 +97,7 @@ def execute_plan(
     threads: int | None = None,
     memory_limit: int | None = None,
     external: Callable[..., npt.NDArray[np.float32] | None] | None = None,
+    on_shard_done: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, int]:
     """Write every output shard of a plan (see docs/architecture.md) into ``out_dir``.
 
@@ -106,6 +112,17 @@ def execute_plan(
     ``progress(tensors_done, tensors_total, bytes_done, bytes_total)`` is called from the calling thread after each
     tensor; an exception it raises (or Ctrl-C) aborts the run and is re-raised as itself. Input files are validated
     before anything is written. Returns ``{"tensors": ..., "bytes_read": ..., "bytes_written": ...}``.
+
+    ``on_shard_done(file_name, size, crc32)`` is called once per output shard, in plan order, after the shard is
+    written whole and fsynced: ``crc32`` is ``zlib.crc32`` of the whole file, computed while writing it. An
+    exception it raises aborts the run and is re-raised as itself.
+
+    Inputs are read with positioned reads (no memory maps): a file truncated during the run is an ``InputError``
+    naming the file and the tensor. Every input is checked unchanged (size, mtime, device, inode) when the run ends,
+    before this returns, so the caller commits nothing read from a file that changed. A NaN or infinity in an input
+    is an ``InputError`` naming the file, the tensor and the counts, unless the plan says ``"allow_nonfinite": true``.
+    A non-float tensor (I64, BOOL, ...) is copied byte for byte by a passthrough of one input with ``out_dtype`` its
+    own dtype; any other use of it is an ``InputError``.
     """
 
 def methods() -> list[dict[str, Any]]:
