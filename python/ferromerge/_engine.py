@@ -135,10 +135,18 @@ def execute(
     threads: int | None = None,
     memory_limit: int | None = None,
     external_merge: Callable[..., npt.NDArray[np.float32] | None] | None = None,
+    on_shard_done: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, int]:
     """Run a plan (its JSON) into ``out_dir``; ``external_merge`` is consulted first for every tensor (the torch
-    hand-off, ``torch_spectral``). Returns ``{"tensors", "bytes_read", "bytes_written"}``."""
-    return _core.execute_plan(plan_json, out_dir, progress, threads, memory_limit, external_merge)
+    hand-off, ``torch_spectral``). Returns ``{"tensors", "bytes_read", "bytes_written"}``.
+
+    ``on_shard_done(file_name, size, crc32)`` is called once per output shard after it is written whole and fsynced
+    (``crc32`` as ``zlib.crc32`` of the file computes it): a resume journal's entry. An input truncated or changed
+    during the run, or holding NaN/Inf without the plan's ``allow_nonfinite``, is an ``InputError`` raised before
+    this returns, so the caller commits nothing."""
+    return _core.execute_plan(
+        plan_json, out_dir, progress, threads, memory_limit, external_merge, on_shard_done=on_shard_done
+    )
 
 
 def input_values(
@@ -183,11 +191,10 @@ def merge_arrays(
     builds them; an input without ``model_id`` gets its index). The result does not depend on ``threads`` or
     ``chunk_elems``. ``allow_nonfinite``: NaN and infinite inputs are merged as they are, not refused."""
     values = [v if "model_id" in v else {**v, "model_id": i} for i, v in enumerate(values)]
-    # passed only when set: an engine without the keyword (before CONTRACTS R2) still merges the rest
-    extra = {"allow_nonfinite": True} if allow_nonfinite else {}
     return _core.merge_arrays(
         dict(method), list(inputs), base, values, out_dtype=out_dtype, cast_dtype=cast_dtype, name=name,
-        shape=None if shape is None else [int(d) for d in shape], threads=threads, chunk_elems=chunk_elems, **extra,
+        shape=None if shape is None else [int(d) for d in shape], threads=threads, chunk_elems=chunk_elems,
+        allow_nonfinite=allow_nonfinite,
     )
 
 
