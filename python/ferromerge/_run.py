@@ -248,16 +248,8 @@ def _merge_tensors(
     log: Callable[[str], None],
 ) -> dict[str, Any]:
     """Write the permuted vocabulary tensors (if any), then run the engine over ``plan_json`` (the plan, less the
-    shards a resume kept) into ``out``, journaling each shard it finishes."""
-    watcher = journal.ShardWatcher(book, out, plan_json["shards"])
-    progress = _progress(bar, on_progress)
-
-    def engine_progress(done: int, total: int, bytes_done: int, bytes_total: int) -> None:
-        watcher.progress(done)
-        if progress is not None:
-            progress(done, total, bytes_done, bytes_total)
-
-    finished = False
+    shards a resume kept) into ``out``, journaling each shard it finishes (the engine hands over its size and the
+    crc32 it computed while writing, once the shard is fsynced)."""
     try:
         if not plan_json["shards"]:
             return {"tensors": 0, "bytes_read": 0, "bytes_written": 0}
@@ -265,13 +257,18 @@ def _merge_tensors(
             scratch.mkdir()
             write_permuted(plan.permuted, log)
         try:
-            stats = _engine.execute(json.dumps(plan_json), str(out), engine_progress, threads, limit, merge)
+            return _engine.execute(
+                json.dumps(plan_json),
+                str(out),
+                _progress(bar, on_progress),
+                threads,
+                limit,
+                merge,
+                on_shard_done=book.record,
+            )
         except InputError as e:
             raise _naming_the_model(e, plan) from None
-        finished = True
-        return stats
     finally:
-        watcher.close(drain=0 if finished else 0.5)
         if bar is not None:
             bar.close()
         # never part of the output: removed before the tokenizer and config files are written

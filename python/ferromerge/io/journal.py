@@ -5,8 +5,8 @@ The journal is a JSON-lines file inside the hidden partial output directory (``o
 run, whether or not ``--resume`` was given (a ``kill -9`` or a power loss cannot be foreseen). Its first line is
 the run's identity (``identity``): ferromerge's version, a digest of the plan and of the resolved config, and the
 size, mtime and inode of every input file. Each further line is one finished shard: its name, size and crc32
-(``zlib.crc32`` of the whole file), appended and fsynced once the engine has fsynced the shard. A line cut short by
-a kill is ignored.
+(``zlib.crc32`` of the whole file), as the engine reports it (``on_shard_done``: computed while writing, reported
+once the shard is fsynced), appended and fsynced. A line cut short by a kill is ignored.
 
 ``resume`` reads it back: a journal of another identity is refused (``OutputError`` saying what differs), every
 listed shard is verified (size and crc32; one that fails is redone), and every other file of the partial directory
@@ -20,7 +20,6 @@ import contextlib
 import hashlib
 import json
 import os
-import queue
 import shutil
 import threading
 import zlib
@@ -83,13 +82,11 @@ def plan_inputs(plan: Mapping[str, Any]) -> set[Path]:
     return files
 
 
-def file_crc32(path: Path, stop: threading.Event | None = None) -> tuple[int, int] | None:
-    """``(size, zlib.crc32)`` of a file read in blocks; None when ``stop`` is set before the end."""
+def file_crc32(path: Path) -> tuple[int, int]:
+    """``(size, zlib.crc32)`` of a file, read in blocks."""
     crc, size = 0, 0
     with open(path, "rb") as f:
         while block := f.read(_BLOCK):
-            if stop is not None and stop.is_set():
-                return None
             crc = zlib.crc32(block, crc)
             size += len(block)
     return size, crc
@@ -224,49 +221,3 @@ def reduced_plan(plan: Mapping[str, Any], kept: Iterable[str]) -> dict[str, Any]
     """The plan without the shards in ``kept``: what is left for the engine after a resume."""
     skip = set(kept)
     return {**plan, "shards": [s for s in plan["shards"] if s["file"] not in skip]}
-
-
-class ShardWatcher:
-    """Journals each shard the engine finishes, found from its progress: the engine writes the shards in plan
-    order and fsyncs each before starting the next, so when a tensor past a shard's last one is reported, that
-    shard is complete on disk. A thread computes its crc32 (reading it back from the page cache) while the
-    engine goes on. (Stands in for the engine's own ``on_shard_done``, which hands over the crc32 it computed
-    while writing.)"""
-
-    def __init__(self, journal: Journal, out: Path, shards: Sequence[Mapping[str, Any]]) -> None:
-        self._journal, self._out = journal, out
-        self._ends: list[tuple[int, str]] = []
-        n = 0
-        for s in shards:
-            n += len(s["tensors"])
-            self._ends.append((n, s["file"]))
-        self._next = 0
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._work, name="ferromerge-journal", daemon=True)
-        self._thread.start()
-
-    def _work(self) -> None:
-        while (name := self._queue.get()) is not None:
-            try:
-                found = file_crc32(self._out / name, self._stop)
-            except OSError:
-                return  # the engine reports what is wrong with its output
-            if found is None:
-                return
-            self._journal.record(name, *found)
-
-    def progress(self, tensors_done: int) -> None:
-        """The engine's progress: queue every shard that ended before the tensor just reported."""
-        while self._next < len(self._ends) and self._ends[self._next][0] < tensors_done:
-            self._queue.put(self._ends[self._next][1])
-            self._next += 1
-
-    def close(self, drain: float = 0.0) -> None:
-        """Stop, after journaling the shards already queued for at most ``drain`` seconds: a failed or
-        interrupted run drains (what it journals, a resume keeps; an interruption must still end within a second),
-        a finished one needs no more (its journal goes with the commit)."""
-        self._queue.put(None)
-        self._thread.join(timeout=drain)
-        self._stop.set()
-        self._thread.join()
