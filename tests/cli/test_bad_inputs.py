@@ -423,13 +423,13 @@ _SIGINT_AT_TENSOR_3 = """
 import os, signal, sys
 import ferromerge._engine as engine
 real = engine.execute
-def execute(plan, out, progress=None, threads=None, memory_limit=None, external_merge=None):
+def execute(plan, out, progress=None, threads=None, memory_limit=None, external_merge=None, **kw):
     def hook(done, total, b, bt):
         if progress is not None:
             progress(done, total, b, bt)
         if done == 3:
             os.kill(os.getpid(), signal.SIGINT)
-    return real(plan, out, hook, threads, memory_limit, external_merge)
+    return real(plan, out, hook, threads, memory_limit, external_merge, **kw)
 engine.execute = execute
 from ferromerge.cli import main
 sys.exit(main(sys.argv[1:]))

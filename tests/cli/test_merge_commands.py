@@ -231,10 +231,10 @@ def test_memory_limit_reaches_the_engine_in_bytes(
 
     def execute(
         plan: str, out: str, progress: Any = None, threads: Any = None, memory_limit: Any = None,
-        external_merge: Any = None,
+        external_merge: Any = None, **kw: Any,
     ) -> Any:
         seen.append(memory_limit)
-        return real(plan, out, progress, threads, memory_limit, external_merge)
+        return real(plan, out, progress, threads, memory_limit, external_merge, **kw)
 
     monkeypatch.setattr(_engine, "execute", execute)
     ferromerge.run(ties_config(family_bf16), tmp_path / "a", quiet=True, memory_limit="100M")
