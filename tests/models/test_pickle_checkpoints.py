@@ -288,3 +288,13 @@ def test_safetensors_win_over_pickles(family_f32: Family, tmp_path: Path) -> Non
     shutil.copy(family_f32.base / "model.safetensors", model / "model.safetensors")
     index = index_model(str(model), tmp_path / "cache")
     assert not isinstance(index, PickledModelIndex) and index.files == (model / "model.safetensors",)
+
+
+def test_a_pickled_model_under_a_lora_is_refused_with_how_to_convert(family_f32: Family, tmp_path: Path) -> None:
+    model = _save_bin(family_f32.base, tmp_path / "m")
+    (tmp_path / "adapter").mkdir()
+    config = {"merge_method": "linear", "models": [{"model": f"{model}+{tmp_path / 'adapter'}",
+                                                    "parameters": {"weight": 1.0}}]}
+    with pytest.raises(InputError, match=r"only PyTorch \.bin weights, .* not as the model of a model\+lora reference; "
+                                         r"convert them with transformers"):
+        ferromerge.plan(config)

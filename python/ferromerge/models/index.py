@@ -159,8 +159,9 @@ def index_model(ref: str, cache_dir: str | os.PathLike[str] | None = None) -> Mo
     if _exists(path / PICKLE_INDEX_FILE) or _exists(path / PICKLE_FILE):
         if cache_dir is None:
             raise InputError(
-                f"model {ref!r}: {path} has only PyTorch .bin weights, which only merges (ferromerge run, plan) read; "
-                "convert them with transformers: model.save_pretrained(dir, safe_serialization=True)"
+                f"model {ref!r}: {path} has only PyTorch .bin weights, which only merges (ferromerge run, plan) read, "
+                "and not as the model of a model+lora reference; convert them with transformers: "
+                "model.save_pretrained(dir, safe_serialization=True)"
             )
         return _index_pickled(ref, path, Path(cache_dir))
     found = sorted(p.name for p in path.glob("*.safetensors"))
