@@ -1,7 +1,8 @@
 """Real checkpoints against mergekit 0.1.5: a tiny BERT (``BertForSequenceClassification``, made with transformers'
 ``from_config`` in the mergekit virtualenv) whose ``bert.embeddings.position_ids`` (int64, a buffer older
 transformers saved and newer ones do not) is in the base only, in every model, or in a fine-tune only; and the same
-models saved as PyTorch pickles (``pytorch_model.bin``), which mergekit reads with torch.
+models saved as PyTorch pickles (``pytorch_model.bin``), which mergekit reads with torch (and again with its own
+``--lazy-unpickle``).
 
 Both tools must write the same tensors: the buffer copied unchanged (never merged) where mergekit writes it, the
 float tensors merged to within float32 rounding. Where the models hold different position_ids mergekit refuses
@@ -22,6 +23,7 @@ import pytest
 from safetensors.numpy import load_file
 
 import ferromerge
+import helpers.mergekit
 from helpers.mergekit import run_mergekit
 
 POS = "bert.embeddings.position_ids"
@@ -110,6 +112,15 @@ def merged(bert: Path, mergekit_python_path: Path, tmp_path_factory: pytest.Temp
     configs = {f"{kind}-{v}-{m}": cfg for kind in ("st", "bin") for v in VARIANTS
                for m, cfg in _configs(bert / kind / v).items()}
     results = run_mergekit(configs, mergekit_python_path, work)
+    # the pickled models once more through mergekit's own lazy unpickler (--lazy-unpickle)
+    lazy_work = tmp_path_factory.mktemp("mk-lazy")
+    driver = helpers.mergekit.DRIVER
+    helpers.mergekit.DRIVER = driver.replace('"--random-seed", "1234"]', '"--random-seed", "1234", "--lazy-unpickle"]')
+    assert "--lazy-unpickle" in helpers.mergekit.DRIVER
+    try:
+        lazy = run_mergekit({k: v for k, v in configs.items() if k.startswith("bin-")}, mergekit_python_path, lazy_work)
+    finally:
+        helpers.mergekit.DRIVER = driver
     ours: dict[str, tuple[Path, tuple[str, ...], str | None]] = {}
     for case, cfg in configs.items():
         out = work / f"fm-{case}"
@@ -119,7 +130,7 @@ def merged(bert: Path, mergekit_python_path: Path, tmp_path_factory: pytest.Temp
             ours[case] = (out, report.plan.notes, None)
         except ferromerge.MergeError as e:
             ours[case] = (out, (), f"{type(e).__name__}: {e}")
-    return {"mergekit": results, "ours": ours}
+    return {"mergekit": results, "lazy": lazy, "ours": ours}
 
 
 @pytest.mark.parametrize("kind", ["st", "bin"])
@@ -138,6 +149,10 @@ def test_same_tensors_as_mergekit(merged: dict, kind: str, variant: str, method:
     assert error is None, error
     _compare(case, _tensors(out), _tensors(mk_out))
     assert notes == ()
+    if kind == "bin":
+        _, lazy_out, lazy_error = merged["lazy"][case]
+        assert lazy_error is None, lazy_error
+        _compare(f"{case} (--lazy-unpickle)", _tensors(out), _tensors(lazy_out))
     # the pickled models merge exactly as their safetensors twins
     if kind == "bin":
         twin, _, _ = merged["ours"][f"st-{variant}-{method}"]
