@@ -357,7 +357,8 @@ def run(
     ``_engine.default_memory_limit()``) bounds what the engine keeps resident; it never changes the output. Raises
     ``OutputError`` before merging when the output's filesystem lacks room for the shards (+1%), and at once when
     another run is writing ``out_dir`` (a lock beside it). On any failure (or Ctrl-C) ``out_dir`` is left absent,
-    never partial. ``lora_merge_cache``: where ``model+lora`` models are merged to (kept and reused across runs);
+    never partial. ``lora_merge_cache``: where ``model+lora`` models are merged to, and the tensors of PyTorch-pickled
+    models copied to as safetensors (kept and reused across runs);
     None = inside the output's temporary directory, removed after the merge. ``device`` (overrides the config's
     ``device:``): ``cpu`` (default) runs the Rust kernels; ``cuda``, ``cuda:N`` or ``torch:cpu`` hand the
     SVD-heavy methods' matrices to torch (``torch_spectral``), falling back to the Rust kernels with a note when

@@ -62,7 +62,8 @@ OPTIONS: dict[str, Option] = {
         "$HF_HUB_CACHE, $HF_HOME/hub or ~/.cache/huggingface/hub; ferromerge never downloads)", "transformers_cache",
         metavar="DIR"),
     "lora_merge_cache": Option(
-        ("--lora-merge-cache",), "value", "where model+lora references are merged to, and reused from by later runs "
+        ("--lora-merge-cache",), "value", "where model+lora references are merged to, and PyTorch-pickled models' tensors copied to "
+        "(safetensors), reused by later runs "
         "(default: a temporary directory inside the output's, removed after the merge)", "lora_merge_cache",
         metavar="DIR"),
     "lora_merge_dtype": Option(
