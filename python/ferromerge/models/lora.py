@@ -52,9 +52,9 @@ BLOCK_BYTES = 64 << 20
 #: bumped when the cache files' content for the same inputs would change
 _CACHE_VERSION = "1"
 
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)\.weight$")
-_EMBED_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_embedding_A|lora_embedding_B)$")
-_UNSUPPORTED_KEY = re.compile(r"\.(lora_magnitude_vector|lora_B\.bias|lora_A\.bias)(\.|$)")
+LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)\.weight$")
+EMBED_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_embedding_A|lora_embedding_B)$")
+UNSUPPORTED_KEY = re.compile(r"\.(lora_magnitude_vector|lora_B\.bias|lora_A\.bias)(\.|$)")
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ def index_lora_model(ref: str, cache_dir: str | os.PathLike[str]) -> LoraModelIn
         adapter_dir = resolve(adapter_ref)
     except InputError as e:
         raise InputError(f"LoRA adapter of {ref!r}: {e}") from None
-    config = _read_adapter_config(adapter_dir)
+    config = read_adapter_config(adapter_dir)
     weights_file = adapter_dir / ADAPTER_WEIGHTS
     if not weights_file.is_file():
         bin_note = " (adapter_model.bin is not read: save the adapter with safe_serialization)" if (
@@ -147,7 +147,7 @@ def index_lora_model(ref: str, cache_dir: str | os.PathLike[str]) -> LoraModelIn
     return LoraModelIndex(ref, model.path, files, tensors, adapter=adapter_dir, cache_files=cache_files)
 
 
-def _read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
+def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
     path = adapter_dir / ADAPTER_CONFIG
     if not path.is_file():
         raise InputError(f"LoRA adapter {adapter_dir}: {ADAPTER_CONFIG} not found (a PEFT LoRA adapter directory has "
@@ -175,7 +175,7 @@ def _read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
     return data
 
 
-def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
+def pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
     """PEFT's ``get_pattern_key``: the first pattern that matches the end of the module name (at a dot)."""
     for pattern, value in patterns.items():
         if re.match(rf"(.*\.)?({pattern})$", module):
@@ -207,12 +207,12 @@ def _updates(
         stored = _Stored(weights_file, key, dtype, tuple(int(d) for d in shape))
         if dtype not in MERGEABLE_DTYPES:
             raise InputError(f"{weights_file}: tensor {key} has dtype {dtype}; adapters must be F32, F16 or BF16")
-        if _UNSUPPORTED_KEY.search(key):
+        if UNSUPPORTED_KEY.search(key):
             raise InputError(
                 f"{weights_file}: tensor {key}: DoRA magnitudes and LoRA biases (lora_bias) are not supported"
             )
         name = key.removeprefix(PEFT_PREFIX)
-        m = _LORA_KEY.match(name) or _EMBED_KEY.match(name)
+        m = LORA_KEY.match(name) or EMBED_KEY.match(name)
         if m is not None:
             kind = m["kind"]
             pairs.setdefault(m["module"], {})[kind[-1]] = stored
@@ -248,8 +248,8 @@ def _updates(
             )
         if info.dtype not in MERGEABLE_DTYPES:
             raise InputError(f"{info.file}: tensor {target} has dtype {info.dtype}; only F32/F16/BF16 can be adapted")
-        r = _pattern_value(config.get("rank_pattern") or {}, module, r0)
-        alpha = _pattern_value(config.get("alpha_pattern") or {}, module, alpha0)
+        r = pattern_value(config.get("rank_pattern") or {}, module, r0)
+        alpha = pattern_value(config.get("alpha_pattern") or {}, module, alpha0)
         if len(a.shape) != 2 or len(b.shape) != 2:
             raise InputError(
                 f"{weights_file}: tensor {a.name} has shape {list(a.shape)} and {b.name} {list(b.shape)}: only "
