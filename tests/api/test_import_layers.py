@@ -39,6 +39,7 @@ LAYERS: dict[str, int] = {
     "ferromerge._run": 5,
     "ferromerge._compress": 5,
     "ferromerge._extract_lora": 5,
+    "ferromerge.adapters": 5,
     "ferromerge.multi": 5,
     "ferromerge.compat": 5,
     "ferromerge.demo": 6,
