@@ -5,6 +5,7 @@ has one, never merged; models without them are fine; other values are a note and
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -151,7 +152,8 @@ def test_merged_output_holds_the_bytes(family_f32: Family, tmp_path: Path) -> No
 
 
 def test_a_dtype_that_cannot_be_copied_is_an_error(family_f32: Family, tmp_path: Path) -> None:
-    """Sub-byte and exotic safetensors dtypes (F8_E8M0 here) are named in an error, never a traceback."""
+    """Sub-byte and exotic safetensors float dtypes (F8_E8M0 here) are neither merged nor copied: an error naming the
+    file, tensor and dtype, never a traceback."""
     from ferromerge.io.writer import header_bytes
 
     m = _copy(family_f32, tmp_path, {})
@@ -161,6 +163,18 @@ def test_a_dtype_that_cannot_be_copied_is_an_error(family_f32: Family, tmp_path:
     (m["base"] / "model.safetensors").rename(m["base"] / "model-main.safetensors")
     weight_map = {n: "model-main.safetensors" for n in tensors} | {"model.embeddings.scales": "model-odd.safetensors"}
     (m["base"] / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    with pytest.raises(InputError, match=r"model-odd\.safetensors: tensor model\.embeddings\.scales has dtype F8_E8M0, "
-                                         "which ferromerge cannot copy"):
+    with pytest.raises(InputError, match=r"model-odd\.safetensors: tensor model\.embeddings\.scales has dtype F8_E8M0; "
+                                         "ferromerge merges F32, F16 and BF16 tensors only"):
+        ferromerge.plan(_ties(m))
+
+
+def test_a_buffer_that_is_a_float_in_another_model_is_an_error(family_f32: Family, tmp_path: Path) -> None:
+    """int64 in the base and float32 in a fine-tune: neither a merge nor a copy is right; the error names both."""
+    m = _copy(family_f32, tmp_path, {})
+    tensors = load_file(str(m["base"] / "model.safetensors"))
+    name = next(n for n in sorted(tensors) if n.endswith("norm.weight"))
+    tensors[name] = np.arange(tensors[name].size, dtype=np.int64).reshape(tensors[name].shape)
+    save_file(tensors, str(m["base"] / "model.safetensors"))
+    with pytest.raises(InputError, match=rf"base/model\.safetensors: tensor {re.escape(name)} has dtype I64 .* holds "
+                                         r"it as F32"):
         ferromerge.plan(_ties(m))

@@ -6,7 +6,7 @@ raised before anything is written), resolves every parameter for every tensor (`
 the output name for method-wide parameters and each model's own tensor name for per-model ones), and cuts the
 output into shards.
 
-A non-float tensor (int64 ``position_ids``, bool masks, ...: any dtype but F32/F16/BF16) is never merged: it is
+A non-float tensor (int64 ``position_ids``, bool masks, ...: an integer or bool dtype, ``io.dtypes.COPIED_DTYPES``) is never merged: it is
 copied byte for byte (the engine's passthrough of one input in its own dtype) from the slice's base when it has
 it, else from the first model (config order) that does; models without it are fine, and models holding other
 values get a note, the copied model's value winning (docs/compat.md).
@@ -26,7 +26,7 @@ from .._validate import format_bytes, parse_size
 from ..config import settings as params
 from ..config.resolve import InputModel, MergeConfig, OutputSlice
 from ..errors import ConfigError, InputError
-from ..io.dtypes import ITEMSIZE, MERGEABLE_DTYPES, ST_NAME
+from ..io.dtypes import COPIED_DTYPES, ITEMSIZE, MERGEABLE_DTYPES, ST_NAME
 from ..models.architecture import is_vocab_tensor
 from ..models.index import ModelIndex, TensorInfo, tensor_bytes
 from ..tokenizer.embed import Aligner, PermutedTensor
@@ -298,7 +298,7 @@ def _plan_tensor(
     tmpl_name = tensor_of(tmpl_index, job.names[job.template])
     assert tmpl_name is not None  # layout picks a template that has the tensor
     template = PlanSource(tmpl_index.tensors[tmpl_name], tmpl_name)
-    if template.info.dtype not in MERGEABLE_DTYPES:
+    if template.info.dtype in COPIED_DTYPES:
         return _copied(config, models, job, seed, notes if notes is not None else [])
     aligned = aligner is not None and is_vocab_tensor(job.out)
     base = _source(models, job, s.base, template, aligned) if s.base is not None else None
@@ -362,15 +362,20 @@ def _copied(
     index = models[chosen.ref]
     name = job.names[chosen.ref]
     info = index.tensors[name]
-    if info.dtype not in ITEMSIZE:  # sub-byte and other exotic dtypes (F4, F6_E2M3, F8_E8M0, C64)
-        raise InputError(f"{info.file}: tensor {name} has dtype {info.dtype}, which ferromerge cannot copy "
-                         f"(model {chosen.ref!r})")
     differ: list[str] = []
     for m in having[1:]:
         other = models[m.ref]
         if m.ref == chosen.ref or m.ref in differ:
             continue
         theirs = other.tensors[job.names[m.ref]]
+        if theirs.dtype not in COPIED_DTYPES:
+            # a float here and an integer there: one of the two files is not what it claims to be, and neither
+            # merging nor copying would be right
+            raise InputError(
+                f"{info.file}: tensor {name} has dtype {info.dtype} (model {chosen.ref!r}) but {theirs.file} holds "
+                f"it as {theirs.dtype} (model {m.ref!r}): a tensor must be a float in every model (merged) or an "
+                "integer/bool buffer in every model (copied)"
+            )
         if (theirs.dtype, theirs.shape) != (info.dtype, info.shape) or not _same_bytes(
             index, name, other, job.names[m.ref]
         ):

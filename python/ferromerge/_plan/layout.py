@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from ..config.resolve import InputModel, MergeConfig, OutputSlice
 from ..config.settings import layer_t
 from ..errors import InputError
-from ..io.dtypes import MERGEABLE_DTYPES
+from ..io.dtypes import COPIED_DTYPES
 from ..models import layers
 from ..models.architecture import HEAD_WEIGHT, INPUT_EMBEDDING_WEIGHT, LAYER_COUNT_KEYS, PRE_LAYER_TENSOR
 from ..models.index import ModelIndex
@@ -78,7 +78,7 @@ def is_copied(model: ModelIndex, name: str) -> bool:
     """A non-float tensor of ``model`` (int64 ``position_ids``, bool masks, ...): copied from one model, never
     merged, so other models may lack it (``_plan.build``)."""
     info = model.tensors.get(name)
-    return info is not None and info.dtype not in MERGEABLE_DTYPES
+    return info is not None and info.dtype in COPIED_DTYPES
 
 
 def _add_copied(names: list[str], sources: list[tuple[ModelIndex, list[str]]]) -> list[str]:

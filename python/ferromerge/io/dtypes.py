@@ -18,6 +18,11 @@ MERGEABLE_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 #: mergekit's names of the float dtypes -> safetensors names
 ST_NAME = {v: k for k, v in MERGEABLE_DTYPES.items()}
 
+#: the dtypes that are not floats (integer and bool buffers: ``position_ids``, masks): copied from one model, never
+#: merged (``_plan.build``). Floats the engine cannot merge (F64, F8_*) are not among them: mergekit merges those, so
+#: copying one model's would silently differ; they stay an error.
+COPIED_DTYPES = frozenset({"I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8", "BOOL"})
+
 #: bytes per element of the safetensors dtypes that whole tensors are copied in (only F32/F16/BF16 are decoded)
 ITEMSIZE = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
