@@ -1,0 +1,261 @@
+"""KnOTS (Stoica et al., "Model merging with SVD to tie the KnOTS", ICLR 2025): LoRA modules aligned in one shared
+SVD basis, then merged there with TIES, DARE or a plain sum (``knots_merge``).
+
+What the reference code (github.com/gstoica27/KnOTS, ``task_merger.SVDMerger`` and ``masking_ops``) does per
+LoRA-adapted layer, and so what this module does:
+
+1. ΔW_t = scale_t · B_t A_t (out × in) for each of the T adapters; C = [ΔW_1 | … | ΔW_T] (out × T·in, the
+   reference's ``concat_across_output=True``).
+2. ``U, s, V = svd(C)`` in float64; only the components with s > 1e-5 are kept; U, s and V are cast to float32 and
+   V is cut into T blocks V_t (r × in). Task t is represented by sV_t = diag(s)·V_t: its coordinates in the shared
+   basis U.
+3. The sV_t are merged entrywise: ``ties`` keeps each task's int(d·density)+1 largest |entries| (the reference's
+   ``topk_values_mask``: ``abs >= kthvalue``), elects per entry the sign of the sum of the trimmed values (a zero
+   sum takes the majority of the elected signs, ``resolve_zero_signs``) and takes the disjoint mean of the entries
+   that agree: Σ_t w_t·x_t over the agreeing entries / their number (the reference's ``masked_merge('mean')``).
+   ``dare_ties`` first keeps each entry with probability ``density`` and divides it by ``density`` (the reference's
+   ``apply_dare`` on the sV_t; its published KnOTS-DARE configs then run the TIES election without a trim, topK 100),
+   ``dare_linear`` and ``magnitude_prune`` sum Σ_t w_t·x_t after the DARE drop or the trim, ``linear`` sums.
+   ``majority_sign="frequency"`` is the reference's ``sum_of_signs``: the sign of the count of signs, with no
+   zero-sum rule (an entry whose count is 0 keeps the negative values, as the reference's
+   ``where(sign > 0, x > 0, x < 0)`` does).
+4. ΔW = U · merged, returned as ``Factors(a=merged, b=U, scale=1)``.
+
+How it is computed: never through the out × T·in matrix C. With B = [B_1 … B_T] = Q·R_B (thin QR) and
+scale_t·A_tᵀ = Q_t·R_t, C = Q · K · blockdiag(Q_tᵀ) with the small core K = R_B · blockdiag(R_tᵀ) (Σr × Σr); Q and
+blockdiag(Q_tᵀ) have orthonormal columns and rows, so the SVD of K gives C's exactly: U = Q·U_K, s = s_K,
+V_t = W_tᵀ·Q_tᵀ. Cost O((out + T·in)·(Σr)²), memory that of the factors and the T coefficient blocks (Σr × in each).
+The QR and SVD run in float64 with LAPACK (NumPy), as the reference's SVD does: the engine's ``_core.svd`` is
+float32 only, and with an absolute cut s > 1e-5 a float32 SVD would keep rounding-noise components of a
+rank-deficient C (two adapters sharing a B) that change the trim's count. The trim and the DARE masks are the
+engine's kernels (``_engine.merge_arrays`` on one input over a zero base, as ``compat.peft`` prunes): the trim is
+exact top-k (ties at the cut: lowest index first; the reference keeps every tie, which matters only for equal
+magnitudes), DARE masks come from the counter-based generator keyed by ``seed``, ``module`` and the adapter's
+position (so they cannot bit-match torch's ``bernoulli``, and they do not depend on threads). The election and the
+disjoint mean are elementwise NumPy in float64 on the float32 coefficients, rounded once to float32.
+
+Departures from the reference, and why:
+
+* Statistics are per module (the trim's count, the zero-sign majority): the reference flattens every layer of a
+  task into one vector. ``knots_merge`` merges one module at a time so that adapters stream within a memory budget;
+  with density 1 (the reference's Llama configs, and every KnOTS-DARE config: topK 100) the two agree.
+* ΔW_t includes the adapter's scale (lora_alpha / r): the reference's ``LoRAHandler`` uses B·A alone. They agree
+  when every scale is 1 (and up to the 1e-5 cut when all scales are equal).
+* Per-adapter weights: the reference multiplies every task by ``scaling_coeffs[0]`` after the masks; here task t
+  is multiplied by its own ``weights[t]`` (the same thing when the weights are equal), and an entry of an adapter
+  of weight 0 is not counted in the disjoint mean (the reference counts the non-zero weighted entries).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from .. import _engine
+from .._validate import check_seed
+from ..errors import InputError, ParameterError
+from .factors import Factors
+
+__all__ = ["MERGES", "SV_CUT", "knots_merge"]
+
+#: the merges of the aligned coefficients (``merge=``)
+MERGES = ("ties", "dare_ties", "dare_linear", "linear", "magnitude_prune")
+#: singular values at or below this (absolute, float64) are dropped, as in the reference's ``apply_svd``
+SV_CUT = 1e-5
+
+_SIGNS = ("total", "frequency")
+_F64 = npt.NDArray[np.float64]
+_F32 = npt.NDArray[np.float32]
+
+
+def knots_merge(
+    factors: Sequence[Factors],
+    weights: Sequence[float],
+    *,
+    merge: str = "ties",
+    density: float = 1.0,
+    majority_sign: str = "total",
+    seed: int = 0,
+    module: str = "",
+    rank: int | None = None,
+) -> Factors:
+    """One module's adapters merged by KnOTS: ``factors[t]`` (ΔW_t = scale·b@a) with ``weights[t]``.
+
+    ``merge``: one of ``MERGES``. ``density``: the fraction of each adapter's coefficients the ``ties`` /
+    ``magnitude_prune`` trim keeps (1: no trim), or the DARE keep probability (``dare_*``, in (0, 1]).
+    ``majority_sign``: ``total`` (sign of the sum) or ``frequency`` (sign of the count of signs). ``seed`` and
+    ``module`` key the DARE masks. The result has ``scale`` 1, ``b`` with orthonormal columns and rank Σ rank_t
+    (components beyond the shared basis' are zero), or, with ``rank``, the best rank-``rank`` approximation of the
+    merged ΔW (``b`` carries the singular values, as PEFT's SVD types do).
+    """
+    _check(factors, weights, merge, density, majority_sign, module)
+    seed = check_seed(seed)
+    u, coeffs = shared_basis(factors)
+    merged = merge_coefficients(coeffs, [float(w) for w in weights], merge, float(density), majority_sign, seed, module)
+    total = sum(f.rank for f in factors)
+    if rank is not None:
+        return _truncated(u, merged, _check_rank(rank), module)
+    return Factors(a=_pad_rows(merged, total), b=_pad_rows(u.T, total).T.copy(), scale=1.0)
+
+
+def shared_basis(factors: Sequence[Factors]) -> tuple[_F32, list[_F32]]:
+    """The reference's ``apply_svd`` through the factors: U (out × r, float32) and each adapter's coefficients
+    diag(s)·V_t (r × in, float32), r the number of singular values of [ΔW_1 | … | ΔW_T] above ``SV_CUT``."""
+    out_dim, in_dim = factors[0].shape
+    b_all = np.concatenate([np.asarray(f.b, dtype=np.float64) for f in factors], axis=1)
+    q, r_b = np.linalg.qr(b_all)  # out × k, k × Σr
+    blocks: list[_F64] = []  # Q_t (in × k_t), with scale_t·A_tᵀ = Q_t R_t
+    core_cols: list[_F64] = []
+    start = 0
+    for f in factors:
+        q_t, r_t = np.linalg.qr(np.asarray(f.a, dtype=np.float64).T * float(f.scale))
+        core_cols.append(r_b[:, start:start + f.rank] @ r_t.T)
+        blocks.append(q_t)
+        start += f.rank
+    core = np.concatenate(core_cols, axis=1)
+    u_k, s, w_t = np.linalg.svd(core, full_matrices=False)
+    keep = s > SV_CUT
+    u = (q @ u_k[:, keep]).astype(np.float32)
+    s32 = s[keep].astype(np.float32)
+    coeffs: list[_F32] = []
+    col = 0
+    for q_t in blocks:
+        k_t = q_t.shape[1]
+        v_t = (w_t[keep, col:col + k_t] @ q_t.T).astype(np.float32)
+        # diag(s)·V_t in float32, as the reference forms it from its float32 casts
+        coeffs.append(np.ascontiguousarray(s32[:, None] * v_t, dtype=np.float32).reshape(-1, in_dim))
+        col += k_t
+    assert u.shape[0] == out_dim
+    return u, coeffs
+
+
+def merge_coefficients(
+    coeffs: Sequence[_F32],
+    weights: Sequence[float],
+    merge: str,
+    density: float,
+    majority_sign: str,
+    seed: int,
+    module: str,
+) -> _F32:
+    """The reference's masking and ``masked_merge`` over the adapters' coefficients (each r × in, float32)."""
+    shape = coeffs[0].shape
+    if merge in ("dare_ties", "dare_linear"):
+        xs = [_dare(c, density, seed, module, t) for t, c in enumerate(coeffs)]
+    elif merge in ("ties", "magnitude_prune"):
+        xs = [_trim(c, density) for c in coeffs]
+    else:
+        xs = list(coeffs)
+    x = np.stack([a.reshape(-1).astype(np.float64) for a in xs])
+    w = np.asarray(weights, dtype=np.float64)[:, None]
+    if merge in ("linear", "dare_linear", "magnitude_prune"):
+        return (w * x).sum(axis=0).astype(np.float32).reshape(shape)
+    sign = _elect(np.stack([a.reshape(-1) for a in xs]), majority_sign)
+    agree = np.where(sign > 0, x > 0, x < 0) & (w != 0)
+    count = agree.sum(axis=0)
+    total = np.where(agree, w * x, 0.0).sum(axis=0)
+    return (total / np.maximum(count, 1)).astype(np.float32).reshape(shape)
+
+
+def _elect(x: _F32, majority_sign: str) -> npt.NDArray[np.float32]:
+    """The elected sign per entry (1, -1, or 0 when nothing decides), from float32 sums as the reference's."""
+    if majority_sign == "frequency":
+        return np.sign(np.sign(x).sum(axis=0, dtype=np.float32))
+    sign = np.sign(x.sum(axis=0, dtype=np.float32))
+    sign[sign == 0] = np.sign(sign.sum(dtype=np.float32))
+    return sign
+
+
+def _trim(c: _F32, density: float) -> _F32:
+    """Keep the int(n·density)+1 largest |c| (the reference's ``abs >= kthvalue(n − int(n·density))``); density
+    ≥ 1 keeps everything. The engine's exact top-k: a one-input TIES pass over a zero base returns the kept values."""
+    n = c.size
+    keep = int(n * density) + 1
+    if density >= 1 or keep >= n:
+        return c
+    flat = np.ascontiguousarray(c, dtype=np.float32).reshape(-1)
+    # the kernel keeps int(d·n) elements (at least 1); +0.5 makes that integer exact whatever the float product
+    out = _engine.merge_arrays(
+        {"name": "ties", "normalize": True, "lambda": 1.0, "rescale": "none", "seed": 0},
+        [flat], np.zeros(n, np.float32), _engine.input_values([1.0], [(keep + 0.5) / n]),
+        out_dtype="float32",
+    )
+    return np.asarray(out, dtype=np.float32).reshape(c.shape)
+
+
+def _dare(c: _F32, density: float, seed: int, module: str, index: int) -> _F32:
+    """Each entry kept with probability ``density`` and divided by it (the reference's ``apply_dare`` with
+    p = 1 − density), the mask from the engine's generator keyed by (seed, module, index)."""
+    if density >= 1:
+        return c
+    flat = np.ascontiguousarray(c, dtype=np.float32).reshape(-1)
+    out = _engine.merge_arrays(
+        {"name": "dare_linear", "normalize": False, "lambda": 1.0, "rescale": "inverse_density", "seed": seed},
+        [flat], np.zeros(flat.size, np.float32), _engine.input_values([1.0], [density], model_ids=[index]),
+        out_dtype="float32", name=module,
+    )
+    return np.asarray(out, dtype=np.float32).reshape(c.shape)
+
+
+def _truncated(u: _F32, merged: _F32, rank: int, module: str) -> Factors:
+    """The best rank-``rank`` factors of ΔW = u @ merged (u has orthonormal columns, so the SVD of ``merged``
+    is ΔW's), padded with zeros when ΔW has a lower rank."""
+    p, s, vt = np.linalg.svd(merged.astype(np.float64), full_matrices=False)
+    k = min(rank, s.size)
+    b = (u.astype(np.float64) @ (p[:, :k] * s[:k])).astype(np.float32)
+    a = vt[:k].astype(np.float32)
+    return Factors(a=_pad_rows(a, rank), b=_pad_rows(b.T, rank).T.copy(), scale=1.0)
+
+
+def _pad_rows(x: npt.NDArray[np.float32], rows: int) -> _F32:
+    if x.shape[0] >= rows:
+        return np.ascontiguousarray(x, dtype=np.float32)
+    out = np.zeros((rows, x.shape[1]), np.float32)
+    out[: x.shape[0]] = x
+    return out
+
+
+def _check_rank(rank: object) -> int:
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
+        raise ParameterError(f"knots: rank must be a positive integer, got {rank!r}")
+    return int(rank)
+
+
+def _check(
+    factors: Sequence[Factors],
+    weights: Sequence[float],
+    merge: str,
+    density: float,
+    majority_sign: str,
+    module: str,
+) -> None:
+    where = f"{module}: " if module else ""
+    if merge not in MERGES:
+        raise ParameterError(f"knots: unknown merge {merge!r}; use one of {', '.join(MERGES)}")
+    if majority_sign not in _SIGNS:
+        raise ParameterError(f"knots: majority_sign must be 'total' or 'frequency', got {majority_sign!r}")
+    if not factors:
+        raise ParameterError(f"{where}knots needs at least one adapter")
+    if len(weights) != len(factors):
+        raise ParameterError(f"{where}knots: {len(factors)} adapters but {len(weights)} weights")
+    for t, w in enumerate(weights):
+        if isinstance(w, bool) or not isinstance(w, (int, float, np.integer, np.floating)) or not math.isfinite(w):
+            raise ParameterError(f"{where}knots: weight {t} must be a finite number, got {w!r}")
+    if isinstance(density, bool) or not isinstance(density, (int, float, np.integer, np.floating)) or not (
+        0 <= density <= 1
+    ):
+        raise ParameterError(f"knots: density must be a number in [0, 1], got {density!r}")
+    if merge.startswith("dare") and density == 0:
+        raise ParameterError("knots: DARE with density 0 keeps nothing and divides by zero; use a density > 0")
+    shape = factors[0].shape
+    for t, f in enumerate(factors):
+        if f.shape != shape:
+            raise ParameterError(
+                f"{where}knots: adapter {t} has ΔW of shape {list(f.shape)}, adapter 0 {list(shape)}; KnOTS aligns "
+                "deltas of one shape"
+            )
+        if not (np.isfinite(f.a).all() and np.isfinite(f.b).all() and math.isfinite(f.scale)):
+            raise InputError(f"{where}adapter {t}: NaN or infinite values in its LoRA factors")
