@@ -36,6 +36,8 @@ disjoint mean are elementwise NumPy in float64 on the float32 coefficients, roun
 
 Departures from the reference, and why:
 
+* Each SVD component's sign is fixed (``canonical_signs``: U's largest |entry| of the column positive); the
+  reference takes LAPACK's, and its election is not sign-invariant where no sign has a majority (see there).
 * Statistics are per module (the trim's count, the zero-sign majority): the reference flattens every layer of a
   task into one vector. ``knots_merge`` merges one module at a time so that adapters stream within a memory budget;
   with density 1 (the reference's Llama configs, and every KnOTS-DARE config: topK 100) the two agree.
@@ -59,7 +61,7 @@ from .._validate import check_seed
 from ..errors import InputError, ParameterError
 from .factors import Factors
 
-__all__ = ["MERGES", "SV_CUT", "knots_merge"]
+__all__ = ["MERGES", "SV_CUT", "canonical_signs", "knots_merge", "merge_coefficients", "shared_basis"]
 
 #: the merges of the aligned coefficients (``merge=``)
 MERGES = ("ties", "dare_ties", "dare_linear", "linear", "magnitude_prune")
@@ -118,18 +120,32 @@ def shared_basis(factors: Sequence[Factors]) -> tuple[_F32, list[_F32]]:
     core = np.concatenate(core_cols, axis=1)
     u_k, s, w_t = np.linalg.svd(core, full_matrices=False)
     keep = s > SV_CUT
-    u = (q @ u_k[:, keep]).astype(np.float32)
+    u64 = q @ u_k[:, keep]
+    flip = canonical_signs(u64)
+    u = (u64 * flip).astype(np.float32)
     s32 = s[keep].astype(np.float32)
     coeffs: list[_F32] = []
     col = 0
     for q_t in blocks:
         k_t = q_t.shape[1]
-        v_t = (w_t[keep, col:col + k_t] @ q_t.T).astype(np.float32)
+        v_t = (flip[:, None] * (w_t[keep, col:col + k_t] @ q_t.T)).astype(np.float32)
         # diag(s)·V_t in float32, as the reference forms it from its float32 casts
         coeffs.append(np.ascontiguousarray(s32[:, None] * v_t, dtype=np.float32).reshape(-1, in_dim))
         col += k_t
     assert u.shape[0] == out_dim
     return u, coeffs
+
+
+def canonical_signs(u: _F64) -> _F64:
+    """±1 per column of ``u``: the sign that makes the column's largest |entry| (the first of equal ones) positive.
+
+    An SVD fixes each component only up to its sign, and KnOTS is not invariant under it where the election has
+    no majority (``frequency`` with as many signs each way, or an exact zero sum): the reference leaves the sign to
+    LAPACK; here it is a function of ΔW alone, whatever path computed the SVD."""
+    if u.shape[1] == 0:
+        return np.ones(0)
+    idx = np.argmax(np.abs(u), axis=0)
+    return np.where(u[idx, np.arange(u.shape[1])] < 0, -1.0, 1.0)
 
 
 def merge_coefficients(
