@@ -1,5 +1,5 @@
 """The ``ferromerge`` command: ``run``, ``plan``, ``demo`` (``cli.merge``), ``extract-lora`` (``cli.extract_lora``),
-``compress`` and ``decompress`` (``cli.compress``), ``--version``.
+``merge-lora`` (``cli.merge_lora``), ``compress`` and ``decompress`` (``cli.compress``), ``--version``.
 
 Errors print one line, ``ferromerge: error: <message>``, and exit with 2 for config/parameter problems, 1 for
 input/output problems, 130 on Ctrl-C (SIGINT), 143 on SIGTERM (``kill``, ``docker stop``, Slurm, systemd) and 129 on
@@ -24,7 +24,7 @@ from typing import TextIO
 
 from .. import _engine
 from ..errors import CompatWarning, MergeError, ParameterError
-from . import compress, extract_lora, merge
+from . import compress, extract_lora, merge, merge_lora
 
 __all__ = ["main"]
 
@@ -38,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
 
     merge.add_parsers(sub)  # run, plan, demo
     extract_lora.add_parser(sub)
+    merge_lora.add_parser(sub)
     compress.add_parser(sub)  # compress, decompress
     return parser
 
