@@ -32,6 +32,8 @@ class Margins:
     #: smallest relative gap between consecutive kept singular values (a rotation within near-equal ones changes
     #: the coefficients entrywise), and of the smallest kept one above the cut
     spectrum: float = float("inf")
+    #: ``sign_margin``: how clearly each component's sign convention is decided
+    canonical: float = float("inf")
 
 
 def delta(a: np.ndarray, b: np.ndarray, scale: float) -> np.ndarray:
@@ -45,18 +47,41 @@ def apply_svd(deltas: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray
     concat = np.concatenate([np.asarray(d, np.float64) for d in deltas], axis=1)
     u, s, v = np.linalg.svd(concat, full_matrices=False)
     keep = s > SV_CUT
-    u32 = u[:, keep].astype(np.float32)
-    v32 = v[keep].astype(np.float32)
+    u, v = u[:, keep], v[keep]
+    # the sign of each component, which the reference leaves to LAPACK: the column's largest |U| entry positive
+    # (the convention ``knots.canonical_signs`` fixes; the choice matters only where an election has no majority)
+    idx = np.argmax(np.abs(u), axis=0)
+    flip = np.where(u[idx, np.arange(u.shape[1])] < 0, -1.0, 1.0)
+    u32 = (u * flip).astype(np.float32)
+    v32 = (flip[:, None] * v).astype(np.float32)
     s32 = s[keep].astype(np.float32)
     width = v32.shape[1] // len(deltas)
     svs = [(s32[:, None] * v32[:, t * width:(t + 1) * width]).astype(np.float32) for t in range(len(deltas))]
+    # an adapter whose ΔW is exactly 0 has coefficients 0 in exact arithmetic; the SVD leaves rounding noise there
+    # (~1e-16·s_max), which the election and the disjoint mean would count: what LAPACK rounds decides, so the
+    # restatement takes the exact value (the one thing it does not do literally)
+    for t, d in enumerate(deltas):
+        if not np.any(d):
+            svs[t] = np.zeros_like(svs[t])
     return u32, svs, s[keep]
+
+
+def sign_margin(deltas: Sequence[np.ndarray]) -> float:
+    """The smallest relative gap, over the kept components, between U's two largest |entries| of a column (equal
+    ones would let rounding pick another sign)."""
+    concat = np.concatenate([np.asarray(d, np.float64) for d in deltas], axis=1)
+    u, s, _ = np.linalg.svd(concat, full_matrices=False)
+    u = np.abs(u[:, s > SV_CUT])
+    if u.shape[1] == 0 or u.shape[0] < 2:
+        return float("inf")
+    top = -np.sort(-u, axis=0)
+    return float(((top[0] - top[1]) / top[0]).min())
 
 
 def topk_values_mask(x: np.ndarray, k_frac: float) -> tuple[np.ndarray, float]:
     """``topk_values_mask`` on one task's flattened vector: keep |x| >= the (d − int(d·K))-th smallest |x|
     (K ≥ 1 keeps all); and the relative gap at the cut."""
-    if k_frac >= 1:
+    if k_frac >= 1 or x.size == 0:
         return np.ones(x.shape, bool), float("inf")
     d = x.size
     k = d - int(d * k_frac)
@@ -95,10 +120,28 @@ def knots(
     config), dare_linear / magnitude_prune / linear (``tv_masking`` after DARE / with topK = density / none, then
     the weighted sum)."""
     margins = Margins()
-    u, svs, s = apply_svd([delta(a, b, sc) for a, b, sc in factors])
+    deltas = [delta(a, b, sc) for a, b, sc in factors]
+    u, svs, s = apply_svd(deltas)
+    margins.canonical = sign_margin(deltas)
     if s.size:
         rel = np.diff(s[::-1]) / s.max()  # consecutive gaps, relative to the largest
         margins.spectrum = float(min(rel.min() if rel.size else np.inf, (s.min() - SV_CUT) / s.max()))
+    merged32 = merge_reps(svs, weights, merge, density, majority_sign, dare_masks, margins)
+    out = u.astype(np.float64) @ merged32.astype(np.float64)  # reconstruct_merged_sd: U @ merged_sV
+    return out, int(s.size), margins
+
+
+def merge_reps(
+    svs: Sequence[np.ndarray],
+    weights: Sequence[float],
+    merge: str,
+    density: float,
+    majority_sign: str = "total",
+    dare_masks: Sequence[np.ndarray] | None = None,
+    margins: Margins | None = None,
+) -> np.ndarray:
+    """``merge``'s masking and ``masked_merge`` over each task's float32 coefficients (``knots``' step 3)."""
+    margins = Margins() if margins is None else margins
     reps = np.stack([sv.reshape(-1) for sv in svs])  # directions_to_reps: one row per task
     if merge in ("dare_ties", "dare_linear") and density < 1:
         assert dare_masks is not None
@@ -122,6 +165,4 @@ def knots(
         merged = np.where(count > 0, weighted.sum(0) / np.maximum(count, 1), 0.0)
     else:
         merged = weighted.sum(0)
-    merged32 = merged.astype(np.float32).reshape(svs[0].shape)
-    out = u.astype(np.float64) @ merged32.astype(np.float64)  # reconstruct_merged_sd: U @ merged_sV
-    return out, int(s.size), margins
+    return merged.astype(np.float32).reshape(svs[0].shape)

@@ -23,8 +23,11 @@ LoRA-adapted layer, and so what this module does:
 
 How it is computed: never through the out × T·in matrix C. With B = [B_1 … B_T] = Q·R_B (thin QR) and
 scale_t·A_tᵀ = Q_t·R_t, C = Q · K · blockdiag(Q_tᵀ) with the small core K = R_B · blockdiag(R_tᵀ) (Σr × Σr); Q and
-blockdiag(Q_tᵀ) have orthonormal columns and rows, so the SVD of K gives C's exactly: U = Q·U_K, s = s_K,
-V_t = W_tᵀ·Q_tᵀ. Cost O((out + T·in)·(Σr)²), memory that of the factors and the T coefficient blocks (Σr × in each).
+blockdiag(Q_tᵀ) have orthonormal columns and rows, so the SVD of K gives C's exactly: U = Q·U_K, s = s_K. The
+coefficients are then diag(s)·V_t = Uᵀ·C_t = (Uᵀ·B_t)·(scale_t·A_t), equal in exact arithmetic and exactly 0 for an
+adapter whose ΔW is 0 (an SVD's V_t holds rounding noise there, which the disjoint mean would count as entries: the
+reference's result then depends on LAPACK's rounding). Cost O((out + T·in)·(Σr)²), memory that of the factors and
+the T coefficient blocks (r × in each).
 The QR and SVD run in float64 with LAPACK (NumPy), as the reference's SVD does: the engine's ``_core.svd`` is
 float32 only, and with an absolute cut s > 1e-5 a float32 SVD would keep rounding-noise components of a
 rank-deficient C (two adapters sharing a B) that change the trim's count. The trim and the DARE masks are the
@@ -109,29 +112,26 @@ def shared_basis(factors: Sequence[Factors]) -> tuple[_F32, list[_F32]]:
     out_dim, in_dim = factors[0].shape
     b_all = np.concatenate([np.asarray(f.b, dtype=np.float64) for f in factors], axis=1)
     q, r_b = np.linalg.qr(b_all)  # out × k, k × Σr
-    blocks: list[_F64] = []  # Q_t (in × k_t), with scale_t·A_tᵀ = Q_t R_t
     core_cols: list[_F64] = []
     start = 0
     for f in factors:
-        q_t, r_t = np.linalg.qr(np.asarray(f.a, dtype=np.float64).T * float(f.scale))
+        # scale_t·A_tᵀ = Q_t R_t: only R_t joins the core (Q_t's orthonormal columns leave U and s unchanged)
+        r_t = np.linalg.qr(np.asarray(f.a, dtype=np.float64).T * float(f.scale), mode="r")
         core_cols.append(r_b[:, start:start + f.rank] @ r_t.T)
-        blocks.append(q_t)
         start += f.rank
     core = np.concatenate(core_cols, axis=1)
-    u_k, s, w_t = np.linalg.svd(core, full_matrices=False)
-    keep = s > SV_CUT
-    u64 = q @ u_k[:, keep]
-    flip = canonical_signs(u64)
-    u = (u64 * flip).astype(np.float32)
-    s32 = s[keep].astype(np.float32)
+    u_k, s, _ = np.linalg.svd(core, full_matrices=False)
+    u64 = q @ u_k[:, s > SV_CUT]
+    u64 *= canonical_signs(u64)
+    u = u64.astype(np.float32)
+    # diag(s)·V_t = Uᵀ·ΔW_t = (Uᵀ·B_t)·(scale_t·A_t): exactly 0 for an adapter whose ΔW is 0, where V_t from the
+    # SVD would hold rounding noise that the disjoint mean would count as entries
     coeffs: list[_F32] = []
-    col = 0
-    for q_t in blocks:
-        k_t = q_t.shape[1]
-        v_t = (flip[:, None] * (w_t[keep, col:col + k_t] @ q_t.T)).astype(np.float32)
-        # diag(s)·V_t in float32, as the reference forms it from its float32 casts
-        coeffs.append(np.ascontiguousarray(s32[:, None] * v_t, dtype=np.float32).reshape(-1, in_dim))
-        col += k_t
+    start = 0
+    for f in factors:
+        proj = u64.T @ b_all[:, start:start + f.rank]
+        coeffs.append((proj @ (np.asarray(f.a, dtype=np.float64) * float(f.scale))).astype(np.float32).reshape(-1, in_dim))
+        start += f.rank
     assert u.shape[0] == out_dim
     return u, coeffs
 
@@ -205,7 +205,7 @@ def _trim(c: _F32, density: float) -> _F32:
 def _dare(c: _F32, density: float, seed: int, module: str, index: int) -> _F32:
     """Each entry kept with probability ``density`` and divided by it (the reference's ``apply_dare`` with
     p = 1 − density), the mask from the engine's generator keyed by (seed, module, index)."""
-    if density >= 1:
+    if density >= 1 or c.size == 0:
         return c
     flat = np.ascontiguousarray(c, dtype=np.float32).reshape(-1)
     out = _engine.merge_arrays(
