@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from reference import knots as ref
 
 from ferromerge import _engine
 from ferromerge.adapters.factors import Factors
 from ferromerge.adapters.knots import MERGES, knots_merge, merge_coefficients, shared_basis
 from ferromerge.errors import InputError, ParameterError
+from reference import knots as ref
 
 SETTINGS = dict(deadline=None, max_examples=300, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 

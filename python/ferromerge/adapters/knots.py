@@ -116,7 +116,7 @@ def shared_basis(factors: Sequence[Factors]) -> tuple[_F32, list[_F32]]:
     start = 0
     for f in factors:
         # scale_t·A_tᵀ = Q_t R_t: only R_t joins the core (Q_t's orthonormal columns leave U and s unchanged)
-        r_t = np.linalg.qr(np.asarray(f.a, dtype=np.float64).T * float(f.scale), mode="r")
+        _, r_t = np.linalg.qr(np.asarray(f.a, dtype=np.float64).T * float(f.scale))
         core_cols.append(r_b[:, start:start + f.rank] @ r_t.T)
         start += f.rank
     core = np.concatenate(core_cols, axis=1)
