@@ -242,6 +242,27 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any], *, strict: b
     return parse_config(data, text=text, origin=origin, strict=strict)
 
 
+def read_config(source: str | os.PathLike[str] | Mapping[str, Any]) -> tuple[Any, str | None, str]:
+    """The config as parsed, not validated: its data, its YAML text (None for a mapping) and its name in messages
+    (``config.adapters`` reads an ``adapters:`` config with it)."""
+    return _read(source)
+
+
+def not_a_model_merge(data: Mapping[str, Any], origin: str) -> ConfigError:
+    """The error for a config with ``adapters:`` (a LoRA adapter merge, ``config.adapters``) where a model merge is
+    read: beside ``models:``/``slices:``/``modules:``, or where only model merges run (``plan``, mergekit-multi)."""
+    given = [k for k in ("models", "slices", "modules") if data.get(k)]
+    if given:
+        return ConfigError(
+            f"{origin}: adapters: and {' and '.join(given)}: give one of them (adapters: merges LoRA adapters into "
+            f"one adapter, {given[0]}: merges models)"
+        )
+    return ConfigError(
+        f"{origin}: adapters: this config merges LoRA adapters into one adapter, which `ferromerge run` (or "
+        "ferromerge.run / ferromerge.merge_adapters) does; it is no model merge"
+    )
+
+
 def _read(source: str | os.PathLike[str] | Mapping[str, Any]) -> tuple[Any, str | None, str]:
     if isinstance(source, Mapping):
         return dict(source), None, "config"
@@ -286,6 +307,8 @@ def parse_config(
         raise ConfigError(
             f"{origin}: expected a mapping of keys (merge_method, models, ...), got {type(data).__name__}"
         )
+    if "adapters" in data:
+        raise not_a_model_merge(data, origin)
     lenient = Lenient(strict)
     data = drop_unknown_keys(data, PARAMETER_NAMES, lenient)
     if "merge_method" not in data:
