@@ -18,6 +18,8 @@ from . import _engine
 from ._plan.build import DEFAULT_SHARD_SIZE, Plan, build_plan
 from ._plan.estimate import Estimate, estimate
 from ._validate import check_seed, check_threads, parse_size
+from .adapters import COMBINATIONS, merge_adapters
+from .config.adapters import AdaptersConfig, load_adapters_config
 from .config.resolve import MergeConfig, load_config
 from .errors import InputError, ParameterError
 from .io import journal
@@ -62,6 +64,9 @@ class RunReport:
     out_dir: Path
     #: output shards a resumed run found finished and verified (not merged again); tensors and bytes count the rest
     shards_reused: int = 0
+    #: a config with ``adapters:`` (``config.adapters``): ``merge_adapters``' summary; ``tensors`` then counts the
+    #: LoRA factors written and ``bytes_read`` is not counted (0)
+    adapters: Mapping[str, Any] | None = None
 
     @property
     def gb_per_s(self) -> float:
@@ -373,6 +378,10 @@ def run(
     refused (``OutputError``). With ``resume``, a run that fails or is interrupted keeps its partial output for the
     next resume; without it, the partial output is removed (and a killed run's is removed by the next run).
 
+    A config with ``adapters:`` instead of ``models:`` (``config.adapters``) merges LoRA adapters into one adapter:
+    ``merge_adapters`` runs it with ``seed``, ``threads``, ``overwrite``, ``quiet`` and ``on_progress`` (per module);
+    the options of a model merge have no effect there (a note says so).
+
     The steps: check the arguments; lock the output; ``prepare`` (config -> models -> plan); check the output's
     place; merge the tensors; write the side files; rename the finished directory into place
     (``OutputDir.building``).
@@ -380,6 +389,14 @@ def run(
     check_threads(threads)
     limit = memory_limit_bytes(memory_limit)
     log = _log(quiet)
+    adapter_config = load_adapters_config(config_or_path, COMBINATIONS, strict=strict)
+    if adapter_config is not None:
+        unused = {"memory_limit": memory_limit, "lora_merge_cache": lora_merge_cache, "device": device,
+                  "resume": resume, "allow_nonfinite": allow_nonfinite}
+        for name in (k for k, v in unused.items() if v):
+            log(f"note: {name} has no effect on an adapter merge (adapters:)")
+        return _merge_adapters(adapter_config, out_dir, seed=seed, threads=threads, quiet=quiet,
+                               overwrite=overwrite, on_progress=on_progress)
     start = time.perf_counter()
     with OutputDir(out_dir, overwrite=overwrite) as output:
         # the default LoRA cache lives in the output's temporary directory, so a failed run leaves nothing behind
@@ -449,6 +466,36 @@ def run(
         out_dir=output.target,
         shards_reused=len(kept),
     )
+
+
+def _merge_adapters(
+    config: AdaptersConfig,
+    out_dir: str | os.PathLike[str],
+    *,
+    seed: int,
+    threads: int | None,
+    quiet: bool,
+    overwrite: bool,
+    on_progress: ProgressCallback | None,
+) -> RunReport:
+    """A config with ``adapters:``: ``merge_adapters`` with its arguments and the run's seed, threads and
+    ``overwrite``; ``on_progress`` counts modules (bytes 0)."""
+    bar = None if quiet else ProgressBar("merging adapters")
+
+    def progress(done: int, total: int) -> None:
+        if bar is not None:
+            bar(done, total, done, total)
+        if on_progress is not None:
+            on_progress(done, total, 0, 0)
+
+    try:
+        summary = merge_adapters(out_dir, **config.arguments(), seed=seed, threads=threads, overwrite=overwrite,
+                                 quiet=quiet, on_progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    return RunReport(tensors=2 * int(summary["modules"]), bytes_read=0, bytes_written=int(summary["bytes_written"]),
+                     seconds=float(summary["seconds"]), out_dir=Path(summary["out"]), adapters=summary)
 
 
 def _input_files(plan: Plan, plan_json: Mapping[str, Any]) -> set[Path]:
