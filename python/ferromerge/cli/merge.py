@@ -148,7 +148,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         allow_nonfinite=args.allow_nonfinite,
         **kwargs,
     )
-    if not kwargs["quiet"]:
+    if not kwargs["quiet"] and report.adapters is not None:
+        a = report.adapters
+        print(f"merged the adapters by {a['combination']} into a rank-{a['r']} {a['dtype']} LoRA of {a['modules']} "
+              f"modules in {report.out_dir} ({report.seconds:.2f} s)")
+    elif not kwargs["quiet"]:
         if report.shards_reused:
             print(f"resumed: {report.shards_reused} finished shard(s) kept, the counts below are the rest")
         print(
