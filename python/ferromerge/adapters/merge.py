@@ -35,7 +35,8 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -292,8 +293,10 @@ def merge_adapters(
         raise ParameterError(f"combination {kind!r} needs adapters of one rank (PEFT's rule), got ranks "
                              + ", ".join(f"{a.path}: {r}" for a, r in zip(ads, adapter_ranks, strict=True))
                              + "; use 'cat' or an SVD type")
-    new_rank = (sum(adapter_ranks) if kind == "cat" else adapter_ranks[0] if kind in STACK_TYPES
-                else rank or max(adapter_ranks))
+    if kind == "cat" or (kind in KNOTS_TYPES and rank is None):
+        new_rank = sum(adapter_ranks)  # KnOTS, like cat, keeps every component unless a rank is asked for
+    else:
+        new_rank = adapter_ranks[0] if kind in STACK_TYPES else rank or max(adapter_ranks)
     if rank is not None and kind not in SVD_TYPES and not kind.startswith("knots_"):
         notes.append(f"rank {rank} is used by the SVD types only; {kind!r} gives rank {new_rank}")
 
@@ -310,13 +313,16 @@ def merge_adapters(
         elif kind in SVD_TYPES:
             ranks[name] = svd_rank(kind, new_rank, [m.rank for m in infos], shape)
         else:
-            ranks[name] = min(new_rank, sum(m.rank for m in infos), *shape)
+            ranks[name] = sum(m.rank for m in infos) if rank is None else min(rank, sum(m.rank for m in infos), *shape)
     planned = []
     for name in modules:
         info = ads[where[name][0]].modules[name]
         key_a, key_b = tensor_keys(name, info.embedding)
         planned.append(PlannedTensor.of(key_a, st_dtype, (ranks[name], info.shape[1])))
         planned.append(PlannedTensor.of(key_b, st_dtype, (info.shape[0], ranks[name])))
+    base_layers = _base_layers(ads)
+    for key, (_, dtype, full) in base_layers.items():
+        planned.append(PlannedTensor.of(key, dtype, full))
     check_free_space(output.target, sum(p.nbytes for p in planned))
     for note in notes:
         log(f"note: {note}")
@@ -336,8 +342,10 @@ def merge_adapters(
                 ws = [weights[i] for i in idx]
                 try:
                     if knots is not None:
-                        merged = knots.knots_merge(facs, ws, merge=kind.removeprefix("knots_"), density=density,
-                                                   majority_sign=majority_sign, seed=seed, module=name)
+                        merged = knots.knots_merge(
+                            facs, ws, merge=kind.removeprefix("knots_"), density=1.0 if density is None else density,
+                            majority_sign=majority_sign, seed=seed, module=name,
+                            rank=None if rank is None else ranks[name])
                         merged = _truncate(merged, ranks[name], name, threads)
                     else:
                         merged = merge_module(kind, facs, ws, rank=new_rank, density=density,
@@ -353,6 +361,11 @@ def merge_adapters(
                 writer.add(key_b, st_dtype, b.shape, from_f32(b, st_dtype))
                 if on_progress is not None:
                     on_progress(done + 1, len(modules))
+            for key, (i, dtype, full) in base_layers.items():
+                start, end = ads[i].raw_span(key)
+                writer.begin(key, dtype, full)
+                for block in _blocks(ads[i].weights_file, start, end):
+                    writer.write(block)
             bytes_written = writer.close()
         except BaseException:
             writer.abort()
@@ -373,10 +386,42 @@ def merge_adapters(
     }
 
 
+def _blocks(file: Path, start: int, end: int, size: int = 64 << 20) -> Iterator[bytes]:
+    """Bytes ``start:end`` of ``file`` in blocks of at most ``size``."""
+    with open(file, "rb") as f:
+        f.seek(start)
+        while start < end:
+            block = f.read(min(size, end - start))
+            if not block:
+                raise InputError(f"{file}: truncated (shorter than its header says)")
+            start += len(block)
+            yield block
+
+
+def _base_layers(ads: Sequence[Adapter]) -> dict[str, tuple[int, str, tuple[int, ...]]]:
+    """Base-layer copies to carry over: key -> (the first adapter holding it, dtype, shape); every adapter that
+    holds one must hold the same tensor (they are copies of the one base model's)."""
+    out: dict[str, tuple[int, str, tuple[int, ...]]] = {}
+    for j, ad in enumerate(ads):
+        for key, (dtype, shape) in ad.base_layers.items():
+            if key not in out:
+                out[key] = (j, dtype, shape)
+                continue
+            i, d0, s0 = out[key]
+            first = ads[i]
+            same = (d0, s0) == (dtype, shape) and all(
+                x == y for x, y in zip(_blocks(first.weights_file, *first.raw_span(key)),
+                                       _blocks(ad.weights_file, *ad.raw_span(key)), strict=True))
+            if not same:
+                raise InputError(f"{ad.weights_file}: tensor {key} differs from {first.weights_file}'s (the "
+                                 "adapters' base layers must be the same model's)")
+    return out
+
+
 def _truncate(f: Factors, rank: int, name: str, threads: int | None) -> Factors:
     """``f`` at exactly ``rank`` (KnOTS returns Σ r_i): the exact SVD through the factors when it has more."""
-    if f.rank == rank:
+    if f.rank == rank and f.scale == 1.0:
         return f
-    u, s, vt = _low_rank_svd([f], [1.0], rank, threads)
+    u, s, vt = _low_rank_svd([f], [1.0], min(rank, f.rank, *f.shape), threads)
     a, b = _padded(u, s, vt, rank, f.shape)
     return Factors(a, b)

@@ -7,7 +7,10 @@ module at a time. A module is a linear layer (``<module>.lora_A.weight`` / ``lor
 (``lora_embedding_A`` / ``lora_embedding_B``); its scale is PEFT's (``lora_alpha / r``, ``/ √r`` with
 ``use_rslora``, ``rank_pattern`` / ``alpha_pattern`` per module: ``models.lora`` holds those rules).
 
-Refused with an ``InputError`` naming the file and tensor: tensors that are not LoRA factors (``modules_to_save``
+The base-layer copies PEFT saves beside an embedding LoRA (``<module>.base_layer.weight``) are carried over as
+they are (``merge`` checks that every adapter holding one holds the same bytes).
+
+Refused with an ``InputError`` naming the file and tensor: other tensors that are not LoRA factors (``modules_to_save``
 copies, ``lora_bias`` biases, DoRA magnitudes: PEFT's ``add_weighted_adapter`` cannot merge them either), a factor
 without its partner, ranks that disagree with the config, factors of other dtypes than F32/F16/BF16.
 """
@@ -39,7 +42,11 @@ from ..models.lora import (
 from ..models.refs import resolve
 from .factors import Factors
 
-__all__ = ["Adapter", "ModuleInfo", "merged_config", "read_adapter", "tensor_keys"]
+__all__ = ["BASE_LAYER", "Adapter", "ModuleInfo", "merged_config", "read_adapter", "tensor_keys"]
+
+#: the suffix of the base-layer weights PEFT saves with an adapter that targets embeddings
+#: (``save_embedding_layers="auto"``): copies of the model's tensors, carried over unchanged
+BASE_LAYER = ".base_layer.weight"
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,8 @@ class Adapter:
     config: dict[str, Any]
     weights_file: Path
     modules: dict[str, ModuleInfo]
+    #: base-layer copies PEFT saves beside embedding LoRAs (``<module>.base_layer.weight``): name -> (dtype, shape)
+    base_layers: dict[str, tuple[str, tuple[int, ...]]]
     _header: Header | None = None
 
     @property
@@ -86,6 +95,13 @@ class Adapter:
         if raw.size != int(np.prod(shape)):
             raise InputError(f"{self.weights_file}: tensor {key} is truncated (file shorter than its header says)")
         return to_f32(raw.reshape(shape), dtype)
+
+    def raw_span(self, key: str) -> tuple[int, int]:
+        """The absolute byte span of stored tensor ``key``."""
+        if self._header is None:
+            self._header = read_header(self.weights_file)
+        _, _, start, end = self._header.tensors[key]
+        return start, end
 
     def factors(self, module: str) -> Factors:
         """The module's factors in float32 (exact: F16 and BF16 widen without rounding) and its scale."""
@@ -112,7 +128,10 @@ def read_adapter(ref: str | os.PathLike[str]) -> Adapter:
                     if (path / "adapter_model.bin").is_file() else "")
         raise InputError(f"LoRA adapter {path}: {ADAPTER_WEIGHTS} not found{bin_note}")
     header = _engine.read_header(str(weights))
-    return Adapter(text, path, config, weights, _modules(config, path / ADAPTER_CONFIG, weights, header))
+    base_layers = {k: (d, tuple(int(x) for x in sh)) for k, (d, sh) in header.items() if k.endswith(BASE_LAYER)}
+    factors = {k: v for k, v in header.items() if k not in base_layers}
+    return Adapter(text, path, config, weights, _modules(config, path / ADAPTER_CONFIG, weights, factors),
+                   base_layers)
 
 
 def _modules(config: Mapping[str, Any], config_path: Path, weights: Path,
