@@ -21,13 +21,14 @@ LoRA-adapted layer, and so what this module does:
    ``where(sign > 0, x > 0, x < 0)`` does).
 4. ΔW = U · merged, returned as ``Factors(a=merged, b=U, scale=1)``.
 
-How it is computed: never through the out × T·in matrix C. With B = [B_1 … B_T] = Q·R_B (thin QR) and
-scale_t·A_tᵀ = Q_t·R_t, C = Q · K · blockdiag(Q_tᵀ) with the small core K = R_B · blockdiag(R_tᵀ) (Σr × Σr); Q and
-blockdiag(Q_tᵀ) have orthonormal columns and rows, so the SVD of K gives C's exactly: U = Q·U_K, s = s_K. The
-coefficients are then diag(s)·V_t = Uᵀ·C_t = (Uᵀ·B_t)·(scale_t·A_t), equal in exact arithmetic and exactly 0 for an
-adapter whose ΔW is 0 (an SVD's V_t holds rounding noise there, which the disjoint mean would count as entries: the
-reference's result then depends on LAPACK's rounding). Cost O((out + T·in)·(Σr)²), memory that of the factors and
-the T coefficient blocks (r × in each).
+How it is computed: never through the out × T·in matrix C. With B = [B_1 … B_T] = Q·R_B and
+scale_t·A_tᵀ = Q_t·R_t (thin QRs, of which only the R factors are formed), C = Q · K · blockdiag(Q_tᵀ) with the
+small core K = R_B · blockdiag(R_tᵀ) (Σr × Σr); Q and blockdiag(Q_tᵀ) have orthonormal columns and rows, so the SVD
+K = U_K·diag(s)·Wᵀ gives C's exactly: s, V_t = Q_t·W_t, and U = C·V·diag(1/s) = Σ_t B_t·R_tᵀ·W_t·diag(1/s) (one
+product with the stacked B). The coefficients are then diag(s)·V_tᵀ = Uᵀ·C_t = (Uᵀ·B_t)·(scale_t·A_t), equal in exact
+arithmetic and exactly 0 for an adapter whose ΔW is 0 (an SVD's V_t holds rounding noise there, which the disjoint
+mean would count as entries: the reference's result then depends on LAPACK's rounding). Cost O((out + T·in)·(Σr)²),
+memory that of the factors and the T coefficient blocks (r × in each).
 The QR and SVD run in float64 with LAPACK (NumPy), as the reference's SVD does: the engine's ``_core.svd`` is
 float32 only, and with an absolute cut s > 1e-5 a float32 SVD would keep rounding-noise components of a
 rank-deficient C (two adapters sharing a B) that change the trim's count. The trim and the DARE masks are the
@@ -55,6 +56,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
@@ -111,17 +113,23 @@ def shared_basis(factors: Sequence[Factors]) -> tuple[_F32, list[_F32]]:
     diag(s)·V_t (r × in, float32), r the number of singular values of [ΔW_1 | … | ΔW_T] above ``SV_CUT``."""
     out_dim, in_dim = factors[0].shape
     b_all = np.concatenate([np.asarray(f.b, dtype=np.float64) for f in factors], axis=1)
-    q, r_b = np.linalg.qr(b_all)  # out × k, k × Σr
+    r_b = cast(_F64, np.linalg.qr(b_all, mode="r"))  # B = Q·R_B, k × Σr; Q is never formed
+    r_ts: list[_F64] = []
     core_cols: list[_F64] = []
     start = 0
     for f in factors:
         # scale_t·A_tᵀ = Q_t R_t: only R_t joins the core (Q_t's orthonormal columns leave U and s unchanged)
-        _, r_t = np.linalg.qr(np.asarray(f.a, dtype=np.float64).T * float(f.scale))
+        r_t = cast(_F64, np.linalg.qr(np.asarray(f.a, dtype=np.float64).T * float(f.scale), mode="r"))
         core_cols.append(r_b[:, start:start + f.rank] @ r_t.T)
+        r_ts.append(r_t)
         start += f.rank
     core = np.concatenate(core_cols, axis=1)
-    u_k, s, _ = np.linalg.svd(core, full_matrices=False)
-    u64 = q @ u_k[:, s > SV_CUT]
+    _, s, vh = np.linalg.svd(core, full_matrices=False)
+    keep = s > SV_CUT
+    # U = C·V·diag(1/s), and ΔW_t·V_t = B_t·R_tᵀ·W_t (V_t = Q_t·W_t): one product with the stacked B
+    w = vh[keep].T
+    m = np.concatenate([r_t.T @ w[row:row + r_t.shape[0]] for r_t, row in zip(r_ts, _offsets(r_ts), strict=True)])
+    u64 = (b_all @ m) / s[keep]
     u64 *= canonical_signs(u64)
     u = u64.astype(np.float32)
     # diag(s)·V_t = Uᵀ·ΔW_t = (Uᵀ·B_t)·(scale_t·A_t): exactly 0 for an adapter whose ΔW is 0, where V_t from the
@@ -134,6 +142,15 @@ def shared_basis(factors: Sequence[Factors]) -> tuple[_F32, list[_F32]]:
         start += f.rank
     assert u.shape[0] == out_dim
     return u, coeffs
+
+
+def _offsets(blocks: Sequence[_F64]) -> list[int]:
+    """Where each block's rows start in their vertical stack."""
+    out, row = [], 0
+    for blk in blocks:
+        out.append(row)
+        row += blk.shape[0]
+    return out
 
 
 def canonical_signs(u: _F64) -> _F64:
