@@ -74,11 +74,12 @@ pub fn merge_arrays<'py>(
     let out_dtype = job.out_dtype;
     with_output(py, out_dtype, n, |out| {
         let sink = merge::SliceSink::new(out, out_dtype);
-        pool.install(|| merge::merge(&job, chunk, &sink)).map_err(to_py)?;
+        let merged = pool.install(|| merge::merge(&job, chunk, &sink));
+        // Before the merge's own error: a NaN is the likelier cause of a kernel's complaint.
         if job.saw_nonfinite() && !allow_nonfinite {
             return Err(nonfinite_error(&job, name));
         }
-        Ok(())
+        merged.map_err(to_py)
     })
 }
 

@@ -335,10 +335,11 @@ pub fn execute_with(
                         (merged, read_ahead)
                     });
                     take_read_fault(job)?;
-                    merged?;
+                    // Before the merge's own error: a NaN is the likelier cause of a kernel's complaint.
                     if run.saw_nonfinite() && !plan.allow_nonfinite {
                         return Err(nonfinite_error(job)?);
                     }
+                    merged?;
                     if let Some(r) = read_ahead {
                         r?;
                         ahead_for = Some(idx + 1);

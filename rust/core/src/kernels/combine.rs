@@ -38,18 +38,26 @@ pub enum Scale {
     Div(f32),
 }
 
+/// 1.0 for a kept element, 0.0 for a dropped one: masks multiply, as mergekit's `tensor * mask` does, so a
+/// dropped NaN or infinity stays NaN (x·0) instead of being replaced by zero; a finite dropped value gives ±0,
+/// which adds nothing to any sum.
+#[inline(always)]
+fn mask(k: bool) -> f32 {
+    f32::from(u8::from(k))
+}
+
 /// x ← w·rescale(x·keep): the weighted, sparsified delta of one model.
 #[multiversion(targets = "simd")]
 pub fn weigh(x: &mut [f32], keep: Option<&[bool]>, scale: Scale, weight: f32) {
     match (keep, scale) {
         (Some(keep), Scale::Mul(s)) => {
             for (v, &k) in x.iter_mut().zip(keep) {
-                *v = weight * (if k { *v * s } else { 0.0 });
+                *v = weight * (*v * s * mask(k));
             }
         }
         (Some(keep), Scale::Div(s)) => {
             for (v, &k) in x.iter_mut().zip(keep) {
-                *v = weight * (if k { *v / s } else { 0.0 });
+                *v = weight * (*v / s * mask(k));
             }
         }
         (None, _) => x.iter_mut().for_each(|v| *v *= weight),
@@ -60,7 +68,7 @@ pub fn weigh(x: &mut [f32], keep: Option<&[bool]>, scale: Scale, weight: f32) {
 #[multiversion(targets = "simd")]
 pub fn weigh_each(x: &mut [f32], keep: &[bool], probs: &[f32], weight: f32) {
     for ((v, &k), &p) in x.iter_mut().zip(keep).zip(probs) {
-        *v = weight * (if k { *v / p } else { 0.0 });
+        *v = weight * (*v / p * mask(k));
     }
 }
 
@@ -76,7 +84,9 @@ pub fn lincomb(xs: &[&[f32]], coefs: &[f32], out: &mut [f32]) {
 }
 
 /// Sign election by the sign of the weighted sum (>= 0 counts as +), then the sum of agreeing weighted deltas
-/// and of agreeing weights (zeros never agree); a zero divisor becomes 1.
+/// and of agreeing weights (zeros never agree); a zero divisor becomes 1. As in mergekit, disagreeing deltas are
+/// multiplied by 0, not skipped: a NaN or infinite delta (allowed inputs) makes the element NaN (NaN·0, ∞·0)
+/// instead of leaving the base's value there.
 #[multiversion(targets = "simd")]
 pub fn elect_and_mix(ws: &[Vec<f32>], weights: &[f32], total: &mut [f32], mixed: &mut [f32], divisor: &mut [f32]) {
     total.fill(0.0);
@@ -89,9 +99,9 @@ pub fn elect_and_mix(ws: &[Vec<f32>], weights: &[f32], total: &mut [f32], mixed:
     divisor.fill(0.0);
     for (w, &wt) in ws.iter().zip(weights) {
         for ((m, d), (&v, &t)) in mixed.iter_mut().zip(divisor.iter_mut()).zip(w.iter().zip(total.iter())) {
-            let agree = if t >= 0.0 { v > 0.0 } else { v < 0.0 };
-            *m += if agree { v } else { 0.0 };
-            *d += if agree { wt } else { 0.0 };
+            let agree = mask(if t >= 0.0 { v > 0.0 } else { v < 0.0 });
+            *m += v * agree;
+            *d += wt * agree;
         }
     }
     for d in divisor.iter_mut() {

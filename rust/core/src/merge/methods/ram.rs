@@ -46,7 +46,8 @@ pub(crate) fn merge(job: &Job, params: &RamParams, opts: &Options, sink: &dyn Si
             let count = k.max(1) as f32;
             let mut merged = 0f32;
             for (i, &lambda) in lambdas.iter().enumerate() {
-                let tv = if active(s, i, j) { s.x[i][j] } else { 0.0 };
+                // Masks multiply (mergekit's `tv * mask`): an inactive NaN stays NaN; a finite one adds ±0.
+                let tv = s.x[i][j] * f32::from(u8::from(active(s, i, j)));
                 merged += tv * unique * lambda + tv * shared / count;
             }
             s.mixed[j] = s.base[j] + merged;
