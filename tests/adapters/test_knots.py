@@ -17,7 +17,9 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from adapters.make import read_adapter, write_adapter
 from ferromerge import _engine
+from ferromerge.adapters import merge_adapters
 from ferromerge.adapters.factors import Factors
 from ferromerge.adapters.knots import MERGES, knots_merge, merge_coefficients, shared_basis
 from ferromerge.errors import InputError, ParameterError
@@ -236,3 +238,30 @@ def test_bad_arguments_are_refused():
     bad = Factors(a=np.full((2, 6), np.nan, np.float32), b=fs[0].b)
     with pytest.raises(InputError, match="q_proj: adapter 1: NaN"):
         knots_merge([fs[0], bad], [1, 1], module="q_proj")
+
+
+@pytest.mark.parametrize("combination, density", [("knots_ties", 0.3), ("knots_dare_ties", 0.5), ("knots_linear", None)])
+def test_merge_adapters_writes_the_references_delta(tmp_path, combination, density):
+    """End to end: PEFT adapter directories (two ranks and lora_alpha, bfloat16 and float32) through
+    ``merge_adapters``; every module's ΔW read back from the written adapter (its r and lora_alpha) is the
+    reference's on the adapters' own factors and scales (lora_alpha / r)."""
+    first = write_adapter(tmp_path / "a1", 4, seed=1, alpha=16.0)
+    second = write_adapter(tmp_path / "a2", 8, seed=2, alpha=8.0, dtype="BF16")
+    weights = [0.8, 0.8]
+    merge_adapters(tmp_path / "out", [(tmp_path / "a1", weights[0]), (tmp_path / "a2", weights[1])],
+                   combination=combination, density=density, seed=9)
+    config, merged = read_adapter(tmp_path / "out")
+    assert not config["rank_pattern"] and not config["alpha_pattern"]
+    scale = config["lora_alpha"] / config["r"]
+    for module, (a1, b1) in first.items():
+        a2, b2 = second[module]
+        factors = [Factors(a=a1, b=b1, scale=16.0 / 4), Factors(a=a2, b=b2, scale=8.0 / 8)]
+        merge = combination.removeprefix("knots_")
+        _, coeffs = shared_basis(factors)
+        masks = _engine_masks([c.shape for c in coeffs], density, 9, module) if merge.startswith("dare") else None
+        expected, _, margins = ref.knots([(f.a, f.b, f.scale) for f in factors], weights, merge,
+                                         1.0 if density is None else density, dare_masks=masks)
+        assert margins.trim > 1e-5 and margins.sign > 1e-5, margins
+        a, b = merged[module]
+        got = scale * (b.astype(np.float64) @ a)
+        np.testing.assert_allclose(got, expected, atol=2e-6 * np.abs(expected).max(), err_msg=module)
