@@ -107,7 +107,7 @@ def execute_plan(
     exception it raises is re-raised as itself.
 
     ``memory_limit`` (bytes, default ``default_memory_limit()``) bounds what the run keeps resident: chunking,
-    read-ahead, and when input pages are released; it never changes the output.
+    read-ahead, and which tensors are read whole or streamed from their files; it never changes the output.
 
     ``progress(tensors_done, tensors_total, bytes_done, bytes_total)`` is called from the calling thread after each
     tensor; an exception it raises (or Ctrl-C) aborts the run and is re-raised as itself. Input files are validated
