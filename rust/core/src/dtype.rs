@@ -104,7 +104,7 @@ pub fn f32_to_bf16(x: f32) -> u16 {
     }
 }
 
-/// Decode `out.len()` elements of `dtype` from little-endian `bytes` (which may be unaligned: mmap'd tensors
+/// Decode `out.len()` elements of `dtype` from little-endian `bytes` (which may be unaligned: stored tensors
 /// only promise the alignment their writer chose).
 #[multiversion(targets = "simd")]
 pub fn decode(dtype: DType, bytes: &[u8], out: &mut [f32]) {

@@ -1,4 +1,4 @@
-//! ferromerge-core: the streaming merge engine. Memory-maps safetensors shards, merges tensors chunk by chunk
+//! ferromerge-core: the streaming merge engine. Reads safetensors shards with positioned reads, merges tensors chunk by chunk
 //! on a rayon pool with f32 math, and writes output shards in place. Knows nothing of Python: the `ferromerge-py`
 //! crate binds it.
 

@@ -70,8 +70,8 @@ pub struct TensorNeeds {
 pub struct MemoryPlan {
     pub budget: u64,
     pub chunk_elems: usize,
-    /// Bytes read ahead (the next tensor's inputs) and the largest input share a tensor may hold before its
-    /// pages are released chunk by chunk.
+    /// Bytes read ahead (the next tensor's inputs) and the largest input share a tensor may hold in memory whole;
+    /// a larger one is streamed from its files chunk by chunk.
     pub read_ahead: u64,
     /// Every worker's chunk buffers.
     pub scratch: u64,
