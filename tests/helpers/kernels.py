@@ -130,7 +130,7 @@ def values(a, dtype, cast=None):
 
 def kernel_merge(method, inputs, base, weights, densities, *, out_dtype, normalize, cast_dtype=None, lambda_=1.0,
                  rescale="none", seed=0, name="", model_ids=None, threads=None, chunk_elems=None, shape=None,
-                 params=None, gammas=None, epsilons=None):
+                 params=None, gammas=None, epsilons=None, allow_nonfinite=False):
     """One in-memory kernel call from the flat arguments these suites were written with: builds the plan's
     ``method`` object and the per-input values, and calls ``_engine.merge_arrays``."""
     method_object = {"name": method, "normalize": normalize, "lambda": lambda_, "rescale": rescale, "seed": seed}
@@ -138,7 +138,8 @@ def kernel_merge(method, inputs, base, weights, densities, *, out_dtype, normali
         method_object["params"] = dict(params)
     values = _engine.input_values(weights, densities, gammas, epsilons, model_ids)
     return _engine.merge_arrays(method_object, inputs, base, values, out_dtype=out_dtype, cast_dtype=cast_dtype,
-                                name=name, shape=shape, threads=threads, chunk_elems=chunk_elems)
+                                name=name, shape=shape, threads=threads, chunk_elems=chunk_elems,
+                                allow_nonfinite=allow_nonfinite)
 
 
 def merge(method, inputs, base, *, shape, weights=None, densities=None, params=None, gammas=None, epsilons=None,

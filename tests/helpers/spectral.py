@@ -83,13 +83,13 @@ def make_family(seed: int, shape, n_tasks: int, kind: str):
 
 
 def merge(method, inputs, base, *, shape, params=None, out_dtype="float32", cast=None, lam=1.0, seed=0, name="t",
-          threads=None, chunk=None, weights=None):
+          threads=None, chunk=None, weights=None, allow_nonfinite=False):
     k = len(inputs)
     return kernel_merge(
         method, inputs, base, list(weights) if weights is not None else [1.0] * k, [1.0] * k,
         out_dtype=out_dtype, normalize=False, cast_dtype=cast, lambda_=lam, rescale="none", seed=seed, name=name,
         model_ids=None, threads=threads, chunk_elems=chunk, shape=list(shape), params=params, gammas=None,
-        epsilons=None,
+        epsilons=None, allow_nonfinite=allow_nonfinite,
     )
 
 
