@@ -286,3 +286,17 @@ def test_cli(tmp_path):
     assert bad.returncode == 2 and bad.stderr.startswith("ferromerge: error:") and "density" in bad.stderr
     missing = run_cli("merge-lora", tmp_path / "o3", "--adapter", str(tmp_path / "zz"))
     assert missing.returncode == 1 and "not found" in missing.stderr
+
+
+def test_sign_election_blocks_do_not_change_the_result(trio, monkeypatch):
+    """The election runs block by block (bounded temporaries): tiny blocks give the same bytes."""
+    from ferromerge.adapters import combine
+
+    tmp, _ = trio
+    _merge(tmp, "ties_svd", name="big", density=0.5, exact=True)
+    _merge(tmp, "ties", name="big_stack", density=0.5, majority_sign="frequency")
+    monkeypatch.setattr(combine, "BLOCK", 7)
+    _merge(tmp, "ties_svd", name="small", density=0.5, exact=True)
+    _merge(tmp, "ties", name="small_stack", density=0.5, majority_sign="frequency")
+    for a, b in (("big", "small"), ("big_stack", "small_stack")):
+        assert (tmp / a / "adapter_model.safetensors").read_bytes() == (tmp / b / "adapter_model.safetensors").read_bytes()

@@ -80,16 +80,30 @@ def dare_linear(tasks: Sequence[F32], weights: Sequence[float], density: float |
                    name=name, threads=threads)
 
 
+#: elements per block of the sign election (its temporaries are a few times n × this many floats)
+BLOCK = 1 << 20
+
+
 def _elect_and_merge(pruned: Sequence[F32], weights: Sequence[float], majority_sign: str) -> F32:
-    """PEFT's ``calculate_majority_sign_mask`` + ``disjoint_merge`` over the pruned tensors."""
-    stack = np.stack([np.asarray(p, np.float32) for p in pruned])
-    signs = np.sign(stack)
-    score = stack.sum(axis=0) if majority_sign == "total" else signs.sum(axis=0)
-    agree = signs == np.where(score >= 0, np.float32(1), np.float32(-1))
-    w = np.asarray(weights, np.float32).reshape((-1,) + (1,) * (stack.ndim - 1))
-    selected = np.where(agree, stack * w, np.float32(0)).sum(axis=0)
-    count = np.maximum(agree.sum(axis=0), 1).astype(np.float32)
-    return (selected / count).astype(np.float32, copy=False)
+    """PEFT's ``calculate_majority_sign_mask`` + ``disjoint_merge`` over the pruned tensors, block by block: the
+    elected sign is + where the score (Σ p_i, or Σ sign(p_i) for "frequency") is ≥ 0; p_i agrees where its sign is
+    the elected one (a zero never does); out = Σ agreeing w_i·p_i / max(count, 1)."""
+    flat = [np.asarray(p, np.float32).reshape(-1) for p in pruned]
+    out = np.empty(flat[0].size, np.float32)
+    for lo in range(0, out.size, BLOCK):
+        block = [f[lo : lo + BLOCK] for f in flat]
+        score = np.zeros(block[0].size, np.float32)
+        for p in block:
+            score += p if majority_sign == "total" else np.sign(p)
+        positive = score >= 0
+        total = np.zeros_like(score)
+        count = np.zeros_like(score)
+        for p, w in zip(block, weights, strict=True):
+            agree = np.where(positive, p > 0, p < 0)
+            total += np.where(agree, p * np.float32(w), np.float32(0))
+            count += agree
+        out[lo : lo + BLOCK] = total / np.maximum(count, np.float32(1))
+    return out.reshape(np.shape(pruned[0]))
 
 
 def _check_sign(majority_sign: str) -> None:

@@ -9,8 +9,9 @@ and the user's weight w_i, over the adapters that have the module:
   to the A stack with weights √|w_i·s_i|·sign(w_i·s_i) and to the B stack with √|w_i·s_i| (the sign on one side
   only). Needs one rank per module; PEFT calls ``linear`` "a very rough approximation" (Σ B_i·Σ A_i ≠ Σ B_i·A_i).
 * ``svd``: ΔW = Σ w_i·s_i·B_i·A_i re-factorised at ``rank``: B = U·S, A = Vᵀ (PEFT's split). ΔW is never built:
-  QR of the stacked factors [w_i·s_i·B_i] = Q_b·R_b and [A_i]ᵀ = Q_a·R_a gives ΔW = Q_b·(R_b·R_aᵀ)·Q_aᵀ, so the
-  SVD of the small Σr × Σr core is the exact SVD of ΔW, in O((out+in)·(Σr)²).
+  orthonormal bases of the stacked factors [w_i·s_i·B_i] = Q_b·R_b and [A_i]ᵀ = Q_a·R_a (float64, from their
+  Σr × Σr Gram matrices) give ΔW = Q_b·(R_b·R_aᵀ)·Q_aᵀ, so the engine's exact SVD of the small core is the SVD of
+  ΔW (to float32 precision), in O((out+in)·(Σr)²).
 * ``ties_svd``, ``dare_linear_svd``, ``dare_ties_svd``, ``magnitude_prune_svd``: the function applied to the full
   deltas ΔW_i = s_i·B_i·A_i (the trims are elementwise, so ΔW_i is built, one module at a time, as PEFT does),
   then the SVD (randomized, keyed by ``seed`` and the module, unless ``exact``).
@@ -168,17 +169,40 @@ def merge_module(
 
 def _low_rank_svd(factors: Sequence[Factors], weights: Sequence[float], k: int, threads: int | None
                   ) -> tuple[F32, F32, F32]:
-    """The exact top-``k`` SVD of Σ w_i·s_i·B_i·A_i through the factors only: [w_i·s_i·B_i] = Q_b·R_b,
-    [A_i]ᵀ = Q_a·R_a, SVD of the core R_b·R_aᵀ (Σr × Σr at most), U = Q_b·U_c, Vᵀ = V_cᵀ·Q_aᵀ."""
-    bs = np.concatenate([f.b * np.float32(float(w) * f.scale) for f, w in zip(factors, weights, strict=True)], axis=1)
-    at = np.concatenate([f.a for f in factors]).T
-    qb, rb = np.linalg.qr(bs)
-    qa, ra = np.linalg.qr(at)
+    """The top-``k`` SVD of Σ w_i·s_i·B_i·A_i through the factors only: orthonormal bases of the stacked
+    [w_i·s_i·B_i] = Q_b·R_b and [A_i]ᵀ = Q_a·R_a, then the engine's exact SVD of the small core R_b·R_aᵀ;
+    U = Q_b·U_c, Vᵀ = V_cᵀ·Q_aᵀ."""
+    bs = np.concatenate([f.b.astype(np.float64) * (float(w) * f.scale) for f, w in zip(factors, weights, strict=True)],
+                        axis=1)
+    at = np.concatenate([f.a for f in factors]).T.astype(np.float64)
+    qb, rb = _orthonormal(bs)
+    qa, ra = _orthonormal(at)
+    if rb.shape[0] == 0 or ra.shape[0] == 0:  # ΔW = 0
+        return (np.zeros((bs.shape[0], 0), np.float32), np.zeros(0, np.float32), np.zeros((0, at.shape[0]), np.float32))
     core = np.ascontiguousarray(rb @ ra.T, np.float32)
     uc, s, vct = _engine.svd(core, rank=k, exact=True, threads=threads)
-    u = (qb @ np.asarray(uc, np.float32)).astype(np.float32, copy=False)
-    vt = (np.asarray(vct, np.float32) @ qa.T).astype(np.float32, copy=False)
+    u = (qb @ np.asarray(uc, np.float64)).astype(np.float32)
+    vt = (np.asarray(vct, np.float64) @ qa.T).astype(np.float32)
     return u, np.asarray(s, np.float32), np.ascontiguousarray(vt)
+
+
+#: directions of a stacked factor with σ below this fraction of its largest are dropped (their part of ΔW is
+#: below float32 rounding of the factors' products)
+_ORTH_CUT = 1e-7
+
+
+def _orthonormal(x: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """x (m × R, float64) = Q·R with Q orthonormal (m × k), from the eigen-decomposition of the R × R Gram matrix
+    xᵀx in float64: O(m·R²), accurate to float32 precision (LAPACK's QR of a tall matrix is several times slower
+    here, its blocked Householder steps spending their time in thread synchronisation)."""
+    lam, v = np.linalg.eigh(x.T @ x)
+    top = float(lam.max()) if lam.size else 0.0
+    if top <= 0:
+        return np.zeros((x.shape[0], 0)), np.zeros((0, x.shape[1]))
+    keep = lam > top * _ORTH_CUT**2
+    sig = np.sqrt(lam[keep])
+    v = v[:, keep]
+    return (x @ v) / sig[None, :], sig[:, None] * v.T
 
 
 def _adapter_list(adapters: Any) -> list[tuple[str, float]]:
