@@ -23,7 +23,7 @@ import numpy.typing as npt
 from .. import _engine
 from ..errors import ParameterError
 
-__all__ = ["dare_linear", "dare_ties", "magnitude_prune", "task_arithmetic", "ties"]
+__all__ = ["check_density", "dare_linear", "dare_ties", "magnitude_prune", "task_arithmetic", "ties"]
 
 F32 = npt.NDArray[np.float32]
 
@@ -46,7 +46,7 @@ def task_arithmetic(tasks: Sequence[F32], weights: Sequence[float], *, threads: 
     return _kernel("task_arithmetic", tasks, weights, [1.0] * len(tasks), threads=threads)
 
 
-def _check_density(density: float | None, what: str) -> float:
+def check_density(density: float | None, what: str) -> float:
     if density is None:
         raise ParameterError(f"{what} needs a density (the fraction of entries kept, in (0, 1])")
     density = float(density)
@@ -58,7 +58,7 @@ def _check_density(density: float | None, what: str) -> float:
 def magnitude_prune(tasks: Sequence[F32], weights: Sequence[float], density: float | None, *,
                     threads: int | None = None) -> F32:
     """Σ_i weights[i] · (tasks[i] with its ``int(density·numel)`` largest |entries| kept)."""
-    density = _check_density(density, "magnitude_prune")
+    density = check_density(density, "magnitude_prune")
     if density >= 1:
         return task_arithmetic(tasks, weights, threads=threads)
     if int(density * tasks[0].size) == 0:
@@ -71,7 +71,7 @@ def magnitude_prune(tasks: Sequence[F32], weights: Sequence[float], density: flo
 def dare_linear(tasks: Sequence[F32], weights: Sequence[float], density: float | None, *, seed: int, name: str,
                 threads: int | None = None) -> F32:
     """Σ_i weights[i] · (tasks[i] with each entry kept with probability ``density``, kept ones ÷ density)."""
-    density = _check_density(density, "dare_linear")
+    density = check_density(density, "dare_linear")
     if density >= 1:
         return task_arithmetic(tasks, weights, threads=threads)
     if density == 0:
@@ -115,7 +115,7 @@ def ties(tasks: Sequence[F32], weights: Sequence[float], density: float | None, 
          threads: int | None = None) -> F32:
     """Magnitude-trim each tensor, elect signs on the trimmed tensors, disjoint mean of the weighted agreeing ones."""
     _check_sign(majority_sign)
-    density = min(_check_density(density, "ties"), 1.0)
+    density = min(check_density(density, "ties"), 1.0)
     if int(density * tasks[0].size) == 0:
         return np.zeros(tasks[0].shape, np.float32)
     # a single-input TIES pass trims: every kept entry agrees with its own sign, so out = trimmed x
@@ -128,7 +128,7 @@ def dare_ties(tasks: Sequence[F32], weights: Sequence[float], density: float | N
     """DARE-prune each tensor (keep with probability ``density``, ÷ density), then TIES' election and disjoint
     mean. Input ``i``'s mask is the one ``dare_linear`` gives it (same seed, name and position)."""
     _check_sign(majority_sign)
-    density = _check_density(density, "dare_ties")
+    density = check_density(density, "dare_ties")
     if density >= 1:
         return _elect_and_merge(tasks, weights, majority_sign)
     if density == 0:

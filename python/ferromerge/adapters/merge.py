@@ -301,7 +301,9 @@ def merge_adapters(
         kind = "linear"
     base = kind.removeprefix("knots_").removesuffix("_svd")
     if base in _DENSITY_TYPES:
-        combine._check_density(density, combination)
+        combine.check_density(density, combination)
+    elif density is not None:
+        notes.append(f"density {density} is used by the pruning types only; {kind!r} prunes nothing")
     log: Callable[[str], None] = (lambda _: None) if quiet else (lambda m: print(f"ferromerge: {m}", file=sys.stderr))
 
     output = OutputDir(out, overwrite=overwrite)
