@@ -300,3 +300,22 @@ def test_sign_election_blocks_do_not_change_the_result(trio, monkeypatch):
     _merge(tmp, "ties", name="small_stack", density=0.5, majority_sign="frequency")
     for a, b in (("big", "small"), ("big_stack", "small_stack")):
         assert (tmp / a / "adapter_model.safetensors").read_bytes() == (tmp / b / "adapter_model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("rank", [None, 3])
+def test_knots_types_dispatch_to_knots(trio, rank):
+    """knots_linear merges in the shared basis without pruning: ΔW is the weighted sum (rank Σ r_i), or its best
+    rank-``rank`` approximation."""
+    tmp, ins = trio
+    summary, config, out = _merge(tmp, "knots_linear", rank=rank)
+    assert config["r"] == (rank or 12)
+    for m in SHAPES:
+        facs, ws = _present(ins, m)
+        delta = ref.full_delta("svd", facs, ws)
+        got = out[m][1] @ out[m][0]
+        if rank is None:
+            assert out[m][0].shape[0] == 4 * len(facs)
+            assert np.linalg.norm(got - delta) <= 1e-5 * np.linalg.norm(delta), m
+        else:
+            a, b = ref.svd_factors(delta, 3)
+            assert np.linalg.norm(got - b @ a) <= 1e-4 * np.linalg.norm(delta), m
