@@ -272,3 +272,16 @@ fn each_finished_shard_is_reported_with_its_size_and_crc32() {
     let e = execute_with(&plan, &out2, &opts(1), None, &mut callbacks).unwrap_err();
     assert_eq!(e.to_string(), "journal full");
 }
+
+#[test]
+fn a_fifo_directory_or_device_as_a_shard_is_an_error_not_a_hang() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo.safetensors");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo on a path we own.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    for path in [fifo, dir.path().to_path_buf(), PathBuf::from("/dev/zero")] {
+        let e = ferromerge_core::io::SafetensorsFile::open(&path).err().expect("refused");
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+    }
+}

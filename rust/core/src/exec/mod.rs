@@ -2,8 +2,8 @@
 //! written), lay out every output file, then merge tensor after tensor.
 //!
 //! Reading: inputs are read with positioned reads, never memory-mapped (`io::reader`). A tensor whose inputs fit
-//! the budget's read-ahead share is read whole into reusable buffers, the next one on a reader thread while this
-//! one merges; a larger tensor is streamed, each pass reading its chunks from the files, so it never becomes
+//! the budget's read-ahead share is read whole into reusable buffers (the next one's ranges are advised to the
+//! kernel while this one merges, so cold reads overlap the merge); a larger tensor is streamed, each pass reading its chunks from the files, so it never becomes
 //! resident whole (`budget`: the memory plan). A failed or short read is an error naming the file and the tensor.
 //! Output pages are written back one tensor behind and dropped from the page cache (`writeback`), so the output
 //! never accumulates in memory.
@@ -276,8 +276,7 @@ pub fn execute_with(
     let whole = |i: usize| works[i].input_bytes() <= share && matches!(works[i], Work::Merge(_));
     let mut p = Progress { tensors_total: works.len(), bytes_total, ..Default::default() };
     let mut bytes_written = 0u64;
-    let (mut held, mut ahead) = (Held::default(), Held::default());
-    let mut ahead_for: Option<usize> = None;
+    let mut held = Held::default();
     let mut copy_buf = Vec::new();
     let mut idx = 0usize;
     for (s, shard) in plan.shards.iter().enumerate() {
@@ -296,54 +295,33 @@ pub fn execute_with(
             match &works[idx] {
                 Work::Copy { file: src, name, entry } => read::copy(src, name, entry, &sink, &mut copy_buf)?,
                 Work::Merge(job) => {
-                    if !large && ahead_for != Some(idx) {
-                        held.fill(job)?;
-                    } else if !large {
-                        std::mem::swap(&mut held, &mut ahead);
+                    if !large {
+                        pool.install(|| held.fill(job))?;
                     }
-                    ahead_for = None;
-                    // Start the disk on the tensor after next; the next is read on a reader thread meanwhile.
-                    if let Some(Work::Merge(j)) = works.get(idx + 2).filter(|_| whole(idx + 2)) {
+                    // Start the disk on the next tensor while this one merges.
+                    if let Some(Work::Merge(j)) = works.get(idx + 1).filter(|_| whole(idx + 1)) {
                         read::prefetch(j);
                     }
-                    let next = works.get(idx + 1).filter(|_| whole(idx + 1));
                     let bound = (!large).then(|| held.bind(job));
                     let run = bound.as_ref().unwrap_or(job);
                     let mopts =
                         Options { chunk_elems: chunk, candidate_bytes: usize::try_from(share).unwrap_or(usize::MAX) };
-                    let (merged, read_ahead) = std::thread::scope(|scope| {
-                        let reader = next.map(|w| {
-                            let ahead = &mut ahead;
-                            scope.spawn(move || match w {
-                                Work::Merge(j) => ahead.fill(j),
-                                Work::Copy { .. } => Ok(()),
-                            })
-                        });
-                        let merged = (|| {
-                            let outside = match external {
-                                Some(ext) => pool.install(|| ext.merge(run))?,
-                                None => None,
-                            };
-                            match outside {
-                                Some(values) => pool.install(|| merge::emit_values(run, &mopts, &values, &sink)),
-                                None => pool.install(|| merge::merge_with(run, &mopts, &sink)),
-                            }
-                        })();
-                        let read_ahead = reader.map(|h| {
-                            h.join().unwrap_or_else(|_| Err(CoreError::Internal("the reader thread panicked".into())))
-                        });
-                        (merged, read_ahead)
-                    });
+                    let merged = (|| {
+                        let outside = match external {
+                            Some(ext) => pool.install(|| ext.merge(run))?,
+                            None => None,
+                        };
+                        match outside {
+                            Some(values) => pool.install(|| merge::emit_values(run, &mopts, &values, &sink)),
+                            None => pool.install(|| merge::merge_with(run, &mopts, &sink)),
+                        }
+                    })();
                     take_read_fault(job)?;
                     // Before the merge's own error: a NaN is the likelier cause of a kernel's complaint.
                     if run.saw_nonfinite() && !plan.allow_nonfinite {
                         return Err(nonfinite_error(job)?);
                     }
                     merged?;
-                    if let Some(r) = read_ahead {
-                        r?;
-                        ahead_for = Some(idx + 1);
-                    }
                 }
             }
             crc.push(&sink.finish());

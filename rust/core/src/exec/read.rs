@@ -1,9 +1,12 @@
 //! Reading inputs for the executor: whole tensors into reusable buffers (the tensors that fit the read-ahead
-//! share), byte-for-byte copies of non-float tensors, and read-ahead advice for the disk.
+//! share), byte-for-byte copies of non-float tensors, and read-ahead advice for the disk (the next tensor's
+//! ranges, so a cold read overlaps the merge of this one as a memory map's read-ahead did).
 //!
 //! The buffers are kept from tensor to tensor and only ever grow, so the process faults their pages in once (as
 //! transparent huge pages where the kernel allows), not once per tensor as a fresh allocation or a memory map
 //! would.
+
+use rayon::prelude::*;
 
 use crate::error::Result;
 use crate::io::{SafetensorsFile, TensorEntry};
@@ -18,18 +21,27 @@ pub(crate) struct Held {
 impl Held {
     /// Read every file source of `job` whole. A short read (a truncated file) is an error naming the file and
     /// the tensor.
+    ///
+    /// The reads run in pieces on the current rayon pool: from the page cache they are memory copies, which one
+    /// thread alone would make the bottleneck; from disk the kernel has usually read the tensor ahead already
+    /// ([`prefetch`], issued while the previous tensor merged).
     pub(crate) fn fill(&mut self, job: &Job) -> Result<()> {
+        const PIECE: usize = 4 << 20;
         for (i, src) in job.sources().enumerate() {
             if self.bufs.len() <= i {
                 self.bufs.push(Vec::new());
             }
-            if let Data::File { file, name, entry } = src.data {
-                let buf = &mut self.bufs[i];
-                grow(buf, entry.len());
-                file.read_at(name, entry, 0, &mut buf[..entry.len()])?;
+            if let Data::File { entry, .. } = src.data {
+                grow(&mut self.bufs[i], entry.len());
             }
         }
-        Ok(())
+        self.bufs.par_iter_mut().zip(job.sources().collect::<Vec<_>>()).try_for_each(|(buf, src)| {
+            let Data::File { file, name, entry } = src.data else { return Ok(()) };
+            buf[..entry.len()]
+                .par_chunks_mut(PIECE)
+                .enumerate()
+                .try_for_each(|(k, piece)| file.read_at(name, entry, k * PIECE, piece))
+        })
     }
 
     /// `job` over the bytes read by [`fill`](Self::fill).

@@ -80,10 +80,15 @@ pub struct SafetensorsFile {
 
 impl SafetensorsFile {
     pub fn open(path: &Path) -> Result<Self> {
+        // Checked before opening too: opening a FIFO for reading would wait for a writer forever.
+        let kind = std::fs::metadata(path).map_err(|e| CoreError::input(path, format!("cannot open: {e}")))?;
+        if !kind.is_file() {
+            return Err(CoreError::input(path, "not a regular file (a directory, FIFO or device)"));
+        }
         let file = File::open(path).map_err(|e| CoreError::input(path, format!("cannot open: {e}")))?;
         let meta = file.metadata().map_err(|e| CoreError::input(path, format!("cannot stat: {e}")))?;
         if !meta.is_file() {
-            return Err(CoreError::input(path, "not a regular file"));
+            return Err(CoreError::input(path, "not a regular file (a directory, FIFO or device)"));
         }
         let identity = Identity::of(&meta);
         let len = identity.size;
