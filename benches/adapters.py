@@ -5,8 +5,8 @@ gate,up 14336×4096, down 4096×14336), two bfloat16 adapters of rank 64.
     python benches/adapters.py [--dir DIR] [--layers 32] [--peft-layers 1] [--combinations svd ties_svd]
                                [--density 0.5] [--threads 2] [--skip-peft] [--json OUT]
 
-Every run is a fresh child process; its peak RSS is the child's ``ru_maxrss`` (``os.wait4``), its time the wall
-clock of the whole process (start-up, reading, merging, writing). The load average (1 min) is recorded before and
+Every run is a fresh child process; its peak RSS is the child's own ``VmHWM`` (read by the child as it ends:
+``ru_maxrss`` would carry the parent's high-water mark over fork + exec), its time the wall clock of the whole process (start-up, reading, merging, writing). The load average (1 min) is recorded before and
 after each run: the machine may be shared.
 
 ferromerge merges ``--layers`` layers. PEFT needs the base model in memory (its adapters are injected into the
@@ -74,6 +74,7 @@ OURS = textwrap.dedent(
     pairs = [(d, float(w)) for d, w in (x.rsplit(":", 1) for x in dirs)]
     ferromerge.merge_adapters(out, pairs, combination=comb, density=float(density), threads=int(threads),
                               overwrite=True)
+    print("VmHWM", [l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM")][0], file=sys.stderr)
     """
 )
 
@@ -100,6 +101,7 @@ PEFT = textwrap.dedent(
     t2 = time.perf_counter()
     model.save_pretrained(out, selected_adapters=["merged"])
     print(f"load {t1 - t0:.2f} merge {t2 - t1:.2f} save {time.perf_counter() - t2:.2f}", file=sys.stderr)
+    print("VmHWM", [l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM")][0], file=sys.stderr)
     """
 )
 
@@ -114,9 +116,12 @@ def run(cmd: list[str], env: dict[str, str]) -> dict:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"{cmd[:3]} failed ({proc.returncode}):\n{stdout[-2000:]}\n{stderr[-3000:]}")
+    # the child's own VmHWM: ru_maxrss would include the parent's high-water mark, inherited through fork + exec
+    lines = stderr.strip().splitlines()
+    hwm_kb = int(next(x for x in lines if x.startswith("VmHWM")).split()[1])
     return {"wall_s": round(wall, 2), "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
-            "peak_rss_gb": round(usage.ru_maxrss * 1024 / 1e9, 3), "load_before": round(load0, 2),
-            "load_after": round(os.getloadavg()[0], 2), "detail": stderr.strip().splitlines()[-1:] if stderr else []}
+            "peak_rss_gb": round(hwm_kb * 1024 / 1e9, 3), "load_before": round(load0, 2),
+            "load_after": round(os.getloadavg()[0], 2), "detail": [x for x in lines if x.startswith("load ")]}
 
 
 def main() -> None:
