@@ -9,14 +9,57 @@
 //! SIMD kernels at run time, so a machine with other vector units may round differently.
 //!
 //! Matrices arrive as row-major buffers (a PyTorch `(out, in)` weight), viewed without copying.
+//!
+//! Cancellation: the `*_cancellable` entry points take a [`Cancel`] that another thread may set (the Python
+//! binding does when a signal arrives); it is checked between the solver's steps, and a cancelled call returns
+//! [`Cancelled`], never a result. A step already under way (one faer product, QR or SVD) runs to its end.
 
 mod polar;
 mod svd;
 
-pub use polar::polar;
-pub use svd::{exact, randomized, singular_values, truncated, RankRule, Solver, Svd};
+pub use polar::{polar, polar_cancellable};
+pub use svd::{exact, randomized, singular_values, truncated, truncated_cancellable, RankRule, Solver, Svd};
+
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use faer::{Mat, MatMut, MatRef, Par};
+
+use crate::error::{CoreError, Result};
+
+/// A request to stop a factorization, set from any thread and checked by the solver between its steps.
+#[derive(Debug, Default)]
+pub struct Cancel(AtomicBool);
+
+impl Cancel {
+    pub const fn new() -> Self {
+        Self(AtomicBool::new(false))
+    }
+
+    /// Ask the computation to stop at its next check.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// `Err(Cancelled)` once [`Cancel::cancel`] was called.
+    pub(crate) fn check(&self) -> Result<()> {
+        if self.is_cancelled() {
+            return Err(CoreError::External(Box::new(Cancelled)));
+        }
+        Ok(())
+    }
+}
+
+/// What a cancelled computation returns (inside `CoreError::External`: the caller asked for the stop).
+#[derive(Debug, thiserror::Error)]
+#[error("cancelled")]
+pub struct Cancelled;
+
+/// The `Cancel` of the entry points that cannot be cancelled.
+pub(crate) static NEVER: Cancel = Cancel::new();
 
 /// Tasks each factorization is split into, whatever the thread count (see the module docs).
 pub const FACTOR_SPLIT: usize = 8;
@@ -56,4 +99,36 @@ pub fn to_row_major(a: MatRef<'_, f32>) -> Vec<f32> {
 /// Whether every element is finite (an SVD of NaN or infinity does not converge or returns garbage).
 pub fn all_finite(data: &[f32]) -> bool {
     data.iter().all(|x| x.is_finite())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Stream;
+
+    fn cancelled(e: &CoreError) -> bool {
+        matches!(e, CoreError::External(inner) if inner.is::<Cancelled>())
+    }
+
+    #[test]
+    fn a_cancelled_factorization_is_an_error_and_an_unset_one_is_unchanged() {
+        let (m, n) = (60, 40);
+        let mut data = vec![0f32; m * n];
+        Stream::new(1, "a", 0).normals(0, &mut data);
+        let a = view(&data, m, n);
+        let rule = RankRule { max: Some(5), ..RankRule::default() };
+        let solvers =
+            [Solver::Exact, Solver::Randomized { oversample: 5, power_iters: 2, stream: Stream::new(2, "a", 0) }];
+        let stop = Cancel::new();
+        stop.cancel();
+        for solver in &solvers {
+            assert!(cancelled(&truncated_cancellable(a, &rule, solver, &stop).err().unwrap()));
+            let free = truncated_cancellable(a, &rule, solver, &Cancel::new()).unwrap();
+            let plain = truncated(a, &rule, solver).unwrap();
+            assert_eq!((free.u, free.s, free.v), (plain.u, plain.s, plain.v));
+        }
+        assert!(cancelled(&polar_cancellable(a, &stop).err().unwrap()));
+        assert!(cancelled(&polar_cancellable(a.transpose(), &stop).err().unwrap()));
+        assert_eq!(polar_cancellable(a, &Cancel::new()).unwrap(), polar(a).unwrap());
+    }
 }

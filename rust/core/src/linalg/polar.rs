@@ -5,22 +5,30 @@
 use faer::{Mat, MatRef, Par};
 
 use super::svd::{narrow, no_convergence, widen};
-use super::pin;
+use super::{pin, Cancel, NEVER};
 use crate::error::Result;
 
 /// `P Qᵀ` of `a` (m × c). Columns of `a` in its null space (e.g. TSV-M's unfilled slots) get some orthonormal
 /// completion: any choice is a nearest orthonormal matrix, and callers weight those directions by zero.
 pub fn polar(a: MatRef<'_, f32>) -> Result<Mat<f32>> {
+    polar_cancellable(a, &NEVER)
+}
+
+/// [`polar`], checking `cancel` before and after faer's SVD (the one long step, not itself interruptible).
+pub fn polar_cancellable(a: MatRef<'_, f32>, cancel: &Cancel) -> Result<Mat<f32>> {
     if a.nrows() < a.ncols() {
         // The polar factor of a wide matrix is the transpose of its transpose's.
-        return Ok(polar(a.transpose())?.transpose().to_owned());
+        return Ok(polar_cancellable(a.transpose(), cancel)?.transpose().to_owned());
     }
     // In f64 throughout (see `svd::exact`): the factor is then orthonormal to f32 rounding.
     pin();
     if a.nrows() == 0 || a.ncols() == 0 {
         return Ok(Mat::zeros(a.nrows(), a.ncols()));
     }
-    let svd = widen(a).thin_svd().map_err(no_convergence)?;
+    let wide = widen(a);
+    cancel.check()?;
+    let svd = wide.thin_svd().map_err(no_convergence)?;
+    cancel.check()?;
     let mut p = Mat::<f64>::zeros(a.nrows(), a.ncols());
     faer::linalg::matmul::matmul(p.as_mut(), faer::Accum::Replace, svd.U(), svd.V().transpose(), 1.0, Par::rayon(0));
     Ok(narrow(p.as_ref()))

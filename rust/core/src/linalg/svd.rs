@@ -6,7 +6,7 @@
 use faer::{Mat, MatRef};
 use rayon::prelude::*;
 
-use super::{mul, pin};
+use super::{mul, pin, Cancel, NEVER};
 use crate::error::{CoreError, Result};
 use crate::rng::Stream;
 
@@ -130,11 +130,19 @@ pub(super) fn narrow(a: MatRef<'_, f64>) -> Mat<f32> {
 /// error of ~1e-5 relative (LAPACK's sgesdd ~3e-7), its f64 one ~1e-15, at 1–2.3× the time (measured, 200×100 to
 /// 2000×1000), so the factors come out accurate to f32 rounding.
 pub fn exact(a: MatRef<'_, f32>) -> Result<Svd> {
+    exact_with(a, &NEVER)
+}
+
+/// [`exact`], checking `cancel` before and after faer's SVD (which itself cannot be stopped).
+fn exact_with(a: MatRef<'_, f32>, cancel: &Cancel) -> Result<Svd> {
     pin();
     if a.nrows() == 0 || a.ncols() == 0 {
         return Ok(Svd { u: Mat::zeros(a.nrows(), 0), s: vec![], v: Mat::zeros(a.ncols(), 0) });
     }
-    let svd = widen(a).thin_svd().map_err(no_convergence)?;
+    let wide = widen(a);
+    cancel.check()?;
+    let svd = wide.thin_svd().map_err(no_convergence)?;
+    cancel.check()?;
     let s = svd.S().column_vector().iter().map(|&x| x as f32).collect();
     Ok(Svd { u: narrow(svd.U()), s, v: narrow(svd.V()) })
 }
@@ -148,34 +156,54 @@ pub fn singular_values(a: MatRef<'_, f32>) -> Result<Vec<f32>> {
     Ok(widen(a).singular_values().map_err(no_convergence)?.into_iter().map(|x| x as f32).collect())
 }
 
-/// An orthonormal basis of the columns of `y` (thin Q of its QR).
-fn orth(y: MatRef<'_, f32>) -> Mat<f32> {
-    y.qr().compute_thin_Q()
+/// An orthonormal basis of the columns of `y` (thin Q of its QR), checking `cancel` between the two halves.
+fn orth(y: MatRef<'_, f32>, cancel: &Cancel) -> Result<Mat<f32>> {
+    cancel.check()?;
+    let qr = y.qr();
+    cancel.check()?;
+    Ok(qr.compute_thin_Q())
 }
 
 /// The top `k` triplets of `a` from a Gaussian sketch of `k + oversample` columns and `power_iters` power
 /// iterations. Falls back to the exact SVD when the sketch would span min(m, n) anyway.
 pub fn randomized(a: MatRef<'_, f32>, k: usize, oversample: usize, power_iters: usize, stream: &Stream) -> Result<Svd> {
+    randomized_with(a, k, oversample, power_iters, stream, &NEVER)
+}
+
+/// [`randomized`], checking `cancel` between its products and factorizations.
+fn randomized_with(
+    a: MatRef<'_, f32>,
+    k: usize,
+    oversample: usize,
+    power_iters: usize,
+    stream: &Stream,
+    cancel: &Cancel,
+) -> Result<Svd> {
     pin();
     let (m, n) = a.shape();
     let r = m.min(n);
     let q = k.saturating_add(oversample);
     if q >= r {
-        return Ok(exact(a)?.truncate(k));
+        return Ok(exact_with(a, cancel)?.truncate(k));
     }
     // Ω (n × q): element (i, j) is draw i·q + j of the stream, so Ω is the same however it is filled.
     let mut omega_rows = vec![0f32; n * q];
     omega_rows.par_chunks_mut(q).enumerate().for_each(|(i, row)| stream.normals((i * q) as u64, row));
     let omega = super::view(&omega_rows, n, q);
-    let mut basis = orth(mul(a, omega).as_ref());
+    cancel.check()?;
+    let mut basis = orth(mul(a, omega).as_ref(), cancel)?;
     drop(omega_rows);
     for _ in 0..power_iters {
-        let z = orth(mul(a.transpose(), basis.as_ref()).as_ref());
-        basis = orth(mul(a, z.as_ref()).as_ref());
+        cancel.check()?;
+        let z = orth(mul(a.transpose(), basis.as_ref()).as_ref(), cancel)?;
+        cancel.check()?;
+        basis = orth(mul(a, z.as_ref()).as_ref(), cancel)?;
     }
     // B = Qᵀ A (q × n) carries the top of A's spectrum; its SVD rotates the basis into A's singular vectors.
+    cancel.check()?;
     let b = mul(basis.as_ref().transpose(), a);
-    let small = exact(b.as_ref())?;
+    let small = exact_with(b.as_ref(), cancel)?;
+    cancel.check()?;
     let u = mul(basis.as_ref(), small.u.as_ref());
     Ok(Svd { u, s: small.s, v: small.v }.truncate(k))
 }
@@ -183,15 +211,22 @@ pub fn randomized(a: MatRef<'_, f32>, k: usize, oversample: usize, power_iters: 
 /// The triplets `rule` keeps, by `solver`. A nuclear-norm share needs the whole spectrum, so it always takes
 /// the exact SVD.
 pub fn truncated(a: MatRef<'_, f32>, rule: &RankRule, solver: &Solver) -> Result<Svd> {
+    truncated_cancellable(a, rule, solver, &NEVER)
+}
+
+/// [`truncated`], stopped with [`super::Cancelled`] at the solver's next step once `cancel` is set: between the
+/// randomized solver's products and QRs, before and after the exact SVD (faer's SVD call is not interruptible).
+pub fn truncated_cancellable(a: MatRef<'_, f32>, rule: &RankRule, solver: &Solver, cancel: &Cancel) -> Result<Svd> {
     rule.validate()?;
     let (m, n) = a.shape();
     let cap = rule.cap(m, n);
     let svd = match solver {
         Solver::Randomized { oversample, power_iters, stream } if rule.nuclear.is_none() => {
-            randomized(a, cap, *oversample, *power_iters, stream)?
+            randomized_with(a, cap, *oversample, *power_iters, stream, cancel)?
         }
-        _ => exact(a)?,
+        _ => exact_with(a, cancel)?,
     };
+    cancel.check()?;
     // ‖A‖²_F: the sum of σ² when the whole spectrum is known (consistent with the σ the rule counts), else
     // summed from the elements.
     let frob2 = match rule.energy {
