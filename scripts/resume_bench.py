@@ -3,6 +3,8 @@ run, against full runs, on a synthetic family of about 1.2 GB of inputs (base + 
 parameters each), TIES, 20 MB output shards. Each resumed output is compared byte for byte with the full run's.
 
     python scripts/resume_bench.py [WORKDIR]   # default ./resume-bench; makes the family on first use (~1 min)
+    python scripts/resume_bench.py WORKDIR --tinyllama   # the 1.1B family of benches/compare.py (8.8 GB in),
+                                                         # 200 MB output shards
 
 The kill is sent from outside (SIGKILL) once the run's journal lists the wanted share of the shards.
 """
@@ -68,11 +70,20 @@ def killed_then_resumed(fraction: float, shards: int, full: float) -> None:
 
 
 def main() -> None:
-    work = Path(sys.argv[1] if len(sys.argv) > 1 else "resume-bench")
+    global SHARD
+    args = [a for a in sys.argv[1:] if a != "--tinyllama"]
+    tinyllama = "--tinyllama" in sys.argv[1:]
+    work = Path(args[0] if args else "resume-bench")
     work.mkdir(exist_ok=True)
     os.chdir(work)
+    if tinyllama:
+        SHARD = "200MB"
     if not Path("family/ft3").is_dir():
-        make_family("family", vocab=32000, hidden=1024, intermediate=2816, layers=8, heads=16, kv_heads=8)
+        if tinyllama:  # benches/compare.py's family: TinyLlama-1.1B's shape
+            make_family("family", n_finetunes=3, dtype="bfloat16", seed=0, shard_size=2 * 10**9, delta_scale=0.002,
+                        hidden=2048, intermediate=5632, layers=22, vocab=32000, heads=32, kv_heads=4)
+        else:
+            make_family("family", vocab=32000, hidden=1024, intermediate=2816, layers=8, heads=16, kv_heads=8)
     config = {"merge_method": "ties", "base_model": "family/base",
               "models": [{"model": f"family/ft{i}", "parameters": {"weight": w, "density": 0.5}}
                          for i, w in ((1, 1.0), (2, 0.5), (3, 0.5))]}
