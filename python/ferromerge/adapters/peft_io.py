@@ -32,14 +32,12 @@ from ..io.reader import Header, read_header
 from ..models.architecture import PEFT_PREFIX
 from ..models.lora import (
     ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
     EMBED_KEY,
     LORA_KEY,
     UNSUPPORTED_KEY,
+    adapter_files,
     pattern_value,
-    read_adapter_config,
 )
-from ..models.refs import resolve
 from .factors import Factors
 
 __all__ = ["BASE_LAYER", "Adapter", "ModuleInfo", "merged_config", "read_adapter", "tensor_keys"]
@@ -117,16 +115,7 @@ class Adapter:
 def read_adapter(ref: str | os.PathLike[str]) -> Adapter:
     """The adapter at ``ref`` (a directory, or an id in the local Hugging Face cache): config and header checked."""
     text = os.fspath(ref)
-    try:
-        path = resolve(text)
-    except InputError as e:
-        raise InputError(f"LoRA adapter: {e}") from None
-    config = read_adapter_config(path)
-    weights = path / ADAPTER_WEIGHTS
-    if not weights.is_file():
-        bin_note = (" (adapter_model.bin is not read: save the adapter with safe_serialization)"
-                    if (path / "adapter_model.bin").is_file() else "")
-        raise InputError(f"LoRA adapter {path}: {ADAPTER_WEIGHTS} not found{bin_note}")
+    path, config, weights = adapter_files(text, "LoRA adapter")
     header = _engine.read_header(str(weights))
     base_layers = {k: (d, tuple(int(x) for x in sh)) for k, (d, sh) in header.items() if k.endswith(BASE_LAYER)}
     factors = {k: v for k, v in header.items() if k not in base_layers}

@@ -105,17 +105,14 @@ class LoraModelIndex(ModelIndex):
             _write_cache_file(file, updates, str(self.adapter))
 
 
-def index_lora_model(ref: str, cache_dir: str | os.PathLike[str]) -> LoraModelIndex:
-    """Index ``model+lora``: validate the adapter against the model's headers and plan the cache files."""
-    split = split_ref(ref, "model reference")
-    if split is None:
-        raise ValueError(f"{ref!r} is not a model+lora reference")
-    model_ref, adapter_ref = split
-    model = index_model(model_ref)
+def adapter_files(ref: str, what: str) -> tuple[Path, dict[str, Any], Path]:
+    """A PEFT adapter's directory (``ref``: a directory or an id in the local Hugging Face cache), its checked
+    ``adapter_config.json`` and its weights file, which must exist; ``what`` names the adapter in a resolution error.
+    Shared by ``model+lora`` references and ``adapters`` (merge-lora)."""
     try:
-        adapter_dir = resolve(adapter_ref)
+        adapter_dir = resolve(ref)
     except InputError as e:
-        raise InputError(f"LoRA adapter of {ref!r}: {e}") from None
+        raise InputError(f"{what}: {e}") from None
     config = read_adapter_config(adapter_dir)
     weights_file = adapter_dir / ADAPTER_WEIGHTS
     if not weights_file.is_file():
@@ -123,6 +120,17 @@ def index_lora_model(ref: str, cache_dir: str | os.PathLike[str]) -> LoraModelIn
             adapter_dir / "adapter_model.bin"
         ).is_file() else ""
         raise InputError(f"LoRA adapter {adapter_dir}: {ADAPTER_WEIGHTS} not found{bin_note}")
+    return adapter_dir, config, weights_file
+
+
+def index_lora_model(ref: str, cache_dir: str | os.PathLike[str]) -> LoraModelIndex:
+    """Index ``model+lora``: validate the adapter against the model's headers and plan the cache files."""
+    split = split_ref(ref, "model reference")
+    if split is None:
+        raise ValueError(f"{ref!r} is not a model+lora reference")
+    model_ref, adapter_ref = split
+    model = index_model(model_ref)
+    adapter_dir, config, weights_file = adapter_files(adapter_ref, f"LoRA adapter of {ref!r}")
     header = _engine.read_header(str(weights_file))
     updates = _updates(config, adapter_dir / ADAPTER_CONFIG, weights_file, header, model)
 
