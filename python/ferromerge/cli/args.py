@@ -1,4 +1,5 @@
-"""argparse ``type=`` converters shared by the ``ferromerge`` subcommands (``cli.merge``, ``cli.compress``).
+"""argparse ``type=`` converters shared by the ``ferromerge`` subcommands (``cli.merge``, ``cli.compress``), and the
+options the two adapter-writing subcommands (``extract-lora``, ``merge-lora``) share (``add_adapter_output_options``).
 
 A bad value is an ``argparse.ArgumentTypeError``: argparse reports it with the option's name and exits with 2, the
 exit status of every parameter error. Values the API takes too (seed, threads) are checked by the API's own rule
@@ -56,3 +57,18 @@ parse_seed = _api_checked(check_seed)
 parse_threads = _api_checked(check_threads)
 unit_fraction = _checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 non_negative = _checked(float, lambda v: v >= 0 and math.isfinite(v), "a finite number >= 0")
+
+
+def add_adapter_output_options(p: argparse.ArgumentParser, seed_help: str) -> None:
+    """``--seed``, the randomized SVD's ``--oversample``/``--power-iters`` (tsv_m's defaults, one home in the method
+    table), ``--threads``, ``--overwrite`` and ``--quiet`` of ``extract-lora`` and ``merge-lora``; their values pass
+    through to the API, which checks them."""
+    from ..methods import default
+
+    oversample, power_iters = default("tsv_m", "oversample"), default("tsv_m", "power_iters")
+    p.add_argument("--seed", type=int, default=0, help=seed_help)
+    p.add_argument("--oversample", type=int, default=oversample, help=f"extra sketch columns (default {oversample})")
+    p.add_argument("--power-iters", type=int, default=power_iters, help=f"power iterations (default {power_iters})")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="worker threads (default: all cores)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only once the adapter is done)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")

@@ -11,11 +11,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..methods import default
+from .args import add_adapter_output_options
 
 #: the randomized SVD's sketch defaults: the engine's (those of tsv_m's kernel)
-_OVERSAMPLE = default("tsv_m", "oversample")
-_POWER_ITERS = default("tsv_m", "power_iters")
 
 
 def add_parser(sub: Any) -> None:
@@ -47,12 +45,7 @@ def add_parser(sub: Any) -> None:
                    help="also save this module (name or last name component) at full rank (repeatable)")
     p.add_argument("--skip-undecomposable", action="store_true",
                    help="leave out norms and other tensors that are not linear layers instead of saving them")
-    p.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD's sketch (default 0)")
-    p.add_argument("--oversample", type=int, default=_OVERSAMPLE, help=f"extra sketch columns (default {_OVERSAMPLE})")
-    p.add_argument("--power-iters", type=int, default=_POWER_ITERS, help=f"power iterations (default {_POWER_ITERS})")
-    p.add_argument("--threads", type=int, default=None, metavar="N", help="worker threads (default: all cores)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only once the adapter is done)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    add_adapter_output_options(p, "seed of the randomized SVD's sketch (default 0)")
     p.set_defaults(func=main)
 
 

@@ -10,10 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..methods import default
-
-_OVERSAMPLE = default("tsv_m", "oversample")
-_POWER_ITERS = default("tsv_m", "power_iters")
+from .args import add_adapter_output_options
 
 
 def parse_adapter(text: str) -> tuple[str, float]:
@@ -56,12 +53,7 @@ def add_parser(sub: Any) -> None:
                    help="dtype of the output factors (default: the adapters' dtype)")
     p.add_argument("--base-model", default=None, metavar="NAME",
                    help="base_model_name_or_path of the output (default: the first adapter's)")
-    p.add_argument("--seed", type=int, default=0, help="seed of DARE masks and randomized SVD sketches (default 0)")
-    p.add_argument("--oversample", type=int, default=_OVERSAMPLE, help=f"extra sketch columns (default {_OVERSAMPLE})")
-    p.add_argument("--power-iters", type=int, default=_POWER_ITERS, help=f"power iterations (default {_POWER_ITERS})")
-    p.add_argument("--threads", type=int, default=None, metavar="N", help="worker threads (default: all cores)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only once the adapter is done)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    add_adapter_output_options(p, "seed of DARE masks and randomized SVD sketches (default 0)")
     p.set_defaults(func=main)
 
 
