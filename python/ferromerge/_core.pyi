@@ -23,6 +23,7 @@ __all__ = [
     "read_metadata",
     "save_file",
     "decode",
+    "disjoint_mean",
     "encode",
     "polar",
     "svd",
@@ -182,3 +183,19 @@ def svd(
 
 def polar(a: npt.NDArray[np.float32], *, threads: int | None = None) -> npt.NDArray[np.float32]:
     """The nearest matrix with orthonormal columns (rows, for a wide matrix): ``U Vᵀ`` of the thin SVD."""
+
+def disjoint_mean(
+    inputs: Sequence[npt.NDArray[np.float32]],
+    weights: Sequence[float],
+    majority_sign: str,
+    *,
+    threads: int | None = None,
+) -> npt.NDArray[np.float32]:
+    """PEFT's TIES sign election and disjoint mean (``peft.utils.merge_utils``) over C-contiguous float32 arrays of
+    one size (rust/core/src/kernels/disjoint.rs); a flat float32 array. The sign is elected on the unweighted
+    inputs (``"total"``: of Σ x_i, ``"frequency"``: of Σ sign(x_i); a score of 0 elects +); x_i agrees where its
+    sign is the elected one (a zero never does); out = Σ over the agreeing inputs of x_i·float32(w_i), divided by
+    how many agree (at least 1). Float32 throughout, in input order: the bytes do not depend on ``threads``. An
+    unknown ``majority_sign``, a weight count unequal to the input count or arrays of other sizes are a
+    ``ParameterError``. The GIL is released while merging.
+    """

@@ -2,9 +2,10 @@
 
 Every call into the extension goes through here: running a plan (``execute``), merging one tensor in memory
 (``merge_arrays``, with the same ``method`` object the plan carries), the engine's codec (``encode``/``decode``),
-its method table (``methods``), its memory figure (``memory_plan``), safetensors reading and writing, and the
-linear algebra. The signatures and their documentation are in ``_core.pyi``; this module adds the typed objects
-that cross the boundary and fills the per-input defaults the in-memory API has always had (model ids 0..n-1).
+its method table (``methods``), its memory figure (``memory_plan``), safetensors reading and writing, the linear
+algebra, and PEFT's TIES election for adapter merges (``disjoint_mean``). The signatures and their documentation
+are in ``_core.pyi``; this module adds the typed objects that cross the boundary and fills the per-input defaults
+the in-memory API has always had (model ids 0..n-1).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ __all__ = [
     "TensorNeeds",
     "decode",
     "default_memory_limit",
+    "disjoint_mean",
     "encode",
     "execute",
     "input_values",
@@ -245,4 +247,5 @@ def save_file(
 
 
 svd = _core.svd
+disjoint_mean = _core.disjoint_mean
 polar = _core.polar

@@ -288,17 +288,13 @@ def test_cli(tmp_path):
     assert missing.returncode == 1 and "not found" in missing.stderr
 
 
-def test_sign_election_blocks_do_not_change_the_result(trio, monkeypatch):
-    """The election runs block by block (bounded temporaries): tiny blocks give the same bytes."""
-    from ferromerge.adapters import combine
-
+def test_thread_counts_do_not_change_the_result(trio):
+    """The election (``_core.disjoint_mean``) and the trims run on the engine's threads: 1 or 3 give the same bytes."""
     tmp, _ = trio
-    _merge(tmp, "ties_svd", name="big", density=0.5, exact=True)
-    _merge(tmp, "ties", name="big_stack", density=0.5, majority_sign="frequency")
-    monkeypatch.setattr(combine, "BLOCK", 7)
-    _merge(tmp, "ties_svd", name="small", density=0.5, exact=True)
-    _merge(tmp, "ties", name="small_stack", density=0.5, majority_sign="frequency")
-    for a, b in (("big", "small"), ("big_stack", "small_stack")):
+    for threads in (1, 3):
+        _merge(tmp, "ties_svd", name=f"svd{threads}", density=0.5, exact=True, threads=threads)
+        _merge(tmp, "ties", name=f"stack{threads}", density=0.5, majority_sign="frequency", threads=threads)
+    for a, b in (("svd1", "svd3"), ("stack1", "stack3")):
         assert (tmp / a / "adapter_model.safetensors").read_bytes() == (tmp / b / "adapter_model.safetensors").read_bytes()
 
 

@@ -9,13 +9,17 @@ and divide Σ agreeing weights[i]·pruned[i] by the agreeing *count* (at least 1
 
 The kernels run the trimming, the DARE masks and the weighted sums over a zero base (δ − 0 is exact); DARE masks
 come from the engine's counter RNG keyed by ``seed``, ``name`` and the tensor's position, so they are the same at
-any thread count. The sign election and the disjoint mean are NumPy (elementwise; the kernels' TIES elects on
-weighted values and divides by the weights, which is mergekit's rule, not PEFT's).
+any thread count. The sign election and the disjoint mean are the engine's ``disjoint_mean`` (PEFT's rule; the
+merge kernels' TIES elects on weighted values and divides by the weights, which is mergekit's), multithreaded and
+bit-identical to its float32 NumPy restatement (``tests/reference/peft_ties.py``).
+
+``ties`` and ``dare_ties`` take their tensors as an iterable and prune each as it comes, so a caller that builds
+them one at a time (``merge.merge_module``'s full deltas) holds the pruned tensors and one unpruned one at most.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -80,30 +84,12 @@ def dare_linear(tasks: Sequence[F32], weights: Sequence[float], density: float |
                    name=name, threads=threads)
 
 
-#: elements per block of the sign election (its temporaries are a few times n × this many floats)
-BLOCK = 1 << 20
-
-
-def _elect_and_merge(pruned: Sequence[F32], weights: Sequence[float], majority_sign: str) -> F32:
-    """PEFT's ``calculate_majority_sign_mask`` + ``disjoint_merge`` over the pruned tensors, block by block: the
-    elected sign is + where the score (Σ p_i, or Σ sign(p_i) for "frequency") is ≥ 0; p_i agrees where its sign is
-    the elected one (a zero never does); out = Σ agreeing w_i·p_i / max(count, 1)."""
-    flat = [np.asarray(p, np.float32).reshape(-1) for p in pruned]
-    out = np.empty(flat[0].size, np.float32)
-    for lo in range(0, out.size, BLOCK):
-        block = [f[lo : lo + BLOCK] for f in flat]
-        score = np.zeros(block[0].size, np.float32)
-        for p in block:
-            score += p if majority_sign == "total" else np.sign(p)
-        positive = score >= 0
-        total = np.zeros_like(score)
-        count = np.zeros_like(score)
-        for p, w in zip(block, weights, strict=True):
-            agree = np.where(positive, p > 0, p < 0)
-            total += np.where(agree, p * np.float32(w), np.float32(0))
-            count += agree
-        out[lo : lo + BLOCK] = total / np.maximum(count, np.float32(1))
-    return out.reshape(np.shape(pruned[0]))
+def _disjoint(pruned: Sequence[F32], weights: Sequence[float], majority_sign: str, threads: int | None) -> F32:
+    """PEFT's ``calculate_majority_sign_mask`` + ``disjoint_merge`` over the pruned tensors (``_core.disjoint_mean``):
+    the sign elected on the unweighted tensors, Σ agreeing w_i·p_i / max(count, 1)."""
+    flat = [np.ascontiguousarray(p, np.float32).reshape(-1) for p in pruned]
+    out = _engine.disjoint_mean(flat, [float(w) for w in weights], majority_sign, threads=threads)
+    return np.asarray(out, np.float32).reshape(np.shape(pruned[0]))
 
 
 def _check_sign(majority_sign: str) -> None:
@@ -111,28 +97,32 @@ def _check_sign(majority_sign: str) -> None:
         raise ParameterError(f"majority_sign must be 'total' or 'frequency', got {majority_sign!r}")
 
 
-def ties(tasks: Sequence[F32], weights: Sequence[float], density: float | None, majority_sign: str = "total", *,
+def ties(tasks: Iterable[F32], weights: Sequence[float], density: float | None, majority_sign: str = "total", *,
          threads: int | None = None) -> F32:
     """Magnitude-trim each tensor, elect signs on the trimmed tensors, disjoint mean of the weighted agreeing ones."""
     _check_sign(majority_sign)
     density = min(check_density(density, "ties"), 1.0)
-    if int(density * tasks[0].size) == 0:
-        return np.zeros(tasks[0].shape, np.float32)
-    # a single-input TIES pass trims: every kept entry agrees with its own sign, so out = trimmed x
-    pruned = tasks if density >= 1 else [_kernel("ties", [t], [1.0], [density], threads=threads) for t in tasks]
-    return _elect_and_merge(pruned, weights, majority_sign)
+    pruned: list[F32] = []
+    for t in tasks:
+        if int(density * t.size) == 0:  # keeps nothing (every tensor has the same size)
+            return np.zeros(t.shape, np.float32)
+        # a single-input TIES pass trims: every kept entry agrees with its own sign, so out = trimmed x
+        pruned.append(t if density >= 1 else _kernel("ties", [t], [1.0], [density], threads=threads))
+        del t
+    return _disjoint(pruned, weights, majority_sign, threads)
 
 
-def dare_ties(tasks: Sequence[F32], weights: Sequence[float], density: float | None, majority_sign: str = "total",
+def dare_ties(tasks: Iterable[F32], weights: Sequence[float], density: float | None, majority_sign: str = "total",
               *, seed: int, name: str, threads: int | None = None) -> F32:
     """DARE-prune each tensor (keep with probability ``density``, ÷ density), then TIES' election and disjoint
     mean. Input ``i``'s mask is the one ``dare_linear`` gives it (same seed, name and position)."""
     _check_sign(majority_sign)
     density = check_density(density, "dare_ties")
-    if density >= 1:
-        return _elect_and_merge(tasks, weights, majority_sign)
     if density == 0:
         raise ParameterError("dare_ties: density 0 divides by zero when rescaling (PEFT returns NaN)")
-    pruned = [_kernel("dare_linear", [t], [1.0], [density], rescale="inverse_density", seed=seed, name=name,
-                      model_ids=[i], threads=threads) for i, t in enumerate(tasks)]
-    return _elect_and_merge(pruned, weights, majority_sign)
+    pruned: list[F32] = []
+    for i, t in enumerate(tasks):
+        pruned.append(t if density >= 1 else _kernel("dare_linear", [t], [1.0], [density], rescale="inverse_density",
+                                                       seed=seed, name=name, model_ids=[i], threads=threads))
+        del t
+    return _disjoint(pruned, weights, majority_sign, threads)

@@ -40,4 +40,6 @@ class Factors:
 
     def delta(self) -> npt.NDArray[np.float32]:
         """ΔW = scale · b @ a in float32 (the full out × in matrix: only where an elementwise step needs it)."""
-        return (self.b @ self.a * np.float32(self.scale)).astype(np.float32, copy=False)
+        out = np.matmul(self.b, self.a)
+        out *= np.float32(self.scale)  # in place: one out × in matrix at a time, not two
+        return out

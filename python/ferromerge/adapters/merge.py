@@ -36,7 +36,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,19 +72,21 @@ _DENSITY_TYPES = {"ties", "dare_linear", "dare_ties", "magnitude_prune"}
 Progress = Callable[[int, int], None]
 
 
-def _combine(kind: str, tasks: Sequence[F32], weights: Sequence[float], density: float | None, majority_sign: str,
+def _combine(kind: str, tasks: Iterable[F32], weights: Sequence[float], density: float | None, majority_sign: str,
              seed: int, name: str, threads: int | None) -> F32:
-    """PEFT's merge_utils function ``kind`` (a STACK_TYPES name) over ``tasks``."""
-    if kind == "linear":
-        return combine.task_arithmetic(tasks, weights, threads=threads)
+    """PEFT's merge_utils function ``kind`` (a STACK_TYPES name) over ``tasks`` (``ties`` and ``dare_ties`` prune
+    each as it comes, so a generator holds one unpruned tensor at a time)."""
     if kind == "ties":
         return combine.ties(tasks, weights, density, majority_sign, threads=threads)
-    if kind == "dare_linear":
-        return combine.dare_linear(tasks, weights, density, seed=seed, name=name, threads=threads)
     if kind == "dare_ties":
         return combine.dare_ties(tasks, weights, density, majority_sign, seed=seed, name=name, threads=threads)
+    seq = list(tasks)
+    if kind == "linear":
+        return combine.task_arithmetic(seq, weights, threads=threads)
+    if kind == "dare_linear":
+        return combine.dare_linear(seq, weights, density, seed=seed, name=name, threads=threads)
     if kind == "magnitude_prune":
-        return combine.magnitude_prune(tasks, weights, density, threads=threads)
+        return combine.magnitude_prune(seq, weights, density, threads=threads)
     raise AssertionError(kind)
 
 
@@ -156,10 +158,10 @@ def merge_module(
     if kind == "svd":
         u, s, vt = _low_rank_svd(factors, weights, k, threads)
     else:
-        deltas = [f.delta() for f in factors]
+        # built one at a time: ties / dare_ties prune each before the next (memory: see adapters.memory)
+        deltas = (f.delta() for f in factors)
         merged = _combine(kind.removesuffix("_svd"), deltas, [float(w) for w in weights], density, majority_sign,
                           seed, name, threads)
-        del deltas
         u, s, vt = _engine.svd(np.ascontiguousarray(merged), rank=k, exact=exact, seed=seed, name=name,
                                threads=threads, **sargs)
     a, b = _padded(np.asarray(u, np.float32), np.asarray(s, np.float32), np.asarray(vt, np.float32), k, shape)

@@ -1,14 +1,16 @@
 //! `ferromerge._core`: the Python face of ferromerge-core. This crate only converts types, releases the GIL
 //! around every piece of I/O or compute, and maps errors; all logic lives in the core. Its files mirror the core:
 //! `merge` (plans, in-memory merges, the method table, the memory plan), `external_merge` (a Python merge the
-//! executor consults), `io` (safetensors), `codec` (dtype encoding), `linalg` (SVD, polar), with `arrays`
-//! (NumPy in and out), `values` (Python objects read by the plan's serde types) and `errors`.
+//! executor consults), `io` (safetensors), `codec` (dtype encoding), `linalg` (SVD, polar), `disjoint` (PEFT's
+//! TIES election, for adapter merges), with `arrays` (NumPy in and out), `values` (Python objects read by the
+//! plan's serde types) and `errors`.
 
 // `#[pyfunction]` arguments are extracted owned from Python objects; borrowing them instead is not an option.
 #![allow(clippy::needless_pass_by_value)]
 
 mod arrays;
 mod codec;
+mod disjoint;
 mod errors;
 mod external_merge;
 mod io;
@@ -41,6 +43,9 @@ mod _core {
 
     #[pymodule_export]
     use crate::linalg::{polar, svd};
+
+    #[pymodule_export]
+    use crate::disjoint::disjoint_mean;
 
     /// The smallest memory budget a run accepts.
     #[pymodule_export]
