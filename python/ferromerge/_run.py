@@ -17,11 +17,11 @@ from typing import Any
 from . import _engine
 from ._plan.build import DEFAULT_SHARD_SIZE, Plan, build_plan
 from ._plan.estimate import Estimate, estimate
-from ._validate import check_seed, check_threads, parse_size
+from ._validate import check_seed, check_threads, memory_limit_bytes
 from .adapters import COMBINATIONS, merge_adapters
 from .config.adapters import AdaptersConfig, load_adapters_config
 from .config.resolve import MergeConfig, load_config
-from .errors import InputError, ParameterError
+from .errors import InputError
 from .io import journal
 from .io.json_file import read_json
 from .io.output_dir import OutputDir, check_free_space
@@ -48,10 +48,6 @@ SCRATCH = ".vocab-scratch"
 
 ProgressCallback = Callable[[int, int, int, int], None]
 
-#: the engine's smallest memory budget; checked here too so that a bad value fails before the models are indexed,
-#: and ``ferromerge plan`` rejects what ``run`` would
-MIN_MEMORY_LIMIT = _engine.MIN_MEMORY_LIMIT
-
 
 @dataclass(frozen=True)
 class RunReport:
@@ -76,17 +72,6 @@ class RunReport:
 
 def _log(quiet: bool) -> Callable[[str], None]:
     return (lambda _: None) if quiet else (lambda msg: print(f"ferromerge: {msg}", file=sys.stderr))
-
-
-def memory_limit_bytes(memory_limit: str | int | None) -> int | None:
-    """The memory budget in bytes from a size (``_validate.parse_size``: "8GiB", "500M", an int); None stays None
-    (the engine's default, ``_engine.default_memory_limit()``). Below 64 MiB is a ``ParameterError``."""
-    if memory_limit is None:
-        return None
-    limit = parse_size(memory_limit, "memory limit")
-    if limit < MIN_MEMORY_LIMIT:
-        raise ParameterError(f"memory limit {memory_limit!r} ({limit} bytes) is too small: at least 64 MiB")
-    return limit
 
 
 def _external_merge(device: str | None, method: MethodSpec, log: Callable[[str], None]) -> ExternalMerge | None:
@@ -379,8 +364,8 @@ def run(
     next resume; without it, the partial output is removed (and a killed run's is removed by the next run).
 
     A config with ``adapters:`` instead of ``models:`` (``config.adapters``) merges LoRA adapters into one adapter:
-    ``merge_adapters`` runs it with ``seed``, ``threads``, ``overwrite``, ``quiet`` and ``on_progress`` (per module);
-    the options of a model merge have no effect there (a note says so).
+    ``merge_adapters`` runs it with ``seed``, ``threads``, ``memory_limit``, ``overwrite``, ``quiet`` and
+    ``on_progress`` (per module); the other options of a model merge have no effect there (a note says so).
 
     The steps: check the arguments; lock the output; ``prepare`` (config -> models -> plan); check the output's
     place; merge the tensors; write the side files; rename the finished directory into place
@@ -391,11 +376,11 @@ def run(
     log = _log(quiet)
     adapter_config = load_adapters_config(config_or_path, COMBINATIONS, strict=strict)
     if adapter_config is not None:
-        unused = {"memory_limit": memory_limit, "lora_merge_cache": lora_merge_cache, "device": device,
-                  "resume": resume, "allow_nonfinite": allow_nonfinite}
+        unused = {"lora_merge_cache": lora_merge_cache, "device": device, "resume": resume,
+                  "allow_nonfinite": allow_nonfinite}
         for name in (k for k, v in unused.items() if v):
             log(f"note: {name} has no effect on an adapter merge (adapters:)")
-        return _merge_adapters(adapter_config, out_dir, seed=seed, threads=threads, quiet=quiet,
+        return _merge_adapters(adapter_config, out_dir, seed=seed, threads=threads, memory_limit=limit, quiet=quiet,
                                overwrite=overwrite, on_progress=on_progress)
     start = time.perf_counter()
     with OutputDir(out_dir, overwrite=overwrite) as output:
@@ -474,12 +459,13 @@ def _merge_adapters(
     *,
     seed: int,
     threads: int | None,
+    memory_limit: int | None,
     quiet: bool,
     overwrite: bool,
     on_progress: ProgressCallback | None,
 ) -> RunReport:
-    """A config with ``adapters:``: ``merge_adapters`` with its arguments and the run's seed, threads and
-    ``overwrite``; ``on_progress`` counts modules (bytes 0)."""
+    """A config with ``adapters:``: ``merge_adapters`` with its arguments and the run's seed, threads, memory limit
+    and ``overwrite``; ``on_progress`` counts modules (bytes 0)."""
     bar = None if quiet else ProgressBar("merging adapters")
 
     def progress(done: int, total: int) -> None:
@@ -489,8 +475,8 @@ def _merge_adapters(
             on_progress(done, total, 0, 0)
 
     try:
-        summary = merge_adapters(out_dir, **config.arguments(), seed=seed, threads=threads, overwrite=overwrite,
-                                 quiet=quiet, on_progress=progress)
+        summary = merge_adapters(out_dir, **config.arguments(), seed=seed, threads=threads, memory_limit=memory_limit,
+                                 overwrite=overwrite, quiet=quiet, on_progress=progress)
     finally:
         if bar is not None:
             bar.close()

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _engine
 from .errors import ParameterError
 
 #: seeds are u64 in the engine
@@ -91,6 +92,19 @@ def parse_size(value: str | int, what: str = "shard size") -> int:
     if size >= SIZE_LIMIT:
         raise ParameterError(f"{what} {value!r}: too large (at most 2**63 - 1 bytes)")
     return size
+
+
+def memory_limit_bytes(memory_limit: str | int | None) -> int | None:
+    """The memory budget in bytes from a size (``parse_size``: "8GiB", "500M", an int); None stays None (the
+    engine's default, ``_engine.default_memory_limit()``). Below the engine's smallest budget (64 MiB) is a
+    ``ParameterError``, checked here so that a bad value fails before any input is read (``run``, ``plan`` and
+    ``merge_adapters`` take the same values)."""
+    if memory_limit is None:
+        return None
+    limit = parse_size(memory_limit, "memory limit")
+    if limit < _engine.MIN_MEMORY_LIMIT:
+        raise ParameterError(f"memory limit {memory_limit!r} ({limit} bytes) is too small: at least 64 MiB")
+    return limit
 
 
 #: the largest config or JSON side file read: far above any real one, and a bound on what a hostile one costs

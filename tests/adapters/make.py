@@ -18,14 +18,17 @@ SHAPES = {
 
 
 def write_adapter(path: Path, rank: int, *, seed: int, alpha: float = 16.0, modules=None, dtype: str = "F32",
-                  rslora: bool = False, rank_pattern=None, embed=None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """An adapter with random factors; returns {module: (A, B)} as float32 (after rounding to ``dtype``)."""
+                  rslora: bool = False, rank_pattern=None, embed=None, shapes=None
+                  ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """An adapter with random factors; returns {module: (A, B)} as float32 (after rounding to ``dtype``).
+    ``shapes``: module -> ΔW shape instead of ``SHAPES``."""
     rng = np.random.default_rng(seed)
-    modules = list(SHAPES) if modules is None else modules
+    shapes = SHAPES if shapes is None else shapes
+    modules = list(shapes) if modules is None else modules
     rank_pattern = rank_pattern or {}
     tensors, out = {}, {}
     for m in modules:
-        o, i = SHAPES[m] if embed is None or m not in embed else embed[m]
+        o, i = shapes[m] if embed is None or m not in embed else embed[m]
         r = rank_pattern.get(m, rank)
         a = (rng.standard_normal((r, i)) / np.sqrt(i)).astype(np.float32)
         b = (rng.standard_normal((o, r)) / np.sqrt(r)).astype(np.float32)

@@ -23,6 +23,9 @@ rank for the SVD types), modules of another rank in ``rank_pattern`` / ``alpha_p
 the factors (scale 1), ``target_modules`` the union, the rest of the first adapter's config. A module only some
 adapters have is merged over those (its weighted delta when only one has it).
 
+Memory: one module at a time (its factors read, merged, written, let go); ``memory_limit`` bounds that module's
+working set (``adapters.memory``: a module that cannot fit is refused before anything is written).
+
 Departures from PEFT: DARE masks come from the engine's counter RNG (seed, module), not torch's; magnitude ties keep
 the lowest index; ``cat`` and ``svd`` do not pad a module to the adapter-wide rank with zero rows (a module of
 lower rank goes in ``rank_pattern``); ``use_rslora`` is off in the output (PEFT keeps the first adapter's, which
@@ -44,7 +47,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .. import _engine
-from .._validate import check_seed, check_threads
+from .._validate import check_seed, check_threads, memory_limit_bytes
 from ..errors import InputError, MergeError, ParameterError
 from ..io.dtypes import MERGEABLE_DTYPES, from_f32
 from ..io.output_dir import OutputDir, check_free_space
@@ -52,7 +55,7 @@ from ..io.writer import PlannedTensor, SafetensorsWriter
 from ..methods import default
 from ..models.index import natural_key
 from ..models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from . import combine
+from . import combine, memory
 from .factors import Factors
 from .peft_io import Adapter, merged_config, read_adapter, tensor_keys
 
@@ -259,6 +262,7 @@ def merge_adapters(
     dtype: str | None = None,
     base_model: str | None = None,
     threads: int | None = None,
+    memory_limit: str | int | None = None,
     oversample: int = default("tsv_m", "oversample"),
     power_iters: int = default("tsv_m", "power_iters"),
     overwrite: bool = False,
@@ -274,7 +278,10 @@ def merge_adapters(
     sketches. ``exact``: exact SVD of the full-delta types (plain ``svd`` is always exact). ``svd_clamp``: the
     quantile clamp of the SVD types. ``dtype``: ``float32``/``bfloat16``/``float16`` (default: the adapters'
     dtype, float32 when they differ). ``base_model``: the output's ``base_model_name_or_path`` (default: the first
-    adapter's). The output is built beside ``out`` and renamed onto it when complete; an existing ``out`` is an
+    adapter's). ``memory_limit``: the budget (bytes or a size such as "2GiB", at least 64 MiB; default
+    ``_engine.default_memory_limit()``) of the one module merged at a time; a module that needs more
+    (``adapters.memory``) is a ``ParameterError`` before anything is written; it never changes the output. The
+    output is built beside ``out`` and renamed onto it when complete; an existing ``out`` is an
     ``OutputError`` unless ``overwrite``.
 
     Returns a summary: ``out``, ``combination`` (the one applied), ``r``, ``ranks`` per module, ``modules``,
@@ -295,6 +302,9 @@ def merge_adapters(
         raise ParameterError(f"dtype must be one of {', '.join(MERGEABLE_DTYPES.values())}, got {dtype!r}")
     seed = check_seed(seed)
     threads = check_threads(threads)
+    limit = memory_limit_bytes(memory_limit)
+    budget = _engine.default_memory_limit() if limit is None else limit
+    budget_source = "the default: half of RAM or of the cgroup limit, at most 8 GiB" if limit is None else "asked"
     notes: list[str] = []
     kind = combination
     if len(pairs) == 1 and kind != "linear":
@@ -351,6 +361,10 @@ def merge_adapters(
     base_layers = _base_layers(ads)
     for key, (_, dtype, full) in base_layers.items():
         planned.append(PlannedTensor.of(key, dtype, full))
+    needs = {name: memory.module_bytes(kind, ads[where[name][0]].modules[name].shape,
+                                       [ads[i].modules[name].rank for i in where[name]], ranks[name], exact=exact,
+                                       oversample=oversample) for name in modules}
+    memory.check_modules(needs, budget, kind, budget_source)
     check_free_space(output.target, sum(p.nbytes for p in planned))
     for note in notes:
         log(f"note: {note}")
@@ -392,7 +406,7 @@ def merge_adapters(
             for key, (i, dtype, full) in base_layers.items():
                 start, end = ads[i].raw_span(key)
                 writer.begin(key, dtype, full)
-                for block in _blocks(ads[i].weights_file, start, end):
+                for block in _blocks(ads[i].weights_file, start, end, _block_size(budget)):
                     writer.write(block)
             bytes_written = writer.close()
         except BaseException:
@@ -412,6 +426,11 @@ def merge_adapters(
         "bytes_written": bytes_written,
         "seconds": time.perf_counter() - start,
     }
+
+
+def _block_size(budget: int) -> int:
+    """Bytes per block of a base-layer copy: 64 MiB, or an eighth of a smaller budget."""
+    return max(1 << 20, min(64 << 20, budget // 8))
 
 
 def _blocks(file: Path, start: int, end: int, size: int = 64 << 20) -> Iterator[bytes]:

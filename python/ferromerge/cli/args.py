@@ -72,3 +72,15 @@ def add_adapter_output_options(p: argparse.ArgumentParser, seed_help: str) -> No
     p.add_argument("--threads", type=int, default=None, metavar="N", help="worker threads (default: all cores)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only once the adapter is done)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+
+
+def add_memory_limit_option(p: argparse.ArgumentParser, what: str) -> None:
+    """``--memory-limit SIZE`` of ``run``, ``plan`` and ``merge-lora``: the text passes through to the API, which
+    parses and checks it (``_validate.memory_limit_bytes``); ``what`` says what the budget bounds."""
+    p.add_argument(
+        "--memory-limit",
+        default=None,
+        metavar="SIZE",
+        help=f"memory budget of {what}, e.g. 2GiB (at least 64MiB; default: half of RAM or of the cgroup "
+        "limit, at most 8 GiB); never changes the output",
+    )

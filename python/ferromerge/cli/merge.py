@@ -15,6 +15,7 @@ from typing import Any
 
 from .._validate import format_bytes
 from . import mergekit_options
+from .args import add_memory_limit_option
 from .mergekit_options import FERROMERGE_NAMES, PLAN_FIELDS, RUN_FIELDS
 
 
@@ -79,13 +80,7 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
     """The options ``plan`` shares with ``run``: mergekit's that change what is checked, the memory budget and
     ``--strict``."""
     mergekit_options.add(p, PLAN_FIELDS, FERROMERGE_NAMES)
-    p.add_argument(
-        "--memory-limit",
-        default=None,
-        metavar="SIZE",
-        help="memory budget of the engine, e.g. 2GiB (at least 64MiB; default: half of RAM or of the cgroup "
-        "limit, at most 8 GiB); never changes the output",
-    )
+    add_memory_limit_option(p, "the engine")
     p.add_argument(
         "--strict",
         action="store_true",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .args import add_adapter_output_options
+from .args import add_adapter_output_options, add_memory_limit_option
 
 
 def parse_adapter(text: str) -> tuple[str, float]:
@@ -53,6 +53,7 @@ def add_parser(sub: Any) -> None:
                    help="dtype of the output factors (default: the adapters' dtype)")
     p.add_argument("--base-model", default=None, metavar="NAME",
                    help="base_model_name_or_path of the output (default: the first adapter's)")
+    add_memory_limit_option(p, "the merge (it holds one module at a time; a module that cannot fit is refused)")
     add_adapter_output_options(p, "seed of DARE masks and randomized SVD sketches (default 0)")
     p.set_defaults(func=main)
 
@@ -72,8 +73,9 @@ def main(args: argparse.Namespace) -> int:
         summary = merge_adapters(
             args.out, args.adapters, combination=args.combination, rank=args.rank, density=args.density,
             majority_sign=args.majority_sign, seed=args.seed, exact=args.exact, svd_clamp=args.svd_clamp,
-            dtype=args.dtype, base_model=args.base_model, threads=args.threads, oversample=args.oversample,
-            power_iters=args.power_iters, overwrite=args.overwrite, quiet=args.quiet, on_progress=progress,
+            dtype=args.dtype, base_model=args.base_model, threads=args.threads, memory_limit=args.memory_limit,
+            oversample=args.oversample, power_iters=args.power_iters, overwrite=args.overwrite, quiet=args.quiet,
+            on_progress=progress,
         )
     finally:
         if bar is not None:
