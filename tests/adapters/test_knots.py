@@ -17,11 +17,11 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from adapters.make import read_adapter, write_adapter
+from adapters.make import SHAPES, read_adapter, write_adapter
 from ferromerge import _engine
 from ferromerge.adapters import merge_adapters
 from ferromerge.adapters.factors import Factors
-from ferromerge.adapters.knots import MERGES, knots_merge, merge_coefficients, shared_basis
+from ferromerge.adapters.knots import MERGES, Cut, knots_merge, merge_coefficients, shared_basis
 from ferromerge.errors import InputError, ParameterError
 from reference import knots as ref
 
@@ -240,28 +240,92 @@ def test_bad_arguments_are_refused():
         knots_merge([fs[0], bad], [1, 1], module="q_proj")
 
 
-@pytest.mark.parametrize("combination, density", [("knots_ties", 0.3), ("knots_dare_ties", 0.5), ("knots_linear", None)])
-def test_merge_adapters_writes_the_references_delta(tmp_path, combination, density):
-    """End to end: PEFT adapter directories (two ranks and lora_alpha, bfloat16 and float32) through
-    ``merge_adapters``; every module's ΔW read back from the written adapter (its r and lora_alpha) is the
-    reference's on the adapters' own factors and scales (lora_alpha / r)."""
+@pytest.mark.parametrize("combination, density, majority_sign", [
+    ("knots_ties", 0.3, "total"), ("knots_ties", 0.1, "frequency"), ("knots_magnitude_prune", 0.2, "total"),
+    ("knots_dare_ties", 0.5, "total"), ("knots_linear", None, "total")])
+def test_merge_adapters_writes_the_references_delta(tmp_path, combination, density, majority_sign):
+    """End to end: PEFT adapter directories (two ranks and lora_alpha, bfloat16 and float32; six modules of three
+    shapes) through ``merge_adapters``; every module's ΔW read back from the written adapter (its r and lora_alpha)
+    is the reference's run over all the modules at once (``ref.knots_layers``: the trim's cut and the zero-sign
+    majority over each adapter's whole vector, as the paper's code), on the adapters' own factors and scales."""
     first = write_adapter(tmp_path / "a1", 4, seed=1, alpha=16.0)
     second = write_adapter(tmp_path / "a2", 8, seed=2, alpha=8.0, dtype="BF16")
     weights = [0.8, 0.8]
     merge_adapters(tmp_path / "out", [(tmp_path / "a1", weights[0]), (tmp_path / "a2", weights[1])],
-                   combination=combination, density=density, seed=9)
+                   combination=combination, density=density, majority_sign=majority_sign, seed=9)
     config, merged = read_adapter(tmp_path / "out")
     assert not config["rank_pattern"] and not config["alpha_pattern"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     scale = config["lora_alpha"] / config["r"]
-    for module, (a1, b1) in first.items():
-        a2, b2 = second[module]
-        factors = [Factors(a=a1, b=b1, scale=16.0 / 4), Factors(a=a2, b=b2, scale=8.0 / 8)]
-        merge = combination.removeprefix("knots_")
-        _, coeffs = shared_basis(factors)
-        masks = _engine_masks([c.shape for c in coeffs], density, 9, module) if merge.startswith("dare") else None
-        expected, _, margins = ref.knots([(f.a, f.b, f.scale) for f in factors], weights, merge,
-                                         1.0 if density is None else density, dare_masks=masks)
-        assert margins.trim > 1e-5 and margins.sign > 1e-5, margins
-        a, b = merged[module]
+    merge = combination.removeprefix("knots_")
+    modules = list(first)
+    layers = [[(first[m][0], first[m][1], 16.0 / 4), (second[m][0], second[m][1], 8.0 / 8)] for m in modules]
+    masks = None
+    if merge.startswith("dare"):
+        masks = []
+        for m, layer in zip(modules, layers):
+            _, coeffs = shared_basis([Factors(a=a, b=b, scale=sc) for a, b, sc in layer])
+            masks.append(_engine_masks([c.shape for c in coeffs], density, 9, m))
+    d = 1.0 if density is None else density
+    expected, margins = ref.knots_layers(layers, weights, merge, d, majority_sign, dare_masks=masks)
+    assert margins.trim > 1e-5 and margins.sign > 1e-5, margins
+    for m, want in zip(modules, expected):
+        a, b = merged[m]
         got = scale * (b.astype(np.float64) @ a)
-        np.testing.assert_allclose(got, expected, atol=2e-6 * np.abs(expected).max(), err_msg=module)
+        np.testing.assert_allclose(got, want, atol=2e-6 * np.abs(want).max(), err_msg=m)
+    if merge in ("ties", "magnitude_prune"):
+        # the global cut is not each module's own: the per-module reference differs somewhere
+        per_module = [ref.knots(layer, weights, merge, d, majority_sign)[0] for layer in layers]
+        assert any(np.abs(p - e).max() > 1e-3 * np.abs(e).max() for p, e in zip(per_module, expected))
+
+
+@settings(**SETTINGS)
+@given(
+    sizes=st.lists(st.integers(0, 300), min_size=1, max_size=6),
+    density=st.one_of(st.floats(0, 1), st.sampled_from([0.0, 0.5, 0.999, 1.0, 1e-9])),
+    dtype=st.sampled_from(["float32", "bfloat16"]),
+    zeros=st.booleans(),
+    data_seed=st.integers(0, 2**32 - 1),
+)
+def test_the_cut_is_the_references_kth_value_over_all_modules(sizes, density, dtype, zeros, data_seed):
+    """``Cut`` over several modules' arrays keeps exactly what ``topk_values_mask`` keeps on their concatenation
+    (|x| ≥ the k-th smallest |x|, k = d − int(d·density), ties at the cut kept), including repeated magnitudes
+    (bfloat16 values), zeros and tiny densities."""
+    rng = np.random.default_rng(data_seed)
+    parts = []
+    for n in sizes:
+        x = rng.standard_normal(n).astype(np.float32) * rng.choice([1e-3, 1.0, 50.0])
+        if zeros:
+            x[rng.random(n) < 0.3] = 0.0
+        parts.append(_round(x, dtype))
+    assume(sum(sizes) > 0)
+    cut = Cut(density)
+    for x in parts:
+        cut.count(x)
+    cut.locate()
+    for x in parts:
+        cut.refine(x)
+    cut.finish()
+    want, _ = ref.topk_values_mask(np.concatenate(parts), density)
+    got = np.concatenate([cut.keep(x) for x in parts])
+    assert np.array_equal(got, want)
+
+
+
+
+def test_adapters_with_different_module_sets_merge_with_global_statistics(tmp_path):
+    """An adapter lacking a module has no coefficients there (its vector is the concatenation over the modules it
+    has); the passes run, write every module of the union, leave no scratch file, and repeat bit for bit."""
+    modules = list(SHAPES)
+    write_adapter(tmp_path / "a1", 4, seed=1, modules=modules[:4])
+    write_adapter(tmp_path / "a2", 6, seed=2, modules=modules[2:])
+    write_adapter(tmp_path / "a3", 4, seed=3, modules=modules[1:5])
+    adapters = [(tmp_path / "a1", 0.5), (tmp_path / "a2", 1.0), (tmp_path / "a3", -0.7)]
+    for name in ("x", "y"):
+        merge_adapters(tmp_path / name, adapters, combination="knots_ties", density=0.4, seed=1)
+        assert sorted(p.name for p in (tmp_path / name).iterdir()) == ["adapter_config.json",
+                                                                       "adapter_model.safetensors"]
+    _, merged = read_adapter(tmp_path / "x")
+    assert sorted(merged) == sorted(modules)
+    assert (tmp_path / "x" / "adapter_model.safetensors").read_bytes() == \
+        (tmp_path / "y" / "adapter_model.safetensors").read_bytes()

@@ -166,3 +166,42 @@ def merge_reps(
     else:
         merged = weighted.sum(0)
     return merged.astype(np.float32).reshape(svs[0].shape)
+
+
+def knots_layers(
+    layers: Sequence[Sequence[tuple[np.ndarray, np.ndarray, float]]],
+    weights: Sequence[float],
+    merge: str,
+    density: float,
+    majority_sign: str = "total",
+    dare_masks: Sequence[Sequence[np.ndarray]] | None = None,
+) -> tuple[list[np.ndarray], Margins]:
+    """The reference on several LoRA-adapted layers at once, as ``SVDMerger.merge`` runs a model: each layer's
+    ``apply_svd``, then every task's coefficients over all layers flattened into one vector (``directions_to_reps``),
+    one masking and ``masked_merge`` over those vectors (so the trim's cut and the zero-sign majority are global), cut
+    back into layers, ΔW_l = U_l @ merged_l. ``layers[l]``: (a, b, scale) of every task (each task has every layer,
+    as in the reference); ``dare_masks[l][t]``: task t's mask on layer l. Returns each layer's ΔW and the margins."""
+    margins = Margins()
+    us, svs_by_layer = [], []
+    for factors in layers:
+        deltas = [delta(a, b, sc) for a, b, sc in factors]
+        u, svs, s = apply_svd(deltas)
+        margins.canonical = min(margins.canonical, sign_margin(deltas))
+        if s.size:
+            rel = np.diff(s[::-1]) / s.max()
+            margins.spectrum = min(margins.spectrum, float(min(rel.min() if rel.size else np.inf,
+                                                               (s.min() - SV_CUT) / s.max())))
+        us.append(u)
+        svs_by_layer.append(svs)
+    tasks = len(layers[0])
+    reps = [np.concatenate([svs[t].reshape(-1) for svs in svs_by_layer]) for t in range(tasks)]
+    masks = None
+    if dare_masks is not None:
+        masks = [np.concatenate([np.asarray(m[t]).reshape(-1) for m in dare_masks]) for t in range(tasks)]
+    merged = merge_reps(reps, weights, merge, density, majority_sign, masks, margins)
+    out, start = [], 0
+    for u, svs in zip(us, svs_by_layer):
+        n = svs[0].size
+        out.append(u.astype(np.float64) @ merged[start:start + n].reshape(svs[0].shape).astype(np.float64))
+        start += n
+    return out, margins

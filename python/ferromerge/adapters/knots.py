@@ -9,10 +9,13 @@ LoRA-adapted layer, and so what this module does:
 2. ``U, s, V = svd(C)`` in float64; only the components with s > 1e-5 are kept; U, s and V are cast to float32 and
    V is cut into T blocks V_t (r × in). Task t is represented by sV_t = diag(s)·V_t: its coordinates in the shared
    basis U.
-3. The sV_t are merged entrywise: ``ties`` keeps each task's int(d·density)+1 largest |entries| (the reference's
-   ``topk_values_mask``: ``abs >= kthvalue``), elects per entry the sign of the sum of the trimmed values (a zero
-   sum takes the majority of the elected signs, ``resolve_zero_signs``) and takes the disjoint mean of the entries
-   that agree: Σ_t w_t·x_t over the agreeing entries / their number (the reference's ``masked_merge('mean')``).
+3. The sV_t are merged entrywise, with statistics over each task's *whole* vector: the reference flattens every
+   layer of a task into one vector (``directions_to_reps``) before masking. ``ties`` keeps the task's
+   int(d·density)+1 largest |entries| over all its modules (d: its coefficients over all of them; the reference's
+   ``topk_values_mask``: ``abs >= kthvalue``, so every entry equal to the cut is kept), elects per entry the sign of
+   the sum of the trimmed values (a zero sum takes the majority of the elected signs over all modules,
+   ``resolve_zero_signs``) and takes the disjoint mean of the entries that agree: Σ_t w_t·x_t over the agreeing
+   entries / their number (the reference's ``masked_merge('mean')``).
    ``dare_ties`` first keeps each entry with probability ``density`` and divides it by ``density`` (the reference's
    ``apply_dare`` on the sV_t; its published KnOTS-DARE configs then run the TIES election without a trim, topK 100),
    ``dare_linear`` and ``magnitude_prune`` sum Σ_t w_t·x_t after the DARE drop or the trim, ``linear`` sums.
@@ -20,6 +23,11 @@ LoRA-adapted layer, and so what this module does:
    zero-sum rule (an entry whose count is 0 keeps the negative values, as the reference's
    ``where(sign > 0, x > 0, x < 0)`` does).
 4. ΔW = U · merged, returned as ``Factors(a=merged, b=U, scale=1)``.
+
+``knots_merge`` merges one module with the statistics of that module alone (the reference run on one layer);
+``adapters.knots_global`` merges every module of the adapters with the reference's global statistics, streamed
+(``Cut``: the exact global magnitude cut by radix selection over histograms; ``sign_balance``: the global majority
+of the elected signs), which is what ``merge_adapters`` does.
 
 How it is computed: never through the out × T·in matrix C. With B = [B_1 … B_T] = Q·R_B and
 scale_t·A_tᵀ = Q_t·R_t (thin QRs, of which only the R factors are formed), C = Q · K · blockdiag(Q_tᵀ) with the
@@ -31,20 +39,16 @@ mean would count as entries: the reference's result then depends on LAPACK's rou
 memory that of the factors and the T coefficient blocks (r × in each).
 The QR and SVD run in float64 with LAPACK (NumPy), as the reference's SVD does: the engine's ``_core.svd`` is
 float32 only, and with an absolute cut s > 1e-5 a float32 SVD would keep rounding-noise components of a
-rank-deficient C (two adapters sharing a B) that change the trim's count. The trim and the DARE masks are the
-engine's kernels (``_engine.merge_arrays`` on one input over a zero base, as ``compat.peft`` prunes): the trim is
-exact top-k (ties at the cut: lowest index first; the reference keeps every tie, which matters only for equal
-magnitudes), DARE masks come from the counter-based generator keyed by ``seed``, ``module`` and the adapter's
-position (so they cannot bit-match torch's ``bernoulli``, and they do not depend on threads). The election and the
+rank-deficient C (two adapters sharing a B) that change the trim's count. The trim is the reference's: every entry
+whose magnitude reaches the cut is kept (ties at the cut included), the cut found exactly (``Cut``). DARE masks
+come from the engine's counter-based generator keyed by ``seed``, ``module`` and the adapter's position in the
+module (so they cannot bit-match torch's ``bernoulli``, and they do not depend on threads). The election and the
 disjoint mean are elementwise NumPy in float64 on the float32 coefficients, rounded once to float32.
 
 Departures from the reference, and why:
 
 * Each SVD component's sign is fixed (``canonical_signs``: U's largest |entry| of the column positive); the
   reference takes LAPACK's, and its election is not sign-invariant where no sign has a majority (see there).
-* Statistics are per module (the trim's count, the zero-sign majority): the reference flattens every layer of a
-  task into one vector. ``knots_merge`` merges one module at a time so that adapters stream within a memory budget;
-  with density 1 (the reference's Llama configs, and every KnOTS-DARE config: topK 100) the two agree.
 * ΔW_t includes the adapter's scale (lora_alpha / r): the reference's ``LoRAHandler`` uses B·A alone. They agree
   when every scale is 1 (and up to the 1e-5 cut when all scales are equal).
 * Per-adapter weights: the reference multiplies every task by ``scaling_coeffs[0]`` after the masks; here task t
@@ -66,7 +70,22 @@ from .._validate import check_seed
 from ..errors import InputError, ParameterError
 from .factors import Factors
 
-__all__ = ["MERGES", "SV_CUT", "canonical_signs", "knots_merge", "merge_coefficients", "shared_basis"]
+__all__ = [
+    "MERGES",
+    "SV_CUT",
+    "Cut",
+    "canonical_signs",
+    "check",
+    "combine",
+    "finish",
+    "knots_merge",
+    "merge_coefficients",
+    "needs_majority",
+    "needs_trim",
+    "prepare",
+    "shared_basis",
+    "sign_balance",
+]
 
 #: the merges of the aligned coefficients (``merge=``)
 MERGES = ("ties", "dare_ties", "dare_linear", "linear", "magnitude_prune")
@@ -98,13 +117,18 @@ def knots_merge(
     (components beyond the shared basis' are zero), or, with ``rank``, the best rank-``rank`` approximation of the
     merged ΔW (``b`` carries the singular values, as PEFT's SVD types do).
     """
-    _check(factors, weights, merge, density, majority_sign, module)
+    check(factors, weights, merge, density, majority_sign, module)
     seed = check_seed(seed)
     u, coeffs = shared_basis(factors)
     merged = merge_coefficients(coeffs, [float(w) for w in weights], merge, float(density), majority_sign, seed, module)
-    total = sum(f.rank for f in factors)
+    return finish(u, merged, sum(f.rank for f in factors), None if rank is None else _check_rank(rank))
+
+
+def finish(u: _F32, merged: _F32, total: int, rank: int | None) -> Factors:
+    """ΔW = ``u`` @ ``merged`` as factors: rank ``total`` (Σ of the inputs' ranks, zero-padded), or its best
+    rank-``rank`` approximation."""
     if rank is not None:
-        return _truncated(u, merged, _check_rank(rank), module)
+        return _truncated(u, merged, rank)
     return Factors(a=_pad_rows(merged, total), b=_pad_rows(u.T, total).T.copy(), scale=1.0)
 
 
@@ -174,49 +198,136 @@ def merge_coefficients(
     seed: int,
     module: str,
 ) -> _F32:
-    """The reference's masking and ``masked_merge`` over the adapters' coefficients (each r × in, float32)."""
-    shape = coeffs[0].shape
+    """The reference's masking and ``masked_merge`` over one module's coefficients (each r × in, float32), with
+    that module's own statistics (the trim's cut, the zero-sign majority)."""
+    xs = prepare(coeffs, merge, density, seed, module)
+    cuts = None
+    if needs_trim(merge, density):
+        cuts = [Cut(density) for _ in xs]
+        for cut, x in zip(cuts, xs, strict=True):
+            cut.count(x)
+            cut.locate()
+            cut.refine(x)
+            cut.finish()
+    zero = int(np.sign(sign_balance(xs, cuts))) if needs_majority(merge, majority_sign) else 0
+    return combine(xs, weights, merge, cuts, majority_sign, zero)
+
+
+def needs_trim(merge: str, density: float) -> bool:
+    """Whether ``merge`` trims by magnitude (a cut over each adapter's coefficients)."""
+    return merge in ("ties", "magnitude_prune") and density < 1
+
+
+def needs_majority(merge: str, majority_sign: str) -> bool:
+    """Whether ``merge``'s election resolves zero sums by the majority of the elected signs."""
+    return merge in ("ties", "dare_ties") and majority_sign == "total"
+
+
+def prepare(coeffs: Sequence[_F32], merge: str, density: float, seed: int, module: str) -> list[_F32]:
+    """The coefficients the masks and the merge see: after DARE's drop and rescale for the ``dare_*`` merges (adapter
+    ``t`` of the module keyed by (seed, module, t)), as they are otherwise."""
     if merge in ("dare_ties", "dare_linear"):
-        xs = [_dare(c, density, seed, module, t) for t, c in enumerate(coeffs)]
-    elif merge in ("ties", "magnitude_prune"):
-        xs = [_trim(c, density) for c in coeffs]
-    else:
-        xs = list(coeffs)
-    x = np.stack([a.reshape(-1).astype(np.float64) for a in xs])
+        return [_dare(c, density, seed, module, t) for t, c in enumerate(coeffs)]
+    return list(coeffs)
+
+
+_HIGH, _LOW = 1 << 15, 1 << 16
+
+
+def _abs_bits(x: _F32) -> npt.NDArray[np.uint32]:
+    """|x|'s float32 bit patterns, which order like the magnitudes (no NaN here)."""
+    return np.ascontiguousarray(x, dtype=np.float32).reshape(-1).view(np.uint32) & np.uint32(0x7FFF_FFFF)
+
+
+class Cut:
+    """The reference's trim of one adapter over all its coefficients: keep |x| ≥ the k-th smallest |x|,
+    k = d − int(d·density) (``topk_values_mask``), d its coefficients over every module; density ≥ 1 keeps all.
+
+    Found exactly without holding the coefficients (radix selection on |x|'s float32 bit patterns, which order like
+    the magnitudes): ``count`` each module's (a histogram of the top 15 bits), ``locate`` the bin of the cut,
+    ``refine`` with each module's again (a histogram of the low 16 bits inside that bin), ``finish``; then ``keep``
+    says which entries are kept."""
+
+    def __init__(self, density: float) -> None:
+        self.density = density
+        self.n = 0
+        self.high = np.zeros(_HIGH, np.int64)
+        self.low = np.zeros(0, np.int64)
+        self.bin = 0
+        #: the cut's rank from the top within its bin (0: no cut)
+        self.rank = 0
+        #: the cut's bit pattern (0 keeps everything)
+        self.bits = 0
+
+    def count(self, x: _F32) -> None:
+        b = _abs_bits(x)
+        self.n += b.size
+        self.high += np.bincount(b >> np.uint32(16), minlength=_HIGH)
+
+    def locate(self) -> None:
+        if self.density >= 1 or self.n == 0:
+            return
+        # the k-th smallest of d is the (d − k + 1) = (int(d·density) + 1)-th largest
+        rank = int(self.n * self.density) + 1
+        above = np.cumsum(self.high[::-1])
+        i = int(np.searchsorted(above, rank))
+        self.bin = _HIGH - 1 - i
+        self.rank = rank - (int(above[i - 1]) if i else 0)
+        self.low = np.zeros(_LOW, np.int64)
+
+    def refine(self, x: _F32) -> None:
+        if self.rank == 0:
+            return
+        b = _abs_bits(x)
+        self.low += np.bincount(b[(b >> np.uint32(16)) == self.bin] & np.uint32(0xFFFF), minlength=_LOW)
+
+    def finish(self) -> None:
+        if self.rank == 0:
+            return
+        i = int(np.searchsorted(np.cumsum(self.low[::-1]), self.rank))
+        self.bits = (self.bin << 16) | (_LOW - 1 - i)
+
+    def keep(self, x: _F32) -> npt.NDArray[np.bool_]:
+        return (_abs_bits(x) >= np.uint32(self.bits)).reshape(np.shape(x))
+
+
+def _trimmed(xs: Sequence[_F32], cuts: Sequence[Cut] | None) -> list[_F32]:
+    if cuts is None:
+        return list(xs)
+    return [np.where(cut.keep(x), x, np.float32(0)) for x, cut in zip(xs, cuts, strict=True)]
+
+
+def sign_balance(xs: Sequence[_F32], cuts: Sequence[Cut] | None) -> int:
+    """(entries whose trimmed sum is > 0) − (those < 0): summed over modules, its sign is the reference's
+    ``resolve_zero_signs`` majority (the sign of the sum of the elected signs)."""
+    total = np.stack([x.reshape(-1) for x in _trimmed(xs, cuts)]).sum(axis=0, dtype=np.float32)
+    return int(np.count_nonzero(total > 0)) - int(np.count_nonzero(total < 0))
+
+
+def combine(xs: Sequence[_F32], weights: Sequence[float], merge: str, cuts: Sequence[Cut] | None,
+            majority_sign: str, zero_sign: int) -> _F32:
+    """One module's merge of its (``prepare``d) coefficients: the trim by ``cuts`` (None: none), then the election
+    (a zero sum elects ``zero_sign``, for "total") and disjoint mean, or the weighted sum."""
+    shape = xs[0].shape
+    pruned = _trimmed(xs, cuts)
+    x = np.stack([a.reshape(-1).astype(np.float64) for a in pruned])
     w = np.asarray(weights, dtype=np.float64)[:, None]
     if merge in ("linear", "dare_linear", "magnitude_prune"):
         return (w * x).sum(axis=0).astype(np.float32).reshape(shape)
-    sign = _elect(np.stack([a.reshape(-1) for a in xs]), majority_sign)
+    sign = _elect(np.stack([a.reshape(-1) for a in pruned]), majority_sign, zero_sign)
     agree = np.where(sign > 0, x > 0, x < 0) & (w != 0)
     count = agree.sum(axis=0)
     total = np.where(agree, w * x, 0.0).sum(axis=0)
     return (total / np.maximum(count, 1)).astype(np.float32).reshape(shape)
 
 
-def _elect(x: _F32, majority_sign: str) -> npt.NDArray[np.float32]:
+def _elect(x: _F32, majority_sign: str, zero_sign: int) -> npt.NDArray[np.float32]:
     """The elected sign per entry (1, -1, or 0 when nothing decides), from float32 sums as the reference's."""
     if majority_sign == "frequency":
         return np.sign(np.sign(x).sum(axis=0, dtype=np.float32))
     sign = np.sign(x.sum(axis=0, dtype=np.float32))
-    sign[sign == 0] = np.sign(sign.sum(dtype=np.float32))
+    sign[sign == 0] = np.float32(zero_sign)
     return sign
-
-
-def _trim(c: _F32, density: float) -> _F32:
-    """Keep the int(n·density)+1 largest |c| (the reference's ``abs >= kthvalue(n − int(n·density))``); density
-    ≥ 1 keeps everything. The engine's exact top-k: a one-input TIES pass over a zero base returns the kept values."""
-    n = c.size
-    keep = int(n * density) + 1
-    if density >= 1 or keep >= n:
-        return c
-    flat = np.ascontiguousarray(c, dtype=np.float32).reshape(-1)
-    # the kernel keeps int(d·n) elements (at least 1); +0.5 makes that integer exact whatever the float product
-    out = _engine.merge_arrays(
-        {"name": "ties", "normalize": True, "lambda": 1.0, "rescale": "none", "seed": 0},
-        [flat], np.zeros(n, np.float32), _engine.input_values([1.0], [(keep + 0.5) / n]),
-        out_dtype="float32",
-    )
-    return np.asarray(out, dtype=np.float32).reshape(c.shape)
 
 
 def _dare(c: _F32, density: float, seed: int, module: str, index: int) -> _F32:
@@ -233,7 +344,7 @@ def _dare(c: _F32, density: float, seed: int, module: str, index: int) -> _F32:
     return np.asarray(out, dtype=np.float32).reshape(c.shape)
 
 
-def _truncated(u: _F32, merged: _F32, rank: int, module: str) -> Factors:
+def _truncated(u: _F32, merged: _F32, rank: int) -> Factors:
     """The best rank-``rank`` factors of ΔW = u @ merged (u has orthonormal columns, so the SVD of ``merged``
     is ΔW's), padded with zeros when ΔW has a lower rank."""
     p, s, vt = np.linalg.svd(merged.astype(np.float64), full_matrices=False)
@@ -257,7 +368,7 @@ def _check_rank(rank: object) -> int:
     return int(rank)
 
 
-def _check(
+def check(
     factors: Sequence[Factors],
     weights: Sequence[float],
     merge: str,

@@ -55,7 +55,7 @@ from ..io.writer import PlannedTensor, SafetensorsWriter
 from ..methods import default
 from ..models.index import natural_key
 from ..models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from . import combine, memory
+from . import combine, knots_global, memory
 from .factors import Factors
 from .peft_io import Adapter, merged_config, read_adapter, tensor_keys
 
@@ -73,6 +73,8 @@ COMBINATIONS = ("cat", *STACK_TYPES, *SVD_TYPES, *KNOTS_TYPES)
 _DENSITY_TYPES = {"ties", "dare_linear", "dare_ties", "magnitude_prune"}
 
 Progress = Callable[[int, int], None]
+#: the scratch file of KnOTS' global passes, in the output's temporary directory (removed before it is renamed)
+SCRATCH = ".knots-scratch"
 
 
 def _combine(kind: str, tasks: Iterable[F32], weights: Sequence[float], density: float | None, majority_sign: str,
@@ -365,38 +367,42 @@ def merge_adapters(
                                        [ads[i].modules[name].rank for i in where[name]], ranks[name], exact=exact,
                                        oversample=oversample) for name in modules}
     memory.check_modules(needs, budget, kind, budget_source)
-    check_free_space(output.target, sum(p.nbytes for p in planned))
+    spill = 0
+    if kind.startswith("knots_"):  # the global statistics' passes spill every module's coefficients beside the output
+        spill = sum(knots_global.spill_bytes(ads[where[n][0]].modules[n].shape,
+                                             [ads[i].modules[n].rank for i in where[n]]) for n in modules)
+    check_free_space(output.target, sum(p.nbytes for p in planned) + spill)
     for note in notes:
         log(f"note: {note}")
     svd_args = dict(oversample=oversample, power_iters=power_iters)
-    knots = None
-    if kind.startswith("knots_"):
-        from . import knots as knots_module  # KnOTS' own module, loaded only when asked for
 
-        knots = knots_module
+    def load(name: str) -> tuple[list[Factors], list[int]]:
+        return [ads[i].factors(name) for i in where[name]], where[name]
+
+    def merged_modules(tmp: Path) -> Iterator[tuple[str, Factors]]:
+        if kind.startswith("knots_"):
+            # KnOTS' statistics (the trim's cut, the zero-sign majority) are over all modules, as the paper's
+            yield from knots_global.merge_modules(
+                modules, load, weights, merge=kind.removeprefix("knots_"), density=1.0 if density is None else density,
+                majority_sign=majority_sign, seed=seed, ranks=None if rank is None else ranks, scratch=tmp / SCRATCH)
+            return
+        for name in modules:
+            facs, idx = load(name)
+            try:
+                merged = merge_module(kind, facs, [weights[i] for i in idx], rank=new_rank, density=density,
+                                      majority_sign=majority_sign, seed=seed, name=name, exact=exact,
+                                      svd_clamp=svd_clamp, threads=threads, svd_args=svd_args)
+            except MergeError as e:
+                raise type(e)(f"module {name}: {e}") from None
+            del facs
+            yield name, merged
 
     with output.building(log) as tmp:
         writer = SafetensorsWriter(tmp / ADAPTER_WEIGHTS, planned=planned, metadata={"format": "pt"})
         try:
-            for done, name in enumerate(modules):
-                idx = where[name]
-                facs = [ads[i].factors(name) for i in idx]
-                ws = [weights[i] for i in idx]
-                try:
-                    if knots is not None:
-                        merged = knots.knots_merge(
-                            facs, ws, merge=kind.removeprefix("knots_"), density=1.0 if density is None else density,
-                            majority_sign=majority_sign, seed=seed, module=name,
-                            rank=None if rank is None else ranks[name])
-                        merged = _truncate(merged, ranks[name], name, threads)
-                    else:
-                        merged = merge_module(kind, facs, ws, rank=new_rank, density=density,
-                                              majority_sign=majority_sign, seed=seed, name=name, exact=exact,
-                                              svd_clamp=svd_clamp, threads=threads, svd_args=svd_args)
-                except MergeError as e:
-                    raise type(e)(f"module {name}: {e}") from None
-                del facs
-                info = ads[idx[0]].modules[name]
+            for done, (name, merged) in enumerate(merged_modules(tmp)):
+                merged = _truncate(merged, ranks[name], name, threads)
+                info = ads[where[name][0]].modules[name]
                 key_a, key_b = tensor_keys(name, info.embedding)
                 a, b = merged.a * np.float32(merged.scale), merged.b
                 writer.add(key_a, st_dtype, a.shape, from_f32(a, st_dtype))
