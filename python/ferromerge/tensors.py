@@ -164,7 +164,7 @@ def _merge_flat(
     model_ids: Sequence[int] | None = None,
     allow_nonfinite: bool = False,
 ) -> np.ndarray:
-    k = _methods.kernel_for_tensor(r.spec, r.kernel, r.shared or {}, name)
+    k = _methods.kernel_for_tensor(r.spec, r.kernel, r.shared or {}, name, shape, len(inputs))
     params = k.get("params")
     extra = _methods.kernel_kwargs(r.spec, shape=shape, params=params, gammas=r.gammas, epsilons=r.epsilons)
     method = {key: value for key, value in k.items() if key != "params"}

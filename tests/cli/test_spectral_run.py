@@ -111,7 +111,7 @@ def test_a_bad_exclude_pattern_is_a_parameter_error(tmp_path: Path, family_f32: 
 
 
 def test_randomized_tsv_m_is_reproducible_and_seeded(tmp_path: Path, family_f32: Family) -> None:
-    cfg = config(family_f32, "tsv_m", oversample=2, power_iters=1)
+    cfg = config(family_f32, "tsv_m", exact_svd=False, oversample=2, power_iters=1)
     a = merged(tmp_path / "a", cfg, "--seed", "5", "--threads", "1")
     b = merged(tmp_path / "b", cfg, "--seed", "5", "--threads", "2")
     c = merged(tmp_path / "c", cfg, "--seed", "6")
@@ -120,18 +120,22 @@ def test_randomized_tsv_m_is_reproducible_and_seeded(tmp_path: Path, family_f32:
 
 
 def test_a_matrix_over_the_memory_limit_is_refused_before_writing(tmp_path: Path) -> None:
-    # embed_tokens 8192 x 256: the spectral working set (16 · m · n · 4 bytes = 128 MiB) exceeds a 64 MiB budget
+    # embed_tokens 8192 x 256: Iso-C's working set (16 · m · n · 4 bytes = 128 MiB) exceeds a 64 MiB budget
     fam = make_family(tmp_path / "fam", n_finetunes=2, hidden=256, intermediate=256, layers=1, vocab=8192,
                       dtype="bfloat16", heads=4, kv_heads=2)
     out = tmp_path / "out"
-    r = run_cli("run", write_config(tmp_path / "c.yml", config(fam, "tsv_m", n=2)), out, "--memory-limit", "64MiB")
+    r = run_cli("run", write_config(tmp_path / "c.yml", config(fam, "iso_c", n=2)), out, "--memory-limit", "64MiB")
     assert r.returncode == 2, r.stderr
     assert re.search(r"tensor .(model.embed_tokens|lm_head).weight. \[8192, 256\]", r.stderr), r.stderr
     assert "--memory-limit" in r.stderr and "exclude" in r.stderr
     assert not out.exists()
     # excluding the big matrices makes the same run fit
-    cfg = config(fam, "tsv_m", n=2, exclude="embed_tokens|lm_head")
+    cfg = config(fam, "iso_c", n=2, exclude="embed_tokens|lm_head")
     r = run_cli("run", write_config(tmp_path / "c2.yml", cfg), out, "--memory-limit", "64MiB", "--quiet")
+    assert r.returncode == 0, r.stderr
+    # TSV-M holds at most 4 x the matrix's float32 size for such a tall matrix (8 MiB here): it fits as it is
+    r = run_cli("run", write_config(tmp_path / "c3.yml", config(fam, "tsv_m", n=2)), tmp_path / "o3",
+                "--memory-limit", "64MiB", "--quiet")
     assert r.returncode == 0, r.stderr
 
 
@@ -141,10 +145,40 @@ def test_plan_counts_the_working_set(tmp_path: Path, family_f32: Family) -> None
         m: dict[str, Any] = {"name": method} if params is None else {"name": method, "params": params}
         return _engine.memory_plan(2**30, 1, [{"input_bytes": 0, "inputs": 1, "method": m, "shape": shape}])["working"]
 
-    assert working_bytes("tsv_m", shape) == 16 * 4 * 256 * 64
+    assert working_bytes("iso_c", shape) == 16 * 4 * 256 * 64
+    # TSV-M: at most 4 x m·n·4 bytes for a matrix whose short side is at most 0.3 of its long side (an LLM's MLP
+    # and embedding matrices), and at least the task vector plus the concatenated U
+    for mlp in ([14336, 4096], [4096, 14336], [28672, 8192], [128256, 4096]):
+        assert 2 * 4 * mlp[0] * mlp[1] <= working_bytes("tsv_m", mlp) <= 4 * 4 * mlp[0] * mlp[1], mlp
     assert working_bytes("tsv_m", shape, {"mean_only": 1.0}) == 0
+    # too small for one direction per task (T = 1 here, so a 0 x n matrix): only averaged
+    assert working_bytes("tsv_m", [0, 64]) == 0
+    r = run_cli("plan", write_config(tmp_path / "c.yml", config(family_f32, "tsv_m")))
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"peak memory: .*spectral working set \d", r.stdout), r.stdout
+    r = run_cli("plan", write_config(tmp_path / "t.yml", config(family_f32, "tsv_m", exclude=".")))
+    assert "working set" not in r.stdout
     assert working_bytes("ties", shape) == 0
     assert working_bytes("star", [64]) == 0
+
+
+def test_a_matrix_too_small_for_one_direction_per_task_gets_the_mean_with_a_note(tmp_path: Path) -> None:
+    # k_proj and v_proj are (kv_heads · head_dim) x hidden = 2 x 8: floor(2/3) = 0 directions per task
+    fam = make_family(tmp_path / "fam", n_finetunes=3, hidden=8, intermediate=16, layers=1, vocab=32, heads=4,
+                      kv_heads=1, dtype="float32")
+    cfg = config(fam, "tsv_m", alpha=0.5)
+    r = run_cli("plan", write_config(tmp_path / "c.yml", cfg))
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"note: tsv_m: tensor model\.layers\.0\.self_attn\.k_proj\.weight \(2, 8\) has fewer than one "
+                     r"singular direction per task", r.stdout + r.stderr), r.stdout + r.stderr
+    got = merged(tmp_path / "run", cfg)
+    base, fts = models(fam)
+    for name in ("model.layers.0.self_attn.k_proj.weight", "model.layers.0.self_attn.v_proj.weight"):
+        want = base[name] + 0.5 * np.mean([ft[name].astype(np.float64) - base[name] for ft in fts], axis=0)
+        assert np.abs(want).max() > 0 and not np.allclose(want, base[name])
+        np.testing.assert_allclose(got[name], want, rtol=0, atol=1e-6, err_msg=name)
+    q = "model.layers.0.self_attn.q_proj.weight"  # 8 x 8: two directions per task, the SVD treatment
+    np.testing.assert_allclose(got[q], spectral_ref.tsv_m(base[q], [ft[q] for ft in fts], alpha=0.5), atol=TOL)
 
 
 # ---------------------------------------------------------------------------------------------------------------

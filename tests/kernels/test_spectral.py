@@ -117,6 +117,23 @@ def test_tsv_m_single_task_is_task_arithmetic():
                                    atol=64 * EPS * (np.abs(tau).max() + np.abs(base).max()))
 
 
+def test_tsv_m_is_exact_by_default_and_randomized_only_when_asked():
+    base, xs = make_family(32, (60, 45), 3, "decay")  # k = 15: a sketch of 25 columns, not the whole space
+    default = merge("tsv_m", xs, base, shape=base.shape, params={})
+    assert default.tobytes() == merge("tsv_m", xs, base, shape=base.shape, params={"exact_svd": 1.0}).tobytes()
+    randomized = merge("tsv_m", xs, base, shape=base.shape, params={"exact_svd": 0.0, "power_iters": 0.0})
+    assert randomized.tobytes() != default.tobytes()
+
+
+def test_tsv_m_gives_a_matrix_too_small_for_one_direction_per_task_the_mean():
+    """2 x 384 with three tasks: floor(2/3) = 0 directions each; the update is the mean task vector (not dropped)."""
+    base, xs = make_family(33, (2, 384), 3, "gauss")
+    got = merge("tsv_m", xs, base, shape=base.shape, params={"alpha": 0.8})
+    want = base + 0.8 * np.mean([x.astype(np.float64) - base for x in xs], axis=0)
+    np.testing.assert_allclose(got.reshape(base.shape), want, rtol=0, atol=1e-6)
+    assert not np.allclose(got.reshape(base.shape), base, atol=1e-4)
+
+
 def test_iso_c_is_mean_singular_value_times_the_polar_factor_of_the_sum():
     """Built from the core's own pieces: mean(S of _engine.svd(M)) · _engine.polar(M), M = Σ tau_t."""
     base, xs = make_family(31, (26, 19), 3, "decay")

@@ -34,8 +34,9 @@ def tsv_m_tau(taus: Sequence[np.ndarray]) -> np.ndarray:
 
     U_cat (m×r) holds each task's top k left singular vectors in slots [i·k, (i+1)·k), s_cat and V_cat (r×n, rows
     of Vt) likewise. When T·k < r the leftover slots stay zero: their polar columns are arbitrary but meet zero
-    singular values (docs/svd.md, "Methods"). k = 0 (T > min(m, n), e.g. a 1×n matrix and two tasks) keeps nothing, so
-    the merged task vector is 0 (the reference code's outcome: every slot is zero).
+    singular values (docs/svd.md, "Methods"). k = 0 (T > min(m, n), e.g. a 2×384 matrix and three tasks) would keep
+    nothing (the reference code's update is 0: every slot is zero); ferromerge gives such a matrix the mean task
+    vector instead, with a note (docs/compat.md), and so does this reference.
 
     Not unique: a task whose top k triplets include zero singular values (a task vector of rank < k, e.g. a
     tensor one fine-tune left unchanged) contributes arbitrary unit vectors to U_cat, which the polar factor mixes
@@ -47,7 +48,7 @@ def tsv_m_tau(taus: Sequence[np.ndarray]) -> np.ndarray:
     r = min(m, n)
     k = tsv_k((m, n), len(taus))
     if k == 0:
-        return np.zeros((m, n))
+        return arrays.mean_of(taus)
     u_cat, s_cat, v_cat = np.zeros((m, r)), np.zeros(r), np.zeros((r, n))
     for i, t in enumerate(taus):
         u, s, vt = linalg.truncated_svd(t, k)

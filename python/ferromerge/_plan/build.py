@@ -325,9 +325,11 @@ def _plan_tensor(
     kernel = kernels.get(key)
     if kernel is None:
         kernel = kernels[key] = methods.kernel_spec(method, shared, seed)
-    kernel = methods.kernel_for_tensor(method, kernel, shared, job.out)
     out_dtype = config.out_dtype or config.dtype or MERGEABLE_DTYPES[template.info.dtype]
     shape = template.info.shape
+    kernel = methods.kernel_for_tensor(method, kernel, shared, job.out, shape, len(inputs))
+    if notes is not None and methods.too_small(method, shape, len(inputs)):
+        notes.append(methods.too_small_note(job.out, shape, len(inputs)))
     if aligned:
         assert aligner is not None
         refs = ([s.base.ref] if s.base is not None else []) + [m.ref for m in s.inputs]

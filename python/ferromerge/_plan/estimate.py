@@ -60,6 +60,8 @@ class Estimate:
     largest_tensor_bytes: int
     read_ahead_bytes: int
     scratch_bytes: int
+    #: the largest whole-matrix working set of a spectral method (0 when none)
+    working_bytes: int
     #: bytes of input merged per second by the kernel, and read per second from the largest input file
     compute_rate: float
     read_rate: float
@@ -88,7 +90,9 @@ class Estimate:
             f"peak memory: at most {format_bytes(self.peak_memory)} resident (budget "
             f"{format_bytes(self.memory_limit)}; largest tensor {self.largest_tensor}: "
             f"{format_bytes(self.largest_tensor_bytes)} of inputs, read-ahead {format_bytes(self.read_ahead_bytes)}, "
-            f"scratch {format_bytes(self.scratch_bytes)} for {self.threads} thread(s); page cache not counted)",
+            f"scratch {format_bytes(self.scratch_bytes)} for {self.threads} thread(s)"
+            + (f", spectral working set {format_bytes(self.working_bytes)}" if self.working_bytes else "")
+            + "; page cache not counted)",
             f"predicted time: {self.seconds:.1f} s (compute {self.compute_rate / 1e9:.2f} GB/s, read "
             f"{self.read_rate / 1e9:.2f} GB/s from {source}: bounded by {self.bound_by})",
         ]
@@ -102,15 +106,17 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
-def peak_memory(plan: Plan, memory_limit: int, threads: int) -> tuple[int, PlanTensor, int, int]:
-    """The resident-memory bound (module docstring) with the largest tensor, the read-ahead and scratch bytes, as
-    the engine plans them (``_engine.memory_plan``: rust/core/src/exec/budget.rs)."""
+def peak_memory(plan: Plan, memory_limit: int, threads: int) -> tuple[int, PlanTensor, int, int, int]:
+    """The resident-memory bound (module docstring) with the largest tensor, the read-ahead, scratch and working-set
+    bytes (the largest whole-matrix working set of a spectral method, 0 for others), as the engine plans them
+    (``_engine.memory_plan``: rust/core/src/exec/budget.rs)."""
     needs: list[_engine.TensorNeeds] = [
         {"input_bytes": t.bytes_in, "inputs": len(t.inputs), "method": t.method, "shape": t.shape}  # type: ignore[typeddict-item]
         for t in plan.tensors
     ]
     memory = _engine.memory_plan(memory_limit, threads, needs)
-    return memory["peak"], plan.tensors[memory["largest"]], memory["read_ahead"], memory["scratch"]
+    return (memory["peak"], plan.tensors[memory["largest"]], memory["read_ahead"], memory["scratch"],
+            memory["working"])
 
 
 def _synthetic(rng: np.random.Generator, n: int, dtype: str) -> npt.NDArray[Any]:
@@ -205,7 +211,7 @@ def estimate(
     at most ``READ_BYTES`` of one input file."""
     budget = _engine.default_memory_limit() if memory_limit is None else memory_limit
     workers = threads or default_threads()
-    peak, largest, read_ahead, scratch = peak_memory(plan, budget, workers)
+    peak, largest, read_ahead, scratch, working = peak_memory(plan, budget, workers)
     target = Path.cwd() if out_dir is None else Path(out_dir).expanduser().absolute()
     # a run builds its output beside the target, so the target's parent's filesystem must hold it
     where, free = free_space(target if out_dir is None else target.parent)
@@ -231,6 +237,7 @@ def estimate(
         largest_tensor_bytes=largest.bytes_in,
         read_ahead_bytes=read_ahead,
         scratch_bytes=scratch,
+        working_bytes=working,
         compute_rate=compute,
         read_rate=read,
         read_file=str(biggest_file),

@@ -13,6 +13,8 @@ from .spec import (
     kernel_spec,
     mean_only,
     resolve_shared,
+    too_small,
+    too_small_note,
 )
 
 __all__ = [
@@ -27,6 +29,8 @@ __all__ = [
     "default",
     "get",
     "kernel_for_tensor",
+    "too_small",
+    "too_small_note",
     "kernel_kwargs",
     "kernel_spec",
     "mean_only",

@@ -228,13 +228,32 @@ def kernel_spec(method: MethodSpec, shared: dict[str, Any], seed: int) -> dict[s
     return out
 
 
+def too_small(method: MethodSpec, shape: Sequence[int], tasks: int) -> bool:
+    """Whether a matrix is too small for TSV-M to give each of ``tasks`` task vectors a direction (it keeps
+    floor(min(m, n) / T) per task): such a matrix gets the mean task vector, with a note. The Rust kernel applies
+    the same rule (``spectral::too_small``) to calls that bypass the planner."""
+    return method.name == "tsv_m" and len(shape) == 2 and min(shape) < tasks
+
+
+def too_small_note(tensor: str, shape: Sequence[int], tasks: int) -> str:
+    return (
+        f"tsv_m: tensor {tensor} {tuple(shape)} has fewer than one singular direction per task "
+        f"(floor({min(shape)}/{tasks}) = 0); it gets the mean task vector"
+    )
+
+
 def kernel_for_tensor(
-    method: MethodSpec, kernel: dict[str, Any], shared: dict[str, Any], tensor: str
+    method: MethodSpec,
+    kernel: dict[str, Any],
+    shared: dict[str, Any],
+    tensor: str,
+    shape: Sequence[int] = (),
+    tasks: int = 0,
 ) -> dict[str, Any]:
     """The kernel's ``method`` object for one tensor: ``kernel`` (``kernel_spec``), with ``params.mean_only`` set
-    when the method's ``exclude`` takes ``tensor`` out of the SVD treatment (``mean_only``). The one place the
-    plan and the in-memory API add it."""
-    if not mean_only(method, shared, tensor):
+    when the method's ``exclude`` takes ``tensor`` out of the SVD treatment (``mean_only``) or the matrix is
+    ``too_small`` for its ``tasks`` task vectors. The one place the plan and the in-memory API add it."""
+    if not (mean_only(method, shared, tensor) or too_small(method, shape, tasks)):
         return kernel
     return {**kernel, "params": {**kernel.get("params", {}), "mean_only": 1.0}}
 

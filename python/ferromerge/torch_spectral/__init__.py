@@ -148,8 +148,8 @@ def tsv_m(torch: Any, tasks: _Tasks, params: dict, seed: int) -> "torch.Tensor":
     the filled columns alone equals those columns of the full one (zero columns decouple)."""
     m, n = tasks.shape
     k = min(m, n) // tasks.n
-    if k == 0:
-        return torch.zeros((m, n), dtype=torch.float32, device=tasks.device)
+    if k == 0:  # no direction per task: the mean task vector, as the Rust kernel (methods.too_small)
+        return tasks.total().div_(tasks.n)
     width = tasks.n * k
     u_cat = torch.empty((m, width), dtype=torch.float32, device=tasks.device)
     s_cat = torch.empty(width, dtype=torch.float32, device=tasks.device)

@@ -211,10 +211,11 @@ pub fn memory_plan<'py>(
         let method: PlanMethod = values::read(&item("method")?, &format!("tensors[{i}] method object"))?;
         let shape: Vec<usize> = item("shape")?.extract()?;
         let spec = MethodSpec::from_plan(&method).map_err(to_py)?;
+        let inputs: usize = item("inputs")?.extract()?;
         needs.push(TensorNeeds {
             input_bytes: item("input_bytes")?.extract()?,
-            inputs: item("inputs")?.extract()?,
-            working_bytes: merge::working_bytes(&spec.params, &shape),
+            inputs,
+            working_bytes: merge::working_bytes(&spec, &shape, inputs),
         });
     }
     let plan = exec::memory_plan(memory_limit, threads, &needs, chunk_elems);

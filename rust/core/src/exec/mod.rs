@@ -228,7 +228,7 @@ pub fn execute_with(
             Work::Merge(j) => TensorNeeds {
                 input_bytes: w.input_bytes(),
                 inputs: j.inputs.len(),
-                working_bytes: merge::working_bytes(&j.spec.params, &j.shape),
+                working_bytes: merge::working_bytes(&j.spec, &j.shape, j.inputs.len()),
             },
             Work::Copy { .. } => TensorNeeds { input_bytes: w.input_bytes(), inputs: 1, working_bytes: 0 },
         })

@@ -14,6 +14,7 @@
 //! binding does when a signal arrives); it is checked between the solver's steps, and a cancelled call returns
 //! [`Cancelled`], never a result. A step already under way (one faer product, QR or SVD) runs to its end.
 
+pub mod gram;
 mod polar;
 mod svd;
 
@@ -86,6 +87,23 @@ pub fn mul(a: MatRef<'_, f32>, b: MatRef<'_, f32>) -> Mat<f32> {
     let mut out = Mat::zeros(a.nrows(), b.ncols());
     faer::linalg::matmul::matmul(out.as_mut(), faer::Accum::Replace, a, b, 1.0f32, Par::rayon(0));
     out
+}
+
+/// `a · b` in f64.
+pub fn mul_f64(a: MatRef<'_, f64>, b: MatRef<'_, f64>) -> Mat<f64> {
+    let mut out = Mat::zeros(a.nrows(), b.ncols());
+    faer::linalg::matmul::matmul(out.as_mut(), faer::Accum::Replace, a, b, 1.0f64, Par::rayon(0));
+    out
+}
+
+/// An f32 matrix widened to f64.
+pub fn widen(a: MatRef<'_, f32>) -> Mat<f64> {
+    Mat::from_fn(a.nrows(), a.ncols(), |i, j| f64::from(a[(i, j)]))
+}
+
+/// An f64 matrix rounded to f32.
+pub fn narrow(a: MatRef<'_, f64>) -> Mat<f32> {
+    Mat::from_fn(a.nrows(), a.ncols(), |i, j| a[(i, j)] as f32)
 }
 
 /// A matrix into a new row-major buffer.

@@ -4,8 +4,8 @@
 
 use faer::{Mat, MatRef, Par};
 
-use super::svd::{narrow, no_convergence, widen};
-use super::{pin, Cancel, NEVER};
+use super::svd::no_convergence;
+use super::{narrow, pin, widen, Cancel, NEVER};
 use crate::error::Result;
 
 /// `P Qᵀ` of `a` (m × c). Columns of `a` in its null space (e.g. TSV-M's unfilled slots) get some orthonormal

@@ -6,7 +6,7 @@
 use faer::{Mat, MatRef};
 use rayon::prelude::*;
 
-use super::{mul, pin, Cancel, NEVER};
+use super::{mul, narrow, pin, widen, Cancel, NEVER};
 use crate::error::{CoreError, Result};
 use crate::rng::Stream;
 
@@ -38,7 +38,11 @@ impl Svd {
 pub enum Solver {
     Exact,
     /// `oversample` extra sketch columns and `power_iters` power iterations; the sketch is keyed by `stream`.
-    Randomized { oversample: usize, power_iters: usize, stream: Stream },
+    Randomized {
+        oversample: usize,
+        power_iters: usize,
+        stream: Stream,
+    },
 }
 
 /// How many singular triplets to keep. Every given limit applies (the smallest wins); none given keeps
@@ -116,14 +120,6 @@ fn reach(terms: impl Iterator<Item = f64>, target: f64) -> usize {
 
 pub(super) fn no_convergence(_: faer::linalg::svd::SvdError) -> CoreError {
     CoreError::param("the SVD did not converge")
-}
-
-pub(super) fn widen(a: MatRef<'_, f32>) -> Mat<f64> {
-    Mat::from_fn(a.nrows(), a.ncols(), |i, j| f64::from(a[(i, j)]))
-}
-
-pub(super) fn narrow(a: MatRef<'_, f64>) -> Mat<f32> {
-    Mat::from_fn(a.nrows(), a.ncols(), |i, j| a[(i, j)] as f32)
 }
 
 /// The thin SVD of `a` (all min(m, n) triplets), computed in f64 and rounded to f32: faer's f32 SVD has a backward

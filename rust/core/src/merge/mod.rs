@@ -242,9 +242,9 @@ impl<'a> Job<'a> {
 /// Bytes a tensor's merge holds beyond the streaming chunk buffers: the whole-matrix working set of a spectral
 /// method (0 for every other method and for tensors a spectral method only averages).
 #[must_use]
-pub fn working_bytes(params: &Params, shape: &[usize]) -> u64 {
-    match params {
-        Params::Spectral(p) if !p.mean_only => methods::spectral::working_bytes(shape),
+pub fn working_bytes(spec: &MethodSpec, shape: &[usize], inputs: usize) -> u64 {
+    match &spec.params {
+        Params::Spectral(p) if !p.mean_only => methods::spectral::working_bytes(spec.method, shape, inputs),
         _ => 0,
     }
 }

@@ -16,7 +16,10 @@ pub enum ParamKind {
     /// A boolean, given as 0 or 1.
     Flag,
     /// A whole number in `[0, max]`; `max_text` is how error messages write `max`.
-    Whole { max: f64, max_text: &'static str },
+    Whole {
+        max: f64,
+        max_text: &'static str,
+    },
 }
 
 /// One parameter: its name, kind and default (`None`: required).
@@ -94,8 +97,8 @@ pub const RAM_R: ParamDef = ParamDef::number("r", 0.1);
 pub const RAM_ALPHA: ParamDef = ParamDef::number("alpha", 0.2);
 /// Spectral methods' final scale (the TSV-M and Iso-C/CTS papers' default).
 pub const SPECTRAL_ALPHA: ParamDef = ParamDef::number("alpha", 1.0);
-/// tsv_m: exact SVDs instead of randomized ones.
-pub const EXACT_SVD: ParamDef = ParamDef::flag("exact_svd", false);
+/// tsv_m: exact SVDs (the paper's factors; the default) or, when false, randomized top-k ones.
+pub const EXACT_SVD: ParamDef = ParamDef::flag("exact_svd", true);
 /// tsv_m: the randomized sketch's extra columns.
 pub const OVERSAMPLE: ParamDef = ParamDef::whole("oversample", Some(10.0), 1e6, "1000000");
 /// tsv_m: the randomized SVD's power iterations.
@@ -342,9 +345,11 @@ impl Params {
             Family::Slerp => Params::Slerp(SlerpParams::read(v)?),
             Family::ModelStock => Params::ModelStock(ModelStockParams { filter_wise: v.flag(&FILTER_WISE)? }),
             Family::Sce => Params::Sce(SceParams { select_topk: v.number(&SELECT_TOPK) }),
-            Family::Ram => {
-                Params::Ram(RamParams { epsilon: v.number(&RAM_EPSILON), r: v.number(&RAM_R), alpha: v.number(&RAM_ALPHA) })
-            }
+            Family::Ram => Params::Ram(RamParams {
+                epsilon: v.number(&RAM_EPSILON),
+                r: v.number(&RAM_R),
+                alpha: v.number(&RAM_ALPHA),
+            }),
             Family::Nearswap => Params::Nearswap(NearswapParams { t: v.number(&T) }),
             Family::ArceeFusion => Params::ArceeFusion,
             Family::Tall => Params::Tall(TallParams {

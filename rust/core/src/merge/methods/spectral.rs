@@ -16,21 +16,32 @@ use faer::{Mat, MatRef};
 use rayon::prelude::*;
 
 use crate::error::{CoreError, Result};
-use crate::linalg::{self, Svd};
+use crate::linalg::{self, gram, Svd};
 use crate::merge::params::SpectralParams;
-use crate::merge::passes::{emit, load_deltas, load_whole};
-use crate::merge::{Job, Method, Options, Sink};
+use crate::merge::passes::{emit, load, load_deltas, load_whole};
+use crate::merge::{Job, Method, Options, Sink, DEFAULT_CHUNK_ELEMS};
 use crate::rng::Stream;
 
 pub(crate) fn merge(job: &Job, params: &SpectralParams, opts: &Options, sink: &dyn Sink) -> Result<()> {
     let alpha = if job.spec.method == Method::Star { 1.0 } else { params.alpha as f32 };
-    if job.shape.len() != 2 || params.mean_only {
+    if job.shape.len() != 2 || params.mean_only || too_small(job.spec.method, &job.shape, job.inputs.len()) {
         return mean_delta(job, opts, sink, alpha);
     }
     let (m, n) = (job.shape[0], job.shape[1]);
+    if job.spec.method == Method::TsvM {
+        // The base is not held: each task vector subtracts it chunk by chunk, and so does the final pass.
+        let tau = tsv_m(job, params, m, n)?;
+        let base = job.base.as_ref().expect("validated: a base is required");
+        return emit(job, opts.chunk_elems, sink, |s, start, len| {
+            s.resize(0, len);
+            load(job, base, start, &mut s.base[..len]);
+            for ((o, &b), &t) in s.mixed[..len].iter_mut().zip(&s.base[..len]).zip(&tau[start..start + len]) {
+                *o = b + alpha * t;
+            }
+        });
+    }
     let base = load_whole(job, job.base.as_ref().expect("validated: a base is required"));
     let tau = match job.spec.method {
-        Method::TsvM => tsv_m(job, params, &base, m, n)?,
         Method::IsoC => iso_c(job, &base, m, n)?,
         Method::IsoCts => iso_cts(job, params, &base, m, n)?,
         Method::Star => star(job, params, &base, m, n)?,
@@ -45,14 +56,46 @@ pub(crate) fn merge(job: &Job, params: &SpectralParams, opts: &Options, sink: &d
     })
 }
 
-/// Bytes a spectral merge of an m×n matrix holds at its peak: the base, one task vector, the concatenated factors
-/// and faer's SVD workspaces. Measured peaks (2048×1024 and 1024×2048, f32, 3 tasks) were 9–16 times m·n·4
-/// (Iso-CTS the most: three exact SVDs live at once); 16 is the bound used.
-pub fn working_bytes(shape: &[usize]) -> u64 {
+/// Whether a `shape` matrix is too small for `method` to give each of `tasks` task vectors a direction: TSV-M
+/// keeps ⌊min(m, n)/T⌋ per task, so a matrix with min(m, n) < T would lose every update (it gets the mean task
+/// vector instead; the planner says so in a note).
+#[must_use]
+pub fn too_small(method: Method, shape: &[usize], tasks: usize) -> bool {
     match shape {
-        [m, n] => 16 * 4 * *m as u64 * *n as u64,
-        _ => 0,
+        [m, n] => method == Method::TsvM && (*m).min(*n) < tasks,
+        _ => false,
     }
+}
+
+/// Bytes a spectral merge of a `shape` matrix with `tasks` task vectors holds at its peak (0 when it only
+/// averages). TSV-M (M × N tall after transposing, ρ = N/M, u = 4·M·N bytes): at most one f32 task vector (or
+/// the result), the concatenated U (M × N f32) and V (N × N f32), and the N × N f64 Gram matrix with its
+/// eigensolver, phases arranged so that the largest of them is max(2 + 3ρ, 1 + 10ρ)·u (3.9u for an LLM's MLP
+/// matrix, ρ = 0.29). Iso-C, Iso-CTS and STAR run faer's thin SVD in f64 on whole matrices: measured peaks
+/// (2048×1024 and 1024×2048, f32, 3 tasks) were 9–16u (Iso-CTS the most: three exact SVDs live at once); 16u
+/// is the bound used.
+#[must_use]
+pub fn working_bytes(method: Method, shape: &[usize], tasks: usize) -> u64 {
+    let [m, n] = shape else { return 0 };
+    if too_small(method, shape, tasks) {
+        return 0;
+    }
+    let (big, r) = ((*m).max(*n) as u64, (*m).min(*n) as u64);
+    if method != Method::TsvM {
+        return 16 * 4 * big * r;
+    }
+    let u = 4 * big * r;
+    let v = 4 * r * r;
+    let g = 8 * r * r;
+    let solver = linalg::gram::eigh_bytes(r as usize);
+    let blocks = linalg::gram::block_bytes(r as usize);
+    // A task's Gram matrix beside its task vector; its eigensolver with the task vector dropped; the polar
+    // factors (V's f64 product held while U's Gram matrix is solved); the final product.
+    let gram_phase = 2 * u + v + g + blocks;
+    let eig_phase = u + v + g + solver;
+    let polar_phase = u + g + g + solver;
+    let final_phase = 2 * u + v;
+    gram_phase.max(eig_phase).max(polar_phase).max(final_phase)
 }
 
 /// θ0 + α·mean(τ_t), elementwise (tensors that are not matrices).
@@ -71,6 +114,22 @@ fn mean_delta(job: &Job, opts: &Options, sink: &dyn Sink, alpha: f32) -> Result<
 fn task_vector(job: &Job, base: &[f32], i: usize) -> Result<Vec<f32>> {
     let mut t = load_whole(job, &job.inputs[i].src);
     t.par_iter_mut().zip(base).for_each(|(x, &b)| *x -= b);
+    finite(job, t, i)
+}
+
+/// [`task_vector`] with the base read chunk by chunk from its source instead of held whole.
+fn task_vector_streamed(job: &Job, i: usize) -> Result<Vec<f32>> {
+    let base = job.base.as_ref().expect("validated: a base is required");
+    let mut t = load_whole(job, &job.inputs[i].src);
+    t.par_chunks_mut(DEFAULT_CHUNK_ELEMS).enumerate().for_each(|(c, x)| {
+        let mut b = vec![0f32; x.len()];
+        load(job, base, c * DEFAULT_CHUNK_ELEMS, &mut b);
+        x.iter_mut().zip(&b).for_each(|(x, &b)| *x -= b);
+    });
+    finite(job, t, i)
+}
+
+fn finite(job: &Job, t: Vec<f32>, i: usize) -> Result<Vec<f32>> {
     if !linalg::all_finite(&t) {
         return Err(CoreError::param(format!(
             "tensor '{}': input {i} has non-finite values, which the SVD of {} cannot take",
@@ -103,33 +162,86 @@ fn recombine(ucat: MatRef<'_, f32>, s: &[f32], vcat: MatRef<'_, f32>) -> Result<
 }
 
 /// TSV-M: each task keeps its top k = ⌊min(m, n)/T⌋ singular triplets; the concatenated singular vectors are
-/// replaced by their polar factors (the nearest orthonormal sets), singular values kept as they are. Slots past
-/// T·k stay zero, as in the reference. Randomized SVDs by default (only the top k are used).
-fn tsv_m(job: &Job, p: &SpectralParams, base: &[f32], m: usize, n: usize) -> Result<Vec<f32>> {
+/// replaced by their polar factors (the nearest orthonormal sets), singular values kept as they are:
+/// τ = polar(U_cat) diag(Σ_cat) polar(V_cat)ᵀ. Slots past T·k stay zero, as in the reference.
+///
+/// Computed on the tall orientation (M × N, M ≥ N; a wide matrix is transposed, which swaps U and V and
+/// changes nothing else): each task's exact SVD through its N × N Gram matrix (`linalg::gram`), U_t = τ_t V_t Σ_t⁻¹;
+/// the polar factors as U_cat (U_catᵀU_cat)^(-1/2) and the same for V_cat, so that the result is
+/// U_cat · E with the small E = M_U diag(Σ) (V_cat M_V)ᵀ. One task vector is held at a time (see
+/// [`working_bytes`]). `exact_svd: false` takes the randomized top k instead.
+fn tsv_m(job: &Job, p: &SpectralParams, m: usize, n: usize) -> Result<Vec<f32>> {
     let t = job.inputs.len();
-    let r = m.min(n);
+    let (big, r) = (m.max(n), m.min(n));
     let k = r / t;
-    let (mut ucat, mut vcat, mut scat) = (Mat::zeros(m, r), Mat::zeros(n, r), vec![0f32; r]);
+    let err = |e: CoreError| svd_error(job, &e);
+    let never = &linalg::NEVER;
+    let (mut ucat, mut vcat, mut scat) = (Mat::<f32>::zeros(big, r), Mat::<f32>::zeros(r, r), vec![0f32; r]);
     for i in 0..t {
-        if k == 0 {
-            break;
-        }
-        let tau = task_vector(job, base, i)?;
-        let a = linalg::view(&tau, m, n);
+        let at = i * k;
         let svd = if p.exact_svd {
-            linalg::exact(a).map(|s| s.truncate(k))
+            let tau = task_vector_streamed(job, i)?;
+            let g = gram::gram(tall(&tau, m, n), never).map_err(err)?;
+            // Dropped while the eigensolver runs (the peak), read again for U_t = τ_t V_t Σ_t⁻¹.
+            drop(tau);
+            let (lam, v) = gram::eigh(g, never).map_err(err)?;
+            let s: Vec<f64> = lam[..k].iter().map(|&l| l.max(0.0).sqrt()).collect();
+            let kept = null_cut(&s);
+            let mut w = v.as_ref().subcols(0, kept).to_owned();
+            drop(v);
+            vcat.as_mut().subcols_mut(at, kept).copy_from(linalg::narrow(w.as_ref()).as_ref());
+            for (j, &sj) in s[..kept].iter().enumerate() {
+                w.as_mut().col_mut(j).iter_mut().for_each(|x| *x /= sj);
+            }
+            let tau = task_vector_streamed(job, i)?;
+            gram::mul_wide(ucat.as_mut().subcols_mut(at, kept), tall(&tau, m, n), w.as_ref());
+            s[..kept].iter().map(|&x| x as f32).collect::<Vec<f32>>()
         } else {
+            let tau = task_vector_streamed(job, i)?;
             let stream = Stream::new(job.spec.seed, job.name, job.inputs[i].model_id);
-            linalg::randomized(a, k, p.oversample, p.power_iters, &stream)
-        }
-        .map_err(|e| svd_error(job, &e))?;
-        // A task vector of rank below k has singular vectors for (numerically) zero singular values that are
-        // arbitrary; left in, they would steer the polar factors of every other slot. They are left out (zero
-        // columns, weight zero), which is what the reference computes whenever its SVD returns exact zeros.
-        let kept = svd.s.iter().take(k).take_while(|&&x| f64::from(x) > NULL_SV * f64::from(svd.s[0])).count();
-        place(&svd, kept, i * k, &mut ucat, &mut scat, &mut vcat);
+            let svd = linalg::randomized(tall(&tau, m, n), k, p.oversample, p.power_iters, &stream).map_err(err)?;
+            let s: Vec<f64> = svd.s.iter().map(|&x| f64::from(x)).collect();
+            let kept = null_cut(&s);
+            ucat.as_mut().subcols_mut(at, kept).copy_from(svd.u.as_ref().subcols(0, kept));
+            vcat.as_mut().subcols_mut(at, kept).copy_from(svd.v.as_ref().subcols(0, kept));
+            svd.s[..kept].to_vec()
+        };
+        scat[at..at + svd.len()].copy_from_slice(&svd);
     }
-    recombine(ucat.as_ref(), &scat, vcat.as_ref()).map_err(|e| svd_error(job, &e))
+    // polar(V_cat) first, kept as its f64 product, so that V_cat's Gram solve is done before U_cat's.
+    let mv = gram::inv_sqrt(vcat.as_ref(), never).map_err(err)?;
+    let pv = linalg::mul_f64(linalg::widen(vcat.as_ref()).as_ref(), mv.as_ref());
+    drop((mv, vcat));
+    let mut mu = gram::inv_sqrt(ucat.as_ref(), never).map_err(err)?;
+    for (j, &sj) in scat.iter().enumerate() {
+        mu.as_mut().col_mut(j).iter_mut().for_each(|x| *x *= f64::from(sj));
+    }
+    let e = linalg::narrow(linalg::mul_f64(mu.as_ref(), pv.as_ref().transpose()).as_ref());
+    drop((mu, pv));
+    let mut out = vec![0f32; m * n];
+    let mut o = linalg::view_mut(&mut out, m, n);
+    let dst = if m >= n { o.as_mut() } else { o.as_mut().transpose_mut() };
+    faer::linalg::matmul::matmul(dst, faer::Accum::Replace, ucat.as_ref(), e.as_ref(), 1.0f32, faer::Par::rayon(0));
+    Ok(out)
+}
+
+/// A row-major m × n buffer as its tall orientation (transposed when wide).
+fn tall(buf: &[f32], m: usize, n: usize) -> MatRef<'_, f32> {
+    let a = linalg::view(buf, m, n);
+    if m >= n {
+        a
+    } else {
+        a.transpose()
+    }
+}
+
+/// How many of the leading singular values `s` lie above TSV-M's null threshold. A task vector of rank below k
+/// has singular vectors for (numerically) zero singular values that are arbitrary; left in, they would steer
+/// the polar factors of every other slot. They are left out (zero columns, weight zero), which is what the
+/// reference computes whenever its SVD returns exact zeros.
+fn null_cut(s: &[f64]) -> usize {
+    let top = s.first().copied().unwrap_or(0.0);
+    s.iter().take_while(|&&x| x > NULL_SV * top).count()
 }
 
 /// Singular values at or below this share of the largest are treated as zero by TSV-M (f32 data: its rounding
