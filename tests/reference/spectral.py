@@ -36,7 +36,7 @@ def tsv_m_tau(taus: Sequence[np.ndarray]) -> np.ndarray:
     of Vt) likewise. When T·k < r the leftover slots stay zero: their polar columns are arbitrary but meet zero
     singular values (docs/svd.md, "Methods"). k = 0 (T > min(m, n), e.g. a 2×384 matrix and three tasks) would keep
     nothing (the reference code's update is 0: every slot is zero); ferromerge gives such a matrix the mean task
-    vector instead, with a note (docs/compat.md), and so does this reference.
+    vector instead, with a note (docs/svd.md, "Departures"), and so does this reference.
 
     Not unique: a task whose top k triplets include zero singular values (a task vector of rank < k, e.g. a
     tensor one fine-tune left unchanged) contributes arbitrary unit vectors to U_cat, which the polar factor mixes
