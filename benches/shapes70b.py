@@ -98,6 +98,9 @@ def bf16_bits(x: np.ndarray) -> np.ndarray:
 def make(root: Path, layers: int, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     base_pool = bf16_bits(rng.standard_normal(POOL, dtype=np.float32) * np.float32(0.02))
+    # float32 draws include a few exact zeros; a fine-tune's bit offset would turn a ±0 into NaN bit patterns
+    tiny = (base_pool & 0x7FFF) < 0x3000  # |x| < 2^-32
+    base_pool[tiny] = bf16_bits(np.full(int(tiny.sum()), 0.02, np.float32))
     noise_pool = np.rint(rng.standard_normal(POOL, dtype=np.float32) * 3).astype(np.int16).view(np.uint16)
     one = bf16_bits(np.ones(1, np.float32))[0]
     # shards: tensors in order, a new file when the next would pass SHARD bytes
