@@ -177,8 +177,11 @@ def kill_switch(out: Path) -> int:
     return 0
 
 
-def timed(cmd: list[str], env: dict[str, str], log: Path, cgroup: Path | None = None) -> dict[str, Any]:
-    """One child: wall, user+system CPU and peak RSS (``/usr/bin/time``'s ``%M``, KiB), load before and after."""
+def timed(cmd: list[str], env: dict[str, str], log: Path, cgroup: Path | None = None,
+          timeout: float | None = None) -> dict[str, Any]:
+    """One child: wall, user+system CPU and peak RSS (``/usr/bin/time``'s ``%M``, KiB), load before and after.
+    After ``timeout`` seconds the command (not ``/usr/bin/time``, which then still reports its peak RSS and CPU) is
+    killed and ``timed_out`` set."""
     tfile = log.with_suffix(".time")
     tfile.unlink(missing_ok=True)
     full = ["/usr/bin/time", "-f", "%M %U %S", "-o", str(tfile), *cmd]
@@ -196,7 +199,15 @@ def timed(cmd: list[str], env: dict[str, str], log: Path, cgroup: Path | None = 
         _CHILD["pgid"] = proc.pid
         if _CHILD["file"] is not None:
             Path(_CHILD["file"]).write_text(f"{proc.pid}\n")
-        rc = proc.wait()
+        timed_out = False
+        try:
+            rc = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            for child in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(child), signal.SIGKILL)
+            rc = proc.wait()
         wall = time.perf_counter() - t0
     _CHILD["pgid"] = None
     rss = user = sys_ = 0.0
@@ -207,7 +218,7 @@ def timed(cmd: list[str], env: dict[str, str], log: Path, cgroup: Path | None = 
     except (OSError, ValueError, IndexError):
         pass
     return dict(wall=wall, cpu=user + sys_, user=user, sys=sys_, peak_rss=int(rss), rc=rc, date=date,
-                load_before=load0, load_after=loadavg())
+                load_before=load0, load_after=loadavg(), timed_out=timed_out)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -299,7 +310,8 @@ def prepare(state: str, cfg: dict[str, Any]) -> None:
             read_bandwidth(weight_files(m))
 
 
-def run_tool(tool: str, cfg_path: Path, out: Path, threads: int, log: Path, cgroup: Path | None = None) -> dict:
+def run_tool(tool: str, cfg_path: Path, out: Path, threads: int, log: Path, cgroup: Path | None = None,
+             timeout: float | None = None) -> dict:
     env = thread_env(threads)
     if tool == "ferromerge":
         cmd = [sys.executable, "-m", "ferromerge.cli", "run", str(cfg_path), str(out), "--threads", str(threads),
@@ -308,7 +320,7 @@ def run_tool(tool: str, cfg_path: Path, out: Path, threads: int, log: Path, cgro
         cmd = [str(MERGEKIT_PY.parent / "mergekit-yaml"), str(cfg_path), str(out), "-j", str(threads), "--quiet"]
         env.pop("PYTHONPATH", None)
     shutil.rmtree(out, ignore_errors=True)
-    return timed(cmd, env, log, cgroup)
+    return timed(cmd, env, log, cgroup, timeout)
 
 
 def main() -> int:

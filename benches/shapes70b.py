@@ -191,12 +191,13 @@ class Cgroup:
                 time.sleep(0.1)
 
 
-def one_run(tool: str, cfg: Path, work: Path, threads: int, label: str, limit: int | None) -> dict[str, Any]:
+def one_run(tool: str, cfg: Path, work: Path, threads: int, label: str, limit: int | None,
+            timeout: float | None = None) -> dict[str, Any]:
     out = work / f"out-{tool}"
     drop_caches()
     cg = Cgroup(f"fm70b-{os.getpid()}-{label}", limit) if limit else None
     try:
-        r = run_tool(tool, cfg, out, threads, work / f"{label}.log", cg.path if cg else None)
+        r = run_tool(tool, cfg, out, threads, work / f"{label}.log", cg.path if cg else None, timeout)
         if cg:
             r.update(cg.stats(), limit=limit)
     finally:
@@ -247,7 +248,7 @@ def run(a: argparse.Namespace) -> int:
             a.json.write_text(json.dumps(res, indent=1, default=lambda o: None))
 
     refs: dict[str, dict[str, Any]] = {}
-    for method in a.methods:
+    for method in [] if a.no_ferromerge else a.methods:
         cfg = work / f"{method}.yml"
         cfg.write_text(yaml.safe_dump(cfgs[method], sort_keys=False))
         free = shutil.disk_usage(work).free
@@ -268,7 +269,7 @@ def run(a: argparse.Namespace) -> int:
             cfg.write_text(yaml.safe_dump(cfgs[method], sort_keys=False))
             for label, lim in ((f"{method} mergekit {a.limit} cgroup", limit),
                                (f"{method} mergekit (cap {a.mergekit_cap})", parse_size(a.mergekit_cap))):
-                r = one_run("mergekit", cfg, work, a.threads, label, lim)
+                r = one_run("mergekit", cfg, work, a.threads, label, lim, a.mergekit_timeout)
                 if r.get("sample") is not None and method in refs and refs[method].get("sample") is not None:
                     r["vs_ferromerge"] = compare_sample_dicts(refs[method]["sample"], r["sample"])
                     print(f"{label}: {r['vs_ferromerge']}", flush=True)
@@ -304,7 +305,7 @@ def table(res: dict[str, Any]) -> str:
         lines.append(
             f"| {r['method']} | {r['tool']} | {mem} | {r['wall']:.1f} | {r['wall'] / fl:.2f} | {r['cpu']:.1f} | "
             f"{r['peak_rss'] / 2**30:.2f} | " + (f"{r['cgroup_max_usage'] / 2**30:.2f}" if "cgroup_max_usage" in r else "–")
-            + f" | {r['rc']} | {out} | {r['load_before'][0]:.1f} → {r['load_after'][0]:.1f} |")
+            + f" | {r['rc']}{' (stopped: time limit)' if r.get('timed_out') else ''} | {out} | {r['load_before'][0]:.1f} → {r['load_after'][0]:.1f} |")
     return "\n".join(lines)
 
 
@@ -322,6 +323,9 @@ def main() -> int:
     r.add_argument("--mergekit-cap", default="16GiB")
     r.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     r.add_argument("--no-mergekit", action="store_true")
+    r.add_argument("--no-ferromerge", action="store_true", help="only the floor and mergekit's runs")
+    r.add_argument("--mergekit-timeout", type=float, default=None,
+                   help="stop a mergekit run after this many seconds (its peak RSS and CPU so far are kept)")
     r.add_argument("--work", type=Path, default=None)
     r.add_argument("--json", type=Path, default=None)
     t = sub.add_parser("table")
