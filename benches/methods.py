@@ -161,6 +161,14 @@ def _on_signal(signum: int, _frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
+def install_kill_switch(pgid_file: Path) -> None:
+    """Record each child's process group in ``pgid_file`` and kill it when the driver exits or is signalled."""
+    _CHILD["file"] = str(pgid_file)
+    atexit.register(_kill_child)
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, _on_signal)
+
+
 def kill_switch(out: Path) -> int:
     """``--kill``: stop the process group recorded by a running driver (its child and the child's children)."""
     f = out / "child.pgid"
@@ -358,10 +366,7 @@ def main() -> int:
         ap.error("--family is required")
     fam = a.family.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    _CHILD["file"] = str(out / "child.pgid")
-    atexit.register(_kill_child)
-    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(s, _on_signal)
+    install_kill_switch(out / "child.pgid")
 
     root = os.geteuid() == 0
     states = ["warm"] if a.warm or not root else ["cold"] if a.cold else ["warm", "cold"]

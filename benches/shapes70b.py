@@ -43,9 +43,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from compare import MERGEKIT_PY, drop_caches, read_bandwidth  # noqa: E402
 from methods import (  # noqa: E402
-    _CHILD,
-    _kill_child,
     configs,
+    install_kill_switch,
     loadavg,
     machine_line,
     run_tool,
@@ -218,15 +217,7 @@ def run(a: argparse.Namespace) -> int:
     fam = a.dir.resolve()
     work = (a.work or fam / "runs").resolve()
     work.mkdir(exist_ok=True)
-    _CHILD["file"] = str(work / "child.pgid")
-    import atexit
-    import signal
-
-    from methods import _on_signal
-
-    atexit.register(_kill_child)
-    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(s, _on_signal)
+    install_kill_switch(work / "child.pgid")
     cfgs = configs(fam)
     files = [p for n in NAMES for p in weight_files(fam / n)]
     in_bytes = sum(p.stat().st_size for p in files)

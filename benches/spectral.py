@@ -29,7 +29,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from compare import MERGEKIT_PY  # noqa: E402
-from methods import loadavg, machine_line, timed  # noqa: E402
+from methods import install_kill_switch, loadavg, machine_line, timed  # noqa: E402
 from svd import agreement, git_head, thread_env  # noqa: E402
 
 SHAPE = dict(hidden=4096, intermediate=14336, layers=1, vocab=1024, heads=32, kv_heads=8)
@@ -62,6 +62,7 @@ def main() -> int:
     base, fts = family(a.dir, shape)
     work = a.dir / "runs"
     work.mkdir(exist_ok=True)
+    install_kill_switch(work / "child.pgid")
     env = thread_env(a.threads)
     peer_env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
     peer_py = str(MERGEKIT_PY) if MERGEKIT_PY.exists() else sys.executable
