@@ -22,6 +22,8 @@ from .adapters import COMBINATIONS, merge_adapters
 from .config.adapters import AdaptersConfig, load_adapters_config
 from .config.resolve import MergeConfig, load_config
 from .errors import InputError
+from .executors import check_executor
+from .executors import ray as on_ray
 from .io import journal
 from .io.json_file import read_json
 from .io.output_dir import OutputDir, check_free_space
@@ -47,6 +49,10 @@ from .torch_spectral import ExternalMerge, check_device, external_merge, torch_u
 SCRATCH = ".vocab-scratch"
 
 ProgressCallback = Callable[[int, int, int, int], None]
+
+#: how the shards of a plan (its JSON, or what a resume left of it) get merged into a directory:
+#: ``execute(plan_json, out, progress, on_shard_done) -> {"tensors", "bytes_read", "bytes_written"}``
+Execute = Callable[[dict[str, Any], Path, ProgressCallback | None, Callable[[str, int, int], None]], dict[str, int]]
 
 
 @dataclass(frozen=True)
@@ -223,6 +229,36 @@ def _progress(bar: ProgressBar | None, on_progress: ProgressCallback | None) -> 
     return progress
 
 
+def _executor(
+    plan: Plan,
+    executor: str,
+    *,
+    threads: int | None,
+    limit: int | None,
+    merge: ExternalMerge | None,
+    ray_address: str | None,
+    ray_tasks: int | None,
+    bar: ProgressBar | None,
+    log: Callable[[str], None],
+) -> Execute:
+    """The engine in this process (``local``), or Ray tasks running it on a cluster's nodes (``executors.ray``)."""
+    if executor == "ray":
+
+        def on_cluster(plan_json: dict[str, Any], out: Path, progress: ProgressCallback | None,
+                       done: Callable[[str, int, int], None]) -> dict[str, int]:
+            return on_ray.execute(plan, plan_json, out, threads=threads, memory_limit=limit, address=ray_address,
+                                  tasks=ray_tasks, progress=progress, on_shard_done=done,
+                                  status=bar.status if bar is not None else None, log=log)
+
+        return on_cluster
+
+    def here(plan_json: dict[str, Any], out: Path, progress: ProgressCallback | None,
+             done: Callable[[str, int, int], None]) -> dict[str, int]:
+        return _engine.execute(json.dumps(plan_json), str(out), progress, threads, limit, merge, on_shard_done=done)
+
+    return here
+
+
 def _merge_tensors(
     plan: Plan,
     plan_json: dict[str, Any],
@@ -230,15 +266,13 @@ def _merge_tensors(
     out: Path,
     scratch: Path,
     *,
-    threads: int | None,
-    limit: int | None,
-    merge: ExternalMerge | None,
+    execute: Execute,
     bar: ProgressBar | None,
     on_progress: ProgressCallback | None,
     log: Callable[[str], None],
 ) -> dict[str, Any]:
-    """Write the permuted vocabulary tensors (if any), then run the engine over ``plan_json`` (the plan, less the
-    shards a resume kept) into ``out``, journaling each shard it finishes (the engine hands over its size and the
+    """Write the permuted vocabulary tensors (if any), then ``execute`` ``plan_json`` (the plan, less the shards a
+    resume kept) into ``out``, journaling each shard as it is finished (the engine hands over its size and the
     crc32 it computed while writing, once the shard is fsynced)."""
     try:
         if not plan_json["shards"]:
@@ -247,15 +281,7 @@ def _merge_tensors(
             scratch.mkdir()
             write_permuted(plan.permuted, log)
         try:
-            return _engine.execute(
-                json.dumps(plan_json),
-                str(out),
-                _progress(bar, on_progress),
-                threads,
-                limit,
-                merge,
-                on_shard_done=book.record,
-            )
+            return execute(plan_json, out, _progress(bar, on_progress), book.record)
         except InputError as e:
             raise _naming_the_model(e, plan) from None
     finally:
@@ -334,6 +360,9 @@ def run(
     resume: bool = False,
     allow_nonfinite: bool = False,
     strict: bool = False,
+    executor: str = "local",
+    ray_address: str | None = None,
+    ray_tasks: int | None = None,
 ) -> RunReport:
     """Merge the models of a mergekit config into ``out_dir``.
 
@@ -363,6 +392,13 @@ def run(
     refused (``OutputError``). With ``resume``, a run that fails or is interrupted keeps its partial output for the
     next resume; without it, the partial output is removed (and a killed run's is removed by the next run).
 
+    ``executor="ray"`` (``pip install 'ferromerge[ray]'``) merges the output shards in Ray tasks on the nodes of a
+    cluster (``executors.ray``; docs/scale.md): ``ray_address`` is the cluster (None: ``$RAY_ADDRESS``, else a Ray
+    instance on this machine started for the run; an open ``ray.init`` session is used as it is), ``ray_tasks`` how
+    many tasks the shards are cut into (None: one per shard). The models and ``out_dir`` must be on storage every
+    node sees; each task runs with ``threads`` CPUs (None: 1) and ``memory_limit`` as its budget. The output is
+    byte-identical to a local run's, and ``resume`` works across executors.
+
     A config with ``adapters:`` instead of ``models:`` (``config.adapters``) merges LoRA adapters into one adapter:
     ``merge_adapters`` runs it with ``seed``, ``threads``, ``memory_limit``, ``overwrite``, ``quiet`` and
     ``on_progress`` (per module); the other options of a model merge have no effect there (a note says so).
@@ -372,12 +408,13 @@ def run(
     (``OutputDir.building``).
     """
     check_threads(threads)
+    executor = check_executor(executor, ray_address, ray_tasks)
     limit = memory_limit_bytes(memory_limit)
     log = _log(quiet)
     adapter_config = load_adapters_config(config_or_path, COMBINATIONS, strict=strict)
     if adapter_config is not None:
         unused = {"lora_merge_cache": lora_merge_cache, "device": device, "resume": resume,
-                  "allow_nonfinite": allow_nonfinite}
+                  "allow_nonfinite": allow_nonfinite, "executor": executor != "local"}
         for name in (k for k, v in unused.items() if v):
             log(f"note: {name} has no effect on an adapter merge (adapters:)")
         return _merge_adapters(adapter_config, out_dir, seed=seed, threads=threads, memory_limit=limit, quiet=quiet,
@@ -401,6 +438,10 @@ def run(
             _check_space(output, plan, temp_cache)
         _log_notes(config, plan, log)
         merge = _external_merge(device if device is not None else config.device, config.method, log)
+        if merge is not None and executor == "ray":
+            # the torch hand-off is a callable of this process; a task would need its own GPU and torch
+            log("note: the Ray executor runs the Rust kernels on every node; --device is not used")
+            merge = None
         bar = None if quiet else ProgressBar()
         full_plan = json.loads(plan.to_json())
         # what decides the bytes besides the plan: the resolved config (side files), and whether torch merges the
@@ -417,15 +458,15 @@ def run(
             book = journal.Journal(tmp, ident, kept)
             convert_pickled(plan.models, plan.reads(), log)
             lora.materialise_all(plan.models, log)
+            execute = _executor(plan, executor, threads=threads, limit=limit, merge=merge, ray_address=ray_address,
+                                ray_tasks=ray_tasks, bar=bar, log=log)
             stats = _merge_tensors(
                 plan,
                 journal.reduced_plan(full_plan, kept),
                 book,
                 tmp,
                 scratch,
-                threads=threads,
-                limit=limit,
-                merge=merge,
+                execute=execute,
                 bar=bar,
                 on_progress=on_progress,
                 log=log,

@@ -1,4 +1,5 @@
-"""A tqdm progress bar on stderr fed by the engine's progress callback: tensors done, GB/s and ETA."""
+"""A tqdm progress bar on stderr fed by the engine's progress callback: tensors done, GB/s and ETA (and, for a run
+on Ray, a status line of tasks and nodes: the rate is then the cluster's)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ class ProgressBar:
     def __init__(self, desc: str = "merging") -> None:
         self._desc = desc
         self._bar: tqdm[Any] | None = None
+        self._status = ""
 
     def __call__(self, tensors_done: int, tensors_total: int, bytes_done: int, bytes_total: int) -> None:
         bar = self._bar
@@ -29,8 +31,13 @@ class ProgressBar:
                 dynamic_ncols=True,
                 bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}B/{total_fmt}B [{elapsed}<{remaining}, {rate_fmt}]",  # noqa: E501
             )
-        bar.set_description_str(f"{self._desc} {tensors_done}/{tensors_total} tensors", refresh=False)
+        status = f", {self._status}" if self._status else ""
+        bar.set_description_str(f"{self._desc} {tensors_done}/{tensors_total} tensors{status}", refresh=False)
         bar.update(bytes_done - bar.n)
+
+    def status(self, text: str) -> None:
+        """A few words shown after the tensor count from the next update on (``3/10 tasks, 3 node(s)``)."""
+        self._status = text
 
     def close(self) -> None:
         if self._bar is not None:

@@ -36,6 +36,7 @@ LAYERS: dict[str, int] = {
     "ferromerge.model_card": 4,
     "ferromerge.tensors": 4,
     "ferromerge.synth": 4,
+    "ferromerge.executors": 4,
     "ferromerge._run": 5,
     "ferromerge._compress": 5,
     "ferromerge._extract_lora": 5,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -106,15 +107,19 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
+def tensor_needs(tensors: Sequence[PlanTensor]) -> list[_engine.TensorNeeds]:
+    """What each tensor asks of the engine's memory plan (``_engine.memory_plan``)."""
+    return [
+        {"input_bytes": t.bytes_in, "inputs": len(t.inputs), "method": t.method, "shape": t.shape}  # type: ignore[typeddict-item]
+        for t in tensors
+    ]
+
+
 def peak_memory(plan: Plan, memory_limit: int, threads: int) -> tuple[int, PlanTensor, int, int, int]:
     """The resident-memory bound (module docstring) with the largest tensor, the read-ahead, scratch and working-set
     bytes (the largest whole-matrix working set of a spectral method, 0 for others), as the engine plans them
     (``_engine.memory_plan``: rust/core/src/exec/budget.rs)."""
-    needs: list[_engine.TensorNeeds] = [
-        {"input_bytes": t.bytes_in, "inputs": len(t.inputs), "method": t.method, "shape": t.shape}  # type: ignore[typeddict-item]
-        for t in plan.tensors
-    ]
-    memory = _engine.memory_plan(memory_limit, threads, needs)
+    memory = _engine.memory_plan(memory_limit, threads, tensor_needs(plan.tensors))
     return (memory["peak"], plan.tensors[memory["largest"]], memory["read_ahead"], memory["scratch"],
             memory["working"])
 

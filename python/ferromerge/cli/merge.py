@@ -14,8 +14,9 @@ import sys
 from typing import Any
 
 from .._validate import format_bytes
+from ..executors import EXECUTORS
 from . import mergekit_options
-from .args import add_memory_limit_option
+from .args import add_memory_limit_option, positive_int
 from .mergekit_options import FERROMERGE_NAMES, PLAN_FIELDS, RUN_FIELDS
 
 
@@ -106,6 +107,31 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         "verified and kept, only the rest is merged (the same config, inputs and ferromerge version only); a run "
         "with --resume that fails or is interrupted keeps its partial output for the next --resume",
     )
+    g = p.add_argument_group("past one machine (docs/scale.md)")
+    g.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        default="local",
+        help="local: merge in this process (default); ray: merge the output shards in Ray tasks on the nodes of a "
+        "cluster (pip install 'ferromerge[ray]'; models and OUT_DIR on storage every node sees; same bytes)",
+    )
+    g.add_argument(
+        "--address",
+        "--ray-address",
+        dest="ray_address",
+        default=None,
+        metavar="ADDR",
+        help="with --executor ray: the Ray cluster, e.g. HEAD:6379 or auto (default: $RAY_ADDRESS, else a Ray "
+        "instance on this machine started for the run)",
+    )
+    g.add_argument(
+        "--ray-tasks",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="with --executor ray: cut the output shards into N tasks of about equal bytes (default: one task per "
+        "shard; more shards than tasks need a smaller --out-shard-size)",
+    )
     mergekit_options.add(p.add_argument_group("mergekit-yaml's other options"), RUN_FIELDS)
 
 
@@ -141,6 +167,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         strict=args.strict,
         resume=args.resume,
         allow_nonfinite=args.allow_nonfinite,
+        **_executor_options(args),
         **kwargs,
     )
     if not kwargs["quiet"] and report.adapters is not None:
@@ -157,6 +184,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _executor_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``run``'s executor keywords from ``--executor``, ``--address`` and ``--ray-tasks`` (left out when not given,
+    so that Ray's options without ``--executor ray`` are the API's error)."""
+    out = {"executor": getattr(args, "executor", "local")}
+    for key in ("ray_address", "ray_tasks"):
+        if getattr(args, key, None) is not None:
+            out[key] = getattr(args, key)
+    return out
+
+
 def _cmd_multi(args: argparse.Namespace) -> int:
     from ..multi import run_multi
 
@@ -165,7 +202,7 @@ def _cmd_multi(args: argparse.Namespace) -> int:
     results = run_multi(
         args.config, out, intermediate_dir=args.intermediate_dir, lazy=args.lazy, overwrite=args.overwrite,
         memory_limit=args.memory_limit, strict=args.strict, allow_nonfinite=args.allow_nonfinite,
-        resume=getattr(args, "resume", False), **kwargs,
+        resume=getattr(args, "resume", False), **_executor_options(args), **kwargs,
     )
     if not kwargs["quiet"]:
         for r in results:

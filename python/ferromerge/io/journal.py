@@ -54,21 +54,27 @@ def identity(plan_json: str, config: Mapping[str, Any], inputs: Iterable[Path], 
     """What makes two runs the same run: ferromerge's version, the plan (engine input, ``partial``'s own path
     masked), the resolved config (which decides the side files), and ``(size, mtime_ns, inode)`` of each input
     file (files under ``partial`` are derived from the others and left out)."""
-    stats: dict[str, list[int]] = {}
-    for f in sorted({Path(p) for p in inputs}):
-        if f.is_relative_to(partial):
-            continue
-        try:
-            st = f.stat()
-        except OSError:
-            continue  # the engine names a missing input itself
-        stats[str(f)] = [st.st_size, st.st_mtime_ns, st.st_ino]
     return {
         "ferromerge": _engine.version(),
         "plan_sha256": _sha256(plan_json.replace(str(partial), _PARTIAL)),
         "config_sha256": _sha256(json.dumps(config, sort_keys=True, default=str)),
-        "inputs": stats,
+        "inputs": fingerprints(inputs, partial),
     }
+
+
+def fingerprints(inputs: Iterable[Path], partial: Path | None = None) -> dict[str, list[int]]:
+    """``{file: [size, mtime_ns, inode]}`` of each input file that exists (a missing one is the engine's to name),
+    files under ``partial`` left out: what tells a changed input from the one a run read."""
+    stats: dict[str, list[int]] = {}
+    for f in sorted({Path(p) for p in inputs}):
+        if partial is not None and f.is_relative_to(partial):
+            continue
+        try:
+            st = f.stat()
+        except OSError:
+            continue
+        stats[str(f)] = [st.st_size, st.st_mtime_ns, st.st_ino]
+    return stats
 
 
 def plan_inputs(plan: Mapping[str, Any]) -> set[Path]:
