@@ -1,8 +1,9 @@
 """The Ray executor's overhead (issue 15): a merge through local Ray clusters of 1, 2 and 3 nodes of 1 CPU each
 (``ray.cluster_utils.Cluster``, every node on this machine), against the local run of the same config in the same
-invocation, each output compared byte for byte with the local one. Also: the time to start each cluster, the
-whole ``--executor ray`` run without a cluster (ferromerge starts and stops its own Ray instance), and the cost of
-one task (a tiny family cut into 22 one-shard tasks on the 1-node cluster, against its local run).
+invocation (after a warm-up run), each output compared byte for byte with the local one. Also: the time to start
+each cluster, the whole ``--executor ray`` run without a cluster (ferromerge starts and stops its own Ray
+instance), and the cost of one task: a tiny family's 22 shards as 22 tasks against the same shards as one task, on
+the 1-node cluster (best of 3 each), divided by the 21 extra tasks.
 
     python scripts/ray_bench.py CONFIG WORKDIR [SHARD_SIZE]     # e.g. /work/bench11/family/ties.yml bench 250MB
 
@@ -29,7 +30,7 @@ from ferromerge.synth import make_family
 
 
 def loadavg() -> str:
-    return Path("/proc/loadavg").read_text().split(" ", 3)[:3].__str__()
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def timed(config: Any, out: Path, shard: str, **kw: Any) -> tuple[float, ferromerge.RunReport]:
@@ -59,13 +60,14 @@ def main() -> None:
     print("loadavg before:", loadavg())
     reference = work / "local"
     rows = []
+    timed(str(config), reference, shard)  # warm-up: the inputs into the page cache
     for threads in (None, 1):
         seconds, report = timed(str(config), reference, shard, threads=threads)
-        rows.append((f"local, threads {threads or 'all (2)'}", seconds, report.bytes_read, "-", "reference"))
-    tiny_local, _ = timed(tiny_config, work / "tiny-local", "20000")
+        rows.append((f"local, threads {threads or 'all (2)'}", seconds, report.bytes_read, "-", "reference",
+                     loadavg()))
     seconds, report = timed(str(config), work / "own", shard, executor="ray")
     rows.append(("ray, own instance (start+stop inside)", seconds, report.bytes_read, "-",
-                 "identical" if same(reference, work / "own") else "DIFFERENT"))
+                 "identical" if same(reference, work / "own") else "DIFFERENT", loadavg()))
     shutil.rmtree(work / "own")
     # ray.init connected to the clusters below is not ferromerge's: its own instance must not see RAY_ADDRESS
     task_cost = None
@@ -81,24 +83,27 @@ def main() -> None:
         try:
             seconds, report = timed(str(config), work / f"ray{n}", shard, executor="ray", threads=1)
             ok = "identical" if same(reference, work / f"ray{n}") else "DIFFERENT"
-            rows.append((f"ray, {n} node(s) x 1 CPU, threads 1", seconds, report.bytes_read, f"{started:.1f}", ok))
+            rows.append((f"ray, {n} node(s) x 1 CPU, threads 1", seconds, report.bytes_read, f"{started:.1f}", ok,
+                         loadavg()))
             if n == 1:
-                tiny_ray, r = timed(tiny_config, work / "tiny-ray", "20000", executor="ray")
-                tasks = len(list((work / "tiny-ray").glob("*.safetensors")))
-                task_cost = (tiny_ray - tiny_local) / tasks
-                rows.append((f"tiny family, {tasks} one-shard tasks, 1 node", tiny_ray, r.bytes_read, "-",
-                             f"local {tiny_local:.2f} s"))
+                # per-task cost: 22 one-shard tasks against one task of the same 22 shards (best of 3 each)
+                many = min(timed(tiny_config, work / "tiny-ray", "20000", executor="ray")[0] for _ in range(3))
+                one = min(timed(tiny_config, work / "tiny-ray", "20000", executor="ray", ray_tasks=1)[0]
+                          for _ in range(3))
+                task_cost = (many - one) / 21
+                rows.append(("tiny family: 22 one-shard tasks / 1 task of 22 shards, 1 node", many, 0, "-",
+                             f"1 task: {one:.2f} s", loadavg()))
         finally:
             ray.shutdown()
             c.shutdown()
             shutil.rmtree(work / f"ray{n}", ignore_errors=True)
     print("loadavg after:", loadavg())
-    print("| run | seconds | GB/s read | cluster start s | bytes |")
-    print("|---|---|---|---|---|")
-    for name, seconds, read, started, ok in rows:
-        print(f"| {name} | {seconds:.2f} | {read / seconds / 1e9:.2f} | {started} | {ok} |")
+    print("| run | seconds | GB/s read | cluster start s | bytes | loadavg after |")
+    print("|---|---|---|---|---|---|")
+    for name, seconds, read, started, ok, load in rows:
+        print(f"| {name} | {seconds:.2f} | {read / seconds / 1e9:.2f} | {started} | {ok} | {load} |")
     if task_cost is not None:
-        print(f"per-task cost (tiny family, 1 node): {task_cost * 1000:.0f} ms")
+        print(f"per-task cost (tiny family, 1 node): {task_cost * 1000:.1f} ms")
     shutil.rmtree(temp, ignore_errors=True)
 
 

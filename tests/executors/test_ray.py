@@ -54,20 +54,22 @@ def cluster() -> Iterator[tuple[Cluster, list[Any], Path]]:
     mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
     mp.setenv("RAY_TMPDIR", str(temp))  # every file of the cluster's under temp/ray
     faults = temp / "faults"
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": OBJECT_STORE,
-                                                      "include_dashboard": False})
-    workers = [c.add_node(num_cpus=1, object_store_memory=OBJECT_STORE) for _ in range(2)]
-    c.wait_for_nodes()
-    path = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
-    ray.init(address=c.address, logging_level="ERROR", log_to_driver=False, runtime_env={
-        "worker_process_setup_hook": "helpers.ray_faults.install",
-        "env_vars": {"PYTHONPATH": path, "FM_RAY_FAULTS": str(faults), "FM_RAY_HEAD": c.head_node.node_id},
-    })
+    c = None
     try:
+        c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": OBJECT_STORE,
+                                                          "include_dashboard": False})
+        workers = [c.add_node(num_cpus=1, object_store_memory=OBJECT_STORE) for _ in range(2)]
+        c.wait_for_nodes()
+        path = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
+        ray.init(address=c.address, logging_level="ERROR", log_to_driver=False, runtime_env={
+            "worker_process_setup_hook": "helpers.ray_faults.install",
+            "env_vars": {"PYTHONPATH": path, "FM_RAY_FAULTS": str(faults), "FM_RAY_HEAD": c.head_node.node_id},
+        })
         yield c, workers, faults
     finally:
         ray.shutdown()
-        c.shutdown()
+        if c is not None:
+            c.shutdown()
         mp.undo()
         shutil.rmtree(temp, ignore_errors=True)
 
@@ -151,6 +153,30 @@ def test_the_tokenizer_union_is_written_by_the_driver(all_configs: dict[str, dic
     assert (on_ray / "tokenizer.json").is_file() and "<y>" in (on_ray / "tokenizer.json").read_text()
 
 
+def test_without_an_address_the_run_starts_and_removes_its_own_ray_instance(family: Family, tmp_path: Path) -> None:
+    """No cluster, no $RAY_ADDRESS: ferromerge starts Ray on this machine with its files (and its token) in a new
+    directory under $TMPDIR, removed at the end; nothing in $HOME; the same bytes (a process of its own: this
+    module's session is open here)."""
+    config = write_config(tmp_path / "ties.yml", ties_config(family))
+    local = tmp_path / "local" / "out"
+    ferromerge.run(config, local, quiet=True, out_shard_size=SHARD)
+    home, temp = tmp_path / "home", Path(tempfile.mkdtemp(prefix="fmt-", dir="/tmp"))
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(HOME=str(home), TMPDIR=str(temp))
+    out = tmp_path / "ray" / "out"
+    try:
+        done = subprocess.run([sys.executable, "-m", "ferromerge.cli", "run", str(config), str(out), "--executor",
+                               "ray", "--ray-tasks", "3", "--out-shard-size", str(SHARD)],
+                              capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr
+        assert f"started a Ray instance on this machine ({temp}/fm-ray-" in done.stderr
+        assert list(temp.iterdir()) == [] and list(home.iterdir()) == []
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    same_files(local, out)
+
+
 def test_a_worker_killed_in_the_middle_of_a_shard_is_retried_to_identical_bytes(
     cluster: Any, family: Family, tmp_path: Path
 ) -> None:
@@ -204,6 +230,30 @@ def test_a_driver_killed_mid_run_resumes_with_resume_to_identical_bytes(
     assert "resumed:" in resumed.stdout and "Traceback" not in resumed.stderr
     same_files(local, out)
     assert not list(out.parent.glob(".out.ferromerge-*"))
+
+
+def test_an_input_changed_between_two_tasks_fails_the_run_and_writes_nothing(
+    cluster: Any, family: Family, tmp_path: Path
+) -> None:
+    """Each task's engine checks its inputs unchanged over its own reads only; a file touched once every task is
+    done (so no engine can see it) is caught by the driver, which compares every input at the end of the run with
+    the start."""
+    copy = tmp_path / "family"
+    shutil.copytree(family.base.parent, copy)
+    moved = Family(copy / family.base.name, [copy / f.name for f in family.finetunes])
+    victim = next(moved.finetunes[0].glob("*.safetensors"))
+
+    def touch_once(done: int, total: int, *_: int) -> None:
+        if done == total:
+            os.utime(victim, ns=(time.time_ns(), time.time_ns() + 10**9))
+            touched.append(victim)
+
+    touched: list[Path] = []
+    out = tmp_path / "out"
+    with pytest.raises(ferromerge.InputError, match=rf"{victim}: changed while the merge was reading it"):
+        ferromerge.run(ties_config(moved), out, quiet=True, out_shard_size=SHARD, executor="ray", ray_tasks=4,
+                       on_progress=touch_once)
+    assert touched and not out.exists() and not list(tmp_path.glob(".out.ferromerge-*"))
 
 
 def test_a_node_removed_with_tasks_in_flight_still_gives_identical_bytes(

@@ -129,11 +129,13 @@ def session(address: str | None, log: Callable[[str], None]) -> Iterator[None]:
     temp = None
     # Ray sets RAY_AUTH_MODE in this process when it starts an instance: restored too, so that the next run's
     # instance gets its token the same way
-    saved = {k: os.environ.get(k) for k in (_TOKEN_PATH, _USAGE_STATS, "RAY_AUTH_MODE")}
+    saved = {k: os.environ.get(k) for k in (_TOKEN_PATH, _USAGE_STATS, "RAY_AUTH_MODE", "RAY_TMPDIR")}
     try:
         if address is None and not os.environ.get("RAY_ADDRESS"):
             temp = _temp_dir()
             os.environ.setdefault(_USAGE_STATS, "0")
+            # what Ray writes to its default place (the address of the "current cluster") goes there too
+            os.environ["RAY_TMPDIR"] = str(temp)
             _token_outside_home(temp)
             ray.init(_temp_dir=str(temp), object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False, **quiet)
             log(f"note: started a Ray instance on this machine ({temp}); --address joins a cluster instead")
