@@ -142,6 +142,8 @@ class PlanReport:
     config: MergeConfig
     plan: Plan
     estimate: Estimate
+    #: what ``run`` would print as notes before merging (``merge_notes``)
+    notes: tuple[str, ...] = ()
 
     def summary(self) -> dict[str, Any]:
         """The JSON summary ``ferromerge plan --json`` adds to the plan under ``"summary"``."""
@@ -152,13 +154,12 @@ class PlanReport:
             "num_layers": self.plan.num_layers,
             "shards": len(self.plan.shards),
             **self.estimate.to_dict(),
-            "notes": [*self.plan.notes, *self.config.notes],
+            "notes": list(self.notes),
         }
 
     def lines(self) -> list[str]:
         """The human-readable report ``ferromerge plan`` prints."""
-        notes = [*self.plan.notes, *self.config.notes]
-        return [self.plan.summary(), *self.estimate.lines(), *(f"note: {note}" for note in notes)]
+        return [self.plan.summary(), *self.estimate.lines(), *(f"note: {note}" for note in self.notes)]
 
 
 def plan(
@@ -187,7 +188,8 @@ def plan(
         allow_nonfinite=allow_nonfinite,
         strict=strict,
     )
-    return PlanReport(config, built, estimate(built, out_dir, threads=threads, memory_limit=limit))
+    estimated = estimate(built, out_dir, threads=threads, memory_limit=limit)
+    return PlanReport(config, built, estimated, tuple(merge_notes(config, built)))
 
 
 def _check_space(output: OutputDir, plan: Plan, temp_cache: Path | None, reused: int = 0) -> None:
@@ -202,17 +204,21 @@ def _check_space(output: OutputDir, plan: Plan, temp_cache: Path | None, reused:
     )
 
 
-def _log_notes(config: MergeConfig, plan: Plan, log: Callable[[str], None]) -> None:
+def merge_notes(config: MergeConfig, plan: Plan) -> list[str]:
+    """The notes of a merge that its config and models decide: the one list ``run`` prints before merging and
+    ``plan`` shows (the reference model's missing config.json, the vocabulary's, the models' and the plan's, the
+    config's, and what the output's config.json will change)."""
+    notes = []
     if not _model_config(plan).is_file():
-        log(
-            f"note: {plan.models[0].path} has no config.json, so the output has none either (transformers needs "
-            "one to load it: copy or write it before loading)"
+        notes.append(
+            f"{plan.models[0].path} has no config.json, so the output has none either (transformers needs one to "
+            "load it: copy or write it before loading)"
         )
     if plan.vocabulary is not None:
-        for note in plan.vocabulary.notes:
-            log(f"note: {note}")
-    for note in [*plan.notes, *config.notes]:
-        log(f"note: {note}")
+        notes += plan.vocabulary.notes
+    notes += [*plan.notes, *config.notes]
+    notes += config_updates(plan.models[0], plan)[1]
+    return notes
 
 
 def _progress(bar: ProgressBar | None, on_progress: ProgressCallback | None) -> ProgressCallback | None:
@@ -317,9 +323,7 @@ def _write_side_files(
     reference = plan.models[0]
     if len(plan.shards) > 1:
         write_index(out, plan.weight_map(), plan.bytes_out)
-    updates, remarks = config_updates(reference, plan)
-    for remark in remarks:
-        log(f"note: {remark}")
+    updates, _ = config_updates(reference, plan)  # its remarks were printed before the merge (merge_notes)
     write_model_config(out, reference.path, config.out_dtype or config.dtype or plan.float_dtype, updates)
     if plan.vocabulary is not None:
         write_tokenizer(out, plan.vocabulary)
@@ -387,8 +391,8 @@ def run(
     method's arithmetic carries them into the output) instead of failing with an ``InputError`` naming them.
 
     ``resume``: continue the hidden partial output a killed run left beside ``out_dir`` (``io.journal``): its
-    journaled shards are verified (size, crc32) and kept, only the others are merged; the result is byte-identical
-    to an uninterrupted run. A partial output of another config, other inputs or another ferromerge version is
+    journaled shards are verified (unchanged since the engine fsynced them: size, times, inode) and kept, only the
+    others are merged; the result is byte-identical to an uninterrupted run. A partial output of another config, other inputs or another ferromerge version is
     refused (``OutputError``). With ``resume``, a run that fails or is interrupted keeps its partial output for the
     next resume; without it, the partial output is removed (and a killed run's is removed by the next run).
 
@@ -436,7 +440,8 @@ def run(
         output.check_inputs([m.path for m in plan.models])
         if not resume:
             _check_space(output, plan, temp_cache)
-        _log_notes(config, plan, log)
+        for note in merge_notes(config, plan):
+            log(f"note: {note}")
         merge = _external_merge(device if device is not None else config.device, config.method, log)
         if merge is not None and executor == "ray":
             # the torch hand-off is a callable of this process; a task would need its own GPU and torch
@@ -454,7 +459,7 @@ def run(
             if resume:
                 if kept:
                     log(f"resuming: {len(kept)} of {len(plan.shards)} shards are finished and verified")
-                _check_space(output, plan, temp_cache, sum(size for size, _ in kept.values()))
+                _check_space(output, plan, temp_cache, sum(s.size for s in kept.values()))
             book = journal.Journal(tmp, ident, kept)
             convert_pickled(plan.models, plan.reads(), log)
             lora.materialise_all(plan.models, log)

@@ -115,7 +115,7 @@ def shard_tensors(reference: Path) -> dict[str, int]:
     return counts
 
 
-def journaled(out: Path) -> dict[str, tuple[int, int]]:
+def journaled(out: Path) -> dict[str, journal.Shard]:
     found = partials(out)
     return journal.read(found[0])[1] if found else {}
 
@@ -343,8 +343,14 @@ def test_the_reference_config_json(family: Family, tmp_path: Path, capsys: pytes
                   f"{fam.base / 'config.json'}: the model config is a JSON list, not an object", capsys)
     (fam.base / "config.json").unlink()
     capsys.readouterr()
+    note = f"note: {fam.base} has no config.json, so the output has none either"
+    # plan shows the notes run prints (one list of them: _run.merge_notes), in the human and the JSON report
+    assert main(["plan", str(config), str(out)]) == 0
+    assert note in capsys.readouterr().out
+    assert main(["plan", str(config), str(out), "--json"]) == 0
+    assert any(n.startswith(note.removeprefix("note: ")) for n in json.loads(capsys.readouterr().out)["summary"]["notes"])
     assert main(["run", str(config), str(out)]) == 0
-    assert f"note: {fam.base} has no config.json, so the output has none either" in capsys.readouterr().err
+    assert note in capsys.readouterr().err
     assert not (out / "config.json").exists()
 
 

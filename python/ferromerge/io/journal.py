@@ -4,14 +4,25 @@ run --resume``) redoes only the others after a run was killed.
 The journal is a JSON-lines file inside the hidden partial output directory (``output_dir``), written by every
 run, whether or not ``--resume`` was given (a ``kill -9`` or a power loss cannot be foreseen). Its first line is
 the run's identity (``identity``): ferromerge's version, a digest of the plan and of the resolved config, and the
-size, mtime and inode of every input file. Each further line is one finished shard: its name, size and crc32
-(``zlib.crc32`` of the whole file), as the engine reports it (``on_shard_done``: computed while writing, reported
-once the shard is fsynced), appended and fsynced. A line cut short by a kill is ignored.
+size, mtime and inode of every input file. Each further line is one finished shard (``Shard``): its name, size and
+crc32 (``zlib.crc32`` of the whole file) as the engine reports them (``on_shard_done``: computed while writing,
+reported once the shard is fsynced), and the file's stamp (mtime, ctime, inode) taken then; appended and fsynced. A
+line cut short by a kill is ignored.
 
 ``resume`` reads it back: a journal of another identity is refused (``OutputError`` saying what differs), every
-listed shard is verified (size and crc32; one that fails is redone), and every other file of the partial directory
-is removed (shards the kill cut short, side files), except the LoRA merge cache, whose files are written atomically
+listed shard is verified by its stamp (one that fails is redone), and every other file of the partial directory is
+removed (shards the kill cut short, side files), except the LoRA merge cache, whose files are written atomically
 and named by a digest of their sources.
+
+Why the stamp and not the crc32: a shard is journaled only after the engine fsynced it, so neither a kill nor a
+power loss can tear a journaled shard; what can still damage one is a later write, truncation or replacement, and
+each of those changes its size, inode or ctime (no system call sets a ctime back; Linux 6.13+ gives a write after
+our ``stat`` a newer ctime at once, older kernels from their next clock tick, milliseconds later). Reading every
+kept shard back to recompute its crc32 costs a read of the whole finished output from disk (the engine drops
+written pages from the page cache), about 1.5 s per GB, which made a resume at 90% cost half a full run; the stamp
+costs one ``stat`` per shard. What the stamp cannot see is a disk that silently returns other bytes than it stored,
+which nothing else in a run checks either (inputs included); the crc32 stays in the journal for a check by hand
+(``zlib.crc32`` of the file).
 """
 
 from __future__ import annotations
@@ -21,11 +32,11 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import threading
-import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 from .. import _engine
 from ..errors import OutputError
@@ -34,13 +45,10 @@ from ..errors import OutputError
 JOURNAL = ".ferromerge-journal.jsonl"
 
 FORMAT = "ferromerge-journal"
-VERSION = 1
+VERSION = 2
 
 #: what a resume keeps besides the verified shards and the journal (``_run``'s temporary LoRA merge cache)
 KEEP = ("lora-merge-cache",)
-
-#: bytes read per step when checksumming a shard
-_BLOCK = 16 << 20
 
 #: the placeholder of the partial directory's own path in the plan digest (it holds the process id)
 _PARTIAL = "<partial>"
@@ -88,14 +96,33 @@ def plan_inputs(plan: Mapping[str, Any]) -> set[Path]:
     return files
 
 
-def file_crc32(path: Path) -> tuple[int, int]:
-    """``(size, zlib.crc32)`` of a file, read in blocks."""
-    crc, size = 0, 0
-    with open(path, "rb") as f:
-        while block := f.read(_BLOCK):
-            crc = zlib.crc32(block, crc)
-            size += len(block)
-    return size, crc
+class Shard(NamedTuple):
+    """A finished shard as the journal lists it: size and crc32 from the engine, and the file's stamp (``stat``
+    right after the engine fsynced it): ``mtime_ns``, ``ctime_ns`` and ``inode``."""
+
+    size: int
+    crc32: int
+    mtime_ns: int
+    ctime_ns: int
+    inode: int
+
+    @classmethod
+    def stamped(cls, path: Path, size: int, crc32: int) -> Shard:
+        """The entry of ``path`` as it is now (``OSError`` when it cannot be stat'ed)."""
+        st = path.stat()
+        return cls(size, crc32, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+    def matches(self, path: Path) -> bool:
+        """``path`` is still the file this entry was stamped from: same size, mtime, ctime and inode."""
+        try:
+            st = path.stat()
+        except OSError:
+            return False
+        found = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+        return stat.S_ISREG(st.st_mode) and found == (self.size, self.mtime_ns, self.ctime_ns, self.inode)
+
+    def line(self, name: str) -> str:
+        return json.dumps({"shard": name, **self._asdict()}) + "\n"
 
 
 def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
@@ -112,9 +139,9 @@ def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     return why
 
 
-def read(partial: Path) -> tuple[dict[str, Any] | None, dict[str, tuple[int, int]]]:
-    """The identity and the finished shards ``{file: (size, crc32)}`` a journal lists; ``(None, {})`` when
-    ``partial`` has none or its first line is unreadable (a kill right after creating it)."""
+def read(partial: Path) -> tuple[dict[str, Any] | None, dict[str, Shard]]:
+    """The identity and the finished shards ``{file: Shard}`` a journal lists; ``(None, {})`` when ``partial`` has
+    none or its first line is unreadable (a kill right after creating it)."""
     try:
         lines = (partial / JOURNAL).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError):
@@ -128,21 +155,22 @@ def read(partial: Path) -> tuple[dict[str, Any] | None, dict[str, tuple[int, int
     head = records[0] if records else None
     if not isinstance(head, dict) or head.get("format") != FORMAT or head.get("version") != VERSION:
         return None, {}
-    shards: dict[str, tuple[int, int]] = {}
+    shards: dict[str, Shard] = {}
     for r in records[1:]:
-        if isinstance(r, dict) and isinstance(r.get("shard"), str) and isinstance(r.get("size"), int) and isinstance(
-            r.get("crc32"), int
-        ):
-            shards[r["shard"]] = (r["size"], r["crc32"])
+        if not isinstance(r, dict) or not isinstance(r.get("shard"), str):
+            continue
+        values = [r.get(f) for f in Shard._fields]
+        if all(isinstance(v, int) for v in values):
+            shards[r["shard"]] = Shard(*(int(v) for v in values if v is not None))
     return head.get("identity"), shards
 
 
 def resume(
     partial: Path, ident: Mapping[str, Any], shards: Sequence[str], log: Callable[[str], None]
-) -> dict[str, tuple[int, int]]:
+) -> dict[str, Shard]:
     """Prepare the adopted partial directory of a killed run for ``resume``: refuse another run's
-    (``OutputError``), keep the journaled shards of ``shards`` that verify, remove everything else. Returns the
-    kept shards ``{file: (size, crc32)}``."""
+    (``OutputError``), keep the journaled shards of ``shards`` whose stamp verifies, remove everything else.
+    Returns the kept shards."""
     old, listed = read(partial)
     if old is None:
         if any(partial.iterdir()):
@@ -155,17 +183,17 @@ def resume(
                 f"cannot resume into {partial}: {'; '.join(why)}. Run without --resume to start over (that "
                 "removes the partial output)"
             )
-    kept: dict[str, tuple[int, int]] = {}
+    kept: dict[str, Shard] = {}
     for name in shards:
-        if name in listed and (partial / name).is_file():
-            try:
-                found = file_crc32(partial / name)
-            except OSError:
-                found = None
-            if found == listed[name]:
-                kept[name] = listed[name]
-            else:
-                log(f"note: {partial / name} does not match its journal entry (size or crc32); merging it again")
+        if name not in listed or not (partial / name).exists():
+            continue
+        if listed[name].matches(partial / name):
+            kept[name] = listed[name]
+        else:
+            log(
+                f"note: {partial / name} was changed after it was journaled (its size, modification time, change "
+                "time or inode); merging it again"
+            )
     for p in partial.iterdir():
         if p.name in kept or p.name == JOURNAL or p.name in KEEP:
             continue
@@ -179,16 +207,17 @@ def resume(
 class Journal:
     """The journal being written by a run: the identity, then one line per finished shard."""
 
-    def __init__(self, partial: Path, ident: Mapping[str, Any], kept: Mapping[str, tuple[int, int]]) -> None:
+    def __init__(self, partial: Path, ident: Mapping[str, Any], kept: Mapping[str, Shard]) -> None:
         """A new journal in ``partial`` (replacing any), listing ``kept`` (the shards a resume verified)."""
+        self.partial = partial
         self.path = partial / JOURNAL
         self._lock = threading.Lock()
         tmp = partial / (JOURNAL + ".new")
         try:
             with open(tmp, "w", encoding="utf-8") as f:
                 f.write(json.dumps({"format": FORMAT, "version": VERSION, "identity": ident}) + "\n")
-                for name, (size, crc) in kept.items():
-                    f.write(json.dumps({"shard": name, "size": size, "crc32": crc}) + "\n")
+                for name, shard in kept.items():
+                    f.write(shard.line(name))
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
@@ -197,14 +226,14 @@ class Journal:
             raise OutputError(f"cannot write the resume journal {self.path}: {e}") from None
 
     def record(self, name: str, size: int, crc32: int) -> None:
-        """Append a finished shard (the engine fsynced it) and fsync the journal. Never raises: a journal that
-        cannot be written (a full disk) stops there, which only means that a resume merges more again; the run
-        itself goes on (and meets the full disk in its own words)."""
+        """Append a finished shard (the engine fsynced it; its stamp is taken now) and fsync the journal. Never
+        raises: a journal that cannot be written (a full disk) stops there, which only means that a resume merges
+        more again; the run itself goes on (and meets the full disk in its own words)."""
         with self._lock:
             if self._file is None:
                 return
             try:
-                self._file.write(json.dumps({"shard": name, "size": size, "crc32": crc32}) + "\n")
+                self._file.write(Shard.stamped(self.partial / name, size, crc32).line(name))
                 self._file.flush()
                 os.fsync(self._file.fileno())
             except OSError:
