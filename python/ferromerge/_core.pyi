@@ -179,10 +179,13 @@ def svd(
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.float32]]:
     """``(U, S, Vt)`` of a C-contiguous float32 matrix, truncated by every rank rule given (docs/svd.md):
     randomized (seeded by ``seed`` and ``name``) unless ``exact`` or ``nuclear``, with tsv_m's sketch defaults
-    (``oversample``, ``power_iters``) where they are None. Same bytes at any thread count."""
+    (``oversample``, ``power_iters``) where they are None. Same bytes at any thread count. A signal handler's
+    exception (Ctrl-C, SIGTERM) is raised within 50 ms, even inside the exact SVD, which is then left to end in the
+    background (rust/py/src/linalg.rs: ``interruptible``)."""
 
 def polar(a: npt.NDArray[np.float32], *, threads: int | None = None) -> npt.NDArray[np.float32]:
-    """The nearest matrix with orthonormal columns (rows, for a wide matrix): ``U Vᵀ`` of the thin SVD."""
+    """The nearest matrix with orthonormal columns (rows, for a wide matrix): ``U Vᵀ`` of the thin SVD; interrupted
+    as ``svd`` is."""
 
 def disjoint_mean(
     inputs: Sequence[npt.NDArray[np.float32]],

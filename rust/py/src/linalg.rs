@@ -2,14 +2,14 @@
 //! extract-lora and compress, and tested against NumPy's LAPACK).
 //!
 //! One SVD of a large matrix takes seconds to minutes, so it runs on a worker thread while the calling thread
-//! (without the GIL) runs Python's signal handlers every [`POLL`]: a SIGINT/SIGTERM handler's exception cancels
-//! the factorization at its next step and is raised here, as it is between tensors of a merge.
+//! (without the GIL) runs Python's signal handlers every [`POLL`]: a SIGINT/SIGTERM handler's exception is raised
+//! here at once, as it is between tensors of a merge, and the worker is told to stop (see [`interruptible`]).
 
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 
 use ferromerge_core::linalg::{self, Cancel, RankRule, Solver};
@@ -39,34 +39,71 @@ fn matrix<'a>(a: &'a PyReadonlyArrayDyn<'_, f32>, what: &str) -> PyResult<(&'a [
 /// How often the Python signal handlers run while a factorization is under way.
 const POLL: Duration = Duration::from_millis(50);
 
-/// `work` on a worker thread of its own, cancelled when a Python signal handler raises; the handler's exception
-/// is returned then (whatever the worker returns). The scope joins the worker before returning, so nothing it
-/// borrows (the NumPy buffer) outlives this call.
-fn interruptible<T: Send>(py: Python<'_>, work: impl FnOnce(&Cancel) -> Result<T, CoreError> + Send) -> PyResult<T> {
-    let cancel = Cancel::new();
-    py.detach(|| {
-        std::thread::scope(|scope| {
-            // The worker drops `done` when it ends, normally or by a panic: the end of the wait either way.
-            let (done, ended) = mpsc::channel::<()>();
-            let cancel = &cancel;
-            let worker = scope.spawn(move || {
-                let _done = done;
-                work(cancel)
-            });
-            let mut raised = None;
-            while let Err(mpsc::RecvTimeoutError::Timeout) = ended.recv_timeout(POLL) {
+/// A NumPy matrix's buffer, kept alive for a worker thread by a reference to its array: the worker may outlive
+/// the call that started it (see [`interruptible`]), so it cannot borrow the buffer for the call's lifetime.
+struct Shared {
+    _array: Py<PyAny>,
+    data: *const f32,
+    len: usize,
+}
+
+// SAFETY: the buffer is plain memory owned by the array, which `_array` keeps alive (NumPy frees or moves an
+// array's data only when its last reference goes, and `resize` refuses a referenced array); the worker only reads
+// it. Dropping `_array` away from the GIL defers the decref to pyo3's pool.
+unsafe impl Send for Shared {}
+
+impl Shared {
+    fn new(array: &PyReadonlyArrayDyn<'_, f32>, data: &[f32]) -> Self {
+        Shared { _array: array.as_any().clone().unbind(), data: data.as_ptr(), len: data.len() }
+    }
+
+    fn slice(&self) -> &[f32] {
+        // SAFETY: see `Send` above; `data`/`len` came from a live slice of this array's buffer.
+        unsafe { std::slice::from_raw_parts(self.data, self.len) }
+    }
+}
+
+/// `work` on a worker thread of its own that owns everything it uses (`'static`: the matrix comes as [`Shared`]),
+/// while this thread, without the GIL, runs Python's signal handlers every [`POLL`]. When a handler raises, its
+/// exception is returned at once, never a result: the worker is told to stop ([`Cancel`], checked between the
+/// randomized solver's products and QRs) and is not waited for. It has to be this way for the exact path: faer's
+/// SVD is one call that cannot be stopped (about 14 s on a 32000 × 1024 matrix, minutes on larger ones), and a
+/// Ctrl-C or SIGTERM must not wait for it.
+///
+/// The trade-off: the abandoned worker runs its current step to the end in the background, on the same thread
+/// pool, then drops its result, its memory (faer's workspace) and its reference to the input array. A process
+/// that exits on the signal (the CLI) ends it with itself; a caller that catches the `KeyboardInterrupt` and goes
+/// on shares the cores with it, and holds that memory, until that step is over, and should not write into the
+/// input array meanwhile (the worker may still be reading it; its result is discarded either way).
+fn interruptible<T: Send + 'static>(
+    py: Python<'_>,
+    work: impl FnOnce(&Cancel) -> Result<T, CoreError> + Send + 'static,
+) -> PyResult<T> {
+    let cancel = Arc::new(Cancel::new());
+    let (done, ended) = mpsc::channel();
+    let stop = Arc::clone(&cancel);
+    // The worker drops `done` when it ends, normally or by a panic: the end of the wait either way.
+    let worker = std::thread::Builder::new()
+        .name("ferromerge-linalg".into())
+        .spawn(move || {
+            // The receiver is gone when the caller was interrupted: the result is dropped.
+            let _ = done.send(work(&stop));
+        })
+        .map_err(|e| PyRuntimeError::new_err(format!("cannot start the factorization's thread: {e}")))?;
+    py.detach(move || loop {
+        match ended.recv_timeout(POLL) {
+            Ok(out) => return out.map_err(to_py),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
                 if let Some(e) = Python::attach(|py| py.check_signals().err()) {
                     cancel.cancel();
-                    raised = Some(e);
-                    break;
+                    return Err(e);
                 }
             }
-            let out = worker.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-            match raised {
-                Some(e) => Err(e),
-                None => out.map_err(to_py),
-            }
-        })
+            Err(mpsc::RecvTimeoutError::Disconnected) => match worker.join() {
+                Err(panic) => std::panic::resume_unwind(panic),
+                Ok(()) => unreachable!("the worker sends its result before it ends"),
+            },
+        }
     })
 }
 
@@ -110,7 +147,10 @@ pub fn svd<'py>(
         }
     };
     let pool = pool::pool(threads).map_err(to_py)?;
-    let out = interruptible(py, |cancel| {
+    let shared = Shared::new(&a, data);
+    let name = name.to_owned();
+    let out = interruptible(py, move |cancel| {
+        let data = shared.slice();
         if !linalg::all_finite(data) {
             return Err(CoreError::param(format!("matrix '{name}' has non-finite values")));
         }
@@ -127,7 +167,9 @@ pub fn svd<'py>(
 pub fn polar<'py>(py: Python<'py>, a: PyReadonlyArrayDyn<'py, f32>, threads: Option<usize>) -> PyResult<Matrix<'py>> {
     let (data, m, n) = matrix(&a, "a")?;
     let pool = pool::pool(threads).map_err(to_py)?;
-    let out = interruptible(py, |cancel| {
+    let shared = Shared::new(&a, data);
+    let out = interruptible(py, move |cancel| {
+        let data = shared.slice();
         if !linalg::all_finite(data) {
             return Err(CoreError::param("matrix has non-finite values"));
         }
