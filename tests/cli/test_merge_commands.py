@@ -270,6 +270,7 @@ def test_plan_predicts_disk_memory_and_time(family_bf16: Family, tmp_path: Path)
     assert s["peak_memory"] == min(64 * 2**20, largest.bytes_in + 16 * 2**20 + s["scratch_bytes"])
     assert s["compute_rate"] > 0 and s["read_rate"] > 0 and s["read_file"].endswith("model.safetensors")
     assert s["bound_by"] == ("compute" if s["compute_rate"] <= s["read_rate"] else "read")
+    assert s["factor_seconds"] == 0  # no spectral method
     assert s["seconds"] == pytest.approx(plan.bytes_in / min(s["compute_rate"], s["read_rate"]))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ties.yml"]
 

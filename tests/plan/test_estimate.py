@@ -51,3 +51,20 @@ def test_peak_memory_is_capped_by_the_budget_and_shrinks_chunks_for_many_threads
     assert scratch == 1000 * (4 + 5) * 1024 * 4 and peak == min(budget, largest + budget // 4 + scratch)
     peak, _, _, _, _ = estimate.peak_memory(plan, budget, threads=4000)
     assert peak == budget
+
+
+def test_spectral_factorizations_are_counted_by_flops_at_a_calibrated_rate(family_bf16: Family) -> None:
+    flops = estimate.factor_flops
+    # transposing changes nothing; what is only averaged (1-D, too small for one direction per task) costs nothing
+    assert flops("tsv_m", (14336, 4096), 3) == flops("tsv_m", (4096, 14336), 3) > 0
+    assert flops("tsv_m", (4096,), 3) == flops("tsv_m", (2, 384), 3) == 0
+    # O(M·N²): twice the long side, about twice the flops; the other methods take more SVDs with more tasks
+    assert 1.5 < flops("tsv_m", (8192, 512), 3) / flops("tsv_m", (4096, 512), 3) < 2
+    assert flops("iso_cts", (512, 256), 4) > flops("iso_cts", (512, 256), 2) > flops("iso_c", (512, 256), 2)
+    cfg = {"merge_method": "tsv_m", "base_model": str(family_bf16.base),
+           "models": [{"model": str(ft)} for ft in family_bf16.finetunes]}
+    _, plan = prepare(cfg)
+    seconds = estimate.spectral_seconds(plan, threads=1)
+    assert seconds > 0
+    excluded = prepare({**cfg, "parameters": {"exclude": "."}})[1]
+    assert estimate.spectral_seconds(excluded, threads=1) == 0

@@ -9,7 +9,8 @@
 * **Time**: calibrated on this machine in well under a second: the compute rate of the engine's kernel with the
   plan's method and parameters on synthetic data (same number of models and dtypes as the largest tensor), and
   the sequential read rate of the largest input file. A merge streams its inputs once, so it takes about
-  input bytes / the slower of the two rates.
+  input bytes / the slower of the two rates; a spectral method adds its factorizations (``spectral_seconds``:
+  flop counts at a rate timed on a small matrix).
 """
 
 from __future__ import annotations
@@ -68,6 +69,9 @@ class Estimate:
     read_rate: float
     read_file: str
     read_cached: bool
+    #: seconds of the whole-matrix factorizations of a spectral method (0 for others): counted apart from the
+    #: streaming rate, from each matrix's flop count and a rate timed on a small matrix (``spectral_seconds``)
+    factor_seconds: float
     seconds: float
 
     @property
@@ -95,7 +99,8 @@ class Estimate:
             + (f", spectral working set {format_bytes(self.working_bytes)}" if self.working_bytes else "")
             + "; page cache not counted)",
             f"predicted time: {self.seconds:.1f} s (compute {self.compute_rate / 1e9:.2f} GB/s, read "
-            f"{self.read_rate / 1e9:.2f} GB/s from {source}: bounded by {self.bound_by})",
+            f"{self.read_rate / 1e9:.2f} GB/s from {source}: bounded by {self.bound_by}"
+            + (f"; SVDs {self.factor_seconds:.1f} s" if self.factor_seconds else "") + ")",
         ]
 
 
@@ -185,6 +190,48 @@ def compute_rate(plan: Plan, tensor: PlanTensor, threads: int | None, elems: int
     return nbytes / max(seconds, 1e-9)
 
 
+#: side of the calibration matrix of the spectral methods' factorizations (CALIB_SIDE·3 x CALIB_SIDE, tens of ms)
+CALIB_SIDE = 384
+
+
+def factor_flops(method: str, shape: Sequence[int], tasks: int) -> float:
+    """Multiply-adds of a spectral method's factorizations of one M x N matrix (M >= N after transposing): TSV-M
+    (exact, linalg/gram.rs) takes T + 1 Gram matrices M·N² (tasks and U_cat), T products U = A V/σ (M·N·k), the
+    final product M·N² and T + 2 symmetric eigenproblems (~(4/3 + 2)·N³ each with the eigenvectors); the other
+    methods take faer's thin SVD (~4·M·N² + 8·N³ each): Iso-C one, Iso-CTS T + 3, STAR T. 0 for what is only
+    averaged."""
+    if len(shape) != 2 or min(shape) < tasks or min(shape) == 0:
+        return 0.0
+    big, n = float(max(shape)), float(min(shape))
+    if method == "tsv_m":
+        return (tasks + 2) * big * n * n + big * n * n + (tasks + 2) * (10 / 3) * n**3
+    svds = {"iso_c": 1, "iso_cts": tasks + 3, "star": tasks}.get(method, 0)
+    return svds * (4 * big * n * n + 8 * n**3)
+
+
+def spectral_seconds(plan: Plan, threads: int | None) -> float:
+    """Seconds of the plan's whole-matrix factorizations: its matrices' ``factor_flops`` at the rate of one timed
+    merge of a CALIB_SIDE·3 x CALIB_SIDE float32 matrix with the same method, parameters and task count (the
+    calibration runs the engine's kernel itself, so the rate is this machine's and these threads')."""
+    todo = [t for t in plan.tensors if methods.get(t.method["name"]).gpu_bound
+            and not float(t.method.get("params", {}).get("mean_only", 0.0))]
+    total = sum(factor_flops(t.method["name"], t.shape, len(t.inputs)) for t in todo)
+    if not total:
+        return 0.0
+    t = max(todo, key=lambda t: factor_flops(t.method["name"], t.shape, len(t.inputs)))
+    shape = [3 * CALIB_SIDE, CALIB_SIDE]
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal(shape[0] * shape[1], dtype=np.float32)
+    inputs = [base + 0.01 * rng.standard_normal(base.size, dtype=np.float32) for _ in t.inputs]
+    values = _engine.input_values([1.0] * len(inputs), [1.0] * len(inputs), None, None)
+    best = float("inf")
+    for _ in range(2):  # the first call also starts the thread pool
+        start = time.perf_counter()
+        _engine.merge_arrays(t.method, inputs, base, values, out_dtype="float32", shape=shape, threads=threads)
+        best = min(best, time.perf_counter() - start)
+    return total * best / factor_flops(t.method["name"], shape, len(inputs))
+
+
 def read_rate(path: Path, limit: int = READ_BYTES, max_seconds: float = READ_SECONDS) -> tuple[float, bool]:
     """Bytes per second of reading ``path`` sequentially (up to ``limit`` bytes or ``max_seconds``), and whether
     that was probably served by the page cache (faster than ``PAGE_CACHE_RATE``)."""
@@ -229,6 +276,7 @@ def estimate(
     biggest_file = max(sorted(files), key=lambda f: f.stat().st_size)
     compute = compute_rate(plan, largest, threads)
     read, cached = read_rate(biggest_file)
+    factor = spectral_seconds(plan, threads)
     return Estimate(
         bytes_in=plan.bytes_in,
         bytes_out=plan.bytes_out,
@@ -247,5 +295,6 @@ def estimate(
         read_rate=read,
         read_file=str(biggest_file),
         read_cached=cached,
-        seconds=plan.bytes_in / min(compute, read),
+        factor_seconds=factor,
+        seconds=plan.bytes_in / min(compute, read) + factor,
     )
