@@ -140,15 +140,19 @@ def _synthetic(rng: np.random.Generator, n: int, dtype: str) -> npt.NDArray[Any]
 
 def compute_rate(plan: Plan, tensor: PlanTensor, threads: int | None, elems: int = CALIBRATION_ELEMS) -> float:
     """Input bytes per second that ``_engine.merge_arrays`` merges with ``tensor``'s method, parameters, model count
-    and dtypes, timed on ``elems`` synthetic elements per model."""
+    and dtypes, timed on ``elems`` synthetic elements per model (a spectral method: its streaming part only)."""
     rng = np.random.default_rng(0)
     # a copied non-float tensor is timed as float32 (it is the passthrough's copy)
     dtypes = [MERGEABLE_DTYPES.get(i.info.dtype, "float32") for i in tensor.inputs]
     base_dtype = None if tensor.base is None else MERGEABLE_DTYPES[tensor.base.info.dtype]
     k = tensor.method
-    # row-wise methods (della, model_stock filter_wise, ...) cost per row: keep the tensor's row length
     spec = methods.get(k["name"])
-    row = tensor.shape[-1] if len(tensor.shape) >= 2 and spec.row_wise else None
+    if spec.gpu_bound:
+        # a spectral method's streaming part (decode, the final pass) is timed on the mean path; its
+        # factorizations do not scale with bytes and are counted apart (``spectral_seconds``)
+        k = {**k, "params": {**k.get("params", {}), "mean_only": 1.0}}
+    # row-wise methods (della, model_stock filter_wise, ...) cost per row: keep the tensor's row length
+    row = tensor.shape[-1] if len(tensor.shape) >= 2 and spec.row_wise and not spec.gpu_bound else None
 
     def merge(n: int) -> tuple[int, float]:
         shape = None
