@@ -22,6 +22,7 @@ import pytest
 import ferromerge
 from ferromerge import _engine
 from ferromerge.cli import main
+from ferromerge.errors import OutputError
 from ferromerge.io import journal
 from ferromerge.synth import Family, make_family
 from helpers.cli import run_cli, ties_config, write_config
@@ -443,3 +444,50 @@ def test_extract_lora_takes_hostile_arguments_as_one_line_errors(family: Family,
         assert result.returncode == code and "error: " in last and fragment in last, (args, result.stderr)
         assert "Traceback" not in result.stderr
     assert not (tmp_path / "a").exists() and leftovers(tmp_path / "a") == []
+
+
+@pytest.mark.parametrize("fault", [OSError(30, "Read-only file system"), KeyboardInterrupt()])
+def test_a_commit_that_fails_between_its_two_renames_keeps_the_old_output(
+    config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: BaseException
+) -> None:
+    """--overwrite moves the old output aside, then the new one into place: a failure (a read-only remount) or a
+    signal between the two puts the old output back instead of leaving neither."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("the previous merge")
+    real = os.rename
+
+    def rename(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        if ".ferromerge-partial-" in str(src) and Path(dst) == out:
+            raise fault
+        real(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OutputError if isinstance(fault, OSError) else KeyboardInterrupt):
+        ferromerge.run(config, out, quiet=True, overwrite=True, out_shard_size=SHARD)
+    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
+    assert leftovers(out) == []
+
+
+def test_a_signal_while_the_replaced_output_is_removed_does_not_undo_the_finished_run(
+    config: Path, reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the new output is in place, a Ctrl-C/SIGTERM during the removal of the old one must not report "no
+    output was written": the run returns, and the next run removes what is left of the old output."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("the previous merge")
+    real = shutil.rmtree
+
+    def rmtree(path: str | os.PathLike[str], *args: object, **kw: object) -> None:
+        if ".ferromerge-old-" in str(path):
+            raise KeyboardInterrupt
+        real(path, *args, **kw)  # type: ignore[arg-type]
+
+    with monkeypatch.context() as m:
+        m.setattr(shutil, "rmtree", rmtree)
+        assert main(["run", str(config), str(out), "--quiet", "--overwrite", "--out-shard-size", SHARD]) == 0
+    same_files(out, reference)
+    assert [p.name for p in leftovers(out)] == [f".out.ferromerge-old-{os.getpid()}"]
+    assert main(["run", str(config), str(out), "--quiet", "--overwrite", "--out-shard-size", SHARD]) == 0
+    assert leftovers(out) == []

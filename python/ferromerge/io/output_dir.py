@@ -13,6 +13,7 @@ once, and a killed run's lock dies with its process (a stale lock file blocks no
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -199,8 +200,18 @@ class OutputDir:
                 self.check()
                 trash = self.target.parent / f".{self.target.name}{_TRASH}{os.getpid()}"
                 os.rename(self.target, trash)
-                os.rename(self.temp, self.target)
-                shutil.rmtree(trash, ignore_errors=True)
+                try:
+                    os.rename(self.temp, self.target)
+                except BaseException:
+                    # a failed rename, or Ctrl-C/SIGTERM between the two: the old output goes back, or the user
+                    # would be left with neither (the next run removes trash directories as stale)
+                    with contextlib.suppress(OSError):
+                        os.rename(trash, self.target)
+                    raise
+                # the new output is in place and complete: a Ctrl-C/SIGTERM now must not make the run report
+                # "no output was written"; what is left of the old one is removed by the next run (stale)
+                with contextlib.suppress(KeyboardInterrupt):
+                    shutil.rmtree(trash, ignore_errors=True)
             else:
                 os.rename(self.temp, self.target)
         except OSError as e:
