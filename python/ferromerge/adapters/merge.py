@@ -67,7 +67,8 @@ F32 = npt.NDArray[np.float32]
 STACK_TYPES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 #: types applied to the full deltas, then re-factorised (PEFT's ``_svd_generalized_task_arithmetic_weighted_adapter``)
 SVD_TYPES = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
-#: KnOTS (adapters.knots): the factors aligned in a shared SVD basis, then merged there with the named method
+#: KnOTS (adapters.knots): the factors aligned in a shared SVD basis, then merged there with the named method, with
+#: the paper's statistics over all modules (adapters.knots_global)
 KNOTS_TYPES = ("knots_ties", "knots_dare_ties", "knots_dare_linear", "knots_linear", "knots_magnitude_prune")
 COMBINATIONS = ("cat", *STACK_TYPES, *SVD_TYPES, *KNOTS_TYPES)
 _DENSITY_TYPES = {"ties", "dare_linear", "dare_ties", "magnitude_prune"}
@@ -274,7 +275,8 @@ def merge_adapters(
     """Merge PEFT LoRA adapters into one PEFT LoRA adapter written into ``out`` (see the module docstring).
 
     ``adapters``: ``(path, weight)`` pairs (a bare path: weight 1); a path is a directory or an id in the local
-    Hugging Face cache. ``combination``: one of ``COMBINATIONS`` (PEFT's names; ``knots_*``: ``adapters.knots``).
+    Hugging Face cache. ``combination``: one of ``COMBINATIONS`` (PEFT's names; ``knots_*``: ``adapters.knots``,
+    with its trim's cut and sign majority over all modules as in the paper's code: ``adapters.knots_global``).
     ``rank``: the SVD types' output rank (default: the largest input rank, as PEFT). ``density``: the fraction kept
     by the pruning types. ``majority_sign``: ``total`` or ``frequency``. ``seed``: DARE masks and randomized SVD
     sketches. ``exact``: exact SVD of the full-delta types (plain ``svd`` is always exact). ``svd_clamp``: the
