@@ -348,11 +348,22 @@ def main() -> int:
     ap.add_argument("--mergekit-cache", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=HERE.parent / ".bench" / "methods")
     ap.add_argument("--kill", action="store_true", help="kill the child of a running driver that writes to --out")
+    ap.add_argument("--table-only", action="store_true",
+                    help="rewrite OUT's table and plot from OUT/methods.json and the mergekit cache as they are now")
     a = ap.parse_args()
 
     out = a.out.resolve()
     if a.kill:
         return kill_switch(out)
+    if a.table_only:
+        results = json.loads((out / "methods.json").read_text())
+        cache_path = (a.mergekit_cache or out / "mergekit-cache.json").resolve()
+        cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+        table = render(results, cache, configs(Path(results["family"])))
+        (out / "methods.md").write_text(table + "\n")
+        svg(out / "methods.svg", results, cache)
+        print(table)
+        return 0
     if a.make_family:
         from ferromerge.synth import make_family
 
