@@ -180,3 +180,58 @@ fn ties_large_tensors_exact_whatever_the_sample() {
         }
     }
 }
+
+/// The TIES family's output bytes are the same on every instruction-set path the CPU has (forced through
+/// `kernels::isa::set_override`; paths the CPU lacks narrow to the widest it has), for bf16 and f32 inputs with
+/// frequent ties at the trim threshold.
+#[test]
+fn ties_family_same_bytes_on_every_instruction_set() {
+    use ferromerge_core::kernels::isa::{self, Isa};
+    let n = 5003;
+    let mut s = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        ((s >> 40) % 41) as f32 / 16.0 - 1.25
+    };
+    let base: Vec<f32> = (0..n).map(|_| next() * 0.1).collect();
+    let fts: Vec<Vec<f32>> = (0..3).map(|_| base.iter().map(|b| b + next() * 0.01).collect()).collect();
+    let methods = [
+        (Method::Ties, Rescale::None),
+        (Method::DareTies, Rescale::L1),
+        (Method::BreadcrumbsTies, Rescale::None),
+        (Method::Della, Rescale::None),
+    ];
+    for dtype in [DType::F32, DType::BF16] {
+        let enc = |v: &[f32]| -> Vec<u8> {
+            let mut out = vec![0u8; v.len() * dtype.size()];
+            ferromerge_core::dtype::encode(dtype, v, &mut out);
+            out
+        };
+        let bb = enc(&base);
+        let xs: Vec<Vec<u8>> = fts.iter().map(|f| enc(f)).collect();
+        for (method, rescale) in methods {
+            for m in [1usize, 3] {
+                let mut sp = spec(method, true);
+                sp.rescale = rescale;
+                let mut j = job(&bb, &xs[..m], &[1.0, 0.5, 0.7][..m], &[0.5, 0.3, 0.7][..m], sp, n);
+                j.base = Some(Source::mem(&bb, dtype));
+                for (inp, x) in j.inputs.iter_mut().zip(&xs) {
+                    inp.src = Source::mem(x, dtype);
+                }
+                j.out_dtype = dtype;
+                let mut outs = Vec::new();
+                for want in Isa::ALL {
+                    let got = isa::set_override(Some(want));
+                    let opts = Options { chunk_elems: 1000, candidate_bytes: usize::MAX };
+                    outs.push((got, pool::pool(Some(2)).unwrap().install(|| merge_to_vec(&j, &opts)).unwrap()));
+                }
+                isa::set_override(None);
+                for (isa, out) in &outs[1..] {
+                    assert_eq!(out, &outs[0].1, "{method:?} {dtype:?} m {m} on {isa:?}");
+                }
+            }
+        }
+    }
+}

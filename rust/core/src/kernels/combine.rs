@@ -5,6 +5,8 @@
 
 use multiversion::multiversion;
 
+use crate::kernels::isa::{self, Isa};
+
 /// Per-chunk working buffers, reused across chunks by one worker.
 #[derive(Default)]
 pub struct Scratch {
@@ -111,6 +113,120 @@ pub fn elect_and_mix(ws: &[Vec<f32>], weights: &[f32], total: &mut [f32], mixed:
     }
 }
 
+/// [`elect_and_mix`] then [`finish`] (dividing by the agreeing weights when `normalize`, scaling by `lambda`,
+/// adding `base`) in one pass, writing the merged values to `out`: the same operations in the same order per
+/// element, so the same bytes, without the intermediate buffers (for 1 to 4 inputs, the loop over inputs
+/// unrolled; more inputs take the two-step path, which is also the reference the tests compare against).
+#[allow(clippy::too_many_arguments)]
+pub fn elect_finish(
+    ws: &[Vec<f32>],
+    weights: &[f32],
+    normalize: bool,
+    lambda: f32,
+    base: &[f32],
+    out: &mut [f32],
+    total: &mut [f32],
+    divisor: &mut [f32],
+) {
+    elect_finish_on(isa::active(), ws, weights, normalize, lambda, base, out, total, divisor);
+}
+
+/// [`elect_finish`] on path `isa` (narrowed to what this CPU has).
+#[allow(clippy::too_many_arguments)]
+pub fn elect_finish_on(
+    isa: Isa,
+    ws: &[Vec<f32>],
+    weights: &[f32],
+    normalize: bool,
+    lambda: f32,
+    base: &[f32],
+    out: &mut [f32],
+    total: &mut [f32],
+    divisor: &mut [f32],
+) {
+    let n = out.len();
+    match ws.len() {
+        1 => elect_finish_fixed::<1>(isa, ws, weights, normalize, lambda, base, out),
+        2 => elect_finish_fixed::<2>(isa, ws, weights, normalize, lambda, base, out),
+        3 => elect_finish_fixed::<3>(isa, ws, weights, normalize, lambda, base, out),
+        4 => elect_finish_fixed::<4>(isa, ws, weights, normalize, lambda, base, out),
+        _ => {
+            elect_and_mix(ws, weights, &mut total[..n], out, &mut divisor[..n]);
+            finish(out, normalize.then_some(&divisor[..n]), lambda, Some(base));
+        }
+    }
+}
+
+fn elect_finish_fixed<const M: usize>(
+    isa: Isa,
+    ws: &[Vec<f32>],
+    weights: &[f32],
+    normalize: bool,
+    lambda: f32,
+    base: &[f32],
+    out: &mut [f32],
+) {
+    let n = out.len();
+    let xs: [&[f32]; M] = std::array::from_fn(|i| &ws[i][..n]);
+    let wt: [f32; M] = std::array::from_fn(|i| weights[i]);
+    let base = &base[..n];
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        fn avx2<const M: usize>(xs: [&[f32]; M], wt: [f32; M], nz: bool, l: f32, b: &[f32], o: &mut [f32]) {
+            elect_finish_impl(xs, wt, nz, l, b, o);
+        }
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+        fn avx512<const M: usize>(xs: [&[f32]; M], wt: [f32; M], nz: bool, l: f32, b: &[f32], o: &mut [f32]) {
+            elect_finish_impl(xs, wt, nz, l, b, o);
+        }
+        match isa.min(isa::detected()) {
+            // SAFETY: narrowed to `detected()`, so this CPU has every feature the path was compiled for.
+            Isa::Avx512 => return unsafe { avx512(xs, wt, normalize, lambda, base, out) },
+            // SAFETY: as above.
+            Isa::Avx2 => return unsafe { avx2(xs, wt, normalize, lambda, base, out) },
+            Isa::Baseline => {}
+        }
+    }
+    elect_finish_impl(xs, wt, normalize, lambda, base, out);
+}
+
+/// One element at a time, exactly [`elect_and_mix`]'s and [`finish`]'s operations in their order (sums start
+/// from +0.0 as theirs do: 0.0 + (−0.0) is +0.0, so the sums are not simply the first term).
+#[inline(always)]
+fn elect_finish_impl<const M: usize>(
+    xs: [&[f32]; M],
+    weights: [f32; M],
+    normalize: bool,
+    lambda: f32,
+    base: &[f32],
+    out: &mut [f32],
+) {
+    for (j, (o, &b)) in out.iter_mut().zip(base).enumerate() {
+        let mut t = 0.0f32;
+        for x in &xs {
+            t += x[j];
+        }
+        let (mut m, mut d) = (0.0f32, 0.0f32);
+        for (x, &w) in xs.iter().zip(&weights) {
+            let v = x[j];
+            let agree = mask(if t >= 0.0 { v > 0.0 } else { v < 0.0 });
+            m += v * agree;
+            d += w * agree;
+        }
+        if d == 0.0 {
+            d = 1.0;
+        }
+        if normalize {
+            m /= d;
+        }
+        if lambda != 1.0 {
+            m *= lambda;
+        }
+        *o = m + b;
+    }
+}
+
 /// Σ of the weighted inputs.
 #[multiversion(targets = "simd")]
 pub fn sum(ws: &[Vec<f32>], mixed: &mut [f32]) {
@@ -151,5 +267,46 @@ pub fn finish(mixed: &mut [f32], divisor: Option<&[f32]>, lambda: f32, base: Opt
     }
     if let Some(b) = base {
         mixed.iter_mut().zip(b).for_each(|(v, b)| *v += b);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fused election + finish gives the two-step path's bytes on every instruction-set path, for 1 to 6
+    /// inputs, with zeros of both signs, NaN and infinities among the deltas, normalize on and off, lambda 1 or not
+    /// (a NaN result is a NaN on every path; its sign bit is not specified, see below).
+    #[test]
+    fn elect_finish_matches_two_steps_on_every_path() {
+        let pool = [0.0f32, -0.0, 1.0, -1.0, 0.5, -2.0, 3.0, f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1e-30];
+        let mut s = 99u64;
+        let mut r = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        for case in 0..400 {
+            let m = 1 + (case % 6);
+            let n = (r() % 70) as usize;
+            let ws: Vec<Vec<f32>> = (0..m).map(|_| (0..n).map(|_| pool[(r() % 11) as usize]).collect()).collect();
+            let weights: Vec<f32> = (0..m).map(|_| [0.0f32, 0.5, 1.0, -1.0][(r() % 4) as usize]).collect();
+            let base: Vec<f32> = (0..n).map(|_| pool[(r() % 7) as usize]).collect();
+            let (normalize, lambda) = (r() % 2 == 0, [1.0f32, 0.7][(r() % 2) as usize]);
+            let (mut total, mut want, mut divisor) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+            elect_and_mix(&ws, &weights, &mut total, &mut want, &mut divisor);
+            finish(&mut want, normalize.then_some(&divisor), lambda, Some(&base));
+            // Rust leaves the sign and payload of a NaN that arithmetic produces unspecified (the compiler may
+            // commute an add or multiply, and x86 returns the first NaN operand), so paths agree on NaN-ness there
+            // and on every other bit pattern exactly.
+            let bits = |v: &[f32]| v.iter().map(|x| if x.is_nan() { u32::MAX } else { x.to_bits() }).collect::<Vec<_>>();
+            for isa in Isa::ALL {
+                let mut got = vec![1f32; n];
+                let (mut t, mut d) = (vec![0f32; n], vec![0f32; n]);
+                elect_finish_on(isa, &ws, &weights, normalize, lambda, &base, &mut got, &mut t, &mut d);
+                assert_eq!(bits(&got), bits(&want), "{isa:?} m {m} case {case}");
+            }
+        }
     }
 }

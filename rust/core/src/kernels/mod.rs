@@ -2,5 +2,6 @@
 //! tensor in passes.
 pub mod combine;
 pub mod disjoint;
+pub mod isa;
 pub mod norms;
 pub mod select;

@@ -6,6 +6,8 @@
 //! keep = |x| > t  or  (|x| == t and index <= last_tie).
 
 use multiversion::multiversion;
+
+use crate::kernels::isa;
 pub const HIGH_BINS: usize = 1 << 15;
 pub const LOW_BINS: usize = 1 << 16;
 
@@ -68,15 +70,28 @@ impl TrimRule {
         self.keep_all || b > self.threshold_bits || (b == self.threshold_bits && index <= self.last_tie)
     }
 
+    /// [`TrimRule::keeps`] for `vals` (elements `start..`): the chunk splits where ties stop being kept, so
+    /// neither part compares indices (a 64-bit compare per element, which halved the loop's vector width).
     pub fn mask(&self, start: usize, vals: &[f32], keep: &mut [bool]) {
-        trim_mask(self, start, vals, keep);
+        if self.keep_all {
+            keep.fill(true);
+            return;
+        }
+        // Elements [0, cut) of the chunk have index <= last_tie.
+        let cut = self.last_tie.saturating_add(1).saturating_sub(start).min(vals.len());
+        let (t, (v0, v1), (k0, k1)) = (self.threshold_bits, vals.split_at(cut), keep.split_at_mut(cut));
+        trim_mask(t, true, v0, k0);
+        trim_mask(t, false, v1, k1);
     }
 }
 
+/// keep = |x| > t, or |x| == t where `ties` holds.
 #[multiversion(targets = "simd")]
-fn trim_mask(rule: &TrimRule, start: usize, vals: &[f32], keep: &mut [bool]) {
-    for (j, (k, &v)) in keep.iter_mut().zip(vals).enumerate() {
-        *k = rule.keeps(start + j, v);
+fn trim_mask(t: u32, ties: bool, vals: &[f32], keep: &mut [bool]) {
+    if ties {
+        keep.iter_mut().zip(vals).for_each(|(k, &v)| *k = abs_bits(v) >= t);
+    } else {
+        keep.iter_mut().zip(vals).for_each(|(k, &v)| *k = abs_bits(v) > t);
     }
 }
 
@@ -144,12 +159,74 @@ const MAX_INDEX: u64 = (1 << INDEX_BITS) - 1;
 /// How many frequent values a bracket counts instead of collecting.
 pub const SPECIALS: usize = 4;
 
+#[inline(always)]
+fn bracket_collect_impl<const GROUP: usize>(
+    vals: &[f32],
+    lo: u32,
+    hi: u32,
+    specials: &[u32; SPECIALS],
+    start: usize,
+    out: &mut Vec<u64>,
+    counts: &mut [u64; SPECIALS],
+) -> u64 {
+    // Portable: the baseline path, and the tails of the vector ones.
+    let width = hi.wrapping_sub(lo);
+    let collect = |b: u32, index: usize, out: &mut Vec<u64>| {
+        if b.wrapping_sub(lo) <= width && !specials.contains(&b) {
+            out.push((u64::from(b) << INDEX_BITS) | (MAX_INDEX - index as u64));
+        }
+    };
+    // Per-lane counters (a lane sees at most len/GROUP elements, and chunks are far below 2^32 groups).
+    let mut above = [0u32; GROUP];
+    let mut eq = [[0u32; GROUP]; SPECIALS];
+    let mut groups = vals.chunks_exact(GROUP);
+    for (g, group) in (&mut groups).enumerate() {
+        let mut hit = 0u32;
+        for l in 0..GROUP {
+            let b = abs_bits(group[l]);
+            above[l] += u32::from(b > hi);
+            let mut special = false;
+            for p in 0..SPECIALS {
+                let e = b == specials[p];
+                eq[p][l] += u32::from(e);
+                special |= e;
+            }
+            hit |= u32::from((b.wrapping_sub(lo) <= width) & !special);
+        }
+        if hit != 0 {
+            let first = start + g * GROUP;
+            for (j, &v) in group.iter().enumerate() {
+                collect(abs_bits(v), first + j, out);
+            }
+        }
+    }
+    let mut total = above.iter().map(|&a| u64::from(a)).sum::<u64>();
+    for (c, e) in counts.iter_mut().zip(&eq) {
+        *c += e.iter().map(|&x| u64::from(x)).sum::<u64>();
+    }
+    let rest = groups.remainder();
+    let first = start + vals.len() - rest.len();
+    for (j, &v) in rest.iter().enumerate() {
+        let b = abs_bits(v);
+        total += u64::from(b > hi);
+        match specials.iter().position(|&s| s == b) {
+            Some(p) => counts[p] += 1,
+            None => collect(b, first + j, out),
+        }
+    }
+    total
+}
+
 /// Count the elements whose |x| bit pattern is above `hi`; of those in `[lo, hi]`, count the ones equal to a
-/// special value (in `counts`) and collect the keys of the others.
-/// Groups of 16 are first scanned with vectorisable compares (above `hi`; equal to each special; in the bracket
-/// as `b - lo <= hi - lo` in wrapping arithmetic), and only groups holding a non-special bracket element are
-/// walked element by element to collect keys (their specials were already counted by the scan).
-#[multiversion(targets = "simd")]
+/// special value (in `counts`) and collect the keys of the others. The specials lie in `[lo, hi]` (or are
+/// `u32::MAX`, matching nothing).
+///
+/// Groups of 16 (8 with AVX2) are scanned with compares that vectorise, into per-lane counters that are summed once at
+/// the end (no reduction per group): above `hi`; equal to each special; in the bracket as `b - lo <= hi - lo` in
+/// wrapping arithmetic and equal to no special. Only a group holding such an element is walked element by
+/// element to collect its keys, in index order. Dispatched per instruction set ([`crate::kernels::isa`]): AVX2
+/// intrinsics (also taken on AVX-512 CPUs: no AVX-512 variant yet, see docs/benchmarks.md), else portable code.
+#[allow(clippy::too_many_arguments)]
 pub fn bracket_collect(
     vals: &[f32],
     lo: u32,
@@ -159,45 +236,96 @@ pub fn bracket_collect(
     out: &mut Vec<u64>,
     counts: &mut [u64; SPECIALS],
 ) -> u64 {
-    const G: usize = 16;
+    bracket_collect_on(isa::active(), vals, lo, hi, specials, start, out, counts)
+}
+
+/// [`bracket_collect`] on path `isa` (narrowed to what this CPU has).
+#[allow(clippy::too_many_arguments)]
+pub fn bracket_collect_on(
+    isa: isa::Isa,
+    vals: &[f32],
+    lo: u32,
+    hi: u32,
+    specials: &[u32; SPECIALS],
+    start: usize,
+    out: &mut Vec<u64>,
+    counts: &mut [u64; SPECIALS],
+) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    if isa.min(isa::detected()) >= isa::Isa::Avx2 {
+        // SAFETY: narrowed to `detected()`, so this CPU has AVX2.
+        return unsafe { bracket_collect_avx2(vals, lo, hi, specials, start, out, counts) };
+    }
+    bracket_collect_impl::<16>(vals, lo, hi, specials, start, out, counts)
+}
+
+/// [`bracket_collect`] with AVX2 intrinsics, 8 lanes at a time: five lane counters (≤ hi, each special) and the
+/// compare operands stay in the 16 registers; unsigned compares through min/max (`hi` may be `u32::MAX`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
+fn bracket_collect_avx2(
+    vals: &[f32],
+    lo: u32,
+    hi: u32,
+    specials: &[u32; SPECIALS],
+    start: usize,
+    out: &mut Vec<u64>,
+    counts: &mut [u64; SPECIALS],
+) -> u64 {
+    use std::arch::x86_64::{
+        __m256i, _mm256_and_si256, _mm256_andnot_si256, _mm256_castps_si256, _mm256_cmpeq_epi32, _mm256_loadu_ps,
+        _mm256_max_epu32, _mm256_min_epu32, _mm256_movemask_ps, _mm256_castsi256_ps, _mm256_or_si256,
+        _mm256_set1_epi32, _mm256_setzero_si256, _mm256_storeu_si256, _mm256_sub_epi32,
+    };
+    const L: usize = 8;
     let width = hi.wrapping_sub(lo);
-    let mut above = 0u64;
-    let walk = |group: &[f32], first: usize, out: &mut Vec<u64>, counts: &mut [u64; SPECIALS]| {
-        for (j, &v) in group.iter().enumerate() {
-            let b = abs_bits(v);
-            if b.wrapping_sub(lo) <= width {
-                match specials.iter().position(|&s| s == b) {
-                    Some(p) => counts[p] += 1,
-                    None => out.push((u64::from(b) << INDEX_BITS) | (MAX_INDEX - (first + j) as u64)),
+    let abs = _mm256_set1_epi32(0x7fff_ffff);
+    let (hi_v, lo_v, width_v) =
+        (_mm256_set1_epi32(hi as i32), _mm256_set1_epi32(lo as i32), _mm256_set1_epi32(width as i32));
+    let sv = specials.map(|x| _mm256_set1_epi32(x as i32));
+    let mut le = _mm256_setzero_si256();
+    let mut eq = [_mm256_setzero_si256(); SPECIALS];
+    let mut groups = vals.chunks_exact(L);
+    let n_groups = groups.len();
+    for (g, group) in (&mut groups).enumerate() {
+        // SAFETY: `group` holds exactly 8 f32 (chunks_exact); loadu has no alignment requirement.
+        let v = unsafe { _mm256_loadu_ps(group.as_ptr()) };
+        let b = _mm256_and_si256(_mm256_castps_si256(v), abs);
+        // b <= hi  <=>  max(b, hi) == hi; each true lane is -1, so subtracting counts it.
+        le = _mm256_sub_epi32(le, _mm256_cmpeq_epi32(_mm256_max_epu32(b, hi_v), hi_v));
+        let mut special = _mm256_setzero_si256();
+        for p in 0..SPECIALS {
+            let e = _mm256_cmpeq_epi32(b, sv[p]);
+            eq[p] = _mm256_sub_epi32(eq[p], e);
+            special = _mm256_or_si256(special, e);
+        }
+        // In the bracket: (b - lo) <= width unsigned  <=>  min(b - lo, width) == b - lo.
+        let x = _mm256_sub_epi32(b, lo_v);
+        let inside = _mm256_cmpeq_epi32(_mm256_min_epu32(x, width_v), x);
+        let hit = _mm256_andnot_si256(special, inside);
+        if _mm256_movemask_ps(_mm256_castsi256_ps(hit)) != 0 {
+            let first = start + g * L;
+            for (j, &v) in group.iter().enumerate() {
+                let b = abs_bits(v);
+                if b.wrapping_sub(lo) <= width && !specials.contains(&b) {
+                    out.push((u64::from(b) << INDEX_BITS) | (MAX_INDEX - (first + j) as u64));
                 }
             }
         }
+    }
+    let lanes = |v: __m256i| {
+        let mut a = [0u32; L];
+        // SAFETY: `a` is 32 bytes; storeu has no alignment requirement.
+        unsafe { _mm256_storeu_si256(a.as_mut_ptr().cast(), v) };
+        a.iter().map(|&x| u64::from(x)).sum::<u64>()
     };
-    let mut groups = vals.chunks_exact(G);
-    for (g, group) in (&mut groups).enumerate() {
-        // Vectorisable: counts above, counts of each special, and whether any other element is in the bracket.
-        let mut n_above = 0u32;
-        let mut eq = [0u32; SPECIALS];
-        let mut hit = false;
-        for &v in group {
-            let b = abs_bits(v);
-            n_above += u32::from(b > hi);
-            let mut special = false;
-            for (e, &sv) in eq.iter_mut().zip(specials) {
-                *e += u32::from(b == sv);
-                special |= b == sv;
-            }
-            hit |= (b.wrapping_sub(lo) <= width) && !special;
-        }
-        above += u64::from(n_above);
-        if hit {
-            walk(group, start + g * G, out, &mut [0; SPECIALS]);
-        }
-        counts.iter_mut().zip(eq).for_each(|(c, e)| *c += u64::from(e));
+    let mut above = (n_groups * L) as u64 - lanes(le);
+    for (c, e) in counts.iter_mut().zip(eq) {
+        *c += lanes(e);
     }
     let rest = groups.remainder();
-    above += rest.iter().filter(|&&v| abs_bits(v) > hi).count() as u64;
-    walk(rest, start + vals.len() - rest.len(), out, counts);
+    above += bracket_collect_impl::<L>(rest, lo, hi, specials, start + vals.len() - rest.len(), out, counts);
     above
 }
 
@@ -269,6 +397,78 @@ pub fn select_with_specials(
             }
             kept += total;
             next_special.next();
+        }
+    }
+}
+
+#[cfg(test)]
+mod isa_tests {
+    use super::*;
+    use crate::kernels::isa::Isa;
+
+    fn xorshift(seed: u64) -> impl FnMut() -> u64 {
+        let mut s = seed | 1;
+        move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        }
+    }
+
+    /// Every path of `bracket_collect` returns what the portable one does (above, keys in order, special counts),
+    /// on values from a coarse grid (ties and specials common), with brackets up to `hi = u32::MAX`.
+    #[test]
+    fn bracket_collect_same_on_every_path() {
+        let mut r = xorshift(7);
+        for case in 0..300 {
+            let n = (r() % 200) as usize;
+            let vals: Vec<f32> = (0..n).map(|_| ((r() % 33) as f32 - 16.0) * 0.125).collect();
+            let pick = |x: u64| abs_bits(((x % 33) as f32 - 16.0) * 0.125);
+            let (a, b) = (pick(r()), pick(r()));
+            let (lo, hi) = if case % 7 == 0 { (0, u32::MAX) } else { (a.min(b), a.max(b)) };
+            // Distinct specials inside the bracket, unused slots u32::MAX (as `frequent_values` makes them).
+            let mut specials = [u32::MAX; SPECIALS];
+            for p in 0..(r() % 5) as usize {
+                let v = pick(r());
+                if v >= lo && v <= hi && !specials.contains(&v) {
+                    specials[p] = v;
+                }
+            }
+            let start = (r() % 1000) as usize;
+            let (mut out0, mut c0) = (Vec::new(), [0u64; SPECIALS]);
+            let above0 = bracket_collect_impl::<16>(&vals, lo, hi, &specials, start, &mut out0, &mut c0);
+            // The definition, element by element.
+            let above_def = vals.iter().filter(|&&v| abs_bits(v) > hi).count() as u64;
+            assert_eq!(above0, above_def);
+            for isa in Isa::ALL {
+                let (mut out, mut c) = (Vec::new(), [0u64; SPECIALS]);
+                let above = bracket_collect_on(isa, &vals, lo, hi, &specials, start, &mut out, &mut c);
+                assert_eq!((above, &out, c), (above0, &out0, c0), "{isa:?} case {case}");
+            }
+        }
+    }
+
+    /// `TrimRule::mask` (split where ties stop) keeps exactly what `keeps` says, element by element.
+    #[test]
+    fn trim_mask_matches_keeps() {
+        let mut r = xorshift(11);
+        for _ in 0..500 {
+            let n = (r() % 100) as usize;
+            let vals: Vec<f32> = (0..n).map(|_| ((r() % 9) as f32 - 4.0) * 0.5).collect();
+            let start = (r() % 50) as usize;
+            let t = abs_bits(((r() % 9) as f32 - 4.0) * 0.5);
+            let last_tie = match r() % 4 {
+                0 => usize::MAX,
+                1 => 0,
+                _ => (r() % 160) as usize,
+            };
+            let rule = TrimRule { threshold_bits: t, last_tie, keep_all: r() % 10 == 0 };
+            let mut keep = vec![false; n];
+            rule.mask(start, &vals, &mut keep);
+            for (j, (&k, &v)) in keep.iter().zip(&vals).enumerate() {
+                assert_eq!(k, rule.keeps(start + j, v), "{rule:?} start {start} j {j}");
+            }
         }
     }
 }

@@ -169,14 +169,14 @@ pub(crate) fn merge(job: &Job, params: TaskArithmeticParams, opts: &Options, sin
             }
             let divisor = spec.normalize.then_some(&s.divisor[..len]);
             combine::finish(&mut s.mixed[..len], divisor, 1.0, None);
+        } else if spec.method.consensus() {
+            // Election, disjoint mean and finish fused in one pass (same bytes as elect_and_mix + finish).
+            let (mixed, total, divisor) = (&mut s.mixed[..len], &mut s.total[..len], &mut s.divisor[..len]);
+            combine::elect_finish(xs, &weights, spec.normalize, lambda, &s.base[..len], mixed, total, divisor);
         } else {
-            if spec.method.consensus() {
-                combine::elect_and_mix(xs, &weights, &mut s.total[..len], &mut s.mixed[..len], &mut s.divisor[..len]);
-            } else {
-                combine::sum(xs, &mut s.mixed[..len]);
-                let d = if weight_sum.abs() < 1e-8 { 1.0 } else { weight_sum };
-                s.divisor[..len].fill(d);
-            }
+            combine::sum(xs, &mut s.mixed[..len]);
+            let d = if weight_sum.abs() < 1e-8 { 1.0 } else { weight_sum };
+            s.divisor[..len].fill(d);
             let divisor = spec.normalize.then_some(&s.divisor[..len]);
             combine::finish(&mut s.mixed[..len], divisor, lambda, Some(&s.base[..len]));
         }
