@@ -159,6 +159,8 @@ const MAX_INDEX: u64 = (1 << INDEX_BITS) - 1;
 /// How many frequent values a bracket counts instead of collecting.
 pub const SPECIALS: usize = 4;
 
+// The lane loops index several arrays at the same lane: plain indices read (and vectorise) best.
+#[allow(clippy::needless_range_loop)]
 #[inline(always)]
 fn bracket_collect_impl<const GROUP: usize>(
     vals: &[f32],
@@ -263,7 +265,7 @@ pub fn bracket_collect_on(
 /// compare operands stay in the 16 registers; unsigned compares through min/max (`hi` may be `u32::MAX`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
 fn bracket_collect_avx2(
     vals: &[f32],
     lo: u32,
@@ -419,6 +421,7 @@ mod isa_tests {
     /// Every path of `bracket_collect` returns what the portable one does (above, keys in order, special counts),
     /// on values from a coarse grid (ties and specials common), with brackets up to `hi = u32::MAX`.
     #[test]
+    #[allow(clippy::needless_range_loop)]
     fn bracket_collect_same_on_every_path() {
         let mut r = xorshift(7);
         for case in 0..300 {
