@@ -73,17 +73,7 @@ impl Stream {
     /// Like `keep_mask` with a probability per element (DELLA): element `start + i` is kept iff u < `probs[i]`,
     /// with the same draw `u` that `keep_mask` uses for that element.
     pub fn keep_mask_each(&self, start: usize, probs: &[f32], keep: &mut [bool]) {
-        // One Philox block serves four consecutive elements.
-        let mut cached = (u64::MAX, [0u32; 4]);
-        for (i, (k, &p)) in keep.iter_mut().zip(probs).enumerate() {
-            let j = start + i;
-            let b = (j / 4) as u64;
-            if cached.0 != b {
-                cached = (b, self.block(b));
-            }
-            let thresh = (f64::from(p) * 16_777_216.0).ceil().clamp(0.0, 16_777_216.0) as u32;
-            *k = (cached.1[j % 4] >> 8) < thresh;
-        }
+        keep_mask_each(self, start, probs, keep);
     }
 
     /// Standard normal draws for elements `start..start + out.len()` (the randomized SVD's Gaussian sketch):
@@ -141,6 +131,43 @@ fn keep_mask(s: &Stream, start: usize, thresh: u32, keep: &mut [bool]) {
     }
 }
 
+/// `u < ceil(p·2^24)` (clamped to [0, 2^24]) for an integer u in [0, 2^24) is `u < p·2^24`, and p·2^24 is exact
+/// in f32 (a power-of-two scaling; an overflow to infinity compares the same), as is u: one compare, no rounding
+/// call, so the loop vectorises (NaN p keeps nothing either way).
+#[inline(always)]
+fn below(word: u32, p: f32) -> bool {
+    ((word >> 8) as f32) < p * 16_777_216.0
+}
+
+#[multiversion(targets = "simd")]
+fn keep_mask_each(s: &Stream, start: usize, probs: &[f32], keep: &mut [bool]) {
+    // One Philox block serves four consecutive elements: a ragged head up to a block boundary, whole blocks,
+    // a ragged tail (as `keep_mask`).
+    let n = keep.len().min(probs.len());
+    let head = ((4 - start % 4) % 4).min(n);
+    for (i, (k, &p)) in keep[..head].iter_mut().zip(probs).enumerate() {
+        let j = start + i;
+        *k = below(s.block((j / 4) as u64)[j % 4], p);
+    }
+    let block0 = ((start + head) / 4) as u64;
+    let mut blocks = keep[head..n].chunks_exact_mut(4);
+    let mut ps = probs[head..n].chunks_exact(4);
+    for (b, (ks, p4)) in (&mut blocks).zip(&mut ps).enumerate() {
+        let w = s.block(block0 + b as u64);
+        for ((k, x), &p) in ks.iter_mut().zip(w).zip(p4) {
+            *k = below(x, p);
+        }
+    }
+    let whole = ((n - head) / 4) as u64;
+    let (tail, ptail) = (blocks.into_remainder(), ps.remainder());
+    if !tail.is_empty() {
+        let w = s.block(block0 + whole);
+        for ((k, x), &p) in tail.iter_mut().zip(w).zip(ptail) {
+            *k = below(x, p);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,5 +203,41 @@ mod tests {
         let mut all = vec![false; 10];
         s.keep_mask(0, 1.0, &mut all);
         assert!(all.iter().all(|&k| k));
+    }
+
+    /// The per-element mask is the rounded-threshold rule `u < clamp(ceil(p·2^24), 0, 2^24)` at every split,
+    /// including probabilities outside [0, 1], NaN and ones within one ulp of a threshold.
+    #[test]
+    fn keep_mask_each_is_the_ceil_threshold_rule() {
+        let s = Stream::new(3, "t", 2);
+        let mut probs: Vec<f32> = (0..1031).map(|i| (i as f32 * 0.618_034).fract() * 1.2 - 0.1).collect();
+        probs[5] = f32::NAN;
+        probs[6] = f32::INFINITY;
+        probs[7] = f32::NEG_INFINITY;
+        probs[8] = 1e-30;
+        for start in [0usize, 1, 2, 3, 1_000_003] {
+            // Thresholds exactly at and one ulp around the element's own draw.
+            let mut p = probs.clone();
+            for (i, q) in p.iter_mut().enumerate().skip(9).step_by(7) {
+                let u = (s.block(((start + i) / 4) as u64)[(start + i) % 4] >> 8) as f32 / 16_777_216.0;
+                *q = [u, f32::from_bits(u.to_bits() + 1), f32::from_bits(u.to_bits().max(1) - 1)][i % 3];
+            }
+            let want: Vec<bool> = p
+                .iter()
+                .enumerate()
+                .map(|(i, &q)| {
+                    let j = start + i;
+                    let thresh = (f64::from(q) * 16_777_216.0).ceil().clamp(0.0, 16_777_216.0) as u32;
+                    (s.block((j / 4) as u64)[j % 4] >> 8) < thresh
+                })
+                .collect();
+            for split in [0usize, 1, 5, 600, p.len()] {
+                let mut got = vec![false; p.len()];
+                let (a, b) = got.split_at_mut(split);
+                s.keep_mask_each(start, &p[..split], a);
+                s.keep_mask_each(start + split, &p[split..], b);
+                assert_eq!(got, want, "start {start} split {split}");
+            }
+        }
     }
 }

@@ -3,6 +3,8 @@
 //! pass reads row-aligned chunks. Quantiles are exact up to 1e6 elements and from a seeded sample of 1e6 (with
 //! replacement) beyond, where mergekit's sample is unseeded.
 
+use std::cell::RefCell;
+
 use rayon::prelude::*;
 
 use crate::error::Result;
@@ -14,20 +16,29 @@ use crate::rng::Stream;
 /// KL(softmax(b) ‖ softmax(a)) of one row, with mergekit's +1e-8 on both distributions; probabilities in f32,
 /// the sums in f64.
 fn row_kl(a: &[f32], b: &[f32]) -> f32 {
-    let softmax_parts = |v: &[f32]| {
-        let mx = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let sum: f64 = v.iter().map(|&x| f64::from(x - mx).exp()).sum();
-        (mx, sum)
-    };
-    let (ma, sa) = softmax_parts(a);
-    let (mb, sb) = softmax_parts(b);
-    let mut kl = 0f64;
-    for (&x, &y) in a.iter().zip(b) {
-        let q = ((f64::from(x - ma).exp() / sa) as f32) + 1e-8;
-        let p = ((f64::from(y - mb).exp() / sb) as f32) + 1e-8;
-        kl += f64::from(p * (p / q).ln());
-    }
-    kl as f32
+    EXPS.with_borrow_mut(|(ea, eb)| {
+        // exp(x − max) of each element once, kept for the second loop (it was computed twice).
+        let softmax_parts = |v: &[f32], e: &mut Vec<f64>| {
+            let mx = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            e.clear();
+            e.extend(v.iter().map(|&x| f64::from(x - mx).exp()));
+            e.iter().sum::<f64>()
+        };
+        let sa = softmax_parts(a, ea);
+        let sb = softmax_parts(b, eb);
+        let mut kl = 0f64;
+        for (&x, &y) in ea.iter().zip(eb.iter()) {
+            let q = ((x / sa) as f32) + 1e-8;
+            let p = ((y / sb) as f32) + 1e-8;
+            kl += f64::from(p * (p / q).ln());
+        }
+        kl as f32
+    })
+}
+
+thread_local! {
+    /// Each worker's exp(x − max) of the two rows of `row_kl`.
+    static EXPS: RefCell<(Vec<f64>, Vec<f64>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// Quantile sample size, as mergekit's `_QUANTILE_SAMPLE_SIZE`.
@@ -50,7 +61,11 @@ pub(crate) fn merge(job: &Job, opts: &Options, sink: &dyn Sink) -> Result<()> {
         chunks(n, block)
             .map_init(Scratch::default, |s, (start, len)| {
                 load_raw(job, start, len, s);
-                (0..len).map(|j| importance(s.base[j], s.x[0][j], kl[(start + j) / row_len])).collect()
+                // Chunks hold whole rows.
+                let rows = s.base[..len].chunks(row_len).zip(s.x[0][..len].chunks(row_len));
+                rows.zip(&kl[start / row_len..])
+                    .flat_map(|((a, b), &k)| a.iter().zip(b).map(move |(&a, &b)| importance(a, b, k)))
+                    .collect::<Vec<f32>>()
             })
             .collect::<Vec<Vec<f32>>>()
             .concat()
@@ -72,17 +87,28 @@ pub(crate) fn merge(job: &Job, opts: &Options, sink: &dyn Sink) -> Result<()> {
     let threshold = if sample.is_empty() {
         f32::INFINITY
     } else {
-        sample.sort_unstable_by(f32::total_cmp);
-        let at = |q: f64| sample[(q * (sample.len() - 1) as f64) as usize];
-        let (q1, median, q3) = (at(0.25), at(0.5), at(0.75));
+        // The order statistics a sort would put at those positions, by three selections (no sort): the median
+        // first, then the quartiles within the halves on either side of it.
+        let at = |q: f64| (q * (sample.len() - 1) as f64) as usize;
+        let (i1, i2, i3) = (at(0.25), at(0.5), at(0.75));
+        let (below, &mut median, above) = sample.select_nth_unstable_by(i2, f32::total_cmp);
+        let q1 = if i1 < i2 { *below.select_nth_unstable_by(i1, f32::total_cmp).1 } else { median };
+        let q3 = if i3 > i2 { *above.select_nth_unstable_by(i3 - i2 - 1, f32::total_cmp).1 } else { median };
         median + 1.5 * (q3 - q1)
     };
     emit(job, opts.chunk_elems.max(1), sink, |s, start, len| {
         load_raw(job, start, len, s);
-        for j in 0..len {
-            let (a, b) = (s.base[j], s.x[0][j]);
-            let take = importance(a, b, kl[(start + j) / row_len]) >= threshold;
-            s.mixed[j] = a + (b - a) * if take { 1.0 } else { 0.0 };
+        // Row by row: the chunk need not start on a row, so the first row may be partial.
+        let mut j = 0;
+        while j < len {
+            let row = (start + j) / row_len;
+            let end = ((row + 1) * row_len - start).min(len);
+            let k = kl[row];
+            for ((o, &a), &b) in s.mixed[j..end].iter_mut().zip(&s.base[j..end]).zip(&s.x[0][j..end]) {
+                let take = importance(a, b, k) >= threshold;
+                *o = a + (b - a) * if take { 1.0 } else { 0.0 };
+            }
+            j = end;
         }
     })
 }

@@ -3,6 +3,8 @@
 //! models. ram has λ_i = 1; ramplus_tl scales each model's unique part by λ_i = 1 + r·clamp(shared_i/unique_i,
 //! 0, α), from that model's counts over the whole tensor.
 
+use multiversion::multiversion;
+
 use crate::error::Result;
 use crate::kernels::combine::Scratch;
 use crate::merge::params::RamParams;
@@ -13,20 +15,11 @@ pub(crate) fn merge(job: &Job, params: &RamParams, opts: &Options, sink: &dyn Si
     let m = job.inputs.len();
     let p = params;
     let eps = p.epsilon as f32;
-    let active = |s: &Scratch, i: usize, j: usize| s.x[i][j].abs() > eps;
-    let contributors = |s: &Scratch, j: usize| (0..m).filter(|&i| active(s, i, j)).count();
     let lambdas: Vec<f32> = if job.spec.method == Method::RamplusTl {
         // Per model: elements it shares with another model, and elements only it changes (exact counts).
         let counts = block_sums(job.numel, STAT_BLOCK, 2 * m, |s, start, len| {
             load_deltas(job, start, len, s);
-            let mut c = vec![0f64; 2 * m];
-            for j in 0..len {
-                let k = contributors(s, j);
-                for i in (0..m).filter(|&i| active(s, i, j)) {
-                    c[2 * i + usize::from(k > 1)] += 1.0;
-                }
-            }
-            c
+            active_counts(&s.x[..m], eps, len)
         });
         (0..m)
             .map(|i| {
@@ -40,17 +33,55 @@ pub(crate) fn merge(job: &Job, params: &RamParams, opts: &Options, sink: &dyn Si
     };
     emit(job, opts.chunk_elems, sink, |s, start, len| {
         load_deltas(job, start, len, s);
-        for j in 0..len {
-            let k = contributors(s, j);
-            let (unique, shared) = (if k == 1 { 1f32 } else { 0.0 }, if k > 1 { 1f32 } else { 0.0 });
-            let count = k.max(1) as f32;
-            let mut merged = 0f32;
-            for (i, &lambda) in lambdas.iter().enumerate() {
-                // Masks multiply (mergekit's `tv * mask`): an inactive NaN stays NaN; a finite one adds ±0.
-                let tv = s.x[i][j] * f32::from(u8::from(active(s, i, j)));
-                merged += tv * unique * lambda + tv * shared / count;
-            }
-            s.mixed[j] = s.base[j] + merged;
-        }
+        let Scratch { x, base, mixed, .. } = s;
+        combine_active(&x[..m], &lambdas, eps, &base[..len], &mut mixed[..len]);
     })
+}
+
+/// θ₀ + Σ_i [k = 1]·λ_i·δ_i + [k > 1]·δ_i/k over the k models with |δ| > eps: model by model over blocks of
+/// elements, each element's sum taken in model order as an element-by-element loop would (same bits).
+#[multiversion(targets = "simd")]
+fn combine_active(x: &[Vec<f32>], lambdas: &[f32], eps: f32, base: &[f32], out: &mut [f32]) {
+    const B: usize = 256;
+    for (b, o) in out.chunks_mut(B).enumerate() {
+        let r = b * B..b * B + o.len();
+        let mut k = [0u32; B];
+        for xi in x {
+            k.iter_mut().zip(&xi[r.clone()]).for_each(|(k, &v)| *k += u32::from(v.abs() > eps));
+        }
+        let mut merged = [0f32; B];
+        for (xi, &lambda) in x.iter().zip(lambdas) {
+            for ((mg, &k), &v) in merged.iter_mut().zip(&k).zip(&xi[r.clone()]) {
+                let (unique, shared) = (if k == 1 { 1f32 } else { 0.0 }, if k > 1 { 1f32 } else { 0.0 });
+                let count = k.max(1) as f32;
+                // Masks multiply (mergekit's `tv * mask`): an inactive NaN stays NaN; a finite one adds ±0.
+                let tv = v * f32::from(u8::from(v.abs() > eps));
+                *mg += tv * unique * lambda + tv * shared / count;
+            }
+        }
+        for ((o, &bv), &mg) in o.iter_mut().zip(&base[r]).zip(&merged) {
+            *o = bv + mg;
+        }
+    }
+}
+
+/// Per model, the elements it shares with another model and those only it changes (|δ| > eps), as f64 counts.
+fn active_counts(x: &[Vec<f32>], eps: f32, len: usize) -> Vec<f64> {
+    let m = x.len();
+    let mut k = vec![0u32; len];
+    for xi in x {
+        k.iter_mut().zip(&xi[..len]).for_each(|(k, &v)| *k += u32::from(v.abs() > eps));
+    }
+    let mut c = vec![0f64; 2 * m];
+    for (i, xi) in x.iter().enumerate() {
+        let (mut unique, mut shared) = (0u64, 0u64);
+        for (&k, &v) in k.iter().zip(&xi[..len]) {
+            let a = u64::from(v.abs() > eps);
+            unique += a & u64::from(k == 1);
+            shared += a & u64::from(k > 1);
+        }
+        c[2 * i] = unique as f64;
+        c[2 * i + 1] = shared as f64;
+    }
+    c
 }

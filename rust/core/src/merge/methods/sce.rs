@@ -3,6 +3,8 @@
 //! its mean squared kept delta w_i = mean(δ_i²)/Σ_j mean(δ_j²), elect signs and take the weighted disjoint mean:
 //! θ = θ₀ + Σ_{i agrees} w_i·δ_i / Σ_{i agrees} w_i.
 
+use multiversion::multiversion;
+
 use crate::error::Result;
 use crate::kernels::combine::Scratch;
 use crate::kernels::select::TrimRule;
@@ -20,15 +22,28 @@ struct VarianceKeys<'a> {
 /// on the order of the models (equal variances of permuted deltas stay equal and tie by index); f64 keeps the
 /// cancellation far below f32 resolution.
 fn variance_into(s: &mut Scratch, m: usize, len: usize) {
-    let mf = m as f64;
-    for j in 0..len {
-        let (mut s1, mut s2) = (0f64, 0f64);
-        for x in &s.x[..m] {
-            let v = f64::from(x[j]);
-            s1 += v;
-            s2 += v * v;
+    let Scratch { x, total, .. } = s;
+    variance(&x[..m], &mut total[..len]);
+}
+
+/// The sums run model by model over blocks of elements (the same additions per element, in the same order, as
+/// a loop over models per element), so they vectorise.
+#[multiversion(targets = "simd")]
+fn variance(x: &[Vec<f32>], out: &mut [f32]) {
+    const B: usize = 256;
+    let mf = x.len() as f64;
+    for (b, o) in out.chunks_mut(B).enumerate() {
+        let (mut s1, mut s2) = ([0f64; B], [0f64; B]);
+        for xi in x {
+            for ((a1, a2), &v) in s1.iter_mut().zip(s2.iter_mut()).zip(&xi[b * B..b * B + o.len()]) {
+                let v = f64::from(v);
+                *a1 += v;
+                *a2 += v * v;
+            }
         }
-        s.total[j] = ((s2 - s1 * s1 / mf).max(0.0) / mf) as f32;
+        for ((o, &a1), &a2) in o.iter_mut().zip(&s1).zip(&s2) {
+            *o = ((a2 - a1 * a1 / mf).max(0.0) / mf) as f32;
+        }
     }
 }
 
@@ -68,10 +83,9 @@ pub(crate) fn merge(job: &Job, params: SceParams, opts: &Options, sink: &dyn Sin
             return;
         }
         variance_into(s, m, len);
-        for j in 0..len {
-            if !rule.keeps(start + j, s.total[j]) {
-                s.x.iter_mut().for_each(|x| x[j] = 0.0);
-            }
+        rule.mask(start, &s.total[..len], &mut s.keep[..len]);
+        for x in &mut s.x {
+            x[..len].iter_mut().zip(&s.keep[..len]).for_each(|(v, &k)| *v = if k { *v } else { 0.0 });
         }
     };
     let squares = block_sums(job.numel, STAT_BLOCK, m, |s, start, len| {
@@ -84,18 +98,33 @@ pub(crate) fn merge(job: &Job, params: SceParams, opts: &Options, sink: &dyn Sin
         means.iter().map(|&w| if sum.abs() < 1e-6 { 1.0 / m as f32 } else { (w / sum) as f32 }).collect();
     emit(job, chunk, sink, |s, start, len| {
         load_masked(s, start, len);
-        for j in 0..len {
-            let total: f32 = (0..m).map(|i| s.x[i][j]).sum();
-            let positive = total >= 0.0;
-            let (mut merged, mut divisor) = (0f32, 0f32);
-            for (x, &weight) in s.x.iter().zip(&weights) {
-                let v = x[j];
-                let agrees = if positive { v > 0.0 } else { v < 0.0 };
-                let w = if agrees { weight } else { 0.0 };
-                merged += v * w;
-                divisor += w;
-            }
-            s.mixed[j] = s.base[j] + merged / divisor.max(1e-6);
-        }
+        let Scratch { x, base, mixed, .. } = s;
+        disjoint_mean(&x[..m], &weights, &base[..len], &mut mixed[..len]);
     })
+}
+
+/// θ₀ + Σ_{i agrees} w_i·δ_i / max(Σ_{i agrees} w_i, 1e-6), the sign elected by Σ δ_i: model by model over blocks
+/// of elements, each element's sums taken in model order as an element-by-element loop would (same bits).
+#[multiversion(targets = "simd")]
+fn disjoint_mean(x: &[Vec<f32>], weights: &[f32], base: &[f32], out: &mut [f32]) {
+    const B: usize = 256;
+    for (b, o) in out.chunks_mut(B).enumerate() {
+        let r = b * B..b * B + o.len();
+        let mut total = [0f32; B];
+        for xi in x {
+            total.iter_mut().zip(&xi[r.clone()]).for_each(|(t, &v)| *t += v);
+        }
+        let (mut merged, mut divisor) = ([0f32; B], [0f32; B]);
+        for (xi, &weight) in x.iter().zip(weights) {
+            for (((mg, dv), &t), &v) in merged.iter_mut().zip(divisor.iter_mut()).zip(&total).zip(&xi[r.clone()]) {
+                let agrees = if t >= 0.0 { v > 0.0 } else { v < 0.0 };
+                let w = if agrees { weight } else { 0.0 };
+                *mg += v * w;
+                *dv += w;
+            }
+        }
+        for (((o, &bv), &mg), &dv) in o.iter_mut().zip(&base[r]).zip(&merged).zip(&divisor) {
+            *o = bv + mg / dv.max(1e-6);
+        }
+    }
 }

@@ -9,6 +9,8 @@
 //! θ = θ₀ + λ·Σ_{i: sign δ_i = sign Σ δ} δ_i / Σ_{i: agrees} w_i elementwise. linear has no base:
 //! θ = Σ w_i θ_i (/ Σ w_i with normalize).
 
+use std::cell::RefCell;
+
 use rayon::prelude::*;
 
 use crate::error::Result;
@@ -17,7 +19,7 @@ use crate::kernels::norms::{self, BLOCK};
 use crate::kernels::select::TrimRule;
 use crate::merge::params::TaskArithmeticParams;
 use crate::merge::passes::{chunks, emit, load_deltas, row_chunk};
-use crate::merge::select::sparsify::{della_probs, outlier_band, outlier_band_rows};
+use crate::merge::select::sparsify::{band_mask, della_probs, outlier_band, outlier_band_rows, RowRanks};
 use crate::merge::select::topk::{select_rules, SelectionKeys};
 use crate::merge::{Job, Method, Options, Rescale, Sink, Sparsify};
 use crate::rng::Stream;
@@ -39,6 +41,34 @@ impl SelectionKeys for TaskVectorKeys<'_> {
     }
 }
 
+/// Each task vector twice (inputs 0..m, then m..2m again): breadcrumbs ranks every delta for two sets (the outer
+/// band and the top outliers), and one selection over the doubled keys reads and decodes the inputs once for both.
+struct TwiceKeys<'a> {
+    job: &'a Job<'a>,
+}
+
+impl SelectionKeys for TwiceKeys<'_> {
+    fn numel(&self) -> usize {
+        self.job.numel
+    }
+    fn count(&self) -> usize {
+        2 * self.job.inputs.len()
+    }
+    fn load(&self, start: usize, len: usize, s: &mut Scratch) {
+        let m = self.job.inputs.len();
+        // Keep the copies' buffers across chunks (the load below trims `s.x` to the inputs).
+        let copies = if s.x.len() > m { s.x.split_off(m) } else { Vec::new() };
+        load_deltas(self.job, start, len, s);
+        s.x.extend(copies);
+        s.x.resize_with(2 * m, Vec::new);
+        let (x, copies) = s.x.split_at_mut(m);
+        for (c, x) in copies.iter_mut().zip(x.iter()) {
+            c.clear();
+            c.extend_from_slice(&x[..len]);
+        }
+    }
+}
+
 /// What decides each input's keep mask.
 struct MaskRules {
     /// TIES: the trim; breadcrumbs: the top (n − n_bot) by |delta|.
@@ -50,6 +80,11 @@ struct MaskRules {
     per_row: bool,
 }
 
+thread_local! {
+    /// Each worker's buffers for the row-wise sparsifiers' rankings (reused: they only ever grow).
+    static RANKS: RefCell<RowRanks> = RefCell::new(RowRanks::default());
+}
+
 /// The keep mask of input `i` for chunk `[start, start+len)` (row-aligned for row-wise sparsifiers), from its
 /// delta already in `s.x[i]`; DELLA also leaves each element's keep probability in `s.probs`.
 fn mask_into(job: &Job, i: usize, masks: &MaskRules, start: usize, len: usize, s: &mut Scratch) {
@@ -59,18 +94,29 @@ fn mask_into(job: &Job, i: usize, masks: &MaskRules, start: usize, len: usize, s
     match job.spec.method.sparsify() {
         Sparsify::Magnitude => masks.rules[i].mask(start, x, keep),
         Sparsify::Random => masks.streams[i].keep_mask(start, inp.density, keep),
-        Sparsify::Outliers if masks.per_row => outlier_band_rows(x, masks.row_len, inp.density, inp.gamma, keep),
-        Sparsify::Outliers => {
-            let (outer, top) = (&masks.rules[i], &masks.tops[i]);
-            for (j, (k, &v)) in keep.iter_mut().zip(x).enumerate() {
-                *k = outer.keeps(start + j, v) && !top.keeps(start + j, v);
-            }
-        }
+        Sparsify::Outliers if masks.per_row => RANKS.with_borrow_mut(|r| {
+            outlier_band_rows(x, masks.row_len, inp.density, inp.gamma, keep, r);
+        }),
+        Sparsify::Outliers => band_mask(&masks.rules[i], &masks.tops[i], start, x, keep),
         Sparsify::Della => {
-            della_probs(x, masks.row_len, inp.density, inp.epsilon, &mut s.probs[..len]);
+            RANKS.with_borrow_mut(|r| della_probs(x, masks.row_len, inp.density, inp.epsilon, &mut s.probs[..len], r));
             masks.streams[i].keep_mask_each(start, &s.probs[..len], keep);
         }
         Sparsify::None => keep.fill(true),
+    }
+}
+
+/// One L1 block's (all, kept) norms per input, and its sparse inputs' keep masks as bits when they are cached.
+type BlockNorms = (Vec<(f64, f64)>, Vec<Vec<u64>>);
+
+/// A keep mask as bits, 64 to a word (element j in bit j % 64 of word j / 64).
+fn pack_bits(keep: &[bool]) -> Vec<u64> {
+    keep.chunks(64).map(|c| c.iter().enumerate().fold(0u64, |w, (j, &k)| w | (u64::from(k) << j))).collect()
+}
+
+fn unpack_bits(bits: &[u64], keep: &mut [bool]) {
+    for (c, &w) in keep.chunks_mut(64).zip(bits) {
+        c.iter_mut().enumerate().for_each(|(j, k)| *k = (w >> j) & 1 == 1);
     }
 }
 
@@ -93,9 +139,11 @@ pub(crate) fn merge(job: &Job, params: TaskArithmeticParams, opts: &Options, sin
         Sparsify::Outliers if !per_row => {
             let bands: Vec<Option<(u64, u64)>> =
                 job.inputs.iter().map(|i| (i.density < 1.0).then(|| outlier_band(n, i.density, i.gamma))).collect();
-            let outer: Vec<Option<u64>> = bands.iter().map(|b| b.map(|b| b.0)).collect();
-            let top: Vec<Option<u64>> = bands.iter().map(|b| Some(b.map_or(0, |b| b.1))).collect();
-            (select_rules(&keys, chunk, opts, &outer), select_rules(&keys, chunk, opts, &top))
+            let outer = bands.iter().map(|b| b.map(|b| b.0));
+            let top = bands.iter().map(|b| Some(b.map_or(0, |b| b.1)));
+            let mut rules = select_rules(&TwiceKeys { job }, chunk, opts, &outer.chain(top).collect::<Vec<_>>());
+            let tops = rules.split_off(m);
+            (rules, tops)
         }
         _ => (vec![TrimRule::ALL; m], Vec::new()),
     };
@@ -106,6 +154,8 @@ pub(crate) fn merge(job: &Job, params: TaskArithmeticParams, opts: &Options, sin
     let sparse: Vec<bool> = job.inputs.iter().map(|inp| sparsify != Sparsify::None && inp.density < 1.0).collect();
     let mut scales = vec![Scale::Mul(1.0); m];
     let mut per_element = false;
+    // (block size, each block's keep bits of its sparse inputs in input order) from the L1 pass, if kept.
+    let mut cached: Option<(usize, Vec<Vec<Vec<u64>>>)> = None;
     match spec.rescale {
         Rescale::InverseDensity if sparsify == Sparsify::Della => per_element = true,
         Rescale::InverseDensity => {
@@ -117,28 +167,40 @@ pub(crate) fn merge(job: &Job, params: TaskArithmeticParams, opts: &Options, sin
             }
         }
         Rescale::L1 if sparse.iter().any(|&s| s) => {
-            // Fixed blocks (whole rows for row-wise masks), so the norms do not depend on the chunking.
+            // Fixed blocks (whole rows for row-wise masks), so the norms do not depend on the chunking. Row-wise
+            // masks (DELLA, breadcrumbs per row) rank every row, which costs more than the rest of the merge: this
+            // pass keeps each block's masks as bits (n·m/8 bytes, when the selection's memory share holds them) for
+            // the final pass to reuse instead of ranking again.
             let block = if per_row { row_chunk(BLOCK, row_len) } else { BLOCK };
-            let per_block: Vec<Vec<(f64, f64)>> = chunks(job.numel, block)
+            let keep_bits = per_row && job.numel.saturating_mul(m) / 8 <= opts.candidate_bytes;
+            let per_block: Vec<BlockNorms> = chunks(job.numel, block)
                 .map_init(Scratch::default, |s, (start, len)| {
                     load_deltas(job, start, len, s);
-                    (0..m)
+                    let mut bits = Vec::new();
+                    let norms = (0..m)
                         .map(|i| {
                             if !sparse[i] {
                                 return (0.0, 0.0);
                             }
                             mask_into(job, i, &masks, start, len, s);
+                            if keep_bits {
+                                bits.push(pack_bits(&s.keep[..len]));
+                            }
                             norms::l1_pair(&s.x[i][..len], &s.keep[..len])
                         })
-                        .collect()
+                        .collect();
+                    (norms, bits)
                 })
                 .collect();
             for i in (0..m).filter(|&i| sparse[i]) {
-                let (all, kept) = per_block.iter().fold((0f64, 0f64), |(a, k), b| (a + b[i].0, k + b[i].1));
+                let (all, kept) = per_block.iter().fold((0f64, 0f64), |(a, k), b| (a + b.0[i].0, k + b.0[i].1));
                 // mergekit skips the rescale when either norm is below 1e-7.
                 if all >= 1e-7 && kept >= 1e-7 {
                     scales[i] = Scale::Mul((all / kept) as f32);
                 }
+            }
+            if keep_bits {
+                cached = Some((block, per_block.into_iter().map(|b| b.1).collect()));
             }
         }
         Rescale::None | Rescale::L1 => {}
@@ -146,11 +208,21 @@ pub(crate) fn merge(job: &Job, params: TaskArithmeticParams, opts: &Options, sin
     let weights: Vec<f32> = job.inputs.iter().map(|i| i.weight as f32).collect();
     let weight_sum: f32 = weights.iter().sum();
     let lambda = spec.lambda as f32;
+    // With cached masks, the final pass's chunks are whole blocks of the L1 pass.
+    let chunk = cached.as_ref().map_or(chunk, |(block, _)| row_chunk(chunk, *block));
+    let slot: Vec<usize> = sparse.iter().scan(0, |n, &sp| Some(if sp { (*n, *n += 1).0 } else { usize::MAX })).collect();
     emit(job, chunk, sink, |s, start, len| {
         load_deltas(job, start, len, s);
         for i in 0..m {
             if sparse[i] {
-                mask_into(job, i, &masks, start, len, s);
+                match &cached {
+                    Some((block, bits)) => {
+                        for (b, keep) in (start / block..).zip(s.keep[..len].chunks_mut(*block)) {
+                            unpack_bits(&bits[b][slot[i]], keep);
+                        }
+                    }
+                    None => mask_into(job, i, &masks, start, len, s),
+                }
                 if per_element {
                     combine::weigh_each(&mut s.x[i][..len], &s.keep[..len], &s.probs[..len], weights[i]);
                 } else {
