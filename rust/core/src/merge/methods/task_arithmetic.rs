@@ -210,7 +210,8 @@ pub(crate) fn merge(job: &Job, params: TaskArithmeticParams, opts: &Options, sin
     let lambda = spec.lambda as f32;
     // With cached masks, the final pass's chunks are whole blocks of the L1 pass.
     let chunk = cached.as_ref().map_or(chunk, |(block, _)| row_chunk(chunk, *block));
-    let slot: Vec<usize> = sparse.iter().scan(0, |n, &sp| Some(if sp { (*n, *n += 1).0 } else { usize::MAX })).collect();
+    let slot: Vec<usize> =
+        sparse.iter().scan(0, |n, &sp| Some(if sp { (*n, *n += 1).0 } else { usize::MAX })).collect();
     emit(job, chunk, sink, |s, start, len| {
         load_deltas(job, start, len, s);
         for i in 0..m {

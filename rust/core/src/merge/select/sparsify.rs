@@ -46,7 +46,6 @@ impl RowRanks {
         self.order.sort_unstable();
         &self.order
     }
-
 }
 
 /// DELLA's keep probability per element: in each row, rank r = 1..n by |x| ascending (ties: lower index
