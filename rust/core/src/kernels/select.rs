@@ -159,8 +159,9 @@ const MAX_INDEX: u64 = (1 << INDEX_BITS) - 1;
 /// How many frequent values a bracket counts instead of collecting.
 pub const SPECIALS: usize = 4;
 
-// The lane loops index several arrays at the same lane: plain indices read (and vectorise) best.
-#[allow(clippy::needless_range_loop)]
+// The lane loops index several arrays at the same lane: plain indices read (and vectorise) best; `&` between
+// booleans keeps the lane loop branch-free.
+#[allow(clippy::needless_range_loop, clippy::needless_bitwise_bool)]
 #[inline(always)]
 fn bracket_collect_impl<const GROUP: usize>(
     vals: &[f32],
