@@ -9,6 +9,11 @@ lets through at its next tensor (it checks for signals after each one) and every
 
 A compat warning (what mergekit accepts and ferromerge questions: ``errors.CompatWarning``) prints one line,
 ``ferromerge: warning: <message>``, and the command goes on (``--strict`` makes it an error).
+
+A Ctrl-C during start-up (importing the commands and what they use, reading the arguments) prints the same one line
+and exits 130 as well: this module imports only the standard library when it loads, and ``main`` imports the rest
+under its ``except KeyboardInterrupt`` (the package's ``__init__`` imports nothing heavy either, as the console
+script imports it first). What stays unguarded is Python's own start-up (``site``), before any ferromerge code runs.
 """
 
 from __future__ import annotations
@@ -22,14 +27,14 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import TextIO
 
-from .. import _engine
-from ..errors import CompatWarning, MergeError, ParameterError
-from . import compress, extract_lora, merge, merge_lora
-
 __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
+    # imported here, under main's guard against Ctrl-C: the commands import NumPy, the engine and the methods
+    from .. import _engine
+    from . import compress, extract_lora, merge, merge_lora
+
     parser = argparse.ArgumentParser(
         prog="ferromerge", description="Merge LLM weights (mergekit YAML configs) by streaming safetensors shards."
     )
@@ -41,6 +46,12 @@ def _parser() -> argparse.ArgumentParser:
     merge_lora.add_parser(sub)
     compress.add_parser(sub)  # compress, decompress
     return parser
+
+
+def interrupted() -> int:
+    """Ctrl-C's message and exit status (``mergekit_yaml`` too), for a command that leaves no output behind."""
+    print("ferromerge: interrupted; no output was written", file=sys.stderr)
+    return 128 + signal.SIGINT
 
 
 def _error(message: object) -> None:
@@ -84,32 +95,38 @@ def _stop_on_signals() -> Iterator[None]:
 
 
 def _print_compat_warnings() -> None:
-    """From now on (within ``main``'s ``catch_warnings``), each compat warning prints as ``ferromerge: warning:
+    """From now on (within ``_dispatch``'s ``catch_warnings``), each compat warning prints as ``ferromerge: warning:
     ...``, every time (a command loads its config once); other warnings print as Python prints them."""
+    from .. import errors
+
     python_way = warnings.showwarning
 
     def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
              file: TextIO | None = None, line: str | None = None) -> None:
-        if issubclass(category, CompatWarning):
+        if issubclass(category, errors.CompatWarning):
             print(f"ferromerge: warning: {message}", file=sys.stderr)
         else:
             python_way(message, category, filename, lineno, file, line)
 
     warnings.showwarning = show
-    warnings.simplefilter("always", CompatWarning)
+    warnings.simplefilter("always", errors.CompatWarning)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ferromerge`` console script; returns the exit status."""
-    args = _parser().parse_args(argv)
-    with warnings.catch_warnings():
-        _print_compat_warnings()
-        return _dispatch(args)
+    try:
+        args = _parser().parse_args(argv)
+    except KeyboardInterrupt:  # during start-up: nothing was written yet
+        return interrupted()
+    return _dispatch(args)
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    from ..errors import MergeError, ParameterError  # loaded already (by the commands): a dictionary look-up
+
     try:
-        with _stop_on_signals():
+        with warnings.catch_warnings(), _stop_on_signals():
+            _print_compat_warnings()
             return int(args.func(args))
     except ParameterError as e:
         _error(e)
@@ -124,8 +141,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"ferromerge: terminated by {signal.Signals(e.signo).name}; no output was written", file=sys.stderr)
         return 128 + e.signo
     except KeyboardInterrupt:
-        print("ferromerge: interrupted; no output was written", file=sys.stderr)
-        return 128 + signal.SIGINT
+        return interrupted()
 
 
 if __name__ == "__main__":

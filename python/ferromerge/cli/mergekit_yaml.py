@@ -4,7 +4,7 @@ It takes exactly mergekit-yaml's arguments (every ``MergeOptions`` field, ``cli.
 is a usage error, exit 2) and then runs ``ferromerge run`` with them, so a script can replace ``mergekit-yaml`` by
 ``ferromerge-yaml`` and keep its arguments. What each option does here, and which do nothing, is
 ``mergekit_options``' table. ferromerge's own options (``--memory-limit``, ``--overwrite``, ``--strict``, ...) are
-``ferromerge run``'s.
+``ferromerge run``'s. A Ctrl-C during start-up prints one line and exits 130, as ``ferromerge``'s does (``cli``).
 """
 
 from __future__ import annotations
@@ -13,13 +13,15 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from .mergekit_options import OPTIONS, add
+from . import interrupted
 
 __all__ = ["main", "parser"]
 
 
 def parser() -> argparse.ArgumentParser:
     """mergekit-yaml's arguments: CONFIG_FILE, OUT_PATH and its options (no abbreviations, as click has none)."""
+    from .mergekit_options import OPTIONS, add  # here, under main's guard against Ctrl-C: it imports the planner
+
     p = argparse.ArgumentParser(
         prog="ferromerge-yaml",
         description="mergekit-yaml's command line, merged by ferromerge (`ferromerge run` with the same arguments).",
@@ -34,7 +36,10 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ferromerge-yaml`` console script; returns the exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
-    parser().parse_args(args)  # only mergekit-yaml's arguments (argparse exits 2 on others)
+    try:
+        parser().parse_args(args)  # only mergekit-yaml's arguments (argparse exits 2 on others)
+    except KeyboardInterrupt:  # during start-up: nothing was written yet
+        return interrupted()
     from . import main as ferromerge
 
     return ferromerge(["run", *args])
