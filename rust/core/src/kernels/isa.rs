@@ -2,8 +2,10 @@
 //! detected once at run time, and a way to force a narrower one (`FERROMERGE_ISA=baseline|avx2|avx512`, or
 //! [`set_override`] in tests) so every path can be compared against the others.
 //!
-//! Every path is the same safe Rust source compiled with different `#[target_feature]`s: the compiler vectorises
-//! it for the widest vectors the path allows. The bytes cannot depend on the path: each element goes through the
+//! Every path is the same safe Rust source compiled with different `#[target_feature]`s (the compiler vectorises
+//! it for the widest vectors the path allows), except the trim's bracket scan, which has hand-written AVX2
+//! intrinsics (`select::bracket_collect_avx2`, tested against the portable scan on every path; the AVX-512 path
+//! runs that AVX2 scan). The bytes cannot depend on the path: each element goes through the
 //! same IEEE operations in the same order (Rust never contracts a·b+c into an FMA on its own), and counts and
 //! collected indices are exact integers.
 
