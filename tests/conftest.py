@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -16,6 +17,14 @@ if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
 
 from ferromerge.synth import Family, make_family
+
+# A shell that starts a job in the background (`./.ci/run &`, nohup, some CI runners) starts it with SIGINT ignored,
+# and an ignored signal stays ignored through exec: every CLI process the tests spawn would then ignore the Ctrl-C the
+# signal tests send (ferromerge rightly keeps an inherited SIG_IGN, as Unix tools do). Python installs its
+# KeyboardInterrupt handler only when SIGINT is not ignored at start-up, so install it here: exec resets a handled
+# signal to its default in the children, and they meet SIGINT as they would from a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")

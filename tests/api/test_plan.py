@@ -33,8 +33,9 @@ def test_plan_is_what_the_cli_prints(family_bf16: Family, tmp_path: Path) -> Non
     printed = json.loads(out.getvalue())
     report = ferromerge.plan(config, threads=1)
     summary = report.summary()
-    # the measured rates and the free space differ between two calls; everything else is the same
-    for key in ("compute_rate", "read_rate", "read_cached", "seconds", "disk_free"):
+    # the measured rates (and what they decide: which of the two bounds the run) and the free space differ between two
+    # calls; everything else is the same
+    for key in ("compute_rate", "read_rate", "bound_by", "read_cached", "seconds", "disk_free"):
         printed["summary"].pop(key), summary.pop(key)
     assert {**json.loads(report.plan.to_json()), "summary": summary} == printed
 
