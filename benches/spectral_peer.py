@@ -3,7 +3,8 @@ code (AntoAndGar/task_singular_vectors ``compute_and_sum_svd_mem_reduction``; da
 IBM/STAR ``STAR.py``; as FusionBench ports them): float32 on torch, full thin ``torch.linalg.svd`` factorizations,
 streamed tensor by tensor with ``safe_open``, the merged model written once with ``save_file`` as a user script
 does. Non-2-D tensors: base + alpha * mean of the task vectors. Imports only torch and safetensors (run it with
-the mergekit virtualenv's Python):
+the mergekit virtualenv's Python), and those only when it merges: benches/svd.py imports its loader
+(``tensor_files``, ``merge``) for its own TSV-M peer.
 
     python benches/spectral_peer.py METHOD OUT BASE FT1 FT2 FT3 [--threads N]
 """
@@ -15,11 +16,13 @@ import os
 import struct
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
-def _files(model: Path) -> dict[str, Path]:
+def tensor_files(model: Path) -> dict[str, Path]:
     """Tensor name -> shard of a model directory."""
     idx = model / "model.safetensors.index.json"
     if idx.exists():
@@ -35,6 +38,8 @@ def _files(model: Path) -> dict[str, Path]:
 def tsv_m(taus: list[torch.Tensor]) -> torch.Tensor:
     """TSV-M: each task's top k = int(r/T) triplets side by side, U and V replaced by their polar factors (from full
     SVDs, as the reference does), sigma kept."""
+    import torch
+
     m, n = taus[0].shape
     r = min(m, n)
     k = int(r * (1.0 / len(taus)))
@@ -50,6 +55,8 @@ def tsv_m(taus: list[torch.Tensor]) -> torch.Tensor:
 
 def iso_c(taus: list[torch.Tensor]) -> torch.Tensor:
     """Iso-C: the sum's singular values all replaced by their mean."""
+    import torch
+
     u, s, vh = torch.linalg.svd(sum(taus), full_matrices=False)
     return s.mean() * (u @ vh)
 
@@ -57,6 +64,8 @@ def iso_c(taus: list[torch.Tensor]) -> torch.Tensor:
 def iso_cts(taus: list[torch.Tensor], common_space_fraction: float = 0.8) -> torch.Tensor:
     """Iso-CTS: the sum's top common directions plus each task's top directions outside the common left subspace,
     polar factors of the concatenations, every singular value the mean."""
+    import torch
+
     m, n = taus[0].shape
     r, t = min(m, n), len(taus)
     common = int(r * common_space_fraction)
@@ -79,6 +88,8 @@ def iso_cts(taus: list[torch.Tensor], common_space_fraction: float = 0.8) -> tor
 
 def star(taus: list[torch.Tensor], eta: float = 40.0) -> torch.Tensor:
     """STAR: each task truncated to the rank that holds eta % of its nuclear norm, rescaled to keep the norm; mean."""
+    import torch
+
     out = torch.zeros_like(taus[0])
     for tau in taus:
         u, s, vh = torch.linalg.svd(tau, full_matrices=False)
@@ -92,6 +103,9 @@ METHODS = {"tsv_m": tsv_m, "iso_c": iso_c, "iso_cts": iso_cts, "star": star}
 
 
 def merge(method: str, base: Path, finetunes: list[Path], out: Path, alpha: float = 1.0) -> None:
+    """``method`` applied tensor by tensor as a user script does: every task vector of a tensor in float32, the 2-D
+    ones merged by ``METHODS[method]``, the rest averaged; the merged model (bf16) written once."""
+    import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -104,8 +118,8 @@ def merge(method: str, base: Path, finetunes: list[Path], out: Path, alpha: floa
             handles[f] = safe_open(str(f), framework="pt")
         return handles[f].get_tensor(name).float()
 
-    base_files = _files(base)
-    ft_files = [_files(m) for m in finetunes]
+    base_files = tensor_files(base)
+    ft_files = [tensor_files(m) for m in finetunes]
     merged: dict[str, torch.Tensor] = {}
     with torch.inference_mode():
         for name in base_files:
@@ -119,6 +133,8 @@ def merge(method: str, base: Path, finetunes: list[Path], out: Path, alpha: floa
 
 
 def main() -> int:
+    import torch
+
     args = sys.argv[1:]
     threads = os.cpu_count() or 1
     if "--threads" in args:

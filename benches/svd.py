@@ -34,6 +34,10 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from spectral_peer import merge as peer_merge  # noqa: E402  (a sibling script: the torch reference merges)
+from spectral_peer import tensor_files as _files  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 LONG_S = 300.0
 
@@ -342,15 +346,6 @@ def _header(path: Path) -> tuple[dict, int]:
         return json.loads(f.read(n)), 8 + n
 
 
-def _files(model: Path) -> dict[str, Path]:
-    """Tensor name -> shard of a model directory."""
-    idx = model / "model.safetensors.index.json"
-    if idx.exists():
-        return {k: model / v for k, v in json.loads(idx.read_text())["weight_map"].items()}
-    files = sorted(model.glob("*.safetensors"))
-    return {k: f for f in files for k in _header(f)[0] if k != "__metadata__"}
-
-
 def subset_model(src: Path, dst: Path, layers: int) -> None:
     """A copy of ``src`` with only its first ``layers`` decoder layers (every other tensor kept), one file, the
     tensors' bytes copied unchanged; config.json's num_hidden_layers set to match."""
@@ -380,53 +375,6 @@ def subset_model(src: Path, dst: Path, layers: int) -> None:
     for extra in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
         if (src / extra).exists():
             shutil.copy(src / extra, dst / extra)
-
-
-def peer_tsv_m(base: Path, finetunes: list[Path], out: Path, alpha: float = 1.0) -> None:
-    """TSV-M as the reference code computes it (Gargiulo et al.), streamed tensor by tensor:
-    float32 on torch, a full thin ``torch.linalg.svd`` of each task vector (top k = int(r/T) triplets kept),
-    the concatenated U and V (r slots; leftover slots zero) replaced by polar factors from full SVDs,
-    theta = base + alpha * polar(U) diag(s) polar(V). Non-2-D tensors: base + alpha * mean of the task vectors.
-    The merged tensors (bf16) are collected and written once at the end, as a user script with
-    ``safetensors.torch.save_file`` does."""
-    import torch
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    t_count = len(finetunes)
-    handles: dict[Path, object] = {}
-
-    def get(model: Path, name: str, files: dict[str, Path]) -> torch.Tensor:
-        f = files[name]
-        if f not in handles:
-            handles[f] = safe_open(str(f), framework="pt")
-        return handles[f].get_tensor(name).float()
-
-    base_files = _files(base)
-    ft_files = [_files(m) for m in finetunes]
-    merged: dict[str, torch.Tensor] = {}
-    with torch.inference_mode():
-        for name in base_files:
-            theta0 = get(base, name, base_files)
-            if theta0.ndim == 2:
-                m, n = theta0.shape
-                r = min(m, n)
-                k = int(r * (1.0 / t_count))
-                sum_u, sum_s, sum_v = torch.zeros(m, r), torch.zeros(r), torch.zeros(r, n)
-                for i, ft in enumerate(finetunes):
-                    tau = get(ft, name, ft_files[i]) - theta0
-                    u, s, vh = torch.linalg.svd(tau, full_matrices=False)
-                    sum_u[:, i * k:(i + 1) * k], sum_s[i * k:(i + 1) * k], sum_v[i * k:(i + 1) * k] = (
-                        u[:, :k], s[:k], vh[:k])
-                    del tau, u, s, vh
-                u_u, _, v_u = torch.linalg.svd(sum_u, full_matrices=False)
-                u_v, _, v_v = torch.linalg.svd(sum_v, full_matrices=False)
-                tau_m = torch.linalg.multi_dot((u_u, v_u, torch.diag(sum_s), u_v, v_v))
-            else:
-                tau_m = sum(get(ft, name, ft_files[i]) - theta0 for i, ft in enumerate(finetunes)) / t_count
-            merged[name] = (theta0 + alpha * tau_m).to(torch.bfloat16)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(merged, str(out / "model.safetensors"), metadata={"format": "pt"})
 
 
 def _bf16(path: Path, name: str, cache: dict) -> np.ndarray:
@@ -592,7 +540,8 @@ def main() -> int:
         import torch
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
-        peer_tsv_m(Path(sys.argv[3]), [Path(p) for p in sys.argv[4:]], Path(sys.argv[2]))
+        # TSV-M as the reference code computes it (Gargiulo et al.): benches/spectral_peer.py, the one torch loader
+        peer_merge("tsv_m", Path(sys.argv[3]), [Path(p) for p in sys.argv[4:]], Path(sys.argv[2]))
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small shapes and a small family, one run each (smoke test)")

@@ -199,18 +199,32 @@ CALIB_SIDE = 384
 
 
 def factor_flops(method: str, shape: Sequence[int], tasks: int) -> float:
-    """Multiply-adds of a spectral method's factorizations of one M x N matrix (M >= N after transposing): TSV-M
-    (exact, linalg/gram.rs) takes T + 1 Gram matrices M·N² (tasks and U_cat), T products U = A V/σ (M·N·k), the
-    final product M·N² and T + 2 symmetric eigenproblems (~(4/3 + 2)·N³ each with the eigenvectors); the other
-    methods take faer's thin SVD (~4·M·N² + 8·N³ each): Iso-C one, Iso-CTS T + 3, STAR T. 0 for what is only
-    averaged."""
+    """Multiply-adds of a spectral method's factorizations of one M x N matrix (M >= N after transposing). All four
+    run exactly through N x N Gram matrices (linalg/gram.rs): a Gram matrix costs M·N², a product with an N x k
+    factor M·N·k, a symmetric eigenproblem with its eigenvectors ~(10/3)·N³, an N x N product N³.
+
+    - TSV-M: T + 1 Gram matrices (tasks and U_cat), T products U = A V/σ (M·N in all), the final product, T + 2
+      eigenproblems;
+    - Iso-C: the sum's Gram matrix and eigenproblem, the N x N rescaling, the product S·M;
+    - Iso-CTS: as Iso-C for the sum (its common block's U: M·N·c), per task two projections (4·M·N·c) and a Gram
+      matrix, the tasks' U (M·N in all), then TSV-M's ending; T + 3 eigenproblems;
+    - STAR: per task a Gram matrix, an eigenproblem, the projector and the product.
+
+    0 for what is only averaged."""
     if len(shape) != 2 or min(shape) < tasks or min(shape) == 0:
         return 0.0
     big, n = float(max(shape)), float(min(shape))
+    eig = (10 / 3) * n**3
     if method == "tsv_m":
-        return (tasks + 2) * big * n * n + big * n * n + (tasks + 2) * (10 / 3) * n**3
-    svds = {"iso_c": 1, "iso_cts": tasks + 3, "star": tasks}.get(method, 0)
-    return svds * (4 * big * n * n + 8 * n**3)
+        return (tasks + 2) * big * n * n + big * n * n + (tasks + 2) * eig
+    if method == "iso_c":
+        return 2 * big * n * n + eig + n**3
+    if method == "iso_cts":
+        common = 0.8 * n  # the default common_space_fraction (the calibration runs the plan's own parameters)
+        return (4 + tasks) * big * n * n + 4 * tasks * big * n * common + (tasks + 3) * eig + 3 * n**3
+    if method == "star":
+        return tasks * (2 * big * n * n + eig + n**3)
+    return 0.0
 
 
 def spectral_seconds(plan: Plan, threads: int | None) -> float:

@@ -136,17 +136,24 @@ pub const NULL_EIG: f64 = 1e-12;
 /// on its range and zero on its null space: columns of `a` that are zero (TSV-M's unused slots) stay zero
 /// instead of getting an arbitrary orthonormal completion, which they would be weighted by zero anyway.
 pub fn inv_sqrt(a: MatRef<'_, f32>, cancel: &Cancel) -> Result<Mat<f64>> {
-    let (lam, mut w) = eigh(gram(a, cancel)?, cancel)?;
+    let (lam, w) = eigh(gram(a, cancel)?, cancel)?;
+    Ok(inv_sqrt_eig(&lam, w, 1.0))
+}
+
+/// `scale · W diag(λ^(-1/2)) Wᵀ` over the eigenvalues above [`NULL_EIG`] of the largest, from an [`eigh`] result:
+/// `a · inv_sqrt_eig(eigh(aᵀa))` is `scale` times `a`'s polar factor on its range (see [`inv_sqrt`]).
+pub fn inv_sqrt_eig(lam: &[f64], mut w: Mat<f64>, scale: f64) -> Mat<f64> {
     let top = lam.first().copied().unwrap_or(0.0);
     let n = lam.len();
+    let c = scale.sqrt();
     // W diag(λ^(-1/2)) Wᵀ = (W diag(λ^(-1/4))) (W diag(λ^(-1/4)))ᵀ: W is scaled in place.
     for (j, &l) in lam.iter().enumerate() {
-        let f = if l > NULL_EIG * top { l.powf(-0.25) } else { 0.0 };
+        let f = if l > NULL_EIG * top { l.powf(-0.25) * c } else { 0.0 };
         w.as_mut().col_mut(j).iter_mut().for_each(|x| *x *= f);
     }
     let mut out = Mat::<f64>::zeros(n, n);
     faer::linalg::matmul::matmul(out.as_mut(), Accum::Replace, w.as_ref(), w.as_ref().transpose(), 1.0, Par::rayon(0));
-    Ok(out)
+    out
 }
 
 /// Bytes of the f64 row blocks [`gram`] and [`mul_wide`] hold for a matrix of `n` columns.
@@ -155,7 +162,16 @@ pub fn block_bytes(n: usize) -> u64 {
 }
 
 /// `dst = a · b` with `a` f32 and `b` f64, in f64 by row blocks of `a`, rounded into `dst` (f32).
-pub fn mul_wide(mut dst: MatMut<'_, f32>, a: MatRef<'_, f32>, b: MatRef<'_, f64>) {
+pub fn mul_wide(dst: MatMut<'_, f32>, a: MatRef<'_, f32>, b: MatRef<'_, f64>) {
+    mul_wide_with(dst, a, b, false);
+}
+
+/// `dst += a · b` (the product as in [`mul_wide`], rounded to f32, then added).
+pub fn mul_wide_add(dst: MatMut<'_, f32>, a: MatRef<'_, f32>, b: MatRef<'_, f64>) {
+    mul_wide_with(dst, a, b, true);
+}
+
+fn mul_wide_with(mut dst: MatMut<'_, f32>, a: MatRef<'_, f32>, b: MatRef<'_, f64>, add: bool) {
     let (m, n) = a.shape();
     let mut block = Mat::<f64>::zeros(BLOCK_ROWS.min(m), n);
     let mut out = Mat::<f64>::zeros(BLOCK_ROWS.min(m), b.ncols());
@@ -165,6 +181,29 @@ pub fn mul_wide(mut dst: MatMut<'_, f32>, a: MatRef<'_, f32>, b: MatRef<'_, f64>
         faer::zip!(blk.as_mut(), a.subrows(start, rows)).for_each(|faer::unzip!(d, s)| *d = f64::from(*s));
         let mut o = out.as_mut().subrows_mut(0, rows);
         faer::linalg::matmul::matmul(o.as_mut(), Accum::Replace, blk.as_ref(), b, 1.0, Par::rayon(0));
-        faer::zip!(dst.as_mut().subrows_mut(start, rows), o.as_ref()).for_each(|faer::unzip!(d, s)| *d = *s as f32);
+        let d = dst.as_mut().subrows_mut(start, rows);
+        if add {
+            faer::zip!(d, o.as_ref()).for_each(|faer::unzip!(d, s)| *d += *s as f32);
+        } else {
+            faer::zip!(d, o.as_ref()).for_each(|faer::unzip!(d, s)| *d = *s as f32);
+        }
+    }
+}
+
+/// `a ← a · b` in place (`b` square, f64), by row blocks as in [`mul_wide`]: each block of rows is widened, multiplied
+/// and rounded back, so no second matrix of `a`'s size is held.
+pub fn mul_wide_in_place(mut a: MatMut<'_, f32>, b: MatRef<'_, f64>) {
+    debug_assert_eq!(b.nrows(), b.ncols());
+    let (m, n) = a.shape();
+    let mut block = Mat::<f64>::zeros(BLOCK_ROWS.min(m), n);
+    let mut out = Mat::<f64>::zeros(BLOCK_ROWS.min(m), n);
+    for start in (0..m).step_by(BLOCK_ROWS) {
+        let rows = BLOCK_ROWS.min(m - start);
+        let mut blk = block.as_mut().subrows_mut(0, rows);
+        let mut src = a.as_mut().subrows_mut(start, rows);
+        faer::zip!(blk.as_mut(), src.as_ref()).for_each(|faer::unzip!(d, s)| *d = f64::from(*s));
+        let mut o = out.as_mut().subrows_mut(0, rows);
+        faer::linalg::matmul::matmul(o.as_mut(), Accum::Replace, blk.as_ref(), b, 1.0, Par::rayon(0));
+        faer::zip!(src.as_mut(), o.as_ref()).for_each(|faer::unzip!(d, s)| *d = *s as f32);
     }
 }

@@ -1,8 +1,8 @@
 //! Methods that work in the singular-vector space of each whole 2-D task vector: TSV-M (Gargiulo et al., CVPR
 //! 2025), Iso-C and Iso-CTS (Marczak et al., ICML 2025) and STAR (Lee et al., NAACL 2025). A matrix is
-//! factorized whole, so these load one task vector at a time (f32, m·n) next to the base and the method's
-//! accumulators; tensors of other ranks get the mean task vector, as in the reference code. The result is
-//! θ = θ0 + α·τ, written back chunk by chunk, with τ per method (T task vectors τ_t = U_t Σ_t V_tᵀ):
+//! factorized whole, exactly, through N × N Gram matrices (`linalg::gram`), so these load one task vector at a
+//! time (f32, m·n) next to the method's accumulators, the base streamed chunk by chunk ([`working_bytes`]);
+//! tensors of other ranks get the mean task vector, as in the reference code. The result is θ = θ0 + α·τ, written back chunk by chunk, with τ per method (T task vectors τ_t = U_t Σ_t V_tᵀ):
 //!
 //! - tsv_m: the top r/T singular triplets of each τ_t concatenated, U and V orthogonalized (polar factors):
 //!   τ = U_⊥ diag(Σ) V_⊥ᵀ.
@@ -12,11 +12,11 @@
 //! - star: each τ_t truncated to keep `eta` percent of its nuclear norm and rescaled to its original nuclear
 //!   norm, then averaged (α = 1).
 
-use faer::{Mat, MatRef};
+use faer::{Accum, Mat, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
 use crate::error::{CoreError, Result};
-use crate::linalg::{self, gram, Svd};
+use crate::linalg::{self, gram};
 use crate::merge::params::SpectralParams;
 use crate::merge::passes::{emit, load, load_deltas, load_whole};
 use crate::merge::{Job, Method, Options, Sink, DEFAULT_CHUNK_ELEMS};
@@ -28,29 +28,19 @@ pub(crate) fn merge(job: &Job, params: &SpectralParams, opts: &Options, sink: &d
         return mean_delta(job, opts, sink, alpha);
     }
     let (m, n) = (job.shape[0], job.shape[1]);
-    if job.spec.method == Method::TsvM {
-        // The base is not held: each task vector subtracts it chunk by chunk, and so does the final pass.
-        let tau = tsv_m(job, params, m, n)?;
-        let base = job.base.as_ref().expect("validated: a base is required");
-        return emit(job, opts.chunk_elems, sink, |s, start, len| {
-            s.resize(0, len);
-            load(job, base, start, &mut s.base[..len]);
-            for ((o, &b), &t) in s.mixed[..len].iter_mut().zip(&s.base[..len]).zip(&tau[start..start + len]) {
-                *o = b + alpha * t;
-            }
-        });
-    }
-    let base = load_whole(job, job.base.as_ref().expect("validated: a base is required"));
+    // The base is not held: each task vector subtracts it chunk by chunk, and so does the final pass.
     let tau = match job.spec.method {
-        Method::IsoC => iso_c(job, &base, m, n)?,
-        Method::IsoCts => iso_cts(job, params, &base, m, n)?,
-        Method::Star => star(job, params, &base, m, n)?,
+        Method::TsvM => tsv_m(job, params, m, n)?,
+        Method::IsoC => iso_c(job, m, n)?,
+        Method::IsoCts => iso_cts(job, params, m, n)?,
+        Method::Star => star(job, params, m, n)?,
         other => unreachable!("{other:?} is not spectral"),
     };
+    let base = job.base.as_ref().expect("validated: a base is required");
     emit(job, opts.chunk_elems, sink, |s, start, len| {
         s.resize(0, len);
-        let out = &mut s.mixed[..len];
-        for ((o, &b), &t) in out.iter_mut().zip(&base[start..start + len]).zip(&tau[start..start + len]) {
+        load(job, base, start, &mut s.base[..len]);
+        for ((o, &b), &t) in s.mixed[..len].iter_mut().zip(&s.base[..len]).zip(&tau[start..start + len]) {
             *o = b + alpha * t;
         }
     })
@@ -68,12 +58,21 @@ pub fn too_small(method: Method, shape: &[usize], tasks: usize) -> bool {
 }
 
 /// Bytes a spectral merge of a `shape` matrix with `tasks` task vectors holds at its peak (0 when it only
-/// averages). TSV-M (M × N tall after transposing, ρ = N/M, u = 4·M·N bytes): at most one f32 task vector (or
-/// the result), the concatenated U (M × N f32) and V (N × N f32), and the N × N f64 Gram matrix with its
-/// eigensolver, phases arranged so that the largest of them is max(2 + 3ρ, 1 + 10ρ)·u (3.9u for an LLM's MLP
-/// matrix, ρ = 0.29). Iso-C, Iso-CTS and STAR run faer's thin SVD in f64 on whole matrices: measured peaks
-/// (2048×1024 and 1024×2048, f32, 3 tasks) were 9–16u (Iso-CTS the most: three exact SVDs live at once); 16u
-/// is the bound used.
+/// averages). All four methods factorize on the tall orientation (M × N, ρ = N/M, u = 4·M·N bytes, the matrix's
+/// float32 size) through N × N Gram matrices (`linalg::gram`), the base streamed, never held. What is live in
+/// each phase, the largest being the bound (u: a task vector, sum, accumulator or result, or the concatenated
+/// U; v = ρu: the f32 N × N V_cat; g = 2ρu: one f64 N × N matrix; the eigensolver's ≈ 3g; small f64 row blocks):
+///
+/// - tsv_m: a task's Gram matrix beside its task vector and the concatenated U; its eigensolver with the task
+///   vector dropped; the polar factors; the final product: max(2 + 3ρ, 1 + 10ρ)·u.
+/// - iso_c: the running sum beside one task vector (2u); the sum's Gram matrix and eigensolver, (1 + 8ρ)·u; the
+///   sum rescaled in place.
+/// - iso_cts: as Iso-C for the sum, then as TSV-M (one projected task vector at a time).
+/// - star: the accumulator beside one task vector and its Gram matrix; the eigensolver with the task vector
+///   dropped, (1 + 8ρ)·u; the accumulator plus the task vector times an N × N projector.
+///
+/// For an LLM's MLP or embedding matrix (ρ ≤ 0.3) every method stays within 4u (3.9u at ρ = 0.29); a square
+/// matrix needs up to 11u, the N × N eigensolver's share.
 #[must_use]
 pub fn working_bytes(method: Method, shape: &[usize], tasks: usize) -> u64 {
     let [m, n] = shape else { return 0 };
@@ -81,21 +80,36 @@ pub fn working_bytes(method: Method, shape: &[usize], tasks: usize) -> u64 {
         return 0;
     }
     let (big, r) = ((*m).max(*n) as u64, (*m).min(*n) as u64);
-    if method != Method::TsvM {
-        return 16 * 4 * big * r;
-    }
     let u = 4 * big * r;
     let v = 4 * r * r;
     let g = 8 * r * r;
     let solver = linalg::gram::eigh_bytes(r as usize);
     let blocks = linalg::gram::block_bytes(r as usize);
-    // A task's Gram matrix beside its task vector; its eigensolver with the task vector dropped; the polar
-    // factors (V's f64 product held while U's Gram matrix is solved); the final product.
-    let gram_phase = 2 * u + v + g + blocks;
-    let eig_phase = u + v + g + solver;
-    let polar_phase = u + g + g + solver;
-    let final_phase = 2 * u + v;
-    gram_phase.max(eig_phase).max(polar_phase).max(final_phase)
+    // TSV-M's and Iso-CTS's ending: polar(V_cat)'s f64 product held while U_cat's Gram matrix is solved; the final
+    // product beside the concatenated U and V.
+    let recombine = (u + g + g + solver).max(2 * u + v);
+    let phases = match method {
+        // A task's Gram matrix beside its task vector; its eigensolver with the task vector dropped.
+        Method::TsvM => vec![2 * u + v + g + blocks, u + v + g + solver, recombine],
+        // The running sum beside one task vector; the sum's Gram matrix and eigensolver; the N × N rescaling
+        // (the eigenvectors and their product) beside the sum, then the in-place product.
+        Method::IsoC => vec![2 * u, u + g + solver, u + 2 * g + blocks],
+        // As Iso-C for the sum; the common vectors (the sum, its eigenvectors, U_cat, V_cat); then per task as
+        // TSV-M, with the projection's f32 column block.
+        Method::IsoCts => vec![
+            2 * u,
+            u + g + solver,
+            2 * u + v + g + blocks,
+            2 * u + v + g + blocks + 4 * r * PROJ_COLS as u64,
+            u + v + g + solver,
+            recombine,
+        ],
+        // The accumulator beside a task vector and its Gram matrix; the eigensolver with the task vector
+        // dropped; the projector and the eigenvectors it is made from; the product added to the accumulator.
+        Method::Star => vec![2 * u + g + blocks, u + g + solver, u + 2 * g, 2 * u + g + blocks],
+        _ => return 0,
+    };
+    phases.into_iter().max().unwrap_or(0)
 }
 
 /// θ0 + α·mean(τ_t), elementwise (tensors that are not matrices).
@@ -110,14 +124,8 @@ fn mean_delta(job: &Job, opts: &Options, sink: &dyn Sink, alpha: f32) -> Result<
     })
 }
 
-/// Input `i`'s task vector, checked finite (an SVD of NaN or infinity has no meaning).
-fn task_vector(job: &Job, base: &[f32], i: usize) -> Result<Vec<f32>> {
-    let mut t = load_whole(job, &job.inputs[i].src);
-    t.par_iter_mut().zip(base).for_each(|(x, &b)| *x -= b);
-    finite(job, t, i)
-}
-
-/// [`task_vector`] with the base read chunk by chunk from its source instead of held whole.
+/// Input `i`'s task vector, the base read chunk by chunk from its source instead of held whole, checked finite
+/// (an SVD of NaN or infinity has no meaning).
 fn task_vector_streamed(job: &Job, i: usize) -> Result<Vec<f32>> {
     let base = job.base.as_ref().expect("validated: a base is required");
     let mut t = load_whole(job, &job.inputs[i].src);
@@ -142,23 +150,6 @@ fn finite(job: &Job, t: Vec<f32>, i: usize) -> Result<Vec<f32>> {
 
 fn svd_error(job: &Job, e: &CoreError) -> CoreError {
     CoreError::param(format!("tensor '{}': {e}", job.name))
-}
-
-/// Copy the first `k` triplets of `svd` into slots `at..at + k` of the concatenated factors.
-fn place(svd: &Svd, k: usize, at: usize, ucat: &mut Mat<f32>, scat: &mut [f32], vcat: &mut Mat<f32>) {
-    ucat.as_mut().subcols_mut(at, k).copy_from(svd.u.as_ref().subcols(0, k));
-    vcat.as_mut().subcols_mut(at, k).copy_from(svd.v.as_ref().subcols(0, k));
-    scat[at..at + k].copy_from_slice(&svd.s[..k]);
-}
-
-/// `polar(U_cat) · diag(s) · polar(V_cat)ᵀ` as a row-major buffer.
-fn recombine(ucat: MatRef<'_, f32>, s: &[f32], vcat: MatRef<'_, f32>) -> Result<Vec<f32>> {
-    let mut pu = linalg::polar(ucat)?;
-    let pv = linalg::polar(vcat)?;
-    for (j, &sj) in s.iter().enumerate() {
-        pu.as_mut().col_mut(j).iter_mut().for_each(|x| *x *= sj);
-    }
-    Ok(linalg::to_row_major(linalg::mul(pu.as_ref(), pv.as_ref().transpose()).as_ref()))
 }
 
 /// TSV-M: each task keeps its top k = ⌊min(m, n)/T⌋ singular triplets; the concatenated singular vectors are
@@ -208,6 +199,15 @@ fn tsv_m(job: &Job, p: &SpectralParams, m: usize, n: usize) -> Result<Vec<f32>> 
         };
         scat[at..at + svd.len()].copy_from_slice(&svd);
     }
+    recombine(job, ucat, &scat, vcat, m, n)
+}
+
+/// `polar(U_cat) · diag(s) · polar(V_cat)ᵀ` (tall orientation: U_cat M × N, V_cat N × N) as a row-major m × n
+/// buffer, the polar factors as U_cat (U_catᵀU_cat)^(-1/2) and the same for V_cat, so that the result is U_cat · E
+/// with the small E = M_U diag(s) (V_cat M_V)ᵀ.
+fn recombine(job: &Job, ucat: Mat<f32>, scat: &[f32], vcat: Mat<f32>, m: usize, n: usize) -> Result<Vec<f32>> {
+    let err = |e: CoreError| svd_error(job, &e);
+    let never = &linalg::NEVER;
     // polar(V_cat) first, kept as its f64 product, so that V_cat's Gram solve is done before U_cat's.
     let mv = gram::inv_sqrt(vcat.as_ref(), never).map_err(err)?;
     let pv = linalg::mul_f64(linalg::widen(vcat.as_ref()).as_ref(), mv.as_ref());
@@ -221,7 +221,7 @@ fn tsv_m(job: &Job, p: &SpectralParams, m: usize, n: usize) -> Result<Vec<f32>> 
     let mut out = vec![0f32; m * n];
     let mut o = linalg::view_mut(&mut out, m, n);
     let dst = if m >= n { o.as_mut() } else { o.as_mut().transpose_mut() };
-    faer::linalg::matmul::matmul(dst, faer::Accum::Replace, ucat.as_ref(), e.as_ref(), 1.0f32, faer::Par::rayon(0));
+    faer::linalg::matmul::matmul(dst, Accum::Replace, ucat.as_ref(), e.as_ref(), 1.0f32, Par::rayon(0));
     Ok(out)
 }
 
@@ -248,34 +248,85 @@ fn null_cut(s: &[f64]) -> usize {
 /// noise sits near 1e-7 of the largest).
 const NULL_SV: f64 = 1e-6;
 
+/// A row-major m × n buffer as its tall orientation, mutable (transposed when wide).
+fn tall_mut(buf: &mut [f32], m: usize, n: usize) -> MatMut<'_, f32> {
+    let a = linalg::view_mut(buf, m, n);
+    if m >= n {
+        a
+    } else {
+        a.transpose_mut()
+    }
+}
+
 /// Σ_t τ_t as a row-major buffer, one task vector resident at a time.
-fn sum_of_tasks(job: &Job, base: &[f32]) -> Result<Vec<f32>> {
+fn sum_of_tasks(job: &Job) -> Result<Vec<f32>> {
     let mut sum = vec![0f32; job.numel];
     for i in 0..job.inputs.len() {
-        let tau = task_vector(job, base, i)?;
+        let tau = task_vector_streamed(job, i)?;
         sum.par_iter_mut().zip(&tau).for_each(|(s, &x)| *s += x);
     }
     Ok(sum)
 }
 
-/// Iso-C: the summed task vector with a flat spectrum, mean(σ)·U Vᵀ (needs the whole spectrum: exact SVD).
-fn iso_c(job: &Job, base: &[f32], m: usize, n: usize) -> Result<Vec<f32>> {
-    let sum = sum_of_tasks(job, base)?;
-    let svd = linalg::exact(linalg::view(&sum, m, n)).map_err(|e| svd_error(job, &e))?;
-    drop(sum);
-    let mean = (svd.s.iter().map(|&x| f64::from(x)).sum::<f64>() / svd.rank().max(1) as f64) as f32;
-    let mut u = svd.u;
-    u.as_mut().col_iter_mut().for_each(|c| c.iter_mut().for_each(|x| *x *= mean));
-    Ok(linalg::to_row_major(linalg::mul(u.as_ref(), svd.v.as_ref().transpose()).as_ref()))
+/// The square roots of the first `k` eigenvalues of a Gram matrix (clamped at zero): singular values.
+fn sigmas(lam: &[f64], k: usize) -> Vec<f64> {
+    lam[..k.min(lam.len())].iter().map(|&l| l.max(0.0).sqrt()).collect()
+}
+
+/// Iso-C: the summed task vector with a flat spectrum, mean(σ)·U Vᵀ (needs the whole spectrum: exact). On the
+/// tall orientation S (M × N): σ² and V from the eigendecomposition of SᵀS, and U Vᵀ = S (SᵀS)^(-1/2), so
+/// τ = S · (mean(σ) · V Σ⁻¹ Vᵀ), multiplied in place by row blocks. Directions of S's null space (σ at or below
+/// 1e-6 σ₁) get zero, where an SVD would give an arbitrary completion weighted by mean(σ): the answer is not unique
+/// there, and the null space adds nothing to any task.
+fn iso_c(job: &Job, m: usize, n: usize) -> Result<Vec<f32>> {
+    let err = |e: CoreError| svd_error(job, &e);
+    let never = &linalg::NEVER;
+    let mut sum = sum_of_tasks(job)?;
+    let (lam, w) = gram::eigh(gram::gram(tall(&sum, m, n), never).map_err(err)?, never).map_err(err)?;
+    let r = lam.len();
+    let mean = sigmas(&lam, r).iter().sum::<f64>() / r.max(1) as f64;
+    let scale = gram::inv_sqrt_eig(&lam, w, mean);
+    gram::mul_wide_in_place(tall_mut(&mut sum, m, n), scale.as_ref());
+    Ok(sum)
+}
+
+/// Columns of a task vector projected at a time in Iso-CTS (the f32 block U_cᵀ τ[:, cols] is common × PROJ_COLS).
+const PROJ_COLS: usize = 512;
+
+/// `τ ← τ − U_c (U_cᵀ τ)` for the row-major m × n `tau` and `uc` (m × c, orthonormal columns), in f32 by blocks of
+/// columns (each block's projection depends on that block alone, so the result does not depend on the blocking).
+fn project_out(tau: &mut [f32], m: usize, n: usize, uc: MatRef<'_, f32>) {
+    let c = uc.ncols();
+    if c == 0 {
+        return;
+    }
+    let mut a = linalg::view_mut(tau, m, n);
+    let mut t = Mat::<f32>::zeros(c, PROJ_COLS.min(n));
+    for start in (0..n).step_by(PROJ_COLS) {
+        let cols = PROJ_COLS.min(n - start);
+        let mut blk = a.as_mut().subcols_mut(start, cols);
+        let mut tt = t.as_mut().subcols_mut(0, cols);
+        faer::linalg::matmul::matmul(tt.as_mut(), Accum::Replace, uc.transpose(), blk.as_ref(), 1.0f32, Par::rayon(0));
+        faer::linalg::matmul::matmul(blk.as_mut(), Accum::Add, uc, tt.as_ref(), -1.0f32, Par::rayon(0));
+    }
 }
 
 /// Iso-CTS: the top `common` directions of Σ τ_t (common = ⌊f·r⌋, then adjusted so the remaining r − common
 /// slots split evenly over the T tasks, with Python's round-half-even as in the reference), plus each task's top
 /// directions after projecting out the common left subspace; both sets orthonormalized by polar factors, every
 /// slot weighted by the mean of all r concatenated singular values.
-fn iso_cts(job: &Job, p: &SpectralParams, base: &[f32], m: usize, n: usize) -> Result<Vec<f32>> {
+///
+/// Computed as TSV-M is (tall orientation, Gram matrices, [`recombine`]): the common block's U = S V Σ⁻¹ and V from
+/// SᵀS; each task's projected remainder τ_t − U_c U_cᵀ τ_t is formed twice (for its Gram matrix, and again for
+/// U = τ' V Σ⁻¹ after the eigensolver, which runs with it dropped). U_c is the original orientation's left
+/// factor: the tall U_cat's common block, or the tall V_cat's for a wide matrix. Singular directions at or
+/// below 1e-6 of their block's largest σ are left out (zero slots, as TSV-M's), where an SVD would put an
+/// arbitrary completion.
+fn iso_cts(job: &Job, p: &SpectralParams, m: usize, n: usize) -> Result<Vec<f32>> {
+    let err = |e: CoreError| svd_error(job, &e);
+    let never = &linalg::NEVER;
     let t = job.inputs.len();
-    let r = m.min(n);
+    let (big, r) = (m.max(n), m.min(n));
     let f = p.common_space_fraction;
     let common0 = (r as f64 * f).floor() as usize;
     let mut ts_total = (((r - common0) as f64 / t as f64).round_ties_even() as usize) * t;
@@ -285,62 +336,94 @@ fn iso_cts(job: &Job, p: &SpectralParams, base: &[f32], m: usize, n: usize) -> R
     }
     let common = r - ts_total;
     let dims = ts_total / t;
-    let sum = sum_of_tasks(job, base)?;
-    let svd = linalg::exact(linalg::view(&sum, m, n)).map_err(|e| svd_error(job, &e))?;
-    drop(sum);
-    let (mut ucat, mut vcat, mut scat) = (Mat::zeros(m, r), Mat::zeros(n, r), vec![0f32; r]);
-    place(&svd, common, ts_total, &mut ucat, &mut scat, &mut vcat);
-    let uc = svd.u.as_ref().subcols(0, common);
-    for i in 0..t {
-        if dims == 0 {
-            break;
+    let (mut ucat, mut vcat, mut scat) = (Mat::<f32>::zeros(big, r), Mat::<f32>::zeros(r, r), vec![0f32; r]);
+    {
+        let sum = sum_of_tasks(job)?;
+        let (lam, v) = gram::eigh(gram::gram(tall(&sum, m, n), never).map_err(err)?, never).map_err(err)?;
+        let s = sigmas(&lam, common);
+        let kept = null_cut(&s);
+        let mut w = v.as_ref().subcols(0, kept).to_owned();
+        drop(v);
+        vcat.as_mut().subcols_mut(ts_total, kept).copy_from(linalg::narrow(w.as_ref()).as_ref());
+        for (j, &sj) in s[..kept].iter().enumerate() {
+            w.as_mut().col_mut(j).iter_mut().for_each(|x| *x /= sj);
         }
-        let mut tau = task_vector(job, base, i)?;
-        let mut a = linalg::view_mut(&mut tau, m, n);
-        // τ_t − U_c (U_cᵀ τ_t): the part of the task outside the common left subspace.
-        let proj = linalg::mul(uc, linalg::mul(uc.transpose(), a.as_ref()).as_ref());
-        faer::zip!(a.as_mut(), proj.as_ref()).for_each(|faer::unzip!(x, p)| *x -= *p);
-        let own = linalg::exact(a.as_ref()).map_err(|e| svd_error(job, &e))?;
-        place(&own, dims, i * dims, &mut ucat, &mut scat, &mut vcat);
+        gram::mul_wide(ucat.as_mut().subcols_mut(ts_total, kept), tall(&sum, m, n), w.as_ref());
+        for (d, &x) in scat[ts_total..].iter_mut().zip(&s) {
+            *d = x as f32;
+        }
+    }
+    if dims > 0 {
+        let (mut u_task, u_common) = ucat.as_mut().split_at_col_mut(ts_total);
+        let (mut v_task, v_common) = vcat.as_mut().split_at_col_mut(ts_total);
+        let uc = if m >= n { u_common.as_ref() } else { v_common.as_ref() };
+        for i in 0..t {
+            let at = i * dims;
+            let mut tau = task_vector_streamed(job, i)?;
+            project_out(&mut tau, m, n, uc);
+            let g = gram::gram(tall(&tau, m, n), never).map_err(err)?;
+            drop(tau);
+            let (lam, v) = gram::eigh(g, never).map_err(err)?;
+            let s = sigmas(&lam, dims);
+            let kept = null_cut(&s);
+            let mut w = v.as_ref().subcols(0, kept).to_owned();
+            drop(v);
+            v_task.as_mut().subcols_mut(at, kept).copy_from(linalg::narrow(w.as_ref()).as_ref());
+            for (j, &sj) in s[..kept].iter().enumerate() {
+                w.as_mut().col_mut(j).iter_mut().for_each(|x| *x /= sj);
+            }
+            let mut tau = task_vector_streamed(job, i)?;
+            project_out(&mut tau, m, n, uc);
+            gram::mul_wide(u_task.as_mut().subcols_mut(at, kept), tall(&tau, m, n), w.as_ref());
+            for (d, &x) in scat[at..at + dims].iter_mut().zip(&s) {
+                *d = x as f32;
+            }
+        }
     }
     let mean = (scat.iter().map(|&x| f64::from(x)).sum::<f64>() / r.max(1) as f64) as f32;
-    recombine(ucat.as_ref(), &vec![mean; r], vcat.as_ref()).map_err(|e| svd_error(job, &e))
+    recombine(job, ucat, &vec![mean; r], vcat, m, n)
 }
 
 /// STAR: each task vector keeps the fewest top singular values reaching eta% of its nuclear norm (the
 /// reference's left `searchsorted` + 1), rescaled so the nuclear norm is unchanged; the results are averaged.
 /// A task vector that is zero contributes zero (the reference divides 0 by 0 there).
-fn star(job: &Job, p: &SpectralParams, base: &[f32], m: usize, n: usize) -> Result<Vec<f32>> {
+///
+/// On the tall orientation, σ and V from the eigendecomposition of τᵀτ (the eigensolver runs with τ dropped);
+/// the kept part Σ_j u_j (σ_j·c) v_jᵀ is τ · (c·V_k V_kᵀ), since u_j σ_j = τ v_j: one product with an N × N
+/// projector, added to the accumulator by row blocks.
+fn star(job: &Job, p: &SpectralParams, m: usize, n: usize) -> Result<Vec<f32>> {
+    let err = |e: CoreError| svd_error(job, &e);
+    let never = &linalg::NEVER;
     let t = job.inputs.len();
     let eta = p.eta / 100.0;
     let mut acc = vec![0f32; job.numel];
     for i in 0..t {
-        let tau = task_vector(job, base, i)?;
-        let svd = linalg::exact(linalg::view(&tau, m, n)).map_err(|e| svd_error(job, &e))?;
+        let tau = task_vector_streamed(job, i)?;
+        let g = gram::gram(tall(&tau, m, n), never).map_err(err)?;
         drop(tau);
-        let total: f64 = svd.s.iter().map(|&x| f64::from(x)).sum();
+        let (lam, v) = gram::eigh(g, never).map_err(err)?;
+        let s = sigmas(&lam, lam.len());
+        let total: f64 = s.iter().sum();
         if total == 0.0 {
             continue;
         }
         let mut run = 0.0;
-        let below = svd
-            .s
+        let below = s
             .iter()
             .take_while(|&&x| {
-                run += f64::from(x);
+                run += x;
                 run < eta * total
             })
             .count();
-        let keep = (below + 1).min(svd.rank());
-        let kept: f64 = svd.s[..keep].iter().map(|&x| f64::from(x)).sum();
+        let keep = (below + 1).min(s.len());
+        let kept: f64 = s[..keep].iter().sum();
         let scale = total / kept;
-        let mut u = svd.u.as_ref().subcols(0, keep).to_owned();
-        for j in 0..keep {
-            let sj = (f64::from(svd.s[j]) * scale) as f32;
-            u.as_mut().col_mut(j).iter_mut().for_each(|x| *x *= sj);
-        }
-        let part = linalg::to_row_major(linalg::mul(u.as_ref(), svd.v.as_ref().subcols(0, keep).transpose()).as_ref());
-        acc.par_iter_mut().zip(&part).for_each(|(a, &x)| *a += x);
+        let vk = v.as_ref().subcols(0, keep);
+        let mut proj = Mat::<f64>::zeros(vk.nrows(), vk.nrows());
+        faer::linalg::matmul::matmul(proj.as_mut(), Accum::Replace, vk, vk.transpose(), scale, Par::rayon(0));
+        drop(v);
+        let tau = task_vector_streamed(job, i)?;
+        gram::mul_wide_add(tall_mut(&mut acc, m, n), tall(&tau, m, n), proj.as_ref());
     }
     let inv = 1.0 / t as f32;
     acc.par_iter_mut().for_each(|a| *a *= inv);
