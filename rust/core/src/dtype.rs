@@ -170,6 +170,40 @@ pub fn decode_checked(dtype: DType, bytes: &[u8], out: &mut [f32]) -> bool {
     }
 }
 
+/// [`decode_checked`] minus `base`: `out[j] = decode(bytes[j]) - base[j]`, the same IEEE subtraction as decoding
+/// and then subtracting in a second loop (so the same bytes), in one pass that writes `out` once instead of
+/// writing, reading and writing it again (task vectors are decoded this way in every pass of the TIES family).
+#[multiversion(targets = "simd")]
+pub fn decode_sub_checked(dtype: DType, bytes: &[u8], base: &[f32], out: &mut [f32]) -> bool {
+    debug_assert_eq!(bytes.len(), out.len() * dtype.size());
+    let base = &base[..out.len()];
+    match dtype {
+        DType::F32 => {
+            let mut bad = 0u32;
+            for ((o, c), &b) in out.iter_mut().zip(bytes.chunks_exact(4)).zip(base) {
+                let x = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                bad |= u32::from(x & 0x7f80_0000 == 0x7f80_0000);
+                *o = f32::from_bits(x) - b;
+            }
+            bad != 0
+        }
+        DType::BF16 => {
+            let mut bad = 0u16;
+            for ((o, c), &b) in out.iter_mut().zip(bytes.chunks_exact(2)).zip(base) {
+                let x = u16::from_le_bytes([c[0], c[1]]);
+                bad |= u16::from(x & 0x7f80 == 0x7f80);
+                *o = bf16_to_f32(x) - b;
+            }
+            bad != 0
+        }
+        DType::F16 => {
+            let bad = decode_checked(DType::F16, bytes, out);
+            out.iter_mut().zip(base).for_each(|(o, &b)| *o -= b);
+            bad
+        }
+    }
+}
+
 /// Encode f32 values into `dtype` little-endian bytes.
 #[multiversion(targets = "simd")]
 pub fn encode(dtype: DType, vals: &[f32], out: &mut [u8]) {

@@ -7,6 +7,8 @@
 
 use multiversion::multiversion;
 
+use crate::kernels::isa::{self, Isa};
+
 const M0: u32 = 0xD251_1F53;
 const M1: u32 = 0xCD9E_8D57;
 const W0: u32 = 0x9E37_79B9;
@@ -104,8 +106,14 @@ impl Stream {
     }
 }
 
-#[multiversion(targets = "simd")]
 fn keep_mask(s: &Stream, start: usize, thresh: u32, keep: &mut [bool]) {
+    keep_mask_on(isa::active(), s, start, thresh, keep);
+}
+
+/// [`Stream::keep_mask`] on path `isa` (narrowed to what this CPU has): whole groups of eight blocks through
+/// [`keep_blocks_avx2`] where AVX2 is there, the rest one block at a time; the same bits either way.
+#[multiversion(targets = "simd")]
+fn keep_mask_on(isa: Isa, s: &Stream, start: usize, thresh: u32, keep: &mut [bool]) {
     // A ragged head up to a block boundary, then whole blocks (a straight loop), then a ragged tail.
     let head = ((4 - start % 4) % 4).min(keep.len());
     let (first, rest) = keep.split_at_mut(head);
@@ -113,7 +121,18 @@ fn keep_mask(s: &Stream, start: usize, thresh: u32, keep: &mut [bool]) {
         let j = start + i;
         *k = (s.block((j / 4) as u64)[j % 4] >> 8) < thresh;
     }
-    let block0 = ((start + head) / 4) as u64;
+    let mut block0 = ((start + head) / 4) as u64;
+    #[cfg(target_arch = "x86_64")]
+    let rest = if isa.min(isa::detected()) >= Isa::Avx2 {
+        // SAFETY: narrowed to `detected()`, so this CPU has AVX2.
+        let done = unsafe { keep_blocks_avx2(s, block0, thresh, rest) };
+        block0 += (done / 4) as u64;
+        &mut rest[done..]
+    } else {
+        rest
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = isa;
     let whole = (rest.len() / 4) as u64;
     let mut blocks = rest.chunks_exact_mut(4);
     for (b, ks) in (&mut blocks).enumerate() {
@@ -129,6 +148,101 @@ fn keep_mask(s: &Stream, start: usize, thresh: u32, keep: &mut [bool]) {
             *k = (x >> 8) < thresh;
         }
     }
+}
+
+/// Philox4x32-10 of eight consecutive blocks at once, one block per 32-bit lane of each AVX2 vector (word k of
+/// block `b0 + l` in lane l of vector k): the scalar rounds with the 32×32→64 products taken on the even lanes
+/// and, shifted down, the odd lanes (`_mm256_mul_epu32`), so every word equals [`philox4x32_10`]'s. Writes
+/// whether each element is kept for the largest multiple of 32 elements of `keep` (element `4·b0 + i` at
+/// `keep[i]`) and returns how many it wrote.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn keep_blocks_avx2(s: &Stream, b0: u64, thresh: u32, keep: &mut [bool]) -> usize {
+    use std::arch::x86_64::{
+        __m256i, _mm256_add_epi32, _mm256_and_si256, _mm256_blend_epi32, _mm256_cmpgt_epi32, _mm256_loadu_si256,
+        _mm256_mul_epu32, _mm256_packs_epi16, _mm256_packs_epi32, _mm256_set1_epi32, _mm256_set1_epi8,
+        _mm256_setr_epi32, _mm256_setr_epi8, _mm256_setzero_si256, _mm256_shuffle_epi8, _mm256_slli_epi64,
+        _mm256_srli_epi32, _mm256_srli_epi64, _mm256_storeu_si256, _mm256_xor_si256,
+    };
+    // (high, low) halves of m·a per lane (a closure: it inherits this function's target features).
+    let mulhilo = |m: __m256i, a: __m256i| {
+        let even = _mm256_mul_epu32(a, m);
+        let odd = _mm256_mul_epu32(_mm256_srli_epi64::<32>(a), m);
+        let lo = _mm256_blend_epi32::<0b1010_1010>(even, _mm256_slli_epi64::<32>(odd));
+        let hi = _mm256_blend_epi32::<0b1010_1010>(_mm256_srli_epi64::<32>(even), odd);
+        (hi, lo)
+    };
+    let groups = keep.len() / 32;
+    let (m0, m1) = (_mm256_set1_epi32(M0 as i32), _mm256_set1_epi32(M1 as i32));
+    let model = _mm256_set1_epi32(s.model as i32);
+    let keys: [(__m256i, __m256i); 10] = std::array::from_fn(|r| {
+        let r = r as u32;
+        (
+            _mm256_set1_epi32(s.key[0].wrapping_add(r.wrapping_mul(W0)) as i32),
+            _mm256_set1_epi32(s.key[1].wrapping_add(r.wrapping_mul(W1)) as i32),
+        )
+    });
+    // thresh <= 2^24 and (word >> 8) < 2^24: a signed compare is exact.
+    let th = _mm256_set1_epi32(thresh as i32);
+    let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    // After the packs, byte 4k + i of each 128-bit half is word k of the half's block i; element order wants
+    // byte 4i + k (a 4×4 transpose).
+    let order = _mm256_setr_epi8(
+        0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15, 0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
+    );
+    let one = _mm256_set1_epi8(1);
+    let counters = |b: u64| {
+        if (b as u32) <= u32::MAX - 7 {
+            (_mm256_add_epi32(_mm256_set1_epi32(b as u32 as i32), lanes), _mm256_set1_epi32((b >> 32) as u32 as i32))
+        } else {
+            // The eight counters cross a multiple of 2^32.
+            let lo: [u32; 8] = std::array::from_fn(|l| (b + l as u64) as u32);
+            let hi: [u32; 8] = std::array::from_fn(|l| ((b + l as u64) >> 32) as u32);
+            // SAFETY: both arrays are 32 bytes; loadu has no alignment requirement.
+            unsafe { (_mm256_loadu_si256(lo.as_ptr().cast()), _mm256_loadu_si256(hi.as_ptr().cast())) }
+        }
+    };
+    // Two groups of eight blocks side by side: one group's rounds are a chain of dependent multiplies, two
+    // independent chains keep the multiplier busy (and fit the 16 vector registers).
+    let run = |b: u64, out: &mut [bool]| {
+        let mut c = [[_mm256_setzero_si256(); 4]; 2];
+        for (i, ci) in c.iter_mut().enumerate() {
+            let (lo, hi) = counters(b + 8 * i as u64);
+            *ci = [lo, hi, model, _mm256_setzero_si256()];
+        }
+        for &(k0, k1) in &keys {
+            for ci in &mut c {
+                let (hi0, lo0) = mulhilo(m0, ci[0]);
+                let (hi1, lo1) = mulhilo(m1, ci[2]);
+                *ci = [
+                    _mm256_xor_si256(_mm256_xor_si256(hi1, ci[1]), k0),
+                    lo1,
+                    _mm256_xor_si256(_mm256_xor_si256(hi0, ci[3]), k1),
+                    lo0,
+                ];
+            }
+        }
+        for (ci, o) in c.iter().zip(out.chunks_exact_mut(32)) {
+            let kept = ci.map(|w| _mm256_cmpgt_epi32(th, _mm256_srli_epi32::<8>(w)));
+            let packed =
+                _mm256_packs_epi16(_mm256_packs_epi32(kept[0], kept[1]), _mm256_packs_epi32(kept[2], kept[3]));
+            let bytes = _mm256_and_si256(_mm256_shuffle_epi8(packed, order), one);
+            // SAFETY: `o` is 32 bools, each byte written is 0 or 1 (a valid bool); storeu needs no alignment.
+            unsafe { _mm256_storeu_si256(o.as_mut_ptr().cast(), bytes) };
+        }
+    };
+    let mut pairs = keep[..groups * 32].chunks_exact_mut(64);
+    for (p, out) in (&mut pairs).enumerate() {
+        run(b0 + 16 * p as u64, out);
+    }
+    let odd = pairs.into_remainder();
+    if !odd.is_empty() {
+        // One group left: draw a pair into a scratch buffer and keep the first half.
+        let mut pair = [false; 64];
+        run(b0 + 16 * (groups / 2) as u64, &mut pair);
+        odd.copy_from_slice(&pair[..32]);
+    }
+    groups * 32
 }
 
 /// `u < ceil(p·2^24)` (clamped to [0, 2^24]) for an integer u in [0, 2^24) is `u < p·2^24`, and p·2^24 is exact
@@ -203,6 +317,29 @@ mod tests {
         let mut all = vec![false; 10];
         s.keep_mask(0, 1.0, &mut all);
         assert!(all.iter().all(|&k| k));
+    }
+
+    /// Every path draws the scalar mask: starts on and off block and group boundaries, lengths around the
+    /// 32-element groups, counters that cross a multiple of 2^32 blocks, densities 0, 1 and in between.
+    #[test]
+    fn keep_mask_same_on_every_path() {
+        let s = Stream::new(11, "model.layers.3.self_attn.q_proj.weight", 2);
+        let cross = 4 * ((1usize << 32) - 5);
+        for start in [0usize, 1, 3, 4, 31, 32, 33, 1000, cross, cross + 2] {
+            for len in [0usize, 1, 5, 31, 32, 33, 64, 95, 257, 1030] {
+                for density in [0.0, 0.1, 0.5, 0.9, 1.0] {
+                    let thresh = (density * 16_777_216.0f64).ceil().min(16_777_216.0) as u32;
+                    let want: Vec<bool> = (start..start + len)
+                        .map(|j| (s.block((j / 4) as u64)[j % 4] >> 8) < thresh)
+                        .collect();
+                    for isa in Isa::ALL {
+                        let mut got = vec![false; len];
+                        keep_mask_on(isa, &s, start, thresh, &mut got);
+                        assert_eq!(got, want, "{isa:?} start {start} len {len} density {density}");
+                    }
+                }
+            }
+        }
     }
 
     /// The per-element mask is the rounded-threshold rule `u < clamp(ceil(p·2^24), 0, 2^24)` at every split,

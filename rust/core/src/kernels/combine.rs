@@ -66,6 +66,17 @@ pub fn weigh(x: &mut [f32], keep: Option<&[bool]>, scale: Scale, weight: f32) {
     }
 }
 
+/// [`weigh`] with the keep mask `|x| bit pattern >= lo` decided in the same loop (a magnitude trim's mask, see
+/// `TrimRule::weigh`): the same operations per element as the mask then `weigh`.
+#[multiversion(targets = "simd")]
+pub fn weigh_at_least(x: &mut [f32], lo: u32, scale: Scale, weight: f32) {
+    let keeps = |v: f32| (v.to_bits() & 0x7fff_ffff) >= lo;
+    match scale {
+        Scale::Mul(s) => x.iter_mut().for_each(|v| *v = weight * (*v * s * mask(keeps(*v)))),
+        Scale::Div(s) => x.iter_mut().for_each(|v| *v = weight * (*v / s * mask(keeps(*v)))),
+    }
+}
+
 /// x ← w·(x/p where kept, else 0): DELLA's paper rescale, each kept value divided by its own keep probability.
 #[multiversion(targets = "simd")]
 pub fn weigh_each(x: &mut [f32], keep: &[bool], probs: &[f32], weight: f32) {

@@ -7,6 +7,7 @@
 
 use multiversion::multiversion;
 
+use crate::kernels::combine::{self, Scale};
 use crate::kernels::isa;
 pub const HIGH_BINS: usize = 1 << 15;
 pub const LOW_BINS: usize = 1 << 16;
@@ -82,6 +83,23 @@ impl TrimRule {
         let (t, (v0, v1), (k0, k1)) = (self.threshold_bits, vals.split_at(cut), keep.split_at_mut(cut));
         trim_mask(t, true, v0, k0);
         trim_mask(t, false, v1, k1);
+    }
+
+    /// `x ← weight·(scale(x)·keep)` with this rule's keep mask (element `start + j` at `x[j]`): what
+    /// [`TrimRule::mask`] then [`combine::weigh`] compute, in one loop and without a keep buffer.
+    pub fn weigh(&self, start: usize, x: &mut [f32], scale: Scale, weight: f32) {
+        if self.keep_all {
+            combine::weigh_at_least(x, 0, scale, weight);
+            return;
+        }
+        let t = self.threshold_bits;
+        // keep = |x| >= t for indices up to the last kept tie, |x| > t (i.e. >= t + 1) after it; t = u32::MAX
+        // (keep nothing) stays u32::MAX, which no |x| bit pattern reaches.
+        let strict = t.saturating_add(1);
+        let cut = self.last_tie.saturating_add(1).saturating_sub(start).min(x.len());
+        let (x0, x1) = x.split_at_mut(cut);
+        combine::weigh_at_least(x0, t, scale, weight);
+        combine::weigh_at_least(x1, strict, scale, weight);
     }
 }
 
@@ -452,6 +470,38 @@ mod isa_tests {
                 let above = bracket_collect_on(isa, &vals, lo, hi, &specials, start, &mut out, &mut c);
                 assert_eq!((above, &out, c), (above0, &out0, c0), "{isa:?} case {case}");
             }
+        }
+    }
+
+    /// `TrimRule::weigh` gives the bytes of `mask` then `combine::weigh`, for both scales, every kind of rule
+    /// (keep all, keep none, ties cut anywhere) and NaN, infinities and zeros of both signs among the values.
+    #[test]
+    fn trim_weigh_matches_mask_then_weigh() {
+        let mut r = xorshift(5);
+        let pool = [0.0f32, -0.0, 0.5, -0.5, 1.5, -2.0, f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1e-40];
+        let bits = |v: &[f32]| v.iter().map(|x| if x.is_nan() { u32::MAX } else { x.to_bits() }).collect::<Vec<_>>();
+        for case in 0..600 {
+            let n = (r() % 90) as usize;
+            let vals: Vec<f32> = (0..n).map(|_| pool[(r() % 10) as usize]).collect();
+            let start = (r() % 60) as usize;
+            let rule = match case % 5 {
+                0 => TrimRule::ALL,
+                1 => TrimRule::NONE,
+                _ => TrimRule {
+                    threshold_bits: abs_bits(pool[(r() % 10) as usize]),
+                    last_tie: [usize::MAX, 0, (r() % 160) as usize][(r() % 3) as usize],
+                    keep_all: false,
+                },
+            };
+            let scale = [Scale::Mul(1.0), Scale::Mul(1.7), Scale::Div(0.3)][(r() % 3) as usize];
+            let weight = [1.0f32, 0.5, -2.0][(r() % 3) as usize];
+            let mut keep = vec![false; n];
+            rule.mask(start, &vals, &mut keep);
+            let mut want = vals.clone();
+            combine::weigh(&mut want, Some(&keep), scale, weight);
+            let mut got = vals.clone();
+            rule.weigh(start, &mut got, scale, weight);
+            assert_eq!(bits(&got), bits(&want), "{rule:?} start {start} case {case}");
         }
     }
 

@@ -25,25 +25,38 @@ thread_local! {
 /// values sets the job's flag (the check is part of the decode loop). A failed read (a file truncated under us)
 /// is recorded with the file and decodes as zeros; the executor reports it after the tensor.
 pub(crate) fn load(job: &Job, src: &Source, start: usize, out: &mut [f32]) {
+    load_minus(job, src, start, out, None);
+}
+
+/// [`load`], then minus `base` when given: decoded and subtracted in one loop where the job's cast leaves the
+/// source as it is (always, unless a `dtype:` narrows it), which gives the same values as the two steps.
+fn load_minus(job: &Job, src: &Source, start: usize, out: &mut [f32], base: Option<&[f32]>) {
     let sz = src.dtype.size();
+    // Widening casts are exact; only a narrower (or differently rounded) dtype changes values.
+    let round = job.cast.filter(|&c| c != DType::F32 && c != src.dtype);
+    let fused = if round.is_none() { base } else { None };
+    let decode = |bytes: &[u8], out: &mut [f32]| match fused {
+        Some(b) => dtype::decode_sub_checked(src.dtype, bytes, b, out),
+        None => dtype::decode_checked(src.dtype, bytes, out),
+    };
     let bad = match src.data {
-        Data::Mem(bytes) => dtype::decode_checked(src.dtype, &bytes[start * sz..(start + out.len()) * sz], out),
+        Data::Mem(bytes) => decode(&bytes[start * sz..(start + out.len()) * sz], out),
         Data::File { file, name, entry } => READ_BUF.with_borrow_mut(|buf| {
             let n = out.len() * sz;
             if buf.len() < n {
                 buf.resize(n, 0);
             }
             file.read_into(name, entry, start * sz, &mut buf[..n]);
-            dtype::decode_checked(src.dtype, &buf[..n], out)
+            decode(&buf[..n], out)
         }),
     };
     if bad {
         job.nonfinite.store(true, Ordering::Relaxed);
     }
-    if let Some(c) = job.cast {
-        // Widening casts are exact; only a narrower (or differently rounded) dtype changes values.
-        if c != DType::F32 && c != src.dtype {
-            dtype::round_to(c, out);
+    if let Some(c) = round {
+        dtype::round_to(c, out);
+        if let Some(b) = base {
+            combine::sub(out, b);
         }
     }
 }
@@ -80,11 +93,13 @@ pub fn nonfinite_counts(job: &Job) -> Result<Vec<(u64, u64)>> {
 
 /// Decode chunk `[start, start+len)` of every input into `s.x` (as deltas from the base when there is one).
 pub(crate) fn load_deltas(job: &Job, start: usize, len: usize, s: &mut Scratch) {
-    load_raw(job, start, len, s);
-    if job.base.is_some() {
-        for x in &mut s.x {
-            combine::sub(&mut x[..len], &s.base[..len]);
-        }
+    s.resize(job.inputs.len(), len);
+    if let Some(b) = &job.base {
+        load(job, b, start, &mut s.base[..len]);
+    }
+    let base = job.base.is_some().then_some(&s.base[..len]);
+    for (inp, x) in job.inputs.iter().zip(s.x.iter_mut()) {
+        load_minus(job, &inp.src, start, &mut x[..len], base);
     }
 }
 

@@ -109,14 +109,47 @@ fn mask_into(job: &Job, i: usize, masks: &MaskRules, start: usize, len: usize, s
 /// One L1 block's (all, kept) norms per input, and its sparse inputs' keep masks as bits when they are cached.
 type BlockNorms = (Vec<(f64, f64)>, Vec<Vec<u64>>);
 
-/// A keep mask as bits, 64 to a word (element j in bit j % 64 of word j / 64).
+/// A keep mask as bits, 64 to a word (element j in bit j % 64 of word j / 64). Eight bools at a time: read as a
+/// little-endian u64 of 0/1 bytes, one multiply gathers byte i's bit into bit 56 + i (no two partial products
+/// share a bit position, so nothing carries into the top byte).
 fn pack_bits(keep: &[bool]) -> Vec<u64> {
-    keep.chunks(64).map(|c| c.iter().enumerate().fold(0u64, |w, (j, &k)| w | (u64::from(k) << j))).collect()
+    let byte = |e: &[bool]| {
+        let mut b = [0u8; 8];
+        b.iter_mut().zip(e).for_each(|(d, &k)| *d = u8::from(k));
+        u64::from_le_bytes(b).wrapping_mul(0x0102_0408_1020_4080) >> 56
+    };
+    let mut words = keep.chunks_exact(64);
+    let mut out: Vec<u64> = (&mut words)
+        .map(|c| c.chunks_exact(8).enumerate().fold(0u64, |w, (j, e)| w | (byte(e) << (8 * j))))
+        .collect();
+    let rest = words.remainder();
+    if !rest.is_empty() {
+        out.push(rest.chunks(8).enumerate().fold(0u64, |w, (j, e)| w | (byte(e) << (8 * j))));
+    }
+    out
 }
 
+/// The inverse of [`pack_bits`], eight elements at a time: the byte broadcast to all eight bytes, byte i keeps
+/// its bit i, and adding 0x7f carries any set bit into bit 7 of the same byte.
 fn unpack_bits(bits: &[u64], keep: &mut [bool]) {
-    for (c, &w) in keep.chunks_mut(64).zip(bits) {
-        c.iter_mut().enumerate().for_each(|(j, k)| *k = (w >> j) & 1 == 1);
+    let spread = |w: u64, j: usize| {
+        let byte = (w >> (8 * j)) & 0xff;
+        ((((byte.wrapping_mul(0x0101_0101_0101_0101) & 0x8040_2010_0804_0201) + 0x7f7f_7f7f_7f7f_7f7f) >> 7)
+            & 0x0101_0101_0101_0101)
+            .to_le_bytes()
+    };
+    let whole = keep.len() / 64;
+    let mut words = keep.chunks_exact_mut(64);
+    for (c, &w) in (&mut words).zip(bits) {
+        for (j, e) in c.chunks_exact_mut(8).enumerate() {
+            e.iter_mut().zip(spread(w, j)).for_each(|(k, d)| *k = d != 0);
+        }
+    }
+    let rest = words.into_remainder();
+    if let Some(&w) = bits.get(whole) {
+        for (j, e) in rest.chunks_mut(8).enumerate() {
+            e.iter_mut().zip(spread(w, j)).for_each(|(k, d)| *k = d != 0);
+        }
     }
 }
 
@@ -168,11 +201,12 @@ pub(crate) fn merge(job: &Job, params: TaskArithmeticParams, opts: &Options, sin
         }
         Rescale::L1 if sparse.iter().any(|&s| s) => {
             // Fixed blocks (whole rows for row-wise masks), so the norms do not depend on the chunking. Row-wise
-            // masks (DELLA, breadcrumbs per row) rank every row, which costs more than the rest of the merge: this
-            // pass keeps each block's masks as bits (n·m/8 bytes, when the selection's memory share holds them) for
-            // the final pass to reuse instead of ranking again.
+            // masks (DELLA, breadcrumbs per row) rank every row, and DARE's draws (Philox) cost more than the rest
+            // of its merge: this pass keeps each block's masks as bits (n·m/8 bytes, when the selection's memory
+            // share holds them) for the final pass to reuse instead of ranking or drawing again.
             let block = if per_row { row_chunk(BLOCK, row_len) } else { BLOCK };
-            let keep_bits = per_row && job.numel.saturating_mul(m) / 8 <= opts.candidate_bytes;
+            let keep_bits = (per_row || sparsify == Sparsify::Random)
+                && job.numel.saturating_mul(m) / 8 <= opts.candidate_bytes;
             let per_block: Vec<BlockNorms> = chunks(job.numel, block)
                 .map_init(Scratch::default, |s, (start, len)| {
                     load_deltas(job, start, len, s);
@@ -222,6 +256,11 @@ pub(crate) fn merge(job: &Job, params: TaskArithmeticParams, opts: &Options, sin
                             unpack_bits(&bits[b][slot[i]], keep);
                         }
                     }
+                    // TIES: the trim's mask computed inside the weighing loop (no keep buffer).
+                    None if sparsify == Sparsify::Magnitude && !per_element => {
+                        masks.rules[i].weigh(start, &mut s.x[i][..len], scales[i], weights[i]);
+                        continue;
+                    }
                     None => mask_into(job, i, &masks, start, len, s),
                 }
                 if per_element {
@@ -254,4 +293,34 @@ pub(crate) fn merge(job: &Job, params: TaskArithmeticParams, opts: &Options, sin
             combine::finish(&mut s.mixed[..len], divisor, lambda, Some(&s.base[..len]));
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bit packing is the plain one (element j in bit j % 64 of word j / 64) and unpacks to the same mask,
+    /// at lengths on and off whole bytes and words.
+    #[test]
+    fn keep_bits_round_trip() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        for n in [0usize, 1, 7, 8, 9, 63, 64, 65, 200, 4096, 4099] {
+            let keep: Vec<bool> = (0..n)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    state % 3 == 0
+                })
+                .collect();
+            let bits = pack_bits(&keep);
+            assert_eq!(bits.len(), n.div_ceil(64));
+            for (j, &k) in keep.iter().enumerate() {
+                assert_eq!((bits[j / 64] >> (j % 64)) & 1 == 1, k, "n {n} j {j}");
+            }
+            let mut back = vec![!keep.first().copied().unwrap_or(false); n];
+            unpack_bits(&bits, &mut back);
+            assert_eq!(back, keep, "n {n}");
+        }
+    }
 }
