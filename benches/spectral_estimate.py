@@ -13,6 +13,11 @@ the read rate, the spectral factorizations' rate) are timed by this process's CP
 and the run by its child's user + system time. On a machine shared with other jobs the wall clock measures them
 as much as the merge; at one thread the CPU time is the merge's own work. ``--wall-clock`` compares what ``plan``
 itself prints (wall-clock calibration) with the run's wall time, which is right on an idle machine.
+
+The start-up share of the estimate is what ``ferromerge plan`` measured of itself in a fresh process (its
+interpreter start-up, imports and planning, CPU time). A control run (the same family, every tensor only averaged) gives the process's fixed cost (interpreter start-up,
+imports, planning, streaming), which the estimate does not model: "SVD run s" is the run less the control, the
+share the estimate's "SVD s" predicts.
 """
 
 from __future__ import annotations
@@ -39,22 +44,31 @@ def scaled(scale: int) -> dict:
                 heads=SHAPE["heads"] // scale, kv_heads=max(1, SHAPE["kv_heads"] // scale))
 
 
-def predicted(cfg: Path, threads: int, cpu_clock: bool) -> dict:
-    """``plan``'s estimate of ``cfg`` at ``threads``: total and SVD seconds."""
+def predicted(cfg: Path, threads: int, cpu_clock: bool, env: dict[str, str]) -> dict:
+    """``plan``'s estimate of ``cfg`` at ``threads``: total, SVD and start-up seconds. The start-up share is what the
+    plan command itself measures in a fresh process (``ferromerge plan --json``); the rest is computed here, with
+    the calibrations on this process's CPU clock when ``cpu_clock``."""
+    import subprocess
+
     from ferromerge._plan import estimate as est
     from ferromerge._run import prepare
 
+    printed = subprocess.run([sys.executable, "-m", "ferromerge.cli", "plan", str(cfg), "--json", "--threads",
+                              str(threads)], env=env, capture_output=True, text=True, check=True)
+    summary = json.loads(printed.stdout)["summary"]
     _, plan = prepare(cfg)
     if cpu_clock:
         # the estimate module's calibrations read time.perf_counter(): give them this process's CPU time
         saved = est.time
         est.time = types.SimpleNamespace(perf_counter=time.process_time)  # type: ignore[assignment]
     try:
-        e = est.estimate(plan, cfg.parent / "out-estimate", threads=threads)
+        e = est.estimate(plan, cfg.parent / "out-estimate", threads=threads,
+                         startup_seconds=summary["startup_seconds"])
     finally:
         if cpu_clock:
             est.time = saved
-    return dict(seconds=e.seconds, factor_seconds=e.factor_seconds, working_bytes=e.working_bytes)
+    return dict(seconds=e.seconds, factor_seconds=e.factor_seconds, startup_seconds=e.startup_seconds,
+                printed_seconds=summary["seconds"], working_bytes=e.working_bytes)
 
 
 def main() -> int:
@@ -77,23 +91,39 @@ def main() -> int:
     res = dict(machine=machine_line(), git=git_head(), threads=a.threads, shape=shape, clock="cpu" if a.cpu else "wall",
                load_start=loadavg(), started=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                methods={})
-    print(f"{'method':8} {'plan s':>8} {'(SVD s)':>8} {'run s':>8} {'plan/run':>9}  load", flush=True)
+    def run(cfg: Path, tag: str) -> dict:
+        out = work / f"out-{tag}"
+        shutil.rmtree(out, ignore_errors=True)
+        r = timed([sys.executable, "-m", "ferromerge.cli", "run", str(cfg), str(out), "--threads", str(a.threads),
+                   "--quiet"], env, work / f"{tag}.log")
+        shutil.rmtree(out, ignore_errors=True)
+        r["actual"] = r["cpu"] if a.cpu else r["wall"]
+        return r
+
+    # the control: the same merge with every tensor only averaged (``exclude: "."``), i.e. the process's start-up,
+    # planning and streaming without any factorization; run - control is the factorizations' share
+    control_cfg = work / "control.yml"
+    control_cfg.write_text(f"merge_method: tsv_m\nbase_model: {base}\nmodels:\n"
+                           + "".join(f"  - model: {f}\n" for f in fts) + "dtype: bfloat16\nparameters:\n  exclude: \".\"\n")
+    control = run(control_cfg, "control")
+    res["control"] = control
+    print(f"control (only averaged): {control['actual']:.2f} s", flush=True)
+    print(f"{'method':8} {'plan s':>8} {'(SVD s)':>8} {'(start s)':>9} {'run s':>8} {'plan/run':>9} {'SVD run s':>10} {'SVD plan/run':>13}"
+          "  load", flush=True)
     for method in a.methods:
         cfg = work / f"{method}.yml"
         cfg.write_text(f"merge_method: {method}\nbase_model: {base}\nmodels:\n"
                        + "".join(f"  - model: {f}\n" for f in fts) + "dtype: bfloat16\n")
-        plan = predicted(cfg, a.threads, a.cpu)
-        out = work / f"out-{method}"
-        shutil.rmtree(out, ignore_errors=True)
-        r = timed([sys.executable, "-m", "ferromerge.cli", "run", str(cfg), str(out), "--threads", str(a.threads),
-                   "--quiet"], env, work / f"{method}.log")
-        shutil.rmtree(out, ignore_errors=True)
-        actual = r["cpu"] if a.cpu else r["wall"]
-        ratio = plan["seconds"] / actual if actual else float("nan")
-        print(f"{method:8} {plan['seconds']:8.2f} {plan['factor_seconds']:8.2f} {actual:8.2f} {ratio:9.2f}  "
-              f"{r['load_before'][0]:.1f}->{r['load_after'][0]:.1f} (exit {r['rc']}, wall {r['wall']:.1f} s)",
-              flush=True)
-        res["methods"][method] = dict(plan=plan, run=r, ratio=ratio)
+        plan = predicted(cfg, a.threads, a.cpu, env)
+        r = run(cfg, method)
+        ratio = plan["seconds"] / r["actual"] if r["actual"] else float("nan")
+        svd = r["actual"] - control["actual"]
+        svd_ratio = plan["factor_seconds"] / svd if svd > 0 else float("nan")
+        print(f"{method:8} {plan['seconds']:8.2f} {plan['factor_seconds']:8.2f} {plan['startup_seconds']:9.2f} "
+              f"{r['actual']:8.2f} {ratio:9.2f} "
+              f"{svd:10.2f} {svd_ratio:13.2f}  {r['load_before'][0]:.1f}->{r['load_after'][0]:.1f} (exit {r['rc']}, "
+              f"wall {r['wall']:.1f} s)", flush=True)
+        res["methods"][method] = dict(plan=plan, run=r, ratio=ratio, svd_ratio=svd_ratio)
     res["load_end"] = loadavg()
     if a.json:
         a.json.write_text(json.dumps(res, indent=1))

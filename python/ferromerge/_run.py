@@ -173,13 +173,17 @@ def plan(
     lora_merge_cache: str | os.PathLike[str] | None = None,
     allow_nonfinite: bool = False,
     strict: bool = False,
+    startup_seconds: float = 0.0,
 ) -> PlanReport:
     """Check a config and its models as ``run`` does (same errors, in the same order, all but the output
     directory's) and predict the run's disk, peak memory and time (``_plan.estimate``); writes nothing.
-    ``out_dir``: where a run would write, for the disk-space check (None: the current directory). The other
+    ``out_dir``: where a run would write, for the disk-space check (None: the current directory).
+    ``startup_seconds``: the CPU time the caller spent before this call that a run spends too (the CLI: the
+    interpreter's start-up and imports); the CPU time of preparing the plan, which a run repeats, is added. The other
     arguments are ``run``'s."""
     check_threads(threads)
     limit = memory_limit_bytes(memory_limit)
+    start = time.process_time()
     config, built = prepare(
         config_or_path,
         seed=seed,
@@ -188,7 +192,8 @@ def plan(
         allow_nonfinite=allow_nonfinite,
         strict=strict,
     )
-    estimated = estimate(built, out_dir, threads=threads, memory_limit=limit)
+    startup = startup_seconds + time.process_time() - start
+    estimated = estimate(built, out_dir, threads=threads, memory_limit=limit, startup_seconds=startup)
     return PlanReport(config, built, estimated, tuple(merge_notes(config, built)))
 
 

@@ -72,6 +72,9 @@ class Estimate:
     #: seconds of the whole-matrix factorizations of a spectral method (0 for others): counted apart from the
     #: streaming rate, from each matrix's flop count and a rate timed on a small matrix (``spectral_seconds``)
     factor_seconds: float
+    #: the run's fixed cost that does not scale with bytes or flops: the interpreter's start-up, imports and
+    #: planning, as the plan command itself spent them (CPU seconds; ``estimate``'s ``startup_seconds``)
+    startup_seconds: float
     seconds: float
 
     @property
@@ -100,7 +103,8 @@ class Estimate:
             + "; page cache not counted)",
             f"predicted time: {self.seconds:.1f} s (compute {self.compute_rate / 1e9:.2f} GB/s, read "
             f"{self.read_rate / 1e9:.2f} GB/s from {source}: bounded by {self.bound_by}"
-            + (f"; SVDs {self.factor_seconds:.1f} s" if self.factor_seconds else "") + ")",
+            + (f"; SVDs {self.factor_seconds:.1f} s" if self.factor_seconds else "")
+            + (f"; start-up {self.startup_seconds:.1f} s" if self.startup_seconds else "") + ")",
         ]
 
 
@@ -275,10 +279,13 @@ def estimate(
     *,
     threads: int | None = None,
     memory_limit: int | None = None,
+    startup_seconds: float = 0.0,
 ) -> Estimate:
     """Disk, peak memory and time of running ``plan`` into ``out_dir`` (None: some directory in the current one)
     with ``threads`` (None: all cores) and ``memory_limit`` bytes (None: ``_engine.default_memory_limit()``); reads
-    at most ``READ_BYTES`` of one input file."""
+    at most ``READ_BYTES`` of one input file. ``startup_seconds``: the run's fixed cost (start-up, imports,
+    planning) as the caller measured it, added to the time (on a small model it is most of a run: 0.6-0.8 CPU-s
+    against 0.7-3.8 s of SVDs on a 1/8-scale 8B layer, docs/benchmarks.md)."""
     budget = _engine.default_memory_limit() if memory_limit is None else memory_limit
     workers = threads or default_threads()
     peak, largest, read_ahead, scratch, working = peak_memory(plan, budget, workers)
@@ -314,5 +321,6 @@ def estimate(
         read_file=str(biggest_file),
         read_cached=cached,
         factor_seconds=factor,
-        seconds=plan.bytes_in / min(compute, read) + factor,
+        startup_seconds=startup_seconds,
+        seconds=plan.bytes_in / min(compute, read) + factor + startup_seconds,
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from typing import Any
 
 from .._validate import format_bytes
@@ -217,6 +218,8 @@ def _cmd_multi(args: argparse.Namespace) -> int:
 def _cmd_plan(args: argparse.Namespace) -> int:
     from .._run import plan
 
+    # what a run of the same config spends before merging too: the interpreter's start-up and imports
+    startup = time.process_time()
     kwargs = _settings(args)
     report = plan(
         args.config,
@@ -228,6 +231,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         lora_merge_cache=kwargs["lora_merge_cache"],
         strict=args.strict,
         allow_nonfinite=args.allow_nonfinite,
+        startup_seconds=startup,
     )
     if args.json:
         print(json.dumps({**json.loads(report.plan.to_json()), "summary": report.summary()}))

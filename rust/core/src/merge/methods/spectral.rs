@@ -199,20 +199,20 @@ fn tsv_m(job: &Job, p: &SpectralParams, m: usize, n: usize) -> Result<Vec<f32>> 
         };
         scat[at..at + svd.len()].copy_from_slice(&svd);
     }
-    recombine(job, ucat, &scat, vcat, m, n)
+    recombine(job, ucat.as_ref(), &scat, vcat, m, n)
 }
 
 /// `polar(U_cat) · diag(s) · polar(V_cat)ᵀ` (tall orientation: U_cat M × N, V_cat N × N) as a row-major m × n
 /// buffer, the polar factors as U_cat (U_catᵀU_cat)^(-1/2) and the same for V_cat, so that the result is U_cat · E
 /// with the small E = M_U diag(s) (V_cat M_V)ᵀ.
-fn recombine(job: &Job, ucat: Mat<f32>, scat: &[f32], vcat: Mat<f32>, m: usize, n: usize) -> Result<Vec<f32>> {
+fn recombine(job: &Job, ucat: MatRef<'_, f32>, scat: &[f32], vcat: Mat<f32>, m: usize, n: usize) -> Result<Vec<f32>> {
     let err = |e: CoreError| svd_error(job, &e);
     let never = &linalg::NEVER;
     // polar(V_cat) first, kept as its f64 product, so that V_cat's Gram solve is done before U_cat's.
     let mv = gram::inv_sqrt(vcat.as_ref(), never).map_err(err)?;
     let pv = linalg::mul_f64(linalg::widen(vcat.as_ref()).as_ref(), mv.as_ref());
     drop((mv, vcat));
-    let mut mu = gram::inv_sqrt(ucat.as_ref(), never).map_err(err)?;
+    let mut mu = gram::inv_sqrt(ucat, never).map_err(err)?;
     for (j, &sj) in scat.iter().enumerate() {
         mu.as_mut().col_mut(j).iter_mut().for_each(|x| *x *= f64::from(sj));
     }
@@ -221,7 +221,7 @@ fn recombine(job: &Job, ucat: Mat<f32>, scat: &[f32], vcat: Mat<f32>, m: usize, 
     let mut out = vec![0f32; m * n];
     let mut o = linalg::view_mut(&mut out, m, n);
     let dst = if m >= n { o.as_mut() } else { o.as_mut().transpose_mut() };
-    faer::linalg::matmul::matmul(dst, Accum::Replace, ucat.as_ref(), e.as_ref(), 1.0f32, Par::rayon(0));
+    faer::linalg::matmul::matmul(dst, Accum::Replace, ucat, e.as_ref(), 1.0f32, Par::rayon(0));
     Ok(out)
 }
 
@@ -381,7 +381,7 @@ fn iso_cts(job: &Job, p: &SpectralParams, m: usize, n: usize) -> Result<Vec<f32>
         }
     }
     let mean = (scat.iter().map(|&x| f64::from(x)).sum::<f64>() / r.max(1) as f64) as f32;
-    recombine(job, ucat, &vec![mean; r], vcat, m, n)
+    recombine(job, ucat.as_ref(), &vec![mean; r], vcat, m, n)
 }
 
 /// STAR: each task vector keeps the fewest top singular values reaching eta% of its nuclear norm (the
