@@ -137,10 +137,11 @@ def memory_plan(
     memory_limit: int, threads: int, tensors: Sequence[Mapping[str, Any]], chunk_elems: int | None = None
 ) -> dict[str, int]:
     """The memory plan of a run (rust/core/src/exec/budget.rs). ``tensors``: one dict per output tensor with
-    ``input_bytes`` (base included), ``inputs`` (non-base), its plan ``method`` object and ``shape``. Returns
-    ``budget``, ``chunk_elems``, ``read_ahead``, ``scratch``, ``working`` (the largest whole-matrix working set),
+    ``input_bytes`` (base included), ``inputs`` (non-base), its plan ``method`` object and ``shape``, and optionally
+    ``output_bytes`` (absent: taken as ``input_bytes``). Returns ``budget``, ``chunk_elems``, ``read_ahead``,
+    ``scratch``, ``working`` (the largest whole-matrix working set), ``staging`` (the two output staging buffers),
     ``largest`` (index of the tensor with the most input bytes), ``largest_input_bytes`` and ``peak`` (the bound on
-    resident memory: min(budget, largest inputs + read-ahead + scratch + working))."""
+    resident memory: min(budget, largest inputs + read-ahead + scratch + working + staging))."""
 
 def encode(values: npt.NDArray[np.float32], dtype: str) -> npt.NDArray[np.float32] | npt.NDArray[np.float16] | npt.NDArray[np.uint16]:
     """C-contiguous float32 ``values`` rounded to ``dtype`` as the engine writes them (to nearest even), as the

@@ -99,15 +99,20 @@ class MethodRow(TypedDict):
     spectral: bool
 
 
-class TensorNeeds(TypedDict):
-    """What one output tensor asks of memory (an entry of ``memory_plan``'s ``tensors``)."""
-
+class _TensorNeedsBase(TypedDict):
     #: bytes of all its stored inputs, base included
     input_bytes: int
     #: its non-base inputs
     inputs: int
     method: MethodObject
     shape: Sequence[int]
+
+
+class TensorNeeds(_TensorNeedsBase, total=False):
+    """What one output tensor asks of memory (an entry of ``memory_plan``'s ``tensors``)."""
+
+    #: bytes of its output, which size the output staging buffers (absent: taken as ``input_bytes``)
+    output_bytes: int
 
 
 class MemoryPlan(TypedDict):
@@ -118,6 +123,8 @@ class MemoryPlan(TypedDict):
     read_ahead: int
     scratch: int
     working: int
+    #: the two output staging buffers
+    staging: int
     #: index of the tensor with the most input bytes (the first of equals) and those bytes
     largest: int
     largest_input_bytes: int

@@ -2,8 +2,9 @@
 
 * **Disk**: the output shards' bytes, against the free space of the filesystem the output goes to.
 * **Peak memory**: a bound on what the engine keeps resident under its memory budget (``memory_limit``): the
-  inputs of the tensor being merged (all models), the next tensor's inputs read ahead (a quarter of the budget)
-  and the workers' chunk buffers (threads x (inputs + 5) f32 buffers of one chunk), capped by the budget itself,
+  inputs of the tensor being merged (all models), the next tensor's inputs read ahead (a quarter of the budget),
+  the workers' chunk buffers (threads x (inputs + 5) f32 buffers of one chunk) and the two output staging
+  buffers (each the largest output a tensor stages, at most a sixteenth of the budget), capped by the budget itself,
   which the engine never exceeds (tensors whose inputs are larger than a quarter of it are merged with their
   pages released chunk by chunk). It does not count the OS page cache, which the kernel reclaims on demand.
 * **Time**: calibrated on this machine in well under a second: the compute rate of the engine's kernel with the
@@ -62,6 +63,8 @@ class Estimate:
     largest_tensor_bytes: int
     read_ahead_bytes: int
     scratch_bytes: int
+    #: the two buffers the output is staged in before it is written
+    staging_bytes: int
     #: the largest whole-matrix working set of a spectral method (0 when none)
     working_bytes: int
     #: bytes of input merged per second by the kernel, and read per second from the largest input file
@@ -98,7 +101,8 @@ class Estimate:
             f"peak memory: at most {format_bytes(self.peak_memory)} resident (budget "
             f"{format_bytes(self.memory_limit)}; largest tensor {self.largest_tensor}: "
             f"{format_bytes(self.largest_tensor_bytes)} of inputs, read-ahead {format_bytes(self.read_ahead_bytes)}, "
-            f"scratch {format_bytes(self.scratch_bytes)} for {self.threads} thread(s)"
+            f"scratch {format_bytes(self.scratch_bytes)} for {self.threads} thread(s), output staging "
+            f"{format_bytes(self.staging_bytes)}"
             + (f", spectral working set {format_bytes(self.working_bytes)}" if self.working_bytes else "")
             + "; page cache not counted)",
             f"predicted time: {self.seconds:.1f} s (compute {self.compute_rate / 1e9:.2f} GB/s, read "
@@ -119,18 +123,20 @@ def default_threads() -> int:
 def tensor_needs(tensors: Sequence[PlanTensor]) -> list[_engine.TensorNeeds]:
     """What each tensor asks of the engine's memory plan (``_engine.memory_plan``)."""
     return [
-        {"input_bytes": t.bytes_in, "inputs": len(t.inputs), "method": t.method, "shape": t.shape}  # type: ignore[typeddict-item]
+        {"input_bytes": t.bytes_in, "inputs": len(t.inputs), "method": t.method, "shape": t.shape,  # type: ignore[typeddict-item]
+         "output_bytes": t.bytes_out}
         for t in tensors
     ]
 
 
-def peak_memory(plan: Plan, memory_limit: int, threads: int) -> tuple[int, PlanTensor, int, int, int]:
-    """The resident-memory bound (module docstring) with the largest tensor, the read-ahead, scratch and working-set
-    bytes (the largest whole-matrix working set of a spectral method, 0 for others), as the engine plans them
+def peak_memory(plan: Plan, memory_limit: int, threads: int) -> tuple[int, PlanTensor, int, int, int, int]:
+    """The resident-memory bound (module docstring) with the largest tensor, the read-ahead, scratch, working-set
+    (the largest whole-matrix working set of a spectral method, 0 for others) and output staging bytes, as the
+    engine plans them
     (``_engine.memory_plan``: rust/core/src/exec/budget.rs)."""
     memory = _engine.memory_plan(memory_limit, threads, tensor_needs(plan.tensors))
     return (memory["peak"], plan.tensors[memory["largest"]], memory["read_ahead"], memory["scratch"],
-            memory["working"])
+            memory["working"], memory["staging"])
 
 
 def _synthetic(rng: np.random.Generator, n: int, dtype: str) -> npt.NDArray[Any]:
@@ -288,7 +294,7 @@ def estimate(
     against 0.7-3.8 s of SVDs on a 1/8-scale 8B layer, docs/benchmarks.md)."""
     budget = _engine.default_memory_limit() if memory_limit is None else memory_limit
     workers = threads or default_threads()
-    peak, largest, read_ahead, scratch, working = peak_memory(plan, budget, workers)
+    peak, largest, read_ahead, scratch, working, staging = peak_memory(plan, budget, workers)
     target = Path.cwd() if out_dir is None else Path(out_dir).expanduser().absolute()
     # a run builds its output beside the target, so the target's parent's filesystem must hold it
     where, free = free_space(target if out_dir is None else target.parent)
@@ -315,6 +321,7 @@ def estimate(
         largest_tensor_bytes=largest.bytes_in,
         read_ahead_bytes=read_ahead,
         scratch_bytes=scratch,
+        staging_bytes=staging,
         working_bytes=working,
         compute_rate=compute,
         read_rate=read,

@@ -4,9 +4,13 @@
 //!
 //! Under a budget B: a quarter of it may hold the inputs of the tensor being merged and a quarter is read ahead
 //! (the next tensor's inputs); each worker holds (inputs + 5) f32 buffers of one chunk, all of them together
-//! within an eighth of B; a spectral method adds its whole-matrix working set. The resident peak is at most
-//! min(B, largest tensor's inputs + read-ahead + scratch + largest working set); the OS page cache is not counted.
+//! within an eighth of B; a spectral method adds its whole-matrix working set; the output is staged in two buffers
+//! (`writeback`), each holding the largest output a tensor stages plus a 4 KiB block, at least 8 MiB and at most a
+//! sixteenth of B (a tensor whose output does not fit is written through the page cache instead). The resident
+//! peak is at most min(B, largest tensor's inputs + read-ahead + scratch + largest working set + staging); the OS
+//! page cache is not counted.
 
+use super::writeback::{ALIGN, STRETCH};
 use crate::merge::DEFAULT_CHUNK_ELEMS;
 
 /// The smallest memory budget a run accepts.
@@ -63,6 +67,8 @@ pub struct TensorNeeds {
     pub inputs: usize,
     /// Bytes its method holds beyond the chunk buffers (`merge::working_bytes`).
     pub working_bytes: u64,
+    /// Bytes of its output.
+    pub output_bytes: u64,
 }
 
 /// How a run uses its budget (see the module docs).
@@ -77,6 +83,8 @@ pub struct MemoryPlan {
     pub scratch: u64,
     /// The largest working set of a single tensor's method.
     pub working: u64,
+    /// Both output staging buffers (twice [`stage_capacity`]).
+    pub staging: u64,
     /// Index of the tensor with the most input bytes (the first of equals), and those bytes.
     pub largest: usize,
     pub largest_input_bytes: u64,
@@ -95,12 +103,25 @@ pub fn memory_plan(budget: u64, workers: usize, tensors: &[TensorNeeds], chunk_o
     let scratch = buffers * chunk as u64 * 4;
     let read_ahead = budget / 4;
     let working = tensors.iter().map(|t| t.working_bytes).max().unwrap_or(0);
-    let (largest, largest_input_bytes) = tensors
-        .iter()
-        .enumerate()
-        .fold((0, 0), |best, (i, t)| if i == 0 || t.input_bytes > best.1 { (i, t.input_bytes) } else { best });
-    let peak = budget.min(largest_input_bytes + read_ahead + scratch + working);
-    MemoryPlan { budget, chunk_elems: chunk, read_ahead, scratch, working, largest, largest_input_bytes, peak }
+    let (largest, largest_input_bytes) = tensors.iter().enumerate().fold((0, 0), |best, (i, t)| {
+        if i == 0 || t.input_bytes > best.1 {
+            (i, t.input_bytes)
+        } else {
+            best
+        }
+    });
+    let staging = 2 * stage_capacity(budget, tensors) as u64;
+    let peak = budget.min(largest_input_bytes + read_ahead + scratch + working + staging);
+    MemoryPlan { budget, chunk_elems: chunk, read_ahead, scratch, working, staging, largest, largest_input_bytes, peak }
+}
+
+/// Bytes of each of the two output staging buffers: the largest output that fits a sixteenth of the budget with a
+/// block to spare, plus that block, and at least a stretch (all within the sixteenth); a multiple of the block.
+#[must_use]
+pub fn stage_capacity(budget: u64, tensors: &[TensorNeeds]) -> usize {
+    let limit = usize::try_from(budget / 16).unwrap_or(usize::MAX) / ALIGN * ALIGN;
+    let staged = tensors.iter().map(|t| t.output_bytes as usize).filter(|&o| o + ALIGN <= limit).max().unwrap_or(0);
+    (staged + ALIGN).next_multiple_of(ALIGN).max(STRETCH + ALIGN).min(limit)
 }
 
 #[cfg(test)]
@@ -119,16 +140,32 @@ mod tests {
     #[test]
     fn peak_is_the_largest_tensor_plus_read_ahead_scratch_and_working_set_capped_by_the_budget() {
         let tensors = [
-            TensorNeeds { input_bytes: 100, inputs: 2, working_bytes: 0 },
-            TensorNeeds { input_bytes: 300, inputs: 1, working_bytes: 7 },
-            TensorNeeds { input_bytes: 300, inputs: 3, working_bytes: 0 },
+            TensorNeeds { input_bytes: 100, inputs: 2, working_bytes: 0, output_bytes: 50 },
+            TensorNeeds { input_bytes: 300, inputs: 1, working_bytes: 7, output_bytes: 100 },
+            TensorNeeds { input_bytes: 300, inputs: 3, working_bytes: 0, output_bytes: 150 },
         ];
         let plan = memory_plan(1 << 30, 2, &tensors, Some(1000));
         assert_eq!((plan.largest, plan.largest_input_bytes), (1, 300));
         assert_eq!(plan.scratch, 2 * (4 + 5) * 1000 * 4);
         assert_eq!(plan.read_ahead, 1 << 28);
-        assert_eq!(plan.peak, 300 + (1 << 28) + plan.scratch + 7);
+        assert_eq!(plan.staging, 2 * (STRETCH + ALIGN) as u64);
+        assert_eq!(plan.peak, 300 + (1 << 28) + plan.scratch + 7 + plan.staging);
         assert_eq!(memory_plan(1000, 2, &tensors, Some(1000)).peak, 1000);
         assert_eq!(memory_plan(1 << 30, 1, &[], None).largest_input_bytes, 0);
+    }
+
+    #[test]
+    fn staging_holds_the_largest_output_that_fits_a_sixteenth_of_the_budget() {
+        let needs = |outs: &[u64]| -> Vec<TensorNeeds> {
+            outs.iter().map(|&o| TensorNeeds { output_bytes: o, ..Default::default() }).collect()
+        };
+        // The 100 MiB output fits a sixteenth of 4 GiB (256 MiB): a buffer holds it and a block.
+        assert_eq!(stage_capacity(4 << 30, &needs(&[5, 100 << 20])), (100 << 20) + ALIGN);
+        // At 1 GiB the sixteenth (64 MiB) cannot hold it: that tensor goes through the page cache, the others
+        // stage in buffers of a stretch.
+        assert_eq!(stage_capacity(1 << 30, &needs(&[5, 100 << 20])), STRETCH + ALIGN);
+        // Never more than the sixteenth, and whole blocks.
+        assert_eq!(stage_capacity(64 << 20, &needs(&[5])), 4 << 20);
+        assert_eq!(stage_capacity(4 << 30, &needs(&[10_000_000])) % ALIGN, 0);
     }
 }

@@ -5,8 +5,10 @@
 //! the budget's read-ahead share is read whole into reusable buffers (the next one's ranges are advised to the
 //! kernel while this one merges, so cold reads overlap the merge); a larger tensor is streamed, each pass reading its chunks from the files, so it never becomes
 //! resident whole (`budget`: the memory plan). A failed or short read is an error naming the file and the tensor.
-//! Output pages are written back one tensor behind and dropped from the page cache (`writeback`), so the output
-//! never accumulates in memory.
+//! Writing: most tensors merge into an in-memory stretch of their output file that a writer thread writes with
+//! direct I/O while the next tensors merge; tensors too large for it are written through the page cache, written
+//! back one tensor behind and dropped from it (`writeback`). Either way the output never accumulates in memory,
+//! and each file is fsynced before it is reported done.
 //!
 //! Checks around the merge: a NaN or infinity in an input stops the run unless the plan allows them
 //! (`allow_nonfinite`); every input is checked unchanged (size, mtime, device, inode) at the end, before the caller
@@ -30,7 +32,7 @@ use crate::merge::{self, Data, Job, Method, Options, Source};
 use crate::plan::{Plan, PlanTensor};
 use crate::pool;
 use read::Held;
-use writeback::{finish_writeback, start_writeback, Crc, TensorSink};
+use writeback::{finish_writeback, start_writeback, OutFile, Stager, TensorSink};
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Progress {
@@ -229,8 +231,14 @@ pub fn execute_with(
                 input_bytes: w.input_bytes(),
                 inputs: j.inputs.len(),
                 working_bytes: merge::working_bytes(&j.spec, &j.shape, j.inputs.len()),
+                output_bytes: w.output_bytes(),
             },
-            Work::Copy { .. } => TensorNeeds { input_bytes: w.input_bytes(), inputs: 1, working_bytes: 0 },
+            Work::Copy { .. } => TensorNeeds {
+                input_bytes: w.input_bytes(),
+                inputs: 1,
+                working_bytes: 0,
+                output_bytes: w.output_bytes(),
+            },
         })
         .collect();
     let memory = memory_plan(budget, workers, &needs, plan.chunk_elems);
@@ -274,71 +282,100 @@ pub fn execute_with(
 
     // Tensors read whole (their inputs fit the read-ahead share); the others are streamed from the files.
     let whole = |i: usize| works[i].input_bytes() <= share && matches!(works[i], Work::Merge(_));
-    let mut p = Progress { tensors_total: works.len(), bytes_total, ..Default::default() };
-    let mut bytes_written = 0u64;
-    let mut held = Held::default();
-    let mut copy_buf = Vec::new();
-    let mut idx = 0usize;
-    for (s, shard) in plan.shards.iter().enumerate() {
-        let (path, file, layout) = &outputs[s];
-        let mut crc = Crc::new(&layout.header);
-        // The previous tensor's output range, still being written back.
-        let mut behind: Option<(u64, u64)> = None;
-        for k in 0..shard.tensors.len() {
-            let out_len = works[idx].output_bytes();
-            let large = !whole(idx);
-            let elem_size = match &works[idx] {
-                Work::Merge(j) => j.out_dtype.size(),
-                Work::Copy { .. } => 1,
-            };
-            let sink = TensorSink::new(FileSink { file, path }, layout.offsets[k], elem_size, large);
-            match &works[idx] {
-                Work::Copy { file: src, name, entry } => read::copy(src, name, entry, &sink, &mut copy_buf)?,
-                Work::Merge(job) => {
-                    if !large {
-                        pool.install(|| held.fill(job))?;
-                    }
-                    // Start the disk on the next tensor while this one merges.
-                    if let Some(Work::Merge(j)) = works.get(idx + 1).filter(|_| whole(idx + 1)) {
-                        read::prefetch(j);
-                    }
-                    let bound = (!large).then(|| held.bind(job));
-                    let run = bound.as_ref().unwrap_or(job);
-                    let mopts =
-                        Options { chunk_elems: chunk, candidate_bytes: usize::try_from(share).unwrap_or(usize::MAX) };
-                    let merged = (|| {
-                        let outside = match external {
-                            Some(ext) => pool.install(|| ext.merge(run))?,
-                            None => None,
-                        };
-                        match outside {
-                            Some(values) => pool.install(|| merge::emit_values(run, &mopts, &values, &sink)),
-                            None => pool.install(|| merge::merge_with(run, &mopts, &sink)),
+    let outs: Vec<OutFile> = outputs.iter().map(|(path, file, _)| OutFile::new(file, path)).collect();
+    let (to_writer, stretches) = std::sync::mpsc::channel();
+    let (written, from_writer) = std::sync::mpsc::channel();
+    let cap = budget::stage_capacity(budget, &needs);
+    let bytes_written = std::thread::scope(|scope| -> Result<u64> {
+        std::thread::Builder::new()
+            .name("ferromerge-writer".into())
+            .spawn_scoped(scope, move || writeback::writer(&stretches, &written))
+            .map_err(|e| CoreError::Internal(format!("cannot start the output writer thread: {e}")))?;
+        // Owns the sending side: when this closure returns (done or failed), the writer thread ends.
+        let mut stager = Stager::new(to_writer, from_writer, cap);
+        let mut p = Progress { tensors_total: works.len(), bytes_total, ..Default::default() };
+        let mut bytes_written = 0u64;
+        let mut held = Held::default();
+        let mut copy_buf = Vec::new();
+        let mut idx = 0usize;
+        for (s, shard) in plan.shards.iter().enumerate() {
+            let (path, file, layout) = &outputs[s];
+            let mut head = (layout.header.len() as u64).to_le_bytes().to_vec();
+            head.extend_from_slice(&layout.header);
+            stager.begin(&outs[s], &head)?;
+            // The previous unstaged tensor's output range, still being written back.
+            let mut behind: Option<(u64, u64)> = None;
+            for k in 0..shard.tensors.len() {
+                let out_len = works[idx].output_bytes();
+                let large = !whole(idx);
+                let elem_size = match &works[idx] {
+                    Work::Merge(j) => j.out_dtype.size(),
+                    Work::Copy { .. } => 1,
+                };
+                let off = layout.offsets[k];
+                // Everything but streamed merges and outputs too large for a staging buffer is staged.
+                let staged = !(large && matches!(works[idx], Work::Merge(_))) && stager.fits(out_len);
+                let mut fill = |sink: &dyn merge::Sink| -> Result<()> {
+                    match &works[idx] {
+                        Work::Copy { file: src, name, entry } => read::copy(src, name, entry, sink, &mut copy_buf),
+                        Work::Merge(job) => {
+                            if !large {
+                                pool.install(|| held.fill(job))?;
+                            }
+                            // Start the disk on the next tensor while this one merges.
+                            if let Some(Work::Merge(j)) = works.get(idx + 1).filter(|_| whole(idx + 1)) {
+                                read::prefetch(j);
+                            }
+                            let bound = (!large).then(|| held.bind(job));
+                            let run = bound.as_ref().unwrap_or(job);
+                            let mopts = Options {
+                                chunk_elems: chunk,
+                                candidate_bytes: usize::try_from(share).unwrap_or(usize::MAX),
+                            };
+                            let merged = (|| {
+                                let outside = match external {
+                                    Some(ext) => pool.install(|| ext.merge(run))?,
+                                    None => None,
+                                };
+                                match outside {
+                                    Some(values) => pool.install(|| merge::emit_values(run, &mopts, &values, sink)),
+                                    None => pool.install(|| merge::merge_with(run, &mopts, sink)),
+                                }
+                            })();
+                            take_read_fault(job)?;
+                            // Before the merge's own error: a NaN is the likelier cause of a kernel's complaint.
+                            if run.saw_nonfinite() && !plan.allow_nonfinite {
+                                return Err(nonfinite_error(job)?);
+                            }
+                            merged
                         }
-                    })();
-                    take_read_fault(job)?;
-                    // Before the merge's own error: a NaN is the likelier cause of a kernel's complaint.
-                    if run.saw_nonfinite() && !plan.allow_nonfinite {
-                        return Err(nonfinite_error(job)?);
                     }
-                    merged?;
+                };
+                if staged {
+                    stager.stage(off, out_len, elem_size, fill)?;
+                } else {
+                    stager.flush()?;
+                    let sink = TensorSink::new(FileSink { file, path }, off, elem_size, large);
+                    fill(&sink)?;
+                    stager.push_pieces(sink.finish());
+                    start_writeback(file, off, out_len);
+                    if let Some((o, l)) = behind.replace((off, out_len)) {
+                        finish_writeback(file, o, l);
+                    }
                 }
+                bytes_written += out_len;
+                p.tensors_done += 1;
+                p.bytes_done += works[idx].input_bytes();
+                idx += 1;
+                (callbacks.progress)(&p)?;
             }
-            crc.push(&sink.finish());
-            start_writeback(file, layout.offsets[k], out_len);
-            if let Some((off, len)) = behind.replace((layout.offsets[k], out_len)) {
-                finish_writeback(file, off, len);
-            }
-            bytes_written += out_len;
-            p.tensors_done += 1;
-            p.bytes_done += works[idx].input_bytes();
-            idx += 1;
-            (callbacks.progress)(&p)?;
+            let crc32 = stager.finish(layout.total_len)?;
+            file.sync_all().map_err(|e| CoreError::output(path, e.to_string()))?;
+            finish_writeback(file, 0, layout.total_len);
+            (callbacks.shard_done)(&ShardDone { file: &shard.file, size: layout.total_len, crc32 })?;
         }
-        file.sync_all().map_err(|e| CoreError::output(path, e.to_string()))?;
-        finish_writeback(file, 0, layout.total_len);
-        (callbacks.shard_done)(&ShardDone { file: &shard.file, size: layout.total_len, crc32: crc.finish() })?;
-    }
+        Ok(bytes_written)
+    })?;
     // Every input must still be the file that was read: a shard rewritten or replaced during the run would give an
     // output mixing two models.
     for f in files.values() {

@@ -61,7 +61,9 @@ fn grow(buf: &mut Vec<u8>, n: usize) {
     if buf.len() >= n {
         return;
     }
-    let mut fresh: Vec<u8> = Vec::with_capacity(n);
+    // Zeroed by the allocator, which maps large blocks fresh from the kernel (zero pages, not yet touched): no
+    // memset pass over memory the reads are about to fill anyway.
+    let mut fresh: Vec<u8> = vec![0; n];
     #[cfg(target_os = "linux")]
     {
         const HUGE: usize = 2 << 20;
@@ -69,11 +71,10 @@ fn grow(buf: &mut Vec<u8>, n: usize) {
         let start = addr.div_ceil(HUGE) * HUGE;
         let end = (addr + n) / HUGE * HUGE;
         if end > start {
-            // SAFETY: advice on whole pages inside an allocation we own and have not touched; contents unaffected.
+            // SAFETY: advice on whole pages inside an allocation we own; contents unaffected.
             unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
         }
     }
-    fresh.resize(n, 0);
     *buf = fresh;
 }
 

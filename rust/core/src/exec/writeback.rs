@@ -1,24 +1,52 @@
-//! Writing one tensor's chunks into its output file (with their CRC-32, for the file's checksum) and pushing written ranges out of memory: writeback starts
-//! as soon as a tensor is done (or per chunk, for tensors larger than the budget's share) and finishes one
-//! tensor behind, dropping the range from the page cache so the output never accumulates in memory.
+//! Writing the output files.
+//!
+//! Staged tensors (most of them; see [`stage_capacity`](super::budget::stage_capacity)): a tensor merges into an
+//! aligned in-memory stretch of its file that holds the bytes before it in file order (the header first, then
+//! consecutive tensors), and a writer thread writes each filled stretch with direct I/O (`O_DIRECT`) while the next
+//! tensors merge. Direct I/O skips the page cache: no copy of the output into it, no dirty pages for the kernel to
+//! account, write back and drop (on the 300M family's 0.67 GB output, writing through the page cache and pushing it
+//! out again cost the merge about 0.6 s of system time; direct writes of the same bytes about 0.1 s). Direct I/O
+//! takes only whole 4 KiB blocks at aligned offsets: the unaligned end of a stretch stays staged as the start of the
+//! next one, and the unaligned edges left (next to a tensor that was not staged, and the end of the file) go
+//! through the page cache. Where the file system refuses direct I/O (tmpfs), the writer thread writes the same
+//! stretches through the page cache and waits for each to reach the disk before dropping it from memory, so the
+//! output never accumulates there either.
+//!
+//! Tensors too large to stage are written chunk by chunk through the page cache as they merge ([`TensorSink`]),
+//! written back one tensor behind and dropped from the page cache.
+//!
+//! The file's CRC-32 costs no second read: the writer thread hashes each stretch as it writes it, [`TensorSink`]
+//! each chunk; the pieces are combined in file order.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Mutex;
 
-use crate::error::Result;
+use crate::error::{CoreError, Result};
 use crate::io::writer::FileSink;
-use crate::merge::Sink;
+use crate::merge::{Sink, SliceSink};
 
-/// Writes one tensor's chunks at its offset in an output file, and keeps the CRC-32 of each chunk so that the
-/// file's checksum costs no second read (chunks arrive in any order, from any thread; [`Crc`] combines them).
+/// The block size direct I/O needs (offsets, lengths and buffer addresses): 4 KiB covers 512-byte and 4 KiB
+/// logical blocks.
+pub(crate) const ALIGN: usize = 4096;
+
+/// A stretch is handed to the writer thread once it holds this many bytes (or when the next tensor would not
+/// fit): large enough that a direct write is efficient, small enough that small tensors reach the disk early.
+pub(crate) const STRETCH: usize = 8 << 20;
+
+/// Writes one tensor's chunks at its offset in an output file through the page cache, and keeps the CRC-32 of each
+/// chunk (chunks arrive in any order, from any thread; [`Pieces`] combines them in file order).
 pub(crate) struct TensorSink<'a> {
     file: FileSink<'a>,
     offset: u64,
     elem_size: u64,
     /// Start writing back each chunk at once (for tensors larger than the budget's share).
     eager: bool,
-    crcs: Mutex<Vec<(u64, crc32fast::Hasher)>>,
+    crcs: Mutex<Vec<(u64, u64, crc32fast::Hasher)>>,
 }
 
 impl<'a> TensorSink<'a> {
@@ -26,15 +54,9 @@ impl<'a> TensorSink<'a> {
         TensorSink { file, offset, elem_size: elem_size as u64, eager, crcs: Mutex::new(Vec::new()) }
     }
 
-    /// The CRC-32 state of everything written, in file order.
-    pub(crate) fn finish(self) -> crc32fast::Hasher {
-        let mut parts = self.crcs.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
-        parts.sort_unstable_by_key(|p| p.0);
-        let mut all = crc32fast::Hasher::new();
-        for (_, h) in &parts {
-            all.combine(h);
-        }
-        all
+    /// The CRC-32 pieces of everything written: `(file offset, length, hash)`.
+    pub(crate) fn finish(self) -> Vec<(u64, u64, crc32fast::Hasher)> {
+        self.crcs.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -47,28 +69,348 @@ impl Sink for TensorSink<'_> {
         }
         let mut h = crc32fast::Hasher::new();
         h.update(bytes);
-        self.crcs.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push((off, h));
+        self.crcs.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push((off, bytes.len() as u64, h));
         Ok(())
     }
 }
 
-/// The CRC-32 of one output file: its header, then each tensor's in file order.
-pub(crate) struct Crc(crc32fast::Hasher);
+/// The CRC-32 pieces of one output file, combined in file order once the file is whole.
+#[derive(Default)]
+struct Pieces(Vec<(u64, u64, crc32fast::Hasher)>);
 
-impl Crc {
-    pub(crate) fn new(header: &[u8]) -> Self {
-        let mut h = crc32fast::Hasher::new();
-        h.update(&(header.len() as u64).to_le_bytes());
-        h.update(header);
-        Crc(h)
+impl Pieces {
+    /// The CRC-32 of the whole file; the pieces must tile `[0, total)` exactly (an internal error otherwise: a
+    /// byte written twice or never).
+    fn finish(mut self, path: &Path, total: u64) -> Result<u32> {
+        self.0.sort_unstable_by_key(|p| p.0);
+        let mut all = crc32fast::Hasher::new();
+        let mut at = 0u64;
+        for (off, len, h) in &self.0 {
+            if *off != at {
+                return Err(CoreError::Internal(format!("{}: output byte {at} written {}", path.display(), {
+                    if *off < at {
+                        "twice"
+                    } else {
+                        "never"
+                    }
+                })));
+            }
+            all.combine(h);
+            at += len;
+        }
+        if at != total {
+            return Err(CoreError::Internal(format!("{}: {at} of {total} output bytes written", path.display())));
+        }
+        Ok(all.finalize())
+    }
+}
+
+/// One output file as the writers see it: the ordinary descriptor, and a second one opened for direct I/O when
+/// the file system takes it.
+pub(crate) struct OutFile<'a> {
+    pub(crate) file: &'a File,
+    pub(crate) path: &'a Path,
+    direct: Option<File>,
+    /// Cleared when a direct write is refused after all (`EINVAL`): the rest goes through the page cache.
+    direct_ok: AtomicBool,
+}
+
+impl<'a> OutFile<'a> {
+    pub(crate) fn new(file: &'a File, path: &'a Path) -> Self {
+        // Refused (EINVAL) by file systems without direct I/O, e.g. tmpfs: then every write is buffered.
+        let direct = OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(path).ok();
+        OutFile { file, path, direct_ok: AtomicBool::new(direct.is_some()), direct }
     }
 
-    pub(crate) fn push(&mut self, tensor: &crc32fast::Hasher) {
-        self.0.combine(tensor);
+    /// Without direct I/O (what a file system that refuses it gets).
+    #[cfg(test)]
+    fn buffered(file: &'a File, path: &'a Path) -> Self {
+        OutFile { file, path, direct: None, direct_ok: AtomicBool::new(false) }
     }
 
-    pub(crate) fn finish(self) -> u32 {
-        self.0.finalize()
+    fn err(&self, e: &std::io::Error) -> CoreError {
+        CoreError::output(self.path, e.to_string())
+    }
+
+    /// Write `bytes` at `off` through the page cache and wait until they are on disk, then drop them from memory.
+    fn write_buffered(&self, off: u64, bytes: &[u8]) -> Result<()> {
+        self.file.write_all_at(bytes, off).map_err(|e| self.err(&e))?;
+        finish_writeback(self.file, off, bytes.len() as u64);
+        Ok(())
+    }
+
+    /// Write a stretch: its aligned interior directly, its unaligned edges (or all of it, without direct I/O)
+    /// through the page cache.
+    fn write_stretch(&self, off: u64, bytes: &[u8]) -> Result<()> {
+        let end = off + bytes.len() as u64;
+        let (a, b) = (off.next_multiple_of(ALIGN as u64), end / ALIGN as u64 * ALIGN as u64);
+        let direct = self.direct.as_ref().filter(|_| self.direct_ok.load(Ordering::Relaxed) && b > a);
+        let Some(direct) = direct else { return self.write_buffered(off, bytes) };
+        let at = |x: u64| (x - off) as usize;
+        match direct.write_all_at(&bytes[at(a)..at(b)], a) {
+            Ok(()) => {}
+            // A file system (or a device with larger blocks) that opened the file for direct I/O but refuses
+            // the write: the page cache it is, from now on.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                self.direct_ok.store(false, Ordering::Relaxed);
+                return self.write_buffered(off, bytes);
+            }
+            Err(e) => return Err(self.err(&e)),
+        }
+        if a > off {
+            self.write_buffered(off, &bytes[..at(a)])?;
+        }
+        if end > b {
+            self.write_buffered(b, &bytes[at(b)..])?;
+        }
+        Ok(())
+    }
+}
+
+/// Memory for one stretch: anonymous pages (zeroed, page-aligned as direct I/O needs), mapped once and reused.
+pub(crate) struct StageBuf {
+    ptr: *mut u8,
+    cap: usize,
+}
+
+// SAFETY: the buffer is owned memory with no thread affinity; it is handed between threads by value.
+unsafe impl Send for StageBuf {}
+
+impl StageBuf {
+    fn new(cap: usize, path: &Path) -> Result<Self> {
+        let cap = cap.next_multiple_of(ALIGN);
+        // SAFETY: a fresh private anonymous mapping; no memory of ours is affected.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                cap,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            let e = std::io::Error::last_os_error();
+            return Err(CoreError::output(path, format!("cannot allocate a {cap}-byte output buffer: {e}")));
+        }
+        // SAFETY: advice on the mapping just made; contents unaffected (fewer page faults where the kernel allows).
+        unsafe { libc::madvise(ptr, cap, libc::MADV_HUGEPAGE) };
+        Ok(StageBuf { ptr: ptr.cast(), cap })
+    }
+
+    fn bytes(&self, len: usize) -> &[u8] {
+        assert!(len <= self.cap);
+        // SAFETY: in bounds of the mapping, which is initialised (zeroed at mapping) and owned by `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr, len) }
+    }
+
+    fn bytes_mut(&mut self, range: std::ops::Range<usize>) -> &mut [u8] {
+        assert!(range.start <= range.end && range.end <= self.cap);
+        // SAFETY: as above, borrowed mutably through `self`.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(range.start), range.len()) }
+    }
+}
+
+impl Drop for StageBuf {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, unmapped once.
+        unsafe { libc::munmap(self.ptr.cast(), self.cap) };
+    }
+}
+
+/// A filled stretch on its way to the writer thread.
+pub(crate) struct Stretch<'a> {
+    out: &'a OutFile<'a>,
+    buf: StageBuf,
+    off: u64,
+    len: usize,
+}
+
+/// A stretch written (or not), with its buffer back for reuse.
+pub(crate) struct Written {
+    buf: StageBuf,
+    piece: Result<(u64, u64, crc32fast::Hasher)>,
+}
+
+/// The writer thread's loop: write each stretch in the order sent, hash it, send the buffer back. It ends when the
+/// sending side is dropped; it blocks (never spins) while it waits.
+pub(crate) fn writer(stretches: &Receiver<Stretch>, written: &Sender<Written>) {
+    for s in stretches {
+        let bytes = s.buf.bytes(s.len);
+        let piece = s.out.write_stretch(s.off, bytes).map(|()| {
+            let mut h = crc32fast::Hasher::new();
+            h.update(bytes);
+            (s.off, s.len as u64, h)
+        });
+        if written.send(Written { buf: s.buf, piece }).is_err() {
+            return;
+        }
+    }
+}
+
+/// The merging side of the staged output: the current stretch, the buffers (two: one filling while the other is
+/// written), and the file's CRC pieces.
+pub(crate) struct Stager<'a> {
+    to_writer: Sender<Stretch<'a>>,
+    from_writer: Receiver<Written>,
+    cap: usize,
+    free: Vec<StageBuf>,
+    buffers: usize,
+    in_flight: usize,
+    /// The current file, its stretch (buffer, file offset of its first byte, bytes held) and its CRC pieces.
+    out: Option<&'a OutFile<'a>>,
+    stage: Option<(StageBuf, u64, usize)>,
+    pieces: Pieces,
+}
+
+impl<'a> Stager<'a> {
+    /// `cap`: bytes of each of the two buffers (a tensor is staged when it fits one with a block to spare).
+    pub(crate) fn new(to_writer: Sender<Stretch<'a>>, from_writer: Receiver<Written>, cap: usize) -> Self {
+        Stager {
+            to_writer,
+            from_writer,
+            cap,
+            free: Vec::new(),
+            buffers: 0,
+            in_flight: 0,
+            out: None,
+            stage: None,
+            pieces: Pieces::default(),
+        }
+    }
+
+    /// Whether a tensor of `len` output bytes is staged.
+    pub(crate) fn fits(&self, len: u64) -> bool {
+        len + ALIGN as u64 <= self.cap as u64
+    }
+
+    /// Start an output file whose bytes before the first tensor are `head` (its header, already written by
+    /// `ShardLayout::create`): staged as the start of the first stretch when it fits one.
+    pub(crate) fn begin(&mut self, out: &'a OutFile<'a>, head: &[u8]) -> Result<()> {
+        self.out = Some(out);
+        self.pieces = Pieces::default();
+        if !self.fits(head.len() as u64) {
+            let mut h = crc32fast::Hasher::new();
+            h.update(head);
+            self.pieces.0.push((0, head.len() as u64, h));
+            return self.restart(head.len() as u64);
+        }
+        self.restart(0)?;
+        self.append(head.len(), |b| {
+            b.copy_from_slice(head);
+            Ok(())
+        })
+    }
+
+    /// Merge a tensor into the stretch: `fill` writes its `len` bytes (file offset `off`) through the sink given.
+    pub(crate) fn stage(
+        &mut self,
+        off: u64,
+        len: u64,
+        elem_size: usize,
+        fill: impl FnOnce(&dyn Sink) -> Result<()>,
+    ) -> Result<()> {
+        let len = len as usize;
+        let contiguous = self.stage.as_ref().is_some_and(|(_, at, held)| at + *held as u64 == off);
+        if !contiguous {
+            self.flush()?;
+            self.restart(off)?;
+        }
+        self.append(len, |b| fill(&SliceSink::with_elem_size(b, elem_size)))
+    }
+
+    /// Write out everything staged (before a tensor that is not staged, and at the end of the file).
+    pub(crate) fn flush(&mut self) -> Result<()> {
+        if let Some((buf, off, len)) = self.stage.take() {
+            self.send(buf, off, len)?;
+        }
+        Ok(())
+    }
+
+    /// A piece of the file written outside the stretches (a tensor that was not staged).
+    pub(crate) fn push_pieces(&mut self, pieces: Vec<(u64, u64, crc32fast::Hasher)>) {
+        self.pieces.0.extend(pieces);
+    }
+
+    /// End the file: everything written (not yet fsynced), the CRC-32 of its `total` bytes.
+    pub(crate) fn finish(&mut self, total: u64) -> Result<u32> {
+        self.flush()?;
+        while self.in_flight > 0 {
+            self.receive()?;
+        }
+        let out = self.out.take().expect("begin before finish");
+        std::mem::take(&mut self.pieces).finish(out.path, total)
+    }
+
+    /// Append `len` bytes to the stretch, written by `fill`; hands the stretch on when it is long enough.
+    fn append(&mut self, len: usize, fill: impl FnOnce(&mut [u8]) -> Result<()>) -> Result<()> {
+        let (_, _, held) = self.stage.as_ref().expect("a stretch is open");
+        if held + len > self.cap {
+            self.hand_on()?;
+        }
+        let (buf, _, held) = self.stage.as_mut().expect("a stretch is open");
+        fill(buf.bytes_mut(*held..*held + len))?;
+        *held += len;
+        if *held >= STRETCH {
+            self.hand_on()?;
+        }
+        Ok(())
+    }
+
+    /// Send the stretch's whole blocks to the writer and start the next stretch with its unaligned end.
+    fn hand_on(&mut self) -> Result<()> {
+        let (buf, off, len) = self.stage.take().expect("a stretch is open");
+        let end = off + len as u64;
+        let cut = (end / ALIGN as u64 * ALIGN as u64).max(off);
+        let mut next = self.buffer()?;
+        let tail = (end - cut) as usize;
+        next.bytes_mut(0..tail).copy_from_slice(&buf.bytes(len)[(cut - off) as usize..]);
+        self.stage = Some((next, cut, tail));
+        if cut > off {
+            self.send(buf, off, (cut - off) as usize)?;
+        } else {
+            self.free.push(buf);
+        }
+        Ok(())
+    }
+
+    fn restart(&mut self, off: u64) -> Result<()> {
+        let buf = self.buffer()?;
+        self.stage = Some((buf, off, 0));
+        Ok(())
+    }
+
+    fn send(&mut self, buf: StageBuf, off: u64, len: usize) -> Result<()> {
+        let out = self.out.expect("a file is open");
+        if self.to_writer.send(Stretch { out, buf, off, len }).is_err() {
+            return Err(CoreError::Internal("the output writer thread ended early".into()));
+        }
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    /// A free buffer: a returned one, a new one (two at most), or the next the writer hands back (waiting).
+    fn buffer(&mut self) -> Result<StageBuf> {
+        if let Some(b) = self.free.pop() {
+            return Ok(b);
+        }
+        if self.buffers < 2 {
+            self.buffers += 1;
+            return StageBuf::new(self.cap, self.out.expect("a file is open").path);
+        }
+        self.receive()?;
+        Ok(self.free.pop().expect("a buffer came back"))
+    }
+
+    /// Wait for one stretch to be written; its buffer goes back to the free list, a write error to the caller.
+    fn receive(&mut self) -> Result<()> {
+        let w =
+            self.from_writer.recv().map_err(|_| CoreError::Internal("the output writer thread ended early".into()))?;
+        self.in_flight -= 1;
+        self.free.push(w.buf);
+        self.pieces.0.push(w.piece?);
+        Ok(())
     }
 }
 
@@ -90,5 +432,92 @@ pub(crate) fn finish_writeback(file: &File, off: u64, len: u64) {
     unsafe {
         libc::sync_file_range(file.as_raw_fd(), off_t(off), off_t(len), flags);
         libc::posix_fadvise(file.as_raw_fd(), off_t(off), off_t(len), libc::POSIX_FADV_DONTNEED);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Tensors of these sizes (bytes) after a 13-byte head, staged or (`false`) written outside the stretches.
+    const TENSORS: [(usize, bool); 9] = [
+        (3, true),
+        (5000, true),
+        (STRETCH - 100, true),
+        (300_001, false),
+        (17, true),
+        (3 * ALIGN, true),
+        (2 * STRETCH + 7, true),
+        (1, false),
+        (9, true),
+    ];
+
+    fn byte(i: usize) -> u8 {
+        (i * 131 % 251) as u8
+    }
+
+    /// Stage the tensors the way the executor does (chunks put in reverse order, as threads may) and return the
+    /// file's bytes and the CRC-32 the stager computed.
+    fn run(direct: bool) -> (Vec<u8>, u32, usize) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out");
+        let total = 13 + TENSORS.iter().map(|t| t.0).sum::<usize>();
+        let file = File::create(&path).unwrap();
+        file.set_len(total as u64).unwrap();
+        let out = if direct { OutFile::new(&file, &path) } else { OutFile::buffered(&file, &path) };
+        let head: Vec<u8> = (0..13).map(byte).collect();
+        let (to_writer, stretches) = std::sync::mpsc::channel();
+        let (written, from_writer) = std::sync::mpsc::channel();
+        let crc = std::thread::scope(|scope| {
+            scope.spawn(move || writer(&stretches, &written));
+            let mut stager = Stager::new(to_writer, from_writer, 2 * STRETCH + 7 + ALIGN);
+            stager.begin(&out, &head).unwrap();
+            let mut off = 13;
+            for (len, staged) in TENSORS {
+                let data: Vec<u8> = (off..off + len).map(byte).collect();
+                let put = |sink: &dyn Sink| -> Result<()> {
+                    for start in (0..len).step_by(1000).rev() {
+                        sink.put(start, &data[start..len.min(start + 1000)])?;
+                    }
+                    Ok(())
+                };
+                if staged {
+                    assert!(stager.fits(len as u64));
+                    stager.stage(off as u64, len as u64, 1, put).unwrap();
+                } else {
+                    stager.flush().unwrap();
+                    let sink = TensorSink::new(FileSink { file: &file, path: &path }, off as u64, 1, false);
+                    put(&sink).unwrap();
+                    stager.push_pieces(sink.finish());
+                }
+                off += len;
+            }
+            stager.finish(total as u64).unwrap()
+        });
+        drop(file);
+        (std::fs::read(&path).unwrap(), crc, total)
+    }
+
+    #[test]
+    fn stretches_direct_or_buffered_write_every_byte_once_with_the_file_crc() {
+        for direct in [true, false] {
+            let (got, crc, total) = run(direct);
+            let want: Vec<u8> = (0..total).map(byte).collect();
+            assert!(
+                got == want,
+                "direct {direct}: first difference at {:?}",
+                got.iter().zip(&want).position(|(a, b)| a != b)
+            );
+            assert_eq!(crc, crc32fast::hash(&want), "direct {direct}");
+        }
+    }
+
+    #[test]
+    fn a_byte_missing_from_the_pieces_is_an_internal_error() {
+        let mut p = Pieces::default();
+        let mut h = crc32fast::Hasher::new();
+        h.update(b"abc");
+        p.0.push((0, 3, h));
+        assert!(p.finish(Path::new("x"), 4).unwrap_err().to_string().contains("3 of 4"));
     }
 }

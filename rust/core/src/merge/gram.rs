@@ -105,7 +105,7 @@ pub(crate) fn gram(job: &Job, groups: Groups, vectors: Vectors) -> Vec<f64> {
             g
         }),
         Groups::Rows(r) => chunks(n, row_chunk(STAT_BLOCK, r))
-            .map_init(Scratch::default, |s, (start, len)| {
+            .map_init(Scratch::pooled, |s, (start, len)| {
                 vectors.load(job, start, len, s);
                 let mut g = vec![0f64; p * len.div_ceil(r)];
                 for (k, from) in (0..len).step_by(r).enumerate() {
@@ -122,7 +122,7 @@ pub(crate) fn gram(job: &Job, groups: Groups, vectors: Vectors) -> Vec<f64> {
             let rows = n / c.max(1);
             (0..c.div_ceil(BAND))
                 .into_par_iter()
-                .map_init(Scratch::default, |s, b| {
+                .map_init(Scratch::pooled, |s, b| {
                     let (c0, w) = (b * BAND, BAND.min(c - b * BAND));
                     let mut g = vec![0f64; p * w];
                     for row in 0..rows {

@@ -131,7 +131,7 @@ pub(crate) fn block_sums<F>(numel: usize, block: usize, width: usize, f: F) -> V
 where
     F: Fn(&mut Scratch, usize, usize) -> Vec<f64> + Sync,
 {
-    let parts: Vec<Vec<f64>> = chunks(numel, block).map_init(Scratch::default, |s, (st, len)| f(s, st, len)).collect();
+    let parts: Vec<Vec<f64>> = chunks(numel, block).map_init(Scratch::pooled, |s, (st, len)| f(s, st, len)).collect();
     let mut total = vec![0f64; width];
     for p in parts {
         total.iter_mut().zip(p).for_each(|(t, v)| *t += v);
@@ -146,7 +146,8 @@ where
     F: Fn(&mut Scratch, usize, usize) + Sync,
 {
     let out_size = job.out_dtype.size();
-    chunks(job.numel, chunk).try_for_each_init(Scratch::default, |s, (start, len)| {
+    chunks(job.numel, chunk).try_for_each_init(Scratch::pooled, |s, (start, len)| {
+        let s: &mut Scratch = s;
         f(s, start, len);
         s.bytes.resize(len * out_size, 0);
         dtype::encode(job.out_dtype, &s.mixed[..len], &mut s.bytes);

@@ -25,7 +25,12 @@ unsafe impl Sync for SliceSink {}
 
 impl SliceSink {
     pub fn new(out: &mut [u8], dtype: DType) -> Self {
-        SliceSink { ptr: out.as_mut_ptr(), len: out.len(), elem_size: dtype.size() }
+        Self::with_elem_size(out, dtype.size())
+    }
+
+    /// A sink whose elements are `elem_size` bytes (1 for a byte-for-byte copy).
+    pub fn with_elem_size(out: &mut [u8], elem_size: usize) -> Self {
+        SliceSink { ptr: out.as_mut_ptr(), len: out.len(), elem_size }
     }
 }
 

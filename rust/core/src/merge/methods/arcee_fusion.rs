@@ -50,7 +50,7 @@ pub(crate) fn merge(job: &Job, opts: &Options, sink: &dyn Sink) -> Result<()> {
     let n = job.numel;
     let block = row_chunk(opts.chunk_elems.max(1), row_len);
     let kl: Vec<f32> = chunks(n, block)
-        .map_init(Scratch::default, |s, (start, len)| {
+        .map_init(Scratch::pooled, |s, (start, len)| {
             load_raw(job, start, len, s);
             s.base[..len].chunks(row_len).zip(s.x[0][..len].chunks(row_len)).map(|(a, b)| row_kl(a, b)).collect()
         })
@@ -59,7 +59,7 @@ pub(crate) fn merge(job: &Job, opts: &Options, sink: &dyn Sink) -> Result<()> {
     let importance = |a: f32, b: f32, row_kl: f32| (b - a).abs() * row_kl;
     let mut sample: Vec<f32> = if n <= QUANTILE_SAMPLE {
         chunks(n, block)
-            .map_init(Scratch::default, |s, (start, len)| {
+            .map_init(Scratch::pooled, |s, (start, len)| {
                 load_raw(job, start, len, s);
                 // Chunks hold whole rows.
                 let rows = s.base[..len].chunks(row_len).zip(s.x[0][..len].chunks(row_len));

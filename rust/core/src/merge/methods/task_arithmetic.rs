@@ -208,7 +208,7 @@ pub(crate) fn merge(job: &Job, params: TaskArithmeticParams, opts: &Options, sin
             let keep_bits = (per_row || sparsify == Sparsify::Random)
                 && job.numel.saturating_mul(m) / 8 <= opts.candidate_bytes;
             let per_block: Vec<BlockNorms> = chunks(job.numel, block)
-                .map_init(Scratch::default, |s, (start, len)| {
+                .map_init(Scratch::pooled, |s, (start, len)| {
                     load_deltas(job, start, len, s);
                     let mut bits = Vec::new();
                     let norms = (0..m)

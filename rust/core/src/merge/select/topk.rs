@@ -344,7 +344,7 @@ fn radix_rules(keys: &dyn SelectionKeys, chunk: usize, opts: &Options, ks: &[Opt
     // Ties straddle the threshold: find the index of the last tie kept (lowest indices first).
     if !pending.is_empty() {
         let counts: Vec<Vec<u64>> = chunks(keys.numel(), chunk)
-            .map_init(Scratch::default, |s, (start, len)| {
+            .map_init(Scratch::pooled, |s, (start, len)| {
                 keys.load(start, len, s);
                 pending.iter().map(|&(i, _)| select::count_equal(&s.x[i][..len], rules[i].threshold_bits)).collect()
             })
