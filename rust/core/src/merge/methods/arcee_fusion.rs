@@ -9,7 +9,7 @@ use rayon::prelude::*;
 
 use crate::error::Result;
 use crate::kernels::combine::Scratch;
-use crate::merge::passes::{chunks, emit, load, load_raw, row_chunk};
+use crate::merge::passes::{chunks, emit, load_raw, row_chunk};
 use crate::merge::{Job, Options, Sink};
 use crate::rng::Stream;
 
@@ -44,46 +44,71 @@ thread_local! {
 /// Quantile sample size, as mergekit's `_QUANTILE_SAMPLE_SIZE`.
 const QUANTILE_SAMPLE: usize = 1_000_000;
 
+/// The draws `idx` grouped by chunk of `block` elements: (offsets, positions) where chunk `c`'s draws are
+/// `positions[offsets[c]..offsets[c + 1]]`, as offsets within the chunk, in draw order (a counting sort).
+fn bucket_by_chunk(idx: &[u64], block: usize, n_chunks: usize) -> (Vec<usize>, Vec<u64>) {
+    let mut offsets = vec![0usize; n_chunks + 1];
+    for &i in idx {
+        offsets[i as usize / block + 1] += 1;
+    }
+    for c in 0..n_chunks {
+        offsets[c + 1] += offsets[c];
+    }
+    let mut fill = offsets.clone();
+    let mut pos = vec![0u64; idx.len()];
+    for &i in idx {
+        let (c, j) = (i as usize / block, i as usize % block);
+        pos[fill[c]] = j as u64;
+        fill[c] += 1;
+    }
+    (offsets, pos)
+}
+
 /// The kernel (a: the base, b: the other model).
 pub(crate) fn merge(job: &Job, opts: &Options, sink: &dyn Sink) -> Result<()> {
     let row_len = job.row_len();
     let n = job.numel;
     let block = row_chunk(opts.chunk_elems.max(1), row_len);
-    let kl: Vec<f32> = chunks(n, block)
+    let importance = |a: f32, b: f32, row_kl: f32| (b - a).abs() * row_kl;
+    // One pass computes each row's KL and, from the same decoded chunk, the importances the quantiles need:
+    // every element's up to 1e6 elements, else those of the seeded sample's draws that fall in the chunk
+    // (bucketed by chunk beforehand: a counting sort of the draws, where a sort of 1e6 indices and a decode per
+    // draw cost more than the KL itself). The sample's order does not matter to its order statistics.
+    let sampled = n > QUANTILE_SAMPLE;
+    let (offsets, draws) = if sampled {
+        let idx = Stream::new(job.spec.seed, job.name, 0).sample_indices(n as u64, QUANTILE_SAMPLE);
+        bucket_by_chunk(&idx, block, n.div_ceil(block))
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    let parts: Vec<(Vec<f32>, Vec<f32>)> = chunks(n, block)
         .map_init(Scratch::pooled, |s, (start, len)| {
             load_raw(job, start, len, s);
-            s.base[..len].chunks(row_len).zip(s.x[0][..len].chunks(row_len)).map(|(a, b)| row_kl(a, b)).collect()
+            let (a, b) = (&s.base[..len], &s.x[0][..len]);
+            // Chunks hold whole rows.
+            let kl: Vec<f32> = a.chunks(row_len).zip(b.chunks(row_len)).map(|(a, b)| row_kl(a, b)).collect();
+            let imp = if sampled {
+                let c = start / block;
+                draws[offsets[c]..offsets[c + 1]]
+                    .iter()
+                    .map(|&j| {
+                        let j = j as usize;
+                        importance(a[j], b[j], kl[j / row_len])
+                    })
+                    .collect()
+            } else {
+                let rows = a.chunks(row_len).zip(b.chunks(row_len)).zip(&kl);
+                rows.flat_map(|((a, b), &k)| a.iter().zip(b).map(move |(&a, &b)| importance(a, b, k))).collect()
+            };
+            (kl, imp)
         })
-        .collect::<Vec<Vec<f32>>>()
-        .concat();
-    let importance = |a: f32, b: f32, row_kl: f32| (b - a).abs() * row_kl;
-    let mut sample: Vec<f32> = if n <= QUANTILE_SAMPLE {
-        chunks(n, block)
-            .map_init(Scratch::pooled, |s, (start, len)| {
-                load_raw(job, start, len, s);
-                // Chunks hold whole rows.
-                let rows = s.base[..len].chunks(row_len).zip(s.x[0][..len].chunks(row_len));
-                rows.zip(&kl[start / row_len..])
-                    .flat_map(|((a, b), &k)| a.iter().zip(b).map(move |(&a, &b)| importance(a, b, k)))
-                    .collect::<Vec<f32>>()
-            })
-            .collect::<Vec<Vec<f32>>>()
-            .concat()
-    } else {
-        let mut idx = Stream::new(job.spec.seed, job.name, 0).sample_indices(n as u64, QUANTILE_SAMPLE);
-        // Read in index order (the quantiles do not depend on the order of the sample).
-        idx.sort_unstable();
-        let base = job.base.as_ref().expect("validated: arcee_fusion has a base");
-        let other = &job.inputs[0].src;
-        idx.iter()
-            .map(|&i| {
-                let (mut a, mut b) = ([0f32], [0f32]);
-                load(job, base, i as usize, &mut a);
-                load(job, other, i as usize, &mut b);
-                importance(a[0], b[0], kl[i as usize / row_len])
-            })
-            .collect()
-    };
+        .collect();
+    let mut kl = Vec::with_capacity(n / row_len.max(1));
+    let mut sample = Vec::with_capacity(n.min(QUANTILE_SAMPLE));
+    for (k, imp) in parts {
+        kl.extend_from_slice(&k);
+        sample.extend_from_slice(&imp);
+    }
     let threshold = if sample.is_empty() {
         f32::INFINITY
     } else {
