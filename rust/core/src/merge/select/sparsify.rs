@@ -33,18 +33,113 @@ pub(crate) fn band_mask(outer: &TrimRule, top: &TrimRule, start: usize, x: &[f32
 #[derive(Default)]
 pub(crate) struct RowRanks {
     order: Vec<u64>,
+    tmp: Vec<u64>,
+    counts: Vec<u32>,
 }
+
+/// Slices at most this long are finished by insertion sort.
+const SMALL_BUCKET: usize = 24;
 
 impl RowRanks {
     /// Indices of `row` ordered by `key` ascending, ties lower index first, as the low 32 bits of
-    /// `self.order` (key above them): one u64 key per element, which sorts much faster than a tuple key. (An LSD
-    /// radix sort over 8- or 11-bit digits, four quarters scattered at once, measured 11-12 ns an element on
-    /// 2048-element rows of bf16 deltas against 10.5-11 for this sort, so the sort stays.)
+    /// `self.order` (key above them), by [`bucket_sort`]. (Measured on 4096 rows of 2048 bf16 deltas against
+    /// the former `sort_unstable` of the u64 keys, 10.5 ns an element, and an LSD radix sort over 8- or 11-bit
+    /// digits, 11-12 ns: see docs/benchmarks.md.)
     fn sort(&mut self, row: &[f32], key: impl Fn(f32) -> u32) -> &[u64] {
         self.order.clear();
         self.order.extend(row.iter().enumerate().map(|(j, &v)| (u64::from(key(v)) << 32) | j as u64));
-        self.order.sort_unstable();
+        bucket_sort(&mut self.order, &mut self.tmp, &mut self.counts);
         &self.order
+    }
+}
+
+/// Sort `(key << 32 | index)` entries that arrive in index order: the keys' range in the slice is cut into about
+/// as many equal buckets as it has entries (a shift of `key − min`), a counting sort scatters the entries into
+/// them (stable, so each bucket stays in index order), and each bucket holding more than one key is sorted the
+/// same way in turn (insertion sort when small). A bucket of equal keys is then already in order: bf16 deltas
+/// repeat a few values (zero most of all), which made a comparison sort slow. The result is the order a sort of
+/// the (unique) entries gives; the recursion depth is bounded by the 32 key bits.
+fn bucket_sort(v: &mut [u64], tmp: &mut Vec<u64>, counts: &mut Vec<u32>) {
+    let n = v.len();
+    if n <= SMALL_BUCKET {
+        insertion_sort(v);
+        return;
+    }
+    let (lo, hi) = key_min_max(v);
+    if lo == hi {
+        return;
+    }
+    // The smallest key gets a bucket of its own and the range starts at the next one: the smallest is often a
+    // heavy tie far below the rest (zero deltas), and would otherwise stretch the buckets over empty range.
+    let lo2 = key_min_above(v, lo);
+    // (hi − lo2) >> shift < 2^bits, with 2^bits ≥ n.
+    let bits = usize::BITS - (n - 1).leading_zeros();
+    let shift = (u32::BITS - (hi - lo2).leading_zeros()).saturating_sub(bits);
+    let buckets = ((hi - lo2) >> shift) as usize + 2;
+    let bucket = |e: u64| {
+        let k = (e >> 32) as u32;
+        if k == lo {
+            0
+        } else {
+            ((k - lo2) >> shift) as usize + 1
+        }
+    };
+    // This level's counts sit above the callers' (a stack in one buffer).
+    let base = counts.len();
+    counts.resize(base + buckets + 1, 0);
+    let c = &mut counts[base..];
+    for &e in v.iter() {
+        c[bucket(e) + 1] += 1;
+    }
+    for b in 0..buckets {
+        c[b + 1] += c[b];
+    }
+    // c[b] is where bucket b starts; the scatter advances it to where the bucket ends.
+    tmp.resize(n, 0);
+    for &e in v.iter() {
+        let b = bucket(e);
+        tmp[c[b] as usize] = e;
+        c[b] += 1;
+    }
+    v.copy_from_slice(&tmp[..n]);
+    let mut start = 0;
+    for b in 0..buckets {
+        let end = counts[base + b] as usize;
+        if end - start > 1 {
+            bucket_sort(&mut v[start..end], tmp, counts);
+        }
+        start = end;
+    }
+    counts.truncate(base);
+}
+
+/// The smallest key (high half) above `lo` (`lo` is not the largest).
+#[multiversion(targets = "simd")]
+fn key_min_above(v: &[u64], lo: u32) -> u32 {
+    // Keys equal to `lo` count as u32::MAX: a branch-free select the loop vectorises on.
+    v.iter().fold(u32::MAX, |m, &e| {
+        let k = (e >> 32) as u32;
+        m.min(k | u32::from(k == lo).wrapping_neg())
+    })
+}
+
+/// (min, max) of the keys (high halves) of a non-empty slice.
+#[multiversion(targets = "simd")]
+fn key_min_max(v: &[u64]) -> (u32, u32) {
+    let lo = v.iter().fold(u32::MAX, |m, &e| m.min((e >> 32) as u32));
+    let hi = v.iter().fold(0, |m, &e| m.max((e >> 32) as u32));
+    (lo, hi)
+}
+
+fn insertion_sort(v: &mut [u64]) {
+    for i in 1..v.len() {
+        let x = v[i];
+        let mut j = i;
+        while j > 0 && v[j - 1] > x {
+            v[j] = v[j - 1];
+            j -= 1;
+        }
+        v[j] = x;
     }
 }
 
