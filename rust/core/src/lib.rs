@@ -8,6 +8,7 @@ pub mod exec;
 pub mod io;
 pub mod kernels;
 pub mod linalg;
+pub mod math;
 pub mod merge;
 pub mod plan;
 pub mod pool;

@@ -88,7 +88,7 @@ impl Stream {
             let (a, b) = if j % 2 == 0 { (w[0], w[1]) } else { (w[2], w[3]) };
             let u1 = (f64::from(a) + 1.0) / 4_294_967_296.0;
             let u2 = f64::from(b) / 4_294_967_296.0;
-            *o = ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32;
+            *o = ((-2.0 * crate::math::ln(u1)).sqrt() * crate::math::cos(std::f64::consts::TAU * u2)) as f32;
         }
     }
 

@@ -148,7 +148,7 @@ pub fn inv_sqrt_eig(lam: &[f64], mut w: Mat<f64>, scale: f64) -> Mat<f64> {
     let c = scale.sqrt();
     // W diag(λ^(-1/2)) Wᵀ = (W diag(λ^(-1/4))) (W diag(λ^(-1/4)))ᵀ: W is scaled in place.
     for (j, &l) in lam.iter().enumerate() {
-        let f = if l > NULL_EIG * top { l.powf(-0.25) * c } else { 0.0 };
+        let f = if l > NULL_EIG * top { crate::math::powf(l, -0.25) * c } else { 0.0 };
         w.as_mut().col_mut(j).iter_mut().for_each(|x| *x *= f);
     }
     let mut out = Mat::<f64>::zeros(n, n);

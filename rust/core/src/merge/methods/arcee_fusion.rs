@@ -9,6 +9,7 @@ use rayon::prelude::*;
 
 use crate::error::Result;
 use crate::kernels::combine::Scratch;
+use crate::math;
 use crate::merge::passes::{chunks, emit, load_raw, row_chunk};
 use crate::merge::{Job, Options, Sink};
 use crate::rng::Stream;
@@ -21,7 +22,7 @@ fn row_kl(a: &[f32], b: &[f32]) -> f32 {
         let softmax_parts = |v: &[f32], e: &mut Vec<f64>| {
             let mx = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             e.clear();
-            e.extend(v.iter().map(|&x| f64::from(x - mx).exp()));
+            e.extend(v.iter().map(|&x| math::exp(f64::from(x - mx))));
             e.iter().sum::<f64>()
         };
         let sa = softmax_parts(a, ea);
@@ -30,7 +31,7 @@ fn row_kl(a: &[f32], b: &[f32]) -> f32 {
         for (&x, &y) in ea.iter().zip(eb.iter()) {
             let q = ((x / sa) as f32) + 1e-8;
             let p = ((y / sb) as f32) + 1e-8;
-            kl += f64::from(p * (p / q).ln());
+            kl += f64::from(p * math::lnf(p / q));
         }
         kl as f32
     })

@@ -13,6 +13,7 @@
 //! mergekit evaluates the same formulas elementwise in f32, so results agree to float rounding, not bit for bit.
 
 use crate::error::{CoreError, Result};
+use crate::math;
 use crate::merge::gram::{apply, gram, GramMatrix, Groups, Vectors};
 use crate::merge::params::SlerpParams;
 use crate::merge::passes::{emit, load};
@@ -23,9 +24,9 @@ fn slerp_pair(t: f64, cos: f64, linear: bool) -> [f64; 2] {
     if linear {
         return [1.0 - t, t];
     }
-    let theta = cos.acos();
-    let s = theta.sin();
-    [((1.0 - t) * theta).sin() / s, (t * theta).sin() / s]
+    let theta = math::acos(cos);
+    let s = math::sin(theta);
+    [math::sin((1.0 - t) * theta) / s, math::sin(t * theta) / s]
 }
 
 /// mergekit 0.1.5 slerp: vectors (base, other) normalised (norms ≤ 1e-8 count as 1), lerp when |cos| > 0.9995.
@@ -73,7 +74,7 @@ fn multislerp(w: &[f64], eps: f64, g: &GramMatrix) -> std::result::Result<Vec<f6
     }
     let tn = g.norm_of(&tangent) + eps;
     let avg_norm: f64 = (0..q).map(|i| n[i] * w[i]).sum();
-    Ok((0..q).map(|k| (mhat[k] * tn.cos() + tangent[k] * (tn.sin() / tn)) * avg_norm).collect())
+    Ok((0..q).map(|k| (mhat[k] * math::cos(tn) + tangent[k] * (math::sin(tn) / tn)) * avg_norm).collect())
 }
 
 /// karcher: the Riemannian mean of the unit inputs (equal weights), iterated by gradient steps on the sphere,
@@ -103,14 +104,14 @@ fn karcher(max_iter: u32, tol: f64, g: &GramMatrix) -> Vec<f64> {
         let mut tangent = vec![0.0; q];
         for &i in &valid {
             let dot = (g.dot_with(&mean, i) / n[i]).clamp(-1.0, 1.0);
-            let theta = dot.acos();
+            let theta = math::acos(dot);
             // Nearly antipodal (sin θ < 1e-4): the direction u_i − cos θ·u is numerically undefined, and θ/sin θ
             // would blow the Gram-space rounding up to the size of the step; mergekit's elementwise f32 gets an
             // exact zero for exactly antipodal inputs, which skipping reproduces.
             if theta < tol || 1.0 - dot * dot < 1e-8 {
                 continue;
             }
-            let f = alpha * theta / theta.sin();
+            let f = alpha * theta / math::sin(theta);
             tangent[i] += f / n[i];
             for k in 0..q {
                 tangent[k] -= f * dot * mean[k];
@@ -121,7 +122,7 @@ fn karcher(max_iter: u32, tol: f64, g: &GramMatrix) -> Vec<f64> {
             break;
         }
         for k in 0..q {
-            mean[k] = tn.cos() * mean[k] + tn.sin() * tangent[k] / tn;
+            mean[k] = math::cos(tn) * mean[k] + math::sin(tn) * tangent[k] / tn;
         }
         let un = g.norm_of(&mean);
         if un > tol {
