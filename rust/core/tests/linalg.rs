@@ -21,7 +21,9 @@ fn rel_error(a: &[f32], m: usize, n: usize, svd: &linalg::Svd) -> f64 {
     let (mut e, mut t) = (0f64, 0f64);
     for i in 0..m {
         for j in 0..n {
-            let r: f64 = (0..svd.rank()).map(|k| f64::from(svd.u[(i, k)]) * f64::from(svd.s[k]) * f64::from(svd.v[(j, k)])).sum();
+            let r: f64 = (0..svd.rank())
+                .map(|k| f64::from(svd.u[(i, k)]) * f64::from(svd.s[k]) * f64::from(svd.v[(j, k)]))
+                .sum();
             e += (r - f64::from(a[i * n + j])).powi(2);
             t += f64::from(a[i * n + j]).powi(2);
         }

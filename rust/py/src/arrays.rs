@@ -105,7 +105,8 @@ pub fn with_output(
             let mut rw = arr.readwrite();
             let s = rw.as_slice_mut().expect("fresh arrays are contiguous");
             // SAFETY: as in `as_bytes`, for the exclusive borrow of a fresh numeric array.
-            let bytes = unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(s)) };
+            let bytes =
+                unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(s)) };
             py.detach(|| fill(bytes))?;
         }
         Ok(arr.into_any())

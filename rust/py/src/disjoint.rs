@@ -24,9 +24,7 @@ pub fn disjoint_mean<'py>(
         "total" => Majority::Total,
         "frequency" => Majority::Frequency,
         other => {
-            return Err(ParameterError::new_err(format!(
-                "majority_sign must be 'total' or 'frequency', got {other:?}"
-            )))
+            return Err(ParameterError::new_err(format!("majority_sign must be 'total' or 'frequency', got {other:?}")))
         }
     };
     if inputs.is_empty() || inputs.len() != weights.len() {

@@ -32,9 +32,9 @@ unsafe impl Sync for JobPtr {}
 
 impl JobPtr {
     /// SAFETY: only while the call that made this pointer is running (see above).
-    unsafe fn get(&self) -> &Job<'static> { unsafe {
-        &*self.0
-    }}
+    unsafe fn get(&self) -> &Job<'static> {
+        unsafe { &*self.0 }
+    }
 }
 
 impl PyExternalMerge {

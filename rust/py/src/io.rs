@@ -63,4 +63,3 @@ pub fn save_file(
     let metadata = metadata.unwrap_or_default();
     py.detach(|| write_safetensors(&path, &views, &metadata)).map_err(to_py)
 }
-

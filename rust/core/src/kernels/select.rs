@@ -295,9 +295,9 @@ fn bracket_collect_avx2(
     counts: &mut [u64; SPECIALS],
 ) -> u64 {
     use std::arch::x86_64::{
-        __m256i, _mm256_and_si256, _mm256_andnot_si256, _mm256_castps_si256, _mm256_cmpeq_epi32, _mm256_loadu_ps,
-        _mm256_max_epu32, _mm256_min_epu32, _mm256_movemask_ps, _mm256_castsi256_ps, _mm256_or_si256,
-        _mm256_set1_epi32, _mm256_setzero_si256, _mm256_storeu_si256, _mm256_sub_epi32,
+        __m256i, _mm256_and_si256, _mm256_andnot_si256, _mm256_castps_si256, _mm256_castsi256_ps, _mm256_cmpeq_epi32,
+        _mm256_loadu_ps, _mm256_max_epu32, _mm256_min_epu32, _mm256_movemask_ps, _mm256_or_si256, _mm256_set1_epi32,
+        _mm256_setzero_si256, _mm256_storeu_si256, _mm256_sub_epi32,
     };
     const L: usize = 8;
     let width = hi.wrapping_sub(lo);

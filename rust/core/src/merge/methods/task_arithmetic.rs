@@ -119,9 +119,8 @@ fn pack_bits(keep: &[bool]) -> Vec<u64> {
         u64::from_le_bytes(b).wrapping_mul(0x0102_0408_1020_4080) >> 56
     };
     let mut words = keep.chunks_exact(64);
-    let mut out: Vec<u64> = (&mut words)
-        .map(|c| c.chunks_exact(8).enumerate().fold(0u64, |w, (j, e)| w | (byte(e) << (8 * j))))
-        .collect();
+    let mut out: Vec<u64> =
+        (&mut words).map(|c| c.chunks_exact(8).enumerate().fold(0u64, |w, (j, e)| w | (byte(e) << (8 * j)))).collect();
     let rest = words.remainder();
     if !rest.is_empty() {
         out.push(rest.chunks(8).enumerate().fold(0u64, |w, (j, e)| w | (byte(e) << (8 * j))));
@@ -205,8 +204,8 @@ pub(crate) fn merge(job: &Job, params: TaskArithmeticParams, opts: &Options, sin
             // of its merge: this pass keeps each block's masks as bits (n·m/8 bytes, when the selection's memory
             // share holds them) for the final pass to reuse instead of ranking or drawing again.
             let block = if per_row { row_chunk(BLOCK, row_len) } else { BLOCK };
-            let keep_bits = (per_row || sparsify == Sparsify::Random)
-                && job.numel.saturating_mul(m) / 8 <= opts.candidate_bytes;
+            let keep_bits =
+                (per_row || sparsify == Sparsify::Random) && job.numel.saturating_mul(m) / 8 <= opts.candidate_bytes;
             let per_block: Vec<BlockNorms> = chunks(job.numel, block)
                 .map_init(Scratch::pooled, |s, (start, len)| {
                     load_deltas(job, start, len, s);
