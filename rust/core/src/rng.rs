@@ -93,16 +93,23 @@ impl Stream {
     }
 
     /// `count` indices drawn uniformly from `[0, n)` with replacement (arcee_fusion's quantile sample), in draw
-    /// order; draw `d` uses two 32-bit words of block `d / 2`.
-    pub fn sample_indices(&self, n: u64, count: usize) -> Vec<u64> {
-        (0..count)
-            .map(|d| {
-                let w = self.block((d / 2) as u64);
-                let (hi, lo) = if d % 2 == 0 { (w[0], w[1]) } else { (w[2], w[3]) };
-                // 64 random bits modulo n: the bias is below n / 2^64, far from measurable.
-                ((u64::from(hi) << 32) | u64::from(lo)) % n
-            })
-            .collect()
+    /// order, into `out` (cleared first; a buffer kept from call to call costs no page faults); draw `d` uses two
+    /// 32-bit words of block `d / 2`.
+    pub fn sample_indices_into(&self, n: u64, count: usize, out: &mut Vec<u64>) {
+        // 64 random bits modulo n: the bias is below n / 2^64, far from measurable.
+        let draw = |hi: u32, lo: u32| ((u64::from(hi) << 32) | u64::from(lo)) % n;
+        out.clear();
+        out.reserve(count);
+        // each block once, for its two draws
+        for b in 0..(count / 2) as u64 {
+            let w = self.block(b);
+            out.push(draw(w[0], w[1]));
+            out.push(draw(w[2], w[3]));
+        }
+        if count % 2 == 1 {
+            let w = self.block((count / 2) as u64);
+            out.push(draw(w[0], w[1]));
+        }
     }
 }
 
@@ -224,8 +231,7 @@ fn keep_blocks_avx2(s: &Stream, b0: u64, thresh: u32, keep: &mut [bool]) -> usiz
         }
         for (ci, o) in c.iter().zip(out.chunks_exact_mut(32)) {
             let kept = ci.map(|w| _mm256_cmpgt_epi32(th, _mm256_srli_epi32::<8>(w)));
-            let packed =
-                _mm256_packs_epi16(_mm256_packs_epi32(kept[0], kept[1]), _mm256_packs_epi32(kept[2], kept[3]));
+            let packed = _mm256_packs_epi16(_mm256_packs_epi32(kept[0], kept[1]), _mm256_packs_epi32(kept[2], kept[3]));
             let bytes = _mm256_and_si256(_mm256_shuffle_epi8(packed, order), one);
             // SAFETY: `o` is 32 bools, each byte written is 0 or 1 (a valid bool); storeu needs no alignment.
             unsafe { _mm256_storeu_si256(o.as_mut_ptr().cast(), bytes) };
@@ -286,6 +292,21 @@ fn keep_mask_each(s: &Stream, start: usize, probs: &[f32], keep: &mut [bool]) {
 mod tests {
     use super::*;
 
+    #[test]
+    fn sample_indices_are_draw_d_from_block_d_over_two() {
+        let s = Stream::new(7, "t", 0);
+        let mut out = vec![99];
+        for (n, count) in [(10u64, 7usize), (1 << 40, 8), (3, 1), (5, 0)] {
+            s.sample_indices_into(n, count, &mut out);
+            assert_eq!(out.len(), count);
+            for (d, &i) in out.iter().enumerate() {
+                let w = s.block((d / 2) as u64);
+                let (hi, lo) = if d % 2 == 0 { (w[0], w[1]) } else { (w[2], w[3]) };
+                assert_eq!(i, ((u64::from(hi) << 32) | u64::from(lo)) % n);
+            }
+        }
+    }
+
     /// Known-answer vectors of Random123 (kat_vectors, philox4x32 with 10 rounds).
     #[test]
     fn philox_known_answers() {
@@ -329,9 +350,8 @@ mod tests {
             for len in [0usize, 1, 5, 31, 32, 33, 64, 95, 257, 1030] {
                 for density in [0.0, 0.1, 0.5, 0.9, 1.0] {
                     let thresh = (density * 16_777_216.0f64).ceil().min(16_777_216.0) as u32;
-                    let want: Vec<bool> = (start..start + len)
-                        .map(|j| (s.block((j / 4) as u64)[j % 4] >> 8) < thresh)
-                        .collect();
+                    let want: Vec<bool> =
+                        (start..start + len).map(|j| (s.block((j / 4) as u64)[j % 4] >> 8) < thresh).collect();
                     for isa in Isa::ALL {
                         let mut got = vec![false; len];
                         keep_mask_on(isa, &s, start, thresh, &mut got);

@@ -2,6 +2,8 @@
 //! pairwise cosine cos (from the Gram matrix, `merge/gram.rs`; per row with `filter_wise`),
 //! t = N·cos/(1 + (N − 1)·cos) (0 where the denominator vanishes) and θ = t·mean(θ_i) + (1 − t)·θ₀.
 
+use multiversion::multiversion;
+
 use crate::error::Result;
 use crate::merge::gram::{gram, GramMatrix, Groups, Vectors};
 use crate::merge::params::ModelStockParams;
@@ -33,15 +35,37 @@ pub(crate) fn merge(job: &Job, params: ModelStockParams, opts: &Options, sink: &
     let stats = gram(job, groups, Vectors::Deltas);
     let factors: Vec<f32> = GramMatrix::each(&stats, m).map(|g| interpolation_factor(&g) as f32).collect();
     emit(job, opts.chunk_elems, sink, |s, start, len| {
-        // t·mean(models) + (1 − t)·base on the stored tensors, as mergekit writes it.
+        // t·mean(models) + (1 − t)·base on the stored tensors, as mergekit writes it; a stretch of one group (the
+        // chunk, or each row's part of it) at a time, so the loop over elements has one t and vectorises.
         load_raw(job, start, len, s);
-        let inv = m as f32;
-        for j in 0..len {
-            let t = factors[groups.of_element(start + j)];
-            let avg = (0..m).map(|i| s.x[i][j]).sum::<f32>() / inv;
-            s.mixed[j] = t * avg + (1.0 - t) * s.base[j];
+        let mut j = 0;
+        while j < len {
+            let g = groups.of_element(start + j);
+            let end = match groups {
+                Groups::Whole => len,
+                Groups::Rows(r) => ((g + 1) * r - start).min(len),
+                Groups::Cols(_) => j + 1,
+            };
+            mix(&s.x[..m], &s.base[..len], &mut s.mixed[..len], j..end, factors[g], m as f32);
+            j = end;
         }
     })
+}
+
+/// `out[r] = t·mean(xs[..][r]) + (1 − t)·base[r]` over the range `r`: the models' sum in their order, starting
+/// from the first (what `Iterator::sum`'s −0.0 start gives), divided by `n`.
+#[multiversion(targets = "simd")]
+fn mix(xs: &[Vec<f32>], base: &[f32], out: &mut [f32], r: std::ops::Range<usize>, t: f32, n: f32) {
+    let out = &mut out[r.clone()];
+    out.copy_from_slice(&xs[0][r.clone()]);
+    for x in &xs[1..] {
+        for (o, &v) in out.iter_mut().zip(&x[r.clone()]) {
+            *o += v;
+        }
+    }
+    for (o, &b) in out.iter_mut().zip(&base[r]) {
+        *o = t * (*o / n) + (1.0 - t) * b;
+    }
 }
 
 #[cfg(test)]
