@@ -292,6 +292,45 @@ pub fn sum(ws: &[Vec<f32>], mixed: &mut [f32]) {
     }
 }
 
+/// [`weigh`] (no mask) of every input, [`sum`], then [`finish`] with a constant divisor: one pass per input over
+/// `out` and the finish's, without the weighing's pass over each input, the fill and a divisor buffer: the same IEEE operations
+/// per element in the same order (the sum starts from +0.0 as `sum`'s fill does: 0.0 + (−0.0) is +0.0), so the
+/// same bytes. For merges without sparsified inputs (linear, task arithmetic).
+#[multiversion(targets = "simd")]
+pub fn weighted_sum_finish(
+    xs: &[Vec<f32>],
+    weights: &[f32],
+    divisor: Option<f32>,
+    lambda: f32,
+    base: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    let n = out.len();
+    match xs.split_first() {
+        None => out.fill(0.0),
+        Some((x0, rest)) => {
+            let w0 = weights[0];
+            for (o, &v) in out.iter_mut().zip(&x0[..n]) {
+                *o = 0.0 + v * w0;
+            }
+            for (x, &w) in rest.iter().zip(&weights[1..]) {
+                for (o, &v) in out.iter_mut().zip(&x[..n]) {
+                    *o += v * w;
+                }
+            }
+        }
+    }
+    if let Some(d) = divisor {
+        out.iter_mut().for_each(|v| *v /= d);
+    }
+    if lambda != 1.0 {
+        out.iter_mut().for_each(|v| *v *= lambda);
+    }
+    if let Some(b) = base {
+        out.iter_mut().zip(&b[..n]).for_each(|(v, b)| *v += b);
+    }
+}
+
 /// x ← x + base.
 #[multiversion(targets = "simd")]
 pub fn add(x: &mut [f32], base: &[f32]) {
@@ -327,6 +366,45 @@ pub fn finish(mixed: &mut [f32], divisor: Option<&[f32]>, lambda: f32, base: Opt
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fused dense path gives the step-by-step path's bytes (weigh, sum, a divisor buffer, finish), for 0 to 5
+    /// inputs, with zeros of both signs, NaN and infinities, every combination of divisor, lambda and base.
+    #[test]
+    fn weighted_sum_finish_matches_the_steps() {
+        let pool = [0.0f32, -0.0, 1.0, -1.0, 0.5, -2.0, 3.0, f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1e-30, 7.25];
+        let mut s = 7u64;
+        let mut r = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        for case in 0..600 {
+            let m = case % 6;
+            let n = 1 + (r() % 67) as usize;
+            let xs: Vec<Vec<f32>> =
+                (0..m).map(|_| (0..n).map(|_| pool[(r() % pool.len() as u64) as usize]).collect()).collect();
+            let weights: Vec<f32> = (0..m).map(|_| [1.0f32, 0.5, -0.25, 3.0][(r() % 4) as usize]).collect();
+            let base: Vec<f32> = (0..n).map(|_| pool[(r() % pool.len() as u64) as usize]).collect();
+            let divisor = [None, Some(1.75f32), Some(-0.5)][(r() % 3) as usize];
+            let lambda = [1.0f32, 0.3][(r() % 2) as usize];
+            let with_base = r() % 2 == 0;
+            let mut ws = xs.clone();
+            for (x, &w) in ws.iter_mut().zip(&weights) {
+                weigh(x, None, Scale::Mul(1.0), w);
+            }
+            let mut want = vec![0f32; n];
+            sum(&ws, &mut want);
+            let dbuf = vec![divisor.unwrap_or(1.0); n];
+            finish(&mut want, divisor.map(|_| &dbuf[..]), lambda, with_base.then_some(&base[..]));
+            let mut got = vec![9f32; n];
+            weighted_sum_finish(&xs, &weights, divisor, lambda, with_base.then_some(&base[..]), &mut got);
+            for (g, w) in got.iter().zip(&want) {
+                // a NaN's sign bit is not specified by IEEE (see elect_finish's test): NaN for NaN, bits otherwise
+                assert!(g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()), "case {case}: {g} vs {w}");
+            }
+        }
+    }
 
     /// The fused election + finish gives the two-step path's bytes on every instruction-set path, for 1 to 6
     /// inputs, with zeros of both signs, NaN and infinities among the deltas, normalize on and off, lambda 1 or not

@@ -65,11 +65,25 @@ pub(crate) static NEVER: Cancel = Cancel::new();
 /// Tasks each factorization is split into, whatever the thread count (see the module docs).
 pub const FACTOR_SPLIT: usize = 8;
 
+/// How long an idle worker of faer's thread pool (the `spindle` crate) spins before it sleeps, in `pause`
+/// instructions: spindle's default, 65536, is about a millisecond of busy waiting at every barrier of every
+/// parallel loop, which on a shared or oversubscribed machine takes the core from the thread that has the work
+/// (two threads on one core ran TSV-M 40% slower than one, 27% of their samples in spindle's waits). 1024 is
+/// tens of microseconds: enough to catch a barrier a few microseconds away, nothing next to the millisecond-scale
+/// products faer runs in parallel.
+const FAER_SPIN_LIMIT: u32 = 1024;
+
 /// Pin faer's factorizations to [`FACTOR_SPLIT`] tasks (idempotent; the core is the only faer user of the
-/// process, and pinning is what makes factorizations independent of the thread count).
+/// process, and pinning is what makes factorizations independent of the thread count), and bound how long its
+/// idle workers spin ([`FAER_SPIN_LIMIT`]; the `FERROMERGE_FAER_SPIN` environment variable overrides it, for
+/// measuring).
 pub(crate) fn pin() {
     static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| faer::set_global_parallelism(Par::rayon(FACTOR_SPLIT)));
+    ONCE.call_once(|| {
+        let spin = std::env::var("FERROMERGE_FAER_SPIN").ok().and_then(|v| v.parse().ok()).unwrap_or(FAER_SPIN_LIMIT);
+        spindle::SPIN_LIMIT.store(spin, std::sync::atomic::Ordering::Relaxed);
+        faer::set_global_parallelism(Par::rayon(FACTOR_SPLIT));
+    });
 }
 
 /// A row-major `m × n` buffer as a matrix view.

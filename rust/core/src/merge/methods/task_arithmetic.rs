@@ -245,8 +245,20 @@ pub(crate) fn merge(job: &Job, params: TaskArithmeticParams, opts: &Options, sin
     let chunk = cached.as_ref().map_or(chunk, |(block, _)| row_chunk(chunk, *block));
     let slot: Vec<usize> =
         sparse.iter().scan(0, |n, &sp| Some(if sp { (*n, *n += 1).0 } else { usize::MAX })).collect();
+    let dense = !sparse.iter().any(|&s| s) && !spec.method.consensus();
     emit(job, chunk, sink, |s, start, len| {
         load_deltas(job, start, len, s);
+        if dense {
+            // No input is sparsified: weighing, sum and finish in one kernel (the same bytes as the steps below).
+            let (divisor, lambda, base) = if spec.method == Method::Linear {
+                (spec.normalize.then_some(weight_sum), 1.0, None)
+            } else {
+                let d = if weight_sum.abs() < 1e-8 { 1.0 } else { weight_sum };
+                (spec.normalize.then_some(d), lambda, Some(&s.base[..len]))
+            };
+            combine::weighted_sum_finish(&s.x[..m], &weights, divisor, lambda, base, &mut s.mixed[..len]);
+            return;
+        }
         for i in 0..m {
             if sparse[i] {
                 match &cached {
