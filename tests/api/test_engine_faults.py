@@ -79,6 +79,48 @@ def test_nonfinite_refused_unless_the_plan_allows_it(tmp_path):
     assert np.isnan(got[1]) and got[5] == np.inf and got[0] == 1.0
 
 
+def _bf16(values: list[float]) -> np.ndarray:
+    return (np.array(values, np.float32).view(np.uint32) >> 16).astype(np.uint16)
+
+
+def _passthrough_plan(path: Path, weight: float = 1.0, out_dtype: str = "bfloat16", **top: object) -> str:
+    # what the Python registry plans for mergekit's passthrough: linear over one input, weight = scale, no normalize
+    return json.dumps({"shards": [{"file": "out.safetensors", "tensors": [
+        {"name": "w", "shape": [6], "out_dtype": out_dtype, "method": {"name": "linear", "normalize": False},
+         "inputs": [{"file": str(path), "tensor": "w", "weight": weight}]}]}], **top})
+
+
+def test_unscaled_passthrough_of_a_float_tensor_is_a_byte_copy(tmp_path):
+    """mergekit's passthrough returns the tensor as it is, so every bit pattern survives, −0.0 included (a sum
+    started from +0.0, as the linear kernel's is, would make it +0.0); NaN and infinities are still refused, naming
+    the file and the tensor, unless the plan allows them (then copied as they are). A scale or another dtype merges."""
+    bits = _bf16([-0.0, 1.5, -0.0, 3.25e-3, -7.0, 0.0])
+    _write(tmp_path / "a.safetensors", {"w": ("BF16", [6], bits.tobytes())})
+    out = tmp_path / "out"
+    out.mkdir()
+    _engine.execute(_passthrough_plan(tmp_path / "a.safetensors"), str(out))
+    assert (out / "out.safetensors").read_bytes()[-12:] == bits.tobytes()
+
+    bad = bits.copy()
+    bad[1], bad[4] = 0x7FC1, 0xFF80  # a NaN with a payload, −inf
+    _write(tmp_path / "b.safetensors", {"w": ("BF16", [6], bad.tobytes())})
+    with pytest.raises(InputError) as e:
+        _engine.execute(_passthrough_plan(tmp_path / "b.safetensors"), str(out))
+    assert str(e.value) == (f"{tmp_path / 'b.safetensors'}: tensor 'w': 1 NaN and 1 infinite values; pass "
+                            "--allow-nonfinite (allow_nonfinite=True) to merge them as they are")
+    _engine.execute(_passthrough_plan(tmp_path / "b.safetensors", allow_nonfinite=True), str(out))
+    assert (out / "out.safetensors").read_bytes()[-12:] == bad.tobytes()
+
+    # scale 2: a merge (the values doubled); into float32: a merge (the values widened)
+    _engine.execute(_passthrough_plan(tmp_path / "a.safetensors", weight=2.0), str(out))
+    got = (np.frombuffer((out / "out.safetensors").read_bytes()[-12:], np.uint16).astype(np.uint32) << 16)
+    np.testing.assert_array_equal(got.view(np.float32), (_bf16([0.0, 3.0, 0.0, 6.5e-3, -14.0, 0.0]).astype(
+        np.uint32) << 16).view(np.float32))
+    _engine.execute(_passthrough_plan(tmp_path / "a.safetensors", out_dtype="float32"), str(out))
+    wide = np.frombuffer((out / "out.safetensors").read_bytes()[-24:], np.float32)
+    np.testing.assert_array_equal(wide, (bits.astype(np.uint32) << 16).view(np.float32))
+
+
 def test_truncated_shard_is_an_input_error_naming_file_and_tensor(tmp_path):
     n = 100_000
     names = ["w1", "w2", "w3", "w4"]

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 
 pub use budget::{chunk_elems, default_memory_limit, memory_plan, MemoryPlan, TensorNeeds, MIN_MEMORY_LIMIT};
 
-use crate::dtype;
+use crate::dtype::{self, DType};
 use crate::error::{CoreError, Result};
 use crate::io::writer::{FileSink, LayoutEntry};
 use crate::io::{SafetensorsFile, ShardLayout, TensorEntry};
@@ -87,10 +87,11 @@ fn open_all(plan: &Plan) -> Result<HashMap<PathBuf, SafetensorsFile>> {
     Ok(files)
 }
 
-/// What one output tensor takes: a merge, or a byte-for-byte copy of a non-float tensor.
+/// What one output tensor takes: a merge, or a byte-for-byte copy (of a non-float tensor, or a float tensor passed
+/// through unscaled into its own dtype, which `float` names: its bytes are checked for NaN and infinities).
 enum Work<'a> {
     Merge(Job<'a>),
-    Copy { file: &'a SafetensorsFile, name: &'a str, entry: &'a TensorEntry },
+    Copy { file: &'a SafetensorsFile, name: &'a str, entry: &'a TensorEntry, float: Option<DType> },
 }
 
 impl Work<'_> {
@@ -140,7 +141,10 @@ fn work<'a>(t: &'a PlanTensor, files: &'a HashMap<PathBuf, SafetensorsFile>) -> 
                 ),
             ));
         }
-        return Ok(Work::Copy { file, name, entry: e });
+        return Ok(Work::Copy { file, name, entry: e, float: None });
+    }
+    if let Some(copy) = float_passthrough(t, files)? {
+        return Ok(copy);
     }
     let source = |file: &PathBuf, tensor: &'a str| -> Result<Source<'a>> {
         let f = &files[file];
@@ -158,23 +162,51 @@ fn work<'a>(t: &'a PlanTensor, files: &'a HashMap<PathBuf, SafetensorsFile>) -> 
     Ok(Work::Merge(job))
 }
 
+/// mergekit's passthrough of one float tensor without a scale (or with scale 1) into its own dtype returns the
+/// tensor as it is: a byte copy, not a merge. (Run as the linear kernel it would cost a decode and an encode, and
+/// its sum, which starts from +0.0 as torch's does, would turn a −0.0 into +0.0 where mergekit keeps the bytes.)
+/// The Python registry runs passthrough as `linear` over its one input with weight = scale and normalize off; a
+/// `linear` config of one model with weight 1 and `normalize: false` is the same plan, and mergekit's linear
+/// would give +0.0 for a −0.0 there: the one case where the copy differs from mergekit, by the sign of a zero.
+fn float_passthrough<'a>(t: &'a PlanTensor, files: &'a HashMap<PathBuf, SafetensorsFile>) -> Result<Option<Work<'a>>> {
+    let [input] = t.inputs.as_slice() else { return Ok(None) };
+    let linear = t.method.name == Method::Linear.name() && !t.method.normalize && t.method.lambda == 1.0;
+    if !linear || t.base.is_some() || input.weight != 1.0 {
+        return Ok(None);
+    }
+    let file = &files[&input.file];
+    let entry = file.entry(&input.tensor)?;
+    let Some(stored) = entry.dtype else { return Ok(None) };
+    let same = |d: &str| DType::parse(d).is_ok_and(|d| d == stored);
+    let cast_ok = t.cast_dtype.as_deref().is_none_or(same);
+    if !same(&t.out_dtype) || !cast_ok || entry.shape != t.shape {
+        return Ok(None);
+    }
+    Ok(Some(Work::Copy { file, name: &input.tensor, entry, float: Some(stored) }))
+}
+
 /// The error for a NaN or an infinity in an input (`job`'s sources are the files): the first input holding any,
 /// with its counts.
 fn nonfinite_error(job: &Job) -> Result<CoreError> {
     let counts = merge::nonfinite_counts(job)?;
     for (src, (nan, inf)) in job.sources().zip(counts) {
         if let (Data::File { file, name, .. }, true) = (src.data, nan + inf > 0) {
-            return Ok(CoreError::tensor(
-                file.path(),
-                name,
-                format!(
-                    "{nan} NaN and {inf} infinite values; pass --allow-nonfinite (allow_nonfinite=True) to merge \
-                     them as they are"
-                ),
-            ));
+            return Ok(nonfinite_message(file.path(), name, nan, inf));
         }
     }
     Err(CoreError::Internal(format!("tensor '{}': a non-finite value was seen but not found again", job.name)))
+}
+
+/// The error naming a file's tensor that holds `nan` NaN and `inf` infinite values.
+fn nonfinite_message(path: &Path, name: &str, nan: u64, inf: u64) -> CoreError {
+    CoreError::tensor(
+        path,
+        name,
+        format!(
+            "{nan} NaN and {inf} infinite values; pass --allow-nonfinite (allow_nonfinite=True) to merge them as they \
+             are"
+        ),
+    )
 }
 
 /// The read failure a streaming pass recorded in one of the job's files, if any.
@@ -317,7 +349,13 @@ pub fn execute_with(
                 let staged = !(large && matches!(works[idx], Work::Merge(_))) && stager.fits(out_len);
                 let mut fill = |sink: &dyn merge::Sink| -> Result<()> {
                     match &works[idx] {
-                        Work::Copy { file: src, name, entry } => read::copy(src, name, entry, sink, &mut copy_buf),
+                        Work::Copy { file: src, name, entry, float } => {
+                            let (nan, inf) = read::copy(src, name, entry, *float, sink, &mut copy_buf)?;
+                            if nan + inf > 0 && !plan.allow_nonfinite {
+                                return Err(nonfinite_message(src.path(), name, nan, inf));
+                            }
+                            Ok(())
+                        }
                         Work::Merge(job) => {
                             if !large {
                                 pool.install(|| held.fill(job))?;

@@ -321,10 +321,14 @@ pub fn weighted_sum_finish(
         }
     }
     if let Some(d) = divisor {
-        out.iter_mut().for_each(|v| *v /= d);
+        for v in out.iter_mut() {
+            *v /= d;
+        }
     }
     if lambda != 1.0 {
-        out.iter_mut().for_each(|v| *v *= lambda);
+        for v in out.iter_mut() {
+            *v *= lambda;
+        }
     }
     if let Some(b) = base {
         out.iter_mut().zip(&b[..n]).for_each(|(v, b)| *v += b);
