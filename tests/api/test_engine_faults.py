@@ -111,11 +111,10 @@ def test_unscaled_passthrough_of_a_float_tensor_is_a_byte_copy(tmp_path):
     _engine.execute(_passthrough_plan(tmp_path / "b.safetensors", allow_nonfinite=True), str(out))
     assert (out / "out.safetensors").read_bytes()[-12:] == bad.tobytes()
 
-    # scale 2: a merge (the values doubled); into float32: a merge (the values widened)
+    # scale 2: merged as mergekit's `tensor * scale`, the sign of a zero kept; into float32: the values widened
     _engine.execute(_passthrough_plan(tmp_path / "a.safetensors", weight=2.0), str(out))
-    got = (np.frombuffer((out / "out.safetensors").read_bytes()[-12:], np.uint16).astype(np.uint32) << 16)
-    np.testing.assert_array_equal(got.view(np.float32), (_bf16([0.0, 3.0, 0.0, 6.5e-3, -14.0, 0.0]).astype(
-        np.uint32) << 16).view(np.float32))
+    got = np.frombuffer((out / "out.safetensors").read_bytes()[-12:], np.uint16)
+    np.testing.assert_array_equal(got, _bf16([-0.0, 3.0, -0.0, 6.5e-3, -14.0, 0.0]))
     _engine.execute(_passthrough_plan(tmp_path / "a.safetensors", out_dtype="float32"), str(out))
     wide = np.frombuffer((out / "out.safetensors").read_bytes()[-24:], np.float32)
     np.testing.assert_array_equal(wide, (bits.astype(np.uint32) << 16).view(np.float32))

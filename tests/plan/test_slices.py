@@ -127,6 +127,15 @@ def test_passthrough_in_memory_scales_one_tensor_and_refuses_two() -> None:
         ferromerge.merge_state_dicts({"a": {"w": x}, "b": {"w": x}}, "passthrough")
 
 
+def test_passthrough_keeps_the_sign_of_zero_in_memory() -> None:
+    """mergekit's passthrough is ``tensor * scale`` (or the tensor itself): a −0.0 stays −0.0, scaled or not, where
+    the linear kernel's sum from +0.0 used to turn it into +0.0."""
+    x = np.array([[-0.0, 1.5], [0.0, -0.0]], np.float32)
+    for params, k in (({}, 1.0), ({"scale": 2.0}, 2.0), ({"scale": -1.0}, -1.0)):
+        out = ferromerge.merge_tensors([x], "passthrough", params)
+        np.testing.assert_array_equal(out.view(np.uint32), (np.float32(k) * x).view(np.uint32))
+
+
 # ---------------------------------------------------------------- merges over slices
 
 

@@ -292,6 +292,15 @@ pub fn sum(ws: &[Vec<f32>], mixed: &mut [f32]) {
     }
 }
 
+/// out ← x·w: mergekit's passthrough (`tensor * scale`), which has no sum, so a −0.0 stays −0.0 where a sum started
+/// from +0.0 would give +0.0.
+#[multiversion(targets = "simd")]
+pub fn scaled(x: &[f32], w: f32, out: &mut [f32]) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = v * w;
+    }
+}
+
 /// [`weigh`] (no mask) of every input, [`sum`], then [`finish`] with a constant divisor: one pass per input over
 /// `out` and the finish's, without the weighing's pass over each input, the fill and a divisor buffer: the same IEEE operations
 /// per element in the same order (the sum starts from +0.0 as `sum`'s fill does: 0.0 + (−0.0) is +0.0), so the
@@ -370,6 +379,14 @@ pub fn finish(mixed: &mut [f32], divisor: Option<&[f32]>, lambda: f32, base: Opt
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scaled_keeps_the_sign_of_zero() {
+        let x = [-0.0f32, 0.0, -1.5, 2.0];
+        let mut out = [9f32; 4];
+        scaled(&x, 2.0, &mut out);
+        assert_eq!(out.map(f32::to_bits), [-0.0f32, 0.0, -3.0, 4.0].map(f32::to_bits));
+    }
 
     /// The fused dense path gives the step-by-step path's bytes (weigh, sum, a divisor buffer, finish), for 0 to 5
     /// inputs, with zeros of both signs, NaN and infinities, every combination of divisor, lambda and base.

@@ -248,6 +248,13 @@ pub(crate) fn merge(job: &Job, params: TaskArithmeticParams, opts: &Options, sin
     let dense = !sparse.iter().any(|&s| s) && !spec.method.consensus();
     emit(job, chunk, sink, |s, start, len| {
         load_deltas(job, start, len, s);
+        if spec.method == Method::Linear && m == 1 && !spec.normalize {
+            // mergekit's passthrough (planned as linear over its one input, weight = scale, not normalized) is
+            // `tensor * scale`: no sum, whose +0.0 start would turn a −0.0 into +0.0 (unscaled into its own dtype,
+            // the executor copies the bytes instead: `exec::float_passthrough`).
+            combine::scaled(&s.x[0][..len], weights[0], &mut s.mixed[..len]);
+            return;
+        }
         if dense {
             // No input is sparsified: weighing, sum and finish in one kernel (the same bytes as the steps below).
             let (divisor, lambda, base) = if spec.method == Method::Linear {
