@@ -170,6 +170,28 @@ pub fn decode_checked(dtype: DType, bytes: &[u8], out: &mut [f32]) -> bool {
     }
 }
 
+/// How many NaN and how many infinite values the little-endian stored `bytes` of `dt` hold (whole elements): an
+/// all-ones exponent, with a non-zero mantissa for a NaN. Counted on the stored bits, no decode.
+pub fn count_nonfinite(dt: DType, bytes: &[u8]) -> (u64, u64) {
+    fn count<const N: usize>(bytes: &[u8], exp: u32, man: u32) -> (u64, u64) {
+        let (mut nan, mut inf) = (0u64, 0u64);
+        for c in bytes.chunks_exact(N) {
+            let mut w = [0u8; 4];
+            w[..N].copy_from_slice(c);
+            let v = u32::from_le_bytes(w);
+            let special = v & exp == exp;
+            nan += u64::from(special && v & man != 0);
+            inf += u64::from(special && v & man == 0);
+        }
+        (nan, inf)
+    }
+    match dt {
+        DType::BF16 => count::<2>(bytes, 0x7f80, 0x007f),
+        DType::F16 => count::<2>(bytes, 0x7c00, 0x03ff),
+        DType::F32 => count::<4>(bytes, 0x7f80_0000, 0x007f_ffff),
+    }
+}
+
 /// [`decode_checked`] minus `base`: `out[j] = decode(bytes[j]) - base[j]`, the same IEEE subtraction as decoding
 /// and then subtracting in a second loop (so the same bytes), in one pass that writes `out` once instead of
 /// writing, reading and writing it again (task vectors are decoded this way in every pass of the TIES family).
@@ -246,6 +268,20 @@ pub fn round_to(dtype: DType, vals: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counts_nan_and_infinities_of_each_float_dtype() {
+        let bf16: Vec<u8> =
+            [0x7f80u16, 0xff80, 0x7fc0, 0xffc1, 0x3f80, 0x8000, 0x0001].iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(count_nonfinite(DType::BF16, &bf16), (2, 2));
+        let f16: Vec<u8> = [0x7c00u16, 0xfc00, 0x7e00, 0x3c00, 0x7bff].iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(count_nonfinite(DType::F16, &f16), (1, 2));
+        let f32s: Vec<u8> = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0, f32::MAX, 1.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        assert_eq!(count_nonfinite(DType::F32, &f32s), (1, 2));
+    }
 
     #[test]
     fn bf16_round_trip_and_rounding() {

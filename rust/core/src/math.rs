@@ -47,6 +47,11 @@ pub fn powf(x: f64, y: f64) -> f64 {
     libm::pow(x, y)
 }
 
+/// ln 2 in two f32 parts for [`expf_vec`]'s range reduction and [`lnf_vec`]'s e·ln2: the high part, 355/512, has
+/// nine significant bits, so its product with any exponent |k| < 2⁸ is exact.
+const LN2_HI: f32 = 355.0 / 512.0;
+const LN2_LO: f32 = -2.121_944_4e-4;
+
 /// expf(x) in branch-free IEEE f32 arithmetic (adds, multiplies, integer bit moves; no FMA, no library call), so
 /// that a loop over it vectorises (16 lanes on AVX-512) and gives the same bits on every CPU and code path. For the
 /// hot loops where a scalar `exp` per element was the cost (arcee_fusion's softmax: two per element). Within 2 ulp
@@ -54,13 +59,11 @@ pub fn powf(x: f64, y: f64) -> f64 {
 /// NaN.
 ///
 /// How: x = k·ln2 + r with k = round(x/ln2) (adding 1.5·2²³ rounds to nearest and leaves k in the low bits), ln2
-/// split in two (the high part, 355/512, exact times any |k| < 2⁸) so r is exact to ~1e−11; e^r by a degree-7
+/// split in two ([`LN2_HI`]) so r is exact to ~1e−11; e^r by a degree-7
 /// polynomial (Taylor coefficients; truncation under 5e−9 relative on |r| ≤ 0.347); 2^k put in the exponent.
 #[inline(always)]
 pub fn expf_vec(x: f32) -> f32 {
     const SHIFT: f32 = 12_582_912.0; // 1.5·2^23
-    const LN2_HI: f32 = 355.0 / 512.0;
-    const LN2_LO: f32 = -2.121_944_4e-4;
     const LO: f32 = -87.33;
     const HI: f32 = 88.72;
     // clamped so 2^k stays a normal number; the out-of-range results are chosen below
@@ -96,8 +99,6 @@ pub fn expf_vec(x: f32) -> f32 {
 /// in two so that the large exponents lose nothing.
 #[inline(always)]
 pub fn lnf_vec(x: f32) -> f32 {
-    const LN2_HI: f32 = 355.0 / 512.0;
-    const LN2_LO: f32 = -2.121_944_4e-4;
     let sub = x < f32::MIN_POSITIVE;
     let xs = if sub { x * 16_777_216.0 } else { x }; // 2^24
     let bits = xs.to_bits();

@@ -8,7 +8,7 @@
 
 use rayon::prelude::*;
 
-use crate::dtype::DType;
+use crate::dtype::{self, DType};
 use crate::error::Result;
 use crate::io::{SafetensorsFile, TensorEntry};
 use crate::merge::{Data, Job, Sink, Source};
@@ -97,7 +97,7 @@ pub(crate) fn copy(
         let n = PIECE.min(entry.len() - at);
         file.read_at(name, entry, at, &mut buf[..n])?;
         if let Some(dt) = float {
-            let (nan, inf) = nonfinite_bytes(dt, &buf[..n]);
+            let (nan, inf) = dtype::count_nonfinite(dt, &buf[..n]);
             counts = (counts.0 + nan, counts.1 + inf);
         }
         sink.put(at, &buf[..n])?;
@@ -106,52 +106,11 @@ pub(crate) fn copy(
     Ok(counts)
 }
 
-/// (NaN, infinite) values among little-endian stored `bytes` of `dt` (whole elements: pieces are a multiple of 4
-/// bytes, tensors a multiple of the element size): an all-ones exponent, with a non-zero mantissa for a NaN.
-fn nonfinite_bytes(dt: DType, bytes: &[u8]) -> (u64, u64) {
-    fn count<const N: usize>(bytes: &[u8], exp: u32, man: u32) -> (u64, u64) {
-        let (mut nan, mut inf) = (0u64, 0u64);
-        for c in bytes.chunks_exact(N) {
-            let mut w = [0u8; 4];
-            w[..N].copy_from_slice(c);
-            let v = u32::from_le_bytes(w);
-            let special = v & exp == exp;
-            nan += u64::from(special && v & man != 0);
-            inf += u64::from(special && v & man == 0);
-        }
-        (nan, inf)
-    }
-    match dt {
-        DType::BF16 => count::<2>(bytes, 0x7f80, 0x007f),
-        DType::F16 => count::<2>(bytes, 0x7c00, 0x03ff),
-        DType::F32 => count::<4>(bytes, 0x7f80_0000, 0x007f_ffff),
-    }
-}
-
 /// Ask the kernel to start reading a job's file sources (advice only).
 pub(crate) fn prefetch(job: &Job) {
     for src in job.sources() {
         if let Data::File { file, entry, .. } = src.data {
             file.prefetch(entry);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn counts_nan_and_infinities_of_each_float_dtype() {
-        let bf16: Vec<u8> =
-            [0x7f80u16, 0xff80, 0x7fc0, 0xffc1, 0x3f80, 0x8000, 0x0001].iter().flat_map(|v| v.to_le_bytes()).collect();
-        assert_eq!(nonfinite_bytes(DType::BF16, &bf16), (2, 2));
-        let f16: Vec<u8> = [0x7c00u16, 0xfc00, 0x7e00, 0x3c00, 0x7bff].iter().flat_map(|v| v.to_le_bytes()).collect();
-        assert_eq!(nonfinite_bytes(DType::F16, &f16), (1, 2));
-        let f32s: Vec<u8> = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0, f32::MAX, 1.0]
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect();
-        assert_eq!(nonfinite_bytes(DType::F32, &f32s), (1, 2));
     }
 }

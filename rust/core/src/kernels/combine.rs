@@ -380,6 +380,16 @@ pub fn finish(mixed: &mut [f32], divisor: Option<&[f32]>, lambda: f32, base: Opt
 mod tests {
     use super::*;
 
+    /// A xorshift64 stream from `seed`: the random cases of the tests below (variety, not quality).
+    fn xorshift(mut s: u64) -> impl FnMut() -> u64 {
+        move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        }
+    }
+
     #[test]
     fn scaled_keeps_the_sign_of_zero() {
         let x = [-0.0f32, 0.0, -1.5, 2.0];
@@ -393,13 +403,7 @@ mod tests {
     #[test]
     fn weighted_sum_finish_matches_the_steps() {
         let pool = [0.0f32, -0.0, 1.0, -1.0, 0.5, -2.0, 3.0, f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1e-30, 7.25];
-        let mut s = 7u64;
-        let mut r = move || {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            s
-        };
+        let mut r = xorshift(7);
         for case in 0..600 {
             let m = case % 6;
             let n = 1 + (r() % 67) as usize;
@@ -433,13 +437,7 @@ mod tests {
     #[test]
     fn elect_finish_matches_two_steps_on_every_path() {
         let pool = [0.0f32, -0.0, 1.0, -1.0, 0.5, -2.0, 3.0, f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1e-30];
-        let mut s = 99u64;
-        let mut r = move || {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            s
-        };
+        let mut r = xorshift(99);
         for case in 0..400 {
             let m = 1 + (case % 6);
             let n = (r() % 70) as usize;

@@ -71,7 +71,6 @@ pub fn nonfinite_counts(job: &Job) -> Result<Vec<(u64, u64)>> {
     for src in job.sources() {
         let sz = src.dtype.size();
         let mut buf = vec![0u8; DEFAULT_CHUNK_ELEMS * sz];
-        let mut vals = vec![0f32; DEFAULT_CHUNK_ELEMS];
         let (mut nan, mut inf) = (0u64, 0u64);
         for start in (0..job.numel).step_by(DEFAULT_CHUNK_ELEMS) {
             let len = DEFAULT_CHUNK_ELEMS.min(job.numel - start);
@@ -82,9 +81,9 @@ pub fn nonfinite_counts(job: &Job) -> Result<Vec<(u64, u64)>> {
                     &buf[..len * sz]
                 }
             };
-            dtype::decode(src.dtype, bytes, &mut vals[..len]);
-            nan += vals[..len].iter().filter(|v| v.is_nan()).count() as u64;
-            inf += vals[..len].iter().filter(|v| v.is_infinite()).count() as u64;
+            let (n, i) = dtype::count_nonfinite(src.dtype, bytes);
+            nan += n;
+            inf += i;
         }
         counts.push((nan, inf));
     }

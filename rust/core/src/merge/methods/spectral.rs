@@ -176,14 +176,8 @@ fn tsv_m(job: &Job, p: &SpectralParams, m: usize, n: usize) -> Result<Vec<f32>> 
             // Dropped while the eigensolver runs (the peak), read again for U_t = τ_t V_t Σ_t⁻¹.
             drop(tau);
             let (lam, v) = gram::eigh(g, never).map_err(err)?;
-            let s: Vec<f64> = lam[..k].iter().map(|&l| l.max(0.0).sqrt()).collect();
-            let kept = null_cut(&s);
-            let mut w = v.as_ref().subcols(0, kept).to_owned();
-            drop(v);
-            vcat.as_mut().subcols_mut(at, kept).copy_from(linalg::narrow(w.as_ref()).as_ref());
-            for (j, &sj) in s[..kept].iter().enumerate() {
-                w.as_mut().col_mut(j).iter_mut().for_each(|x| *x /= sj);
-            }
+            let (s, w) = top_factors(&lam, v, k, vcat.as_mut().subcols_mut(at, k));
+            let kept = w.ncols();
             let tau = task_vector_streamed(job, i)?;
             gram::mul_wide(ucat.as_mut().subcols_mut(at, kept), tall(&tau, m, n), w.as_ref());
             s[..kept].iter().map(|&x| x as f32).collect::<Vec<f32>>()
@@ -268,6 +262,23 @@ fn sum_of_tasks(job: &Job) -> Result<Vec<f32>> {
     Ok(sum)
 }
 
+/// The top `want` singular values of a tall matrix A from the eigenpairs (`lam`, `v`) of its Gram matrix AᵀA, and
+/// its right singular vectors above the null threshold ([`null_cut`]): those are written into the first columns of
+/// `v_dst` (want wide), and returned divided by their σ (V Σ⁻¹, so that U = A · V Σ⁻¹; its width is the number
+/// kept). The eigenvectors are dropped before the product is formed, and A is not needed here: a caller may have
+/// dropped it while the eigensolver ran and read it again for U.
+fn top_factors(lam: &[f64], v: Mat<f64>, want: usize, mut v_dst: MatMut<'_, f32>) -> (Vec<f64>, Mat<f64>) {
+    let s = sigmas(lam, want);
+    let kept = null_cut(&s);
+    let mut w = v.as_ref().subcols(0, kept).to_owned();
+    drop(v);
+    v_dst.as_mut().subcols_mut(0, kept).copy_from(linalg::narrow(w.as_ref()).as_ref());
+    for (j, &sj) in s[..kept].iter().enumerate() {
+        w.as_mut().col_mut(j).iter_mut().for_each(|x| *x /= sj);
+    }
+    (s, w)
+}
+
 /// The square roots of the first `k` eigenvalues of a Gram matrix (clamped at zero): singular values.
 fn sigmas(lam: &[f64], k: usize) -> Vec<f64> {
     lam[..k.min(lam.len())].iter().map(|&l| l.max(0.0).sqrt()).collect()
@@ -340,15 +351,8 @@ fn iso_cts(job: &Job, p: &SpectralParams, m: usize, n: usize) -> Result<Vec<f32>
     {
         let sum = sum_of_tasks(job)?;
         let (lam, v) = gram::eigh(gram::gram(tall(&sum, m, n), never).map_err(err)?, never).map_err(err)?;
-        let s = sigmas(&lam, common);
-        let kept = null_cut(&s);
-        let mut w = v.as_ref().subcols(0, kept).to_owned();
-        drop(v);
-        vcat.as_mut().subcols_mut(ts_total, kept).copy_from(linalg::narrow(w.as_ref()).as_ref());
-        for (j, &sj) in s[..kept].iter().enumerate() {
-            w.as_mut().col_mut(j).iter_mut().for_each(|x| *x /= sj);
-        }
-        gram::mul_wide(ucat.as_mut().subcols_mut(ts_total, kept), tall(&sum, m, n), w.as_ref());
+        let (s, w) = top_factors(&lam, v, common, vcat.as_mut().subcols_mut(ts_total, common));
+        gram::mul_wide(ucat.as_mut().subcols_mut(ts_total, w.ncols()), tall(&sum, m, n), w.as_ref());
         for (d, &x) in scat[ts_total..].iter_mut().zip(&s) {
             *d = x as f32;
         }
@@ -364,17 +368,10 @@ fn iso_cts(job: &Job, p: &SpectralParams, m: usize, n: usize) -> Result<Vec<f32>
             let g = gram::gram(tall(&tau, m, n), never).map_err(err)?;
             drop(tau);
             let (lam, v) = gram::eigh(g, never).map_err(err)?;
-            let s = sigmas(&lam, dims);
-            let kept = null_cut(&s);
-            let mut w = v.as_ref().subcols(0, kept).to_owned();
-            drop(v);
-            v_task.as_mut().subcols_mut(at, kept).copy_from(linalg::narrow(w.as_ref()).as_ref());
-            for (j, &sj) in s[..kept].iter().enumerate() {
-                w.as_mut().col_mut(j).iter_mut().for_each(|x| *x /= sj);
-            }
+            let (s, w) = top_factors(&lam, v, dims, v_task.as_mut().subcols_mut(at, dims));
             let mut tau = task_vector_streamed(job, i)?;
             project_out(&mut tau, m, n, uc);
-            gram::mul_wide(u_task.as_mut().subcols_mut(at, kept), tall(&tau, m, n), w.as_ref());
+            gram::mul_wide(u_task.as_mut().subcols_mut(at, w.ncols()), tall(&tau, m, n), w.as_ref());
             for (d, &x) in scat[at..at + dims].iter_mut().zip(&s) {
                 *d = x as f32;
             }

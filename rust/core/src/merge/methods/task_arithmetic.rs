@@ -246,12 +246,13 @@ pub(crate) fn merge(job: &Job, params: TaskArithmeticParams, opts: &Options, sin
     let slot: Vec<usize> =
         sparse.iter().scan(0, |n, &sp| Some(if sp { (*n, *n += 1).0 } else { usize::MAX })).collect();
     let dense = !sparse.iter().any(|&s| s) && !spec.method.consensus();
+    // mergekit's passthrough, planned as linear over its one input (weight = scale, not normalized)
+    let passthrough = spec.method == Method::Linear && m == 1 && !spec.normalize;
     emit(job, chunk, sink, |s, start, len| {
         load_deltas(job, start, len, s);
-        if spec.method == Method::Linear && m == 1 && !spec.normalize {
-            // mergekit's passthrough (planned as linear over its one input, weight = scale, not normalized) is
-            // `tensor * scale`: no sum, whose +0.0 start would turn a −0.0 into +0.0 (unscaled into its own dtype,
-            // the executor copies the bytes instead: `exec::float_passthrough`).
+        if passthrough {
+            // mergekit's passthrough is `tensor * scale`: no sum, whose +0.0 start would turn a −0.0 into +0.0
+            // (unscaled into its own dtype, the executor copies the bytes instead: `exec::float_passthrough`).
             combine::scaled(&s.x[0][..len], weights[0], &mut s.mixed[..len]);
             return;
         }
