@@ -141,7 +141,11 @@ fn unpack_bits(bits: &[u64], keep: &mut [bool]) {
     let mut words = keep.chunks_exact_mut(64);
     for (c, &w) in (&mut words).zip(bits) {
         for (j, e) in c.chunks_exact_mut(8).enumerate() {
-            e.iter_mut().zip(spread(w, j)).for_each(|(k, d)| *k = d != 0);
+            // The eight 0/1 bytes stored at once, not compared and stored one by one (which had made this a tenth
+            // of a DARE merge's time).
+            let e: &mut [bool; 8] = e.try_into().expect("eight elements");
+            // SAFETY: every byte of `spread` is 0 or 1, the two valid representations of a bool.
+            *e = unsafe { std::mem::transmute::<[u8; 8], [bool; 8]>(spread(w, j)) };
         }
     }
     let rest = words.into_remainder();
