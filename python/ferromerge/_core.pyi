@@ -108,7 +108,7 @@ def execute_plan(
     exception it raises is re-raised as itself.
 
     ``memory_limit`` (bytes, default ``default_memory_limit()``) bounds what the run keeps resident: chunking,
-    read-ahead, and which tensors are read whole or streamed from their files; it never changes the output.
+    read-ahead and output staging (inputs are always streamed from their files); it never changes the output.
 
     ``progress(tensors_done, tensors_total, bytes_done, bytes_total)`` is called from the calling thread after each
     tensor; an exception it raises (or Ctrl-C) aborts the run and is re-raised as itself. Input files are validated
@@ -141,7 +141,7 @@ def memory_plan(
     ``output_bytes`` (absent: taken as ``input_bytes``). Returns ``budget``, ``chunk_elems``, ``read_ahead``,
     ``scratch``, ``working`` (the largest whole-matrix working set), ``staging`` (the two output staging buffers),
     ``largest`` (index of the tensor with the most input bytes), ``largest_input_bytes`` and ``peak`` (the bound on
-    resident memory: min(budget, largest inputs + read-ahead + scratch + working + staging))."""
+    resident memory: min(budget, scratch + working + staging); the inputs are streamed, not held)."""
 
 def encode(values: npt.NDArray[np.float32], dtype: str) -> npt.NDArray[np.float32] | npt.NDArray[np.float16] | npt.NDArray[np.uint16]:
     """C-contiguous float32 ``values`` rounded to ``dtype`` as the engine writes them (to nearest even), as the

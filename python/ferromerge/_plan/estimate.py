@@ -2,11 +2,11 @@
 
 * **Disk**: the output shards' bytes, against the free space of the filesystem the output goes to.
 * **Peak memory**: a bound on what the engine keeps resident under its memory budget (``memory_limit``): the
-  inputs of the tensor being merged (all models), the next tensor's inputs read ahead (a quarter of the budget),
-  the workers' chunk buffers (threads x (inputs + 5) f32 buffers of one chunk) and the two output staging
-  buffers (each the largest output a tensor stages, at most a sixteenth of the budget), capped by the budget itself,
-  which the engine never exceeds (tensors whose inputs are larger than a quarter of it are merged with their
-  pages released chunk by chunk). It does not count the OS page cache, which the kernel reclaims on demand.
+  workers' chunk buffers (threads x (inputs + 5) f32 buffers of one chunk and a read buffer of it), a spectral
+  method's whole-matrix working set and the two output staging buffers (each the largest output a tensor stages,
+  at most a sixteenth of the budget), capped by the budget itself. The inputs are streamed chunk by chunk, never
+  held whole; the next tensor's inputs (when they fit a quarter of the budget) are read ahead into the OS page
+  cache, which is not counted: the kernel reclaims it on demand.
 * **Time**: calibrated on this machine in well under a second: the compute rate of the engine's kernel with the
   plan's method and parameters on synthetic data (same number of models and dtypes as the largest tensor), and
   the sequential read rate of the largest input file. A merge streams its inputs once, so it takes about
@@ -100,7 +100,8 @@ class Estimate:
             f"({format_bytes(self.disk_free)} free at {self.disk_path}: {room})",
             f"peak memory: at most {format_bytes(self.peak_memory)} resident (budget "
             f"{format_bytes(self.memory_limit)}; largest tensor {self.largest_tensor}: "
-            f"{format_bytes(self.largest_tensor_bytes)} of inputs, read-ahead {format_bytes(self.read_ahead_bytes)}, "
+            f"{format_bytes(self.largest_tensor_bytes)} of inputs, streamed; read-ahead up to "
+            f"{format_bytes(self.read_ahead_bytes)} in the page cache, "
             f"scratch {format_bytes(self.scratch_bytes)} for {self.threads} thread(s), output staging "
             f"{format_bytes(self.staging_bytes)}"
             + (f", spectral working set {format_bytes(self.working_bytes)}" if self.working_bytes else "")

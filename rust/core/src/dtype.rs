@@ -171,8 +171,12 @@ pub fn decode_checked(dtype: DType, bytes: &[u8], out: &mut [f32]) -> bool {
 }
 
 /// How many NaN and how many infinite values the little-endian stored `bytes` of `dt` hold (whole elements): an
-/// all-ones exponent, with a non-zero mantissa for a NaN. Counted on the stored bits, no decode.
+/// all-ones exponent, with a non-zero mantissa for a NaN. Counted on the stored bits, no decode; bytes without
+/// any are recognised first by a vectorised scan ([`any_nonfinite`]), the exact count runs only where there are.
 pub fn count_nonfinite(dt: DType, bytes: &[u8]) -> (u64, u64) {
+    if !any_nonfinite(dt, bytes) {
+        return (0, 0);
+    }
     fn count<const N: usize>(bytes: &[u8], exp: u32, man: u32) -> (u64, u64) {
         let (mut nan, mut inf) = (0u64, 0u64);
         for c in bytes.chunks_exact(N) {
@@ -189,6 +193,30 @@ pub fn count_nonfinite(dt: DType, bytes: &[u8]) -> (u64, u64) {
         DType::BF16 => count::<2>(bytes, 0x7f80, 0x007f),
         DType::F16 => count::<2>(bytes, 0x7c00, 0x03ff),
         DType::F32 => count::<4>(bytes, 0x7f80_0000, 0x007f_ffff),
+    }
+}
+
+/// Whether the stored `bytes` of `dt` hold a NaN or an infinity (an all-ones exponent): an OR over the elements
+/// without an early exit, which the compiler vectorises (the per-element count does not; it took a third of a
+/// passthrough's time).
+#[multiversion(targets = "simd")]
+fn any_nonfinite(dt: DType, bytes: &[u8]) -> bool {
+    match dt {
+        DType::BF16 | DType::F16 => {
+            let exp = if dt == DType::BF16 { 0x7f80 } else { 0x7c00 };
+            let mut bad = 0u16;
+            for c in bytes.chunks_exact(2) {
+                bad |= u16::from(u16::from_le_bytes([c[0], c[1]]) & exp == exp);
+            }
+            bad != 0
+        }
+        DType::F32 => {
+            let mut bad = 0u32;
+            for c in bytes.chunks_exact(4) {
+                bad |= u32::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7f80_0000 == 0x7f80_0000);
+            }
+            bad != 0
+        }
     }
 }
 
@@ -281,6 +309,30 @@ mod tests {
             .flat_map(|v| v.to_le_bytes())
             .collect();
         assert_eq!(count_nonfinite(DType::F32, &f32s), (1, 2));
+    }
+
+    /// The vectorised scan before the count: one special value anywhere in a long run of finite ones (the
+    /// largest finite values included) is found and counted, and none gives (0, 0).
+    #[test]
+    fn one_nonfinite_value_anywhere_is_counted() {
+        for (dt, finite, nan, inf) in [
+            (DType::BF16, 0x7f7fu32, 0x7f81u32, 0xff80u32),
+            (DType::F16, 0x7bff, 0x7c01, 0xfc00),
+            (DType::F32, 0x7f7f_ffff, 0x7f80_0001, 0xff80_0000),
+        ] {
+            let n = 1037;
+            let put = |v: &mut Vec<u8>, x: u32| v.extend_from_slice(&x.to_le_bytes()[..dt.size()]);
+            let mut all = Vec::new();
+            (0..n).for_each(|_| put(&mut all, finite));
+            assert_eq!(count_nonfinite(dt, &all), (0, 0), "{dt:?}");
+            for at in [0, 1, 31, 32, 500, n - 1] {
+                for (special, want) in [(nan, (1, 0)), (inf, (0, 1))] {
+                    let mut v = all.clone();
+                    v[at * dt.size()..(at + 1) * dt.size()].copy_from_slice(&special.to_le_bytes()[..dt.size()]);
+                    assert_eq!(count_nonfinite(dt, &v), want, "{dt:?} at {at}");
+                }
+            }
+        }
     }
 
     #[test]

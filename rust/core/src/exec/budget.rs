@@ -2,13 +2,14 @@
 //! run's memory plan (read-ahead, scratch, working set, peak), which the executor follows and
 //! `_core.memory_plan` reports to the estimate, so the figure has one home.
 //!
-//! Under a budget B: a quarter of it may hold the inputs of the tensor being merged and a quarter is read ahead
-//! (the next tensor's inputs); each worker holds (inputs + 5) f32 buffers of one chunk, all of them together
-//! within an eighth of B; a spectral method adds its whole-matrix working set; the output is staged in two buffers
-//! (`writeback`), each holding the largest output a tensor stages plus a 4 KiB block, at least 8 MiB and at most a
-//! sixteenth of B (a tensor whose output does not fit is written through the page cache instead). The resident
-//! peak is at most min(B, largest tensor's inputs + read-ahead + scratch + largest working set + staging); the OS
-//! page cache is not counted.
+//! Under a budget B: inputs are streamed chunk by chunk, never held whole (`exec`), and the next tensor's inputs
+//! are advised to the kernel for reading ahead when they fit a quarter of B (that read-ahead lives in the page
+//! cache); each worker holds (inputs + 5) f32 buffers of one chunk and one buffer for a chunk's stored bytes (at
+//! most 8 bytes an element), all of them together within an eighth of B; a spectral method adds its whole-matrix
+//! working set; the output is staged in two buffers (`writeback`), each holding the largest output a tensor stages
+//! plus a 4 KiB block, at least 8 MiB and at most a sixteenth of B (a tensor whose output does not fit is written
+//! through the page cache instead). The resident peak is at most min(B, scratch + largest working set + staging);
+//! the OS page cache is not counted.
 
 use super::writeback::{ALIGN, STRETCH};
 use crate::merge::DEFAULT_CHUNK_ELEMS;
@@ -19,11 +20,15 @@ pub const MIN_MEMORY_LIMIT: u64 = 64 << 20;
 /// f32 buffers each worker holds per chunk beyond one per input (base, mixed, total, divisor, probabilities).
 const SCRATCH_BUFFERS: u64 = 5;
 
-/// Elements per chunk for a budget: each worker holds (inputs + 5) f32 buffers of one chunk, and all of them
-/// together stay within an eighth of the budget (between 1024 and the default chunk).
+/// Bytes an element of a worker's read buffer may take (the widest stored dtype, f64/i64): the stored bytes of
+/// one input's chunk, read from its file before they are decoded (`merge::passes`).
+const READ_BYTES: u64 = 8;
+
+/// Elements per chunk for a budget: each worker holds (inputs + 5) f32 buffers of one chunk and a read buffer of
+/// it, and all of them together stay within an eighth of the budget (between 1024 and the default chunk).
 #[must_use]
 pub fn chunk_elems(budget: u64, workers: usize, inputs: usize) -> usize {
-    let fit = budget / 8 / (workers.max(1) as u64 * (inputs as u64 + SCRATCH_BUFFERS) * 4);
+    let fit = budget / 8 / (workers.max(1) as u64 * ((inputs as u64 + SCRATCH_BUFFERS) * 4 + READ_BYTES));
     DEFAULT_CHUNK_ELEMS.min(usize::try_from(fit).unwrap_or(usize::MAX).max(1024))
 }
 
@@ -76,16 +81,16 @@ pub struct TensorNeeds {
 pub struct MemoryPlan {
     pub budget: u64,
     pub chunk_elems: usize,
-    /// Bytes read ahead (the next tensor's inputs) and the largest input share a tensor may hold in memory whole;
-    /// a larger one is streamed from its files chunk by chunk.
+    /// The largest inputs of a tensor advised to the kernel for reading ahead while the previous tensor merges
+    /// (page cache, not resident memory of the run).
     pub read_ahead: u64,
-    /// Every worker's chunk buffers.
+    /// Every worker's chunk buffers and read buffer.
     pub scratch: u64,
     /// The largest working set of a single tensor's method.
     pub working: u64,
     /// Both output staging buffers (twice [`stage_capacity`]).
     pub staging: u64,
-    /// Index of the tensor with the most input bytes (the first of equals), and those bytes.
+    /// Index of the tensor with the most input bytes (the first of equals), and those bytes (streamed, not held).
     pub largest: usize,
     pub largest_input_bytes: u64,
     /// The bound on resident memory.
@@ -100,7 +105,7 @@ pub fn memory_plan(budget: u64, workers: usize, tensors: &[TensorNeeds], chunk_o
     let models = tensors.iter().map(|t| t.inputs + 1).max().unwrap_or(1);
     let chunk = chunk_override.unwrap_or_else(|| chunk_elems(budget, workers, models)).max(1);
     let buffers = workers as u64 * (models as u64 + SCRATCH_BUFFERS);
-    let scratch = buffers * chunk as u64 * 4;
+    let scratch = (buffers * 4 + workers as u64 * READ_BYTES) * chunk as u64;
     let read_ahead = budget / 4;
     let working = tensors.iter().map(|t| t.working_bytes).max().unwrap_or(0);
     let (largest, largest_input_bytes) = tensors.iter().enumerate().fold((0, 0), |best, (i, t)| {
@@ -111,7 +116,7 @@ pub fn memory_plan(budget: u64, workers: usize, tensors: &[TensorNeeds], chunk_o
         }
     });
     let staging = 2 * stage_capacity(budget, tensors) as u64;
-    let peak = budget.min(largest_input_bytes + read_ahead + scratch + working + staging);
+    let peak = budget.min(scratch + working + staging);
     MemoryPlan { budget, chunk_elems: chunk, read_ahead, scratch, working, staging, largest, largest_input_bytes, peak }
 }
 
@@ -132,13 +137,14 @@ mod tests {
     fn chunk_shrinks_with_the_budget_within_bounds() {
         assert_eq!(chunk_elems(8 << 30, 2, 3), DEFAULT_CHUNK_ELEMS);
         assert_eq!(chunk_elems(MIN_MEMORY_LIMIT, 64, 40), 1024);
-        // 64 MiB / 8 / (2 · (3 + 5) · 4) = 131072 → capped at the default.
+        // 64 MiB / 8 / (2 · ((3 + 5) · 4 + 8)) = 104857 → capped at the default.
         assert_eq!(chunk_elems(64 << 20, 2, 3), DEFAULT_CHUNK_ELEMS);
-        assert_eq!(chunk_elems(64 << 20, 16, 3), 16384);
+        // 64 MiB / 8 / (16 · 40) = 13107.
+        assert_eq!(chunk_elems(64 << 20, 16, 3), 13107);
     }
 
     #[test]
-    fn peak_is_the_largest_tensor_plus_read_ahead_scratch_and_working_set_capped_by_the_budget() {
+    fn peak_is_scratch_working_set_and_staging_capped_by_the_budget() {
         let tensors = [
             TensorNeeds { input_bytes: 100, inputs: 2, working_bytes: 0, output_bytes: 50 },
             TensorNeeds { input_bytes: 300, inputs: 1, working_bytes: 7, output_bytes: 100 },
@@ -146,10 +152,10 @@ mod tests {
         ];
         let plan = memory_plan(1 << 30, 2, &tensors, Some(1000));
         assert_eq!((plan.largest, plan.largest_input_bytes), (1, 300));
-        assert_eq!(plan.scratch, 2 * (4 + 5) * 1000 * 4);
+        assert_eq!(plan.scratch, 2 * ((4 + 5) * 4 + 8) * 1000);
         assert_eq!(plan.read_ahead, 1 << 28);
         assert_eq!(plan.staging, 2 * (STRETCH + ALIGN) as u64);
-        assert_eq!(plan.peak, 300 + (1 << 28) + plan.scratch + 7 + plan.staging);
+        assert_eq!(plan.peak, plan.scratch + 7 + plan.staging);
         assert_eq!(memory_plan(1000, 2, &tensors, Some(1000)).peak, 1000);
         assert_eq!(memory_plan(1 << 30, 1, &[], None).largest_input_bytes, 0);
     }

@@ -320,6 +320,34 @@ impl<'a> Stager<'a> {
         self.append(len, |b| fill(&SliceSink::with_elem_size(b, elem_size)))
     }
 
+    /// Append a tensor of `len` bytes at file offset `off` piece by piece, in file order: `fill(at, piece)` writes
+    /// its bytes `[at, at + piece.len())` (a byte copy, which produces its bytes in order). Unlike [`stage`], the
+    /// tensor need not fit a buffer: full stretches go to the writer as they fill, so a copy of any size is staged
+    /// and a run of copies touches no more than a stretch and a piece of each buffer.
+    pub(crate) fn stage_pieces(
+        &mut self,
+        off: u64,
+        len: u64,
+        mut fill: impl FnMut(usize, &mut [u8]) -> Result<()>,
+    ) -> Result<()> {
+        let contiguous = self.stage.as_ref().is_some_and(|(_, at, held)| at + *held as u64 == off);
+        if !contiguous {
+            self.flush()?;
+            self.restart(off)?;
+        }
+        // Pieces small enough to stay in the cache between the read that fills one and the NaN/Inf count that
+        // scans it. After a hand-on a buffer holds less than a block, so a piece of cap − block bytes always fits.
+        let piece = (256 << 10).min(self.cap - ALIGN);
+        let len = usize::try_from(len).map_err(|_| CoreError::Internal("tensor larger than memory".into()))?;
+        let mut at = 0;
+        while at < len {
+            let n = piece.min(len - at);
+            self.append(n, |b| fill(at, b))?;
+            at += n;
+        }
+        Ok(())
+    }
+
     /// Write out everything staged (before a tensor that is not staged, and at the end of the file).
     pub(crate) fn flush(&mut self) -> Result<()> {
         if let Some((buf, off, len)) = self.stage.take() {

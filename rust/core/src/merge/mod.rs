@@ -202,25 +202,6 @@ impl<'a> Job<'a> {
         })
     }
 
-    /// The same merge over other sources of the same tensors (the executor's whole reads into memory).
-    #[must_use]
-    pub fn rebind<'b>(&self, base: Option<Source<'b>>, inputs: &[Source<'b>]) -> Job<'b>
-    where
-        'a: 'b,
-    {
-        Job {
-            name: self.name,
-            shape: self.shape.clone(),
-            numel: self.numel,
-            base,
-            inputs: self.inputs.iter().zip(inputs).map(|(i, src)| Input { src: *src, ..*i }).collect(),
-            cast: self.cast,
-            spec: self.spec,
-            out_dtype: self.out_dtype,
-            nonfinite: AtomicBool::new(false),
-        }
-    }
-
     /// Every stored source, base first.
     pub fn sources(&self) -> impl Iterator<Item = &Source<'a>> {
         self.base.iter().chain(self.inputs.iter().map(|i| &i.src))
