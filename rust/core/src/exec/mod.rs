@@ -5,10 +5,11 @@
 //! inputs: each pass reads the chunk it works on from the files into a small per-worker buffer and decodes it
 //! while it is still in the cache (`merge::passes`), so no input becomes resident whole. (Reading tensors whole
 //! into buffers first, as earlier versions did for tensors that fit the read-ahead share, copied every input byte
-//! out of the page cache to memory and read it back from there in each pass; streaming cost a task_arithmetic
-//! merge of the 1.1B family 1.0 s of CPU instead of 1.5-3.3 s in the kernel, and 0.3 GB of resident memory
-//! instead of 0.8 GB, with the same bytes.) The next tensor's ranges are advised to the kernel while this one
-//! merges, so cold reads overlap the merge. A failed or short read is an error naming the file and the tensor.
+//! out of the page cache to memory and read it back from there in each pass; streamed, a task_arithmetic merge of
+//! the 1.1B family at one thread took 2.7-2.9 s of CPU instead of 3.6-5.5 s, and 0.3 GB of resident memory
+//! instead of 0.8 GB, with the same bytes: docs/benchmarks.md, "Fourth round".) The next tensor's ranges are
+//! advised to the kernel while this one merges, so cold reads overlap the merge. A failed or short read is an
+//! error naming the file and the tensor.
 //! Writing: most tensors merge into an in-memory stretch of their output file that a writer thread writes with
 //! direct I/O while the next tensors merge; tensors too large for it are written through the page cache, written
 //! back one tensor behind and dropped from it (`writeback`). Either way the output never accumulates in memory,
