@@ -55,6 +55,8 @@ def main() -> int:
     ap.add_argument("--dir", type=Path, default=Path("/work/benchdata/layer8b"))
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--quick", action="store_true", help="a small layer (hidden 256) in DIR-quick: a smoke run")
+    ap.add_argument("--only", choices=["ferromerge", "torch reference"], default=None,
+                    help="run one tool (no output comparison): to time a side whose other run was already taken")
     a = ap.parse_args()
     shape = QUICK if a.quick else SHAPE
     if a.quick:
@@ -78,6 +80,8 @@ def main() -> int:
             "torch reference": lambda out, method=method: ([peer_py, str(HERE / "spectral_peer.py"), method, str(out), str(base),
                                                            *map(str, fts), "--threads", str(a.threads)], peer_env),
         }
+        if a.only:
+            tools = {a.only: tools[a.only]}
         runs: dict[str, list[dict]] = {t: [] for t in tools}
         outs: dict[str, Path] = {}
         for rep in range(a.reps):

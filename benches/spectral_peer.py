@@ -53,11 +53,26 @@ def tsv_m(taus: list[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.multi_dot((u_u, v_u, torch.diag(sum_s), u_v, v_v))
 
 
-def iso_c(taus: list[torch.Tensor]) -> torch.Tensor:
-    """Iso-C: the sum's singular values all replaced by their mean."""
+def svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.linalg.svd(x, full_matrices=False)`` as the reference code calls it, except that where LAPACK's
+    float32 ``gesdd`` fails to converge (it does on Iso-CTS's projected residuals of the 8B-shaped layer: rank-
+    deficient, many repeated zero singular values) the same SVD is retried in float64 and rounded back, with a line
+    on stderr; the reference code itself would stop there with ``torch._C._LinAlgError``."""
     import torch
 
-    u, s, vh = torch.linalg.svd(sum(taus), full_matrices=False)
+    try:
+        return torch.linalg.svd(x, full_matrices=False)
+    except torch._C._LinAlgError:
+        print(f"spectral_peer: float32 SVD of a {tuple(x.shape)} matrix did not converge; retried in float64",
+              file=sys.stderr)
+        u, s, vh = torch.linalg.svd(x.double(), full_matrices=False)
+        return u.float(), s.float(), vh.float()
+
+
+def iso_c(taus: list[torch.Tensor]) -> torch.Tensor:
+    """Iso-C: the sum's singular values all replaced by their mean."""
+
+    u, s, vh = svd(sum(taus))
     return s.mean() * (u @ vh)
 
 
@@ -71,18 +86,18 @@ def iso_cts(taus: list[torch.Tensor], common_space_fraction: float = 0.8) -> tor
     common = int(r * common_space_fraction)
     d = round((r - common) / t)
     common = r - d * t
-    u, s, vh = torch.linalg.svd(sum(taus), full_matrices=False)
+    u, s, vh = svd(sum(taus))
     uc, sc, vc = u[:, :common], s[:common], vh[:common]
     cat_u, cat_s, cat_v = [], [], []
     for tau in taus:
         w = tau - uc @ (uc.T @ tau)
-        ut, st, vt = torch.linalg.svd(w, full_matrices=False)
+        ut, st, vt = svd(w)
         cat_u.append(ut[:, :d])
         cat_s.append(st[:d])
         cat_v.append(vt[:d])
     u_cat, s_cat, v_cat = torch.cat([*cat_u, uc], 1), torch.cat([*cat_s, sc]), torch.cat([*cat_v, vc], 0)
-    pu, _, qu = torch.linalg.svd(u_cat, full_matrices=False)
-    pv, _, qv = torch.linalg.svd(v_cat, full_matrices=False)
+    pu, _, qu = svd(u_cat)
+    pv, _, qv = svd(v_cat)
     return s_cat.mean() * ((pu @ qu) @ (pv @ qv))
 
 
@@ -92,7 +107,7 @@ def star(taus: list[torch.Tensor], eta: float = 40.0) -> torch.Tensor:
 
     out = torch.zeros_like(taus[0])
     for tau in taus:
-        u, s, vh = torch.linalg.svd(tau, full_matrices=False)
+        u, s, vh = svd(tau)
         r = min(int(torch.searchsorted(torch.cumsum(s, 0), s.sum() * eta / 100.0)) + 1, s.numel())
         kept = s[:r] * (s.sum() / s[:r].sum())
         out += u[:, :r] @ (kept[:, None] * vh[:r])
