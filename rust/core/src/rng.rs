@@ -288,6 +288,19 @@ fn keep_mask_each(s: &Stream, start: usize, probs: &[f32], keep: &mut [bool]) {
     }
 }
 
+/// A xorshift64 stream from `seed` (made odd, so never the stuck all-zero state): the random cases of the crate's
+/// unit tests (variety, not quality; the merges' own randomness is [`Stream`]).
+#[cfg(test)]
+pub(crate) fn xorshift(seed: u64) -> impl FnMut() -> u64 {
+    let mut s = seed | 1;
+    move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

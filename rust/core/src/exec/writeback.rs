@@ -265,7 +265,7 @@ pub(crate) struct Stager<'a> {
 }
 
 impl<'a> Stager<'a> {
-    /// `cap`: bytes of each of the two buffers (a tensor is staged when it fits one with a block to spare).
+    /// `cap`: bytes of each of the two buffers (a merge's output is staged when it fits one with a block to spare).
     pub(crate) fn new(to_writer: Sender<Stretch<'a>>, from_writer: Receiver<Written>, cap: usize) -> Self {
         Stager {
             to_writer,
@@ -280,7 +280,8 @@ impl<'a> Stager<'a> {
         }
     }
 
-    /// Whether a tensor of `len` output bytes is staged.
+    /// Whether a merge's output of `len` bytes is staged whole ([`stage`](Self::stage); a copy is staged piece by
+    /// piece whatever its size: [`stage_pieces`](Self::stage_pieces)).
     pub(crate) fn fits(&self, len: u64) -> bool {
         len + ALIGN as u64 <= self.cap as u64
     }
@@ -312,11 +313,7 @@ impl<'a> Stager<'a> {
         fill: impl FnOnce(&dyn Sink) -> Result<()>,
     ) -> Result<()> {
         let len = len as usize;
-        let contiguous = self.stage.as_ref().is_some_and(|(_, at, held)| at + *held as u64 == off);
-        if !contiguous {
-            self.flush()?;
-            self.restart(off)?;
-        }
+        self.continue_at(off)?;
         self.append(len, |b| fill(&SliceSink::with_elem_size(b, elem_size)))
     }
 
@@ -330,11 +327,7 @@ impl<'a> Stager<'a> {
         len: u64,
         mut fill: impl FnMut(usize, &mut [u8]) -> Result<()>,
     ) -> Result<()> {
-        let contiguous = self.stage.as_ref().is_some_and(|(_, at, held)| at + *held as u64 == off);
-        if !contiguous {
-            self.flush()?;
-            self.restart(off)?;
-        }
+        self.continue_at(off)?;
         // Pieces small enough to stay in the cache between the read that fills one and the NaN/Inf count that
         // scans it. After a hand-on a buffer holds less than a block, so a piece of cap − block bytes always fits.
         let piece = (256 << 10).min(self.cap - ALIGN);
@@ -399,6 +392,17 @@ impl<'a> Stager<'a> {
             self.send(buf, off, (cut - off) as usize)?;
         } else {
             self.free.push(buf);
+        }
+        Ok(())
+    }
+
+    /// Go on in the current stretch when it ends at file offset `off`; otherwise write it out and start a new one
+    /// at `off` (after a tensor that was not staged).
+    fn continue_at(&mut self, off: u64) -> Result<()> {
+        let contiguous = self.stage.as_ref().is_some_and(|(_, at, held)| at + *held as u64 == off);
+        if !contiguous {
+            self.flush()?;
+            self.restart(off)?;
         }
         Ok(())
     }

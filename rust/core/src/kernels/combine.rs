@@ -379,16 +379,7 @@ pub fn finish(mixed: &mut [f32], divisor: Option<&[f32]>, lambda: f32, base: Opt
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A xorshift64 stream from `seed`: the random cases of the tests below (variety, not quality).
-    fn xorshift(mut s: u64) -> impl FnMut() -> u64 {
-        move || {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            s
-        }
-    }
+    use crate::rng::xorshift;
 
     #[test]
     fn scaled_keeps_the_sign_of_zero() {

@@ -428,16 +428,7 @@ pub fn select_with_specials(
 mod isa_tests {
     use super::*;
     use crate::kernels::isa::Isa;
-
-    fn xorshift(seed: u64) -> impl FnMut() -> u64 {
-        let mut s = seed | 1;
-        move || {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            s
-        }
-    }
+    use crate::rng::xorshift;
 
     /// Every path of `bracket_collect` returns what the portable one does (above, keys in order, special counts),
     /// on values from a coarse grid (ties and specials common), with brackets up to `hi = u32::MAX`.

@@ -326,16 +326,9 @@ mod tests {
     /// at lengths on and off whole bytes and words.
     #[test]
     fn keep_bits_round_trip() {
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = crate::rng::xorshift(0x9e37_79b9_7f4a_7c15);
         for n in [0usize, 1, 7, 8, 9, 63, 64, 65, 200, 4096, 4099] {
-            let keep: Vec<bool> = (0..n)
-                .map(|_| {
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    state % 3 == 0
-                })
-                .collect();
+            let keep: Vec<bool> = (0..n).map(|_| next() % 3 == 0).collect();
             let bits = pack_bits(&keep);
             assert_eq!(bits.len(), n.div_ceil(64));
             for (j, &k) in keep.iter().enumerate() {

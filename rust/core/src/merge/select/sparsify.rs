@@ -227,13 +227,7 @@ mod tests {
     /// NaN, infinities and a wide spread of exponents, for both key orders.
     #[test]
     fn radix_ranks_match_a_comparison_sort() {
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut next = || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = crate::rng::xorshift(0x2545_f491_4f6c_dd1d);
         let mut ranks = RowRanks::default();
         for n in [1usize, 2, 3, 17, 256, 1000, 4099] {
             let row: Vec<f32> = (0..n)
