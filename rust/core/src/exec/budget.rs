@@ -4,12 +4,12 @@
 //!
 //! Under a budget B: inputs are streamed chunk by chunk, never held whole (`exec`), and the next tensor's inputs
 //! are advised to the kernel for reading ahead when they fit a quarter of B (that read-ahead lives in the page
-//! cache); each worker holds (inputs + 5) f32 buffers of one chunk and one buffer for a chunk's stored bytes (at
-//! most 8 bytes an element), all of them together within an eighth of B; a spectral method adds its whole-matrix
-//! working set; the output is staged in two buffers (`writeback`), each holding the largest output a tensor stages
-//! plus a 4 KiB block, at least 8 MiB and at most a sixteenth of B (a tensor whose output does not fit is written
-//! through the page cache instead). The resident peak is at most min(B, scratch + largest working set + staging);
-//! the OS page cache is not counted.
+//! cache); each worker holds (inputs + 5) f32 buffers of one chunk and one buffer for a chunk's stored bytes
+//! (counted at 8 bytes an element, at most 4 in fact), all of them together within an eighth of B; a spectral
+//! method adds its whole-matrix working set; the output is staged in two buffers (`writeback`), each holding the
+//! largest output a tensor stages plus a 4 KiB block, at least 8 MiB and at most a sixteenth of B (a tensor whose
+//! output does not fit is written through the page cache instead). The resident peak is at most min(B, scratch +
+//! largest working set + staging); the OS page cache is not counted.
 
 use super::writeback::{ALIGN, STRETCH};
 use crate::merge::DEFAULT_CHUNK_ELEMS;
@@ -20,8 +20,9 @@ pub const MIN_MEMORY_LIMIT: u64 = 64 << 20;
 /// f32 buffers each worker holds per chunk beyond one per input (base, mixed, total, divisor, probabilities).
 const SCRATCH_BUFFERS: u64 = 5;
 
-/// Bytes an element of a worker's read buffer may take (the widest stored dtype, f64/i64): the stored bytes of
-/// one input's chunk, read from its file before they are decoded (`merge::passes`).
+/// Bytes counted for an element of a worker's read buffer (the stored bytes of one input's chunk, read from its
+/// file before they are decoded: `merge::passes`). An over-count: the widest dtype a merge decodes is F32
+/// (`dtype::DType`), 4 bytes; non-float tensors are only ever copied, never read through this buffer.
 const READ_BYTES: u64 = 8;
 
 /// Elements per chunk for a budget: each worker holds (inputs + 5) f32 buffers of one chunk and a read buffer of
