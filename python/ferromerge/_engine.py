@@ -99,20 +99,15 @@ class MethodRow(TypedDict):
     spectral: bool
 
 
-class _TensorNeedsBase(TypedDict):
+class TensorNeeds(TypedDict):
+    """What one output tensor asks of memory (an entry of ``memory_plan``'s ``tensors``)."""
+
     #: bytes of all its stored inputs, base included
     input_bytes: int
     #: its non-base inputs
     inputs: int
     method: MethodObject
     shape: Sequence[int]
-
-
-class TensorNeeds(_TensorNeedsBase, total=False):
-    """What one output tensor asks of memory (an entry of ``memory_plan``'s ``tensors``)."""
-
-    #: bytes of its output, which size the output staging buffers (absent: taken as ``input_bytes``)
-    output_bytes: int
 
 
 class MemoryPlan(TypedDict):

@@ -3,8 +3,8 @@
 * **Disk**: the output shards' bytes, against the free space of the filesystem the output goes to.
 * **Peak memory**: a bound on what the engine keeps resident under its memory budget (``memory_limit``): the
   workers' chunk buffers (threads x (inputs + 5) f32 buffers of one chunk and a read buffer of it), a spectral
-  method's whole-matrix working set and the two output staging buffers (each the largest output a tensor stages,
-  at most a sixteenth of the budget), capped by the budget itself. The inputs are streamed chunk by chunk, never
+  method's whole-matrix working set and the two output staging buffers (each a window of the final pass: a few
+  MiB, at most a sixteenth of the budget, whatever the tensors' sizes), capped by the budget itself. The inputs are streamed chunk by chunk, never
   held whole; the next tensor's inputs (when they fit a quarter of the budget) are read ahead into the OS page
   cache, which is not counted: the kernel reclaims it on demand.
 * **Time**: calibrated on this machine in well under a second: the compute rate of the engine's kernel with the
@@ -124,8 +124,8 @@ def default_threads() -> int:
 def tensor_needs(tensors: Sequence[PlanTensor]) -> list[_engine.TensorNeeds]:
     """What each tensor asks of the engine's memory plan (``_engine.memory_plan``)."""
     return [
-        {"input_bytes": t.bytes_in, "inputs": len(t.inputs), "method": t.method, "shape": t.shape,  # type: ignore[typeddict-item]
-         "output_bytes": t.bytes_out}
+        {"input_bytes": t.bytes_in, "inputs": len(t.inputs), "method": t.method,  # type: ignore[typeddict-item]
+         "shape": t.shape}
         for t in tensors
     ]
 

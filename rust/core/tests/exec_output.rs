@@ -1,8 +1,8 @@
-//! The executor's output writer (`exec/writeback.rs`): tensors staged in stretches written with direct I/O,
-//! tensors too large to stage written through the page cache (streamed or whole), non-float tensors copied, on a
-//! disk file system and on tmpfs (no direct I/O: every stretch through the page cache), under a budget that
-//! stages everything and one that stages little: every way gives the same file, byte for byte, and the CRC-32
-//! reported for it.
+//! The executor's output writer (`exec/writeback.rs`): merges staged a window at a time into stretches written
+//! with direct I/O (windows smaller than a tensor, one window a tensor), non-float tensors copied piece by piece, on
+//! a disk file system and on tmpfs (no direct I/O: every stretch through the page cache), under the default budget
+//! and a 64 MiB one (smaller buffers, so more windows): every way gives the same file, byte for byte, and the
+//! CRC-32 reported for it.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -13,8 +13,8 @@ use ferromerge_core::plan::Plan;
 use ferromerge_core::DType;
 
 /// `(name, elements, output dtype)` per shard; sizes chosen so tensors start at unaligned offsets, stretches
-/// fill and hand on, and under a 64 MiB budget (stage buffers of 4 MiB, read-ahead share 16 MiB) `big` is
-/// streamed, `mid` is read whole but not staged, and the others are staged around them.
+/// fill and hand on, and `big`, `mid` and `t5` merge in several windows (of 8 MiB, or of 4 MiB under the 64 MiB
+/// budget) that end at unaligned offsets.
 const SHARDS: [&[(&str, usize, &str)]; 2] = [
     &[
         ("t0", 3, "bfloat16"),

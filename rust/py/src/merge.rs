@@ -193,8 +193,7 @@ pub fn methods(py: Python<'_>) -> PyResult<Bound<'_, PyList>> {
 }
 
 /// The memory plan of a run (`exec/budget.rs`): `tensors` holds one dict per output tensor with its
-/// `input_bytes` (base included), `inputs` (non-base), and its plan `method` object and `shape`, and optionally
-/// its `output_bytes` (absent: taken as `input_bytes`, which bounds it unless a cast widens the dtype).
+/// `input_bytes` (base included), `inputs` (non-base), and its plan `method` object and `shape`.
 #[pyfunction]
 #[pyo3(signature = (memory_limit, threads, tensors, chunk_elems=None))]
 pub fn memory_plan<'py>(
@@ -214,15 +213,10 @@ pub fn memory_plan<'py>(
         let spec = MethodSpec::from_plan(&method).map_err(to_py)?;
         let inputs: usize = item("inputs")?.extract()?;
         let input_bytes: u64 = item("input_bytes")?.extract()?;
-        let output_bytes: u64 = match t.get_item("output_bytes")? {
-            Some(v) => v.extract()?,
-            None => input_bytes,
-        };
         needs.push(TensorNeeds {
             input_bytes,
             inputs,
             working_bytes: merge::working_bytes(&spec, &shape, inputs),
-            output_bytes,
         });
     }
     let plan = exec::memory_plan(memory_limit, threads, &needs, chunk_elems);

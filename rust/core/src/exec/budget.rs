@@ -6,9 +6,9 @@
 //! are advised to the kernel for reading ahead when they fit a quarter of B (that read-ahead lives in the page
 //! cache); each worker holds (inputs + 5) f32 buffers of one chunk and one buffer for a chunk's stored bytes
 //! (counted at 8 bytes an element, at most 4 in fact), all of them together within an eighth of B; a spectral
-//! method adds its whole-matrix working set; the output is staged in two buffers (`writeback`), each holding the
-//! largest output a tensor stages plus a 4 KiB block, at least 8 MiB and at most a sixteenth of B (a tensor whose
-//! output does not fit is written through the page cache instead). The resident peak is at most min(B, scratch +
+//! method adds its whole-matrix working set; the output is staged in two buffers (`writeback`), each holding a
+//! window of a merge's final pass (four chunks of f32 output per worker, at least an 8 MiB stretch) plus a 4 KiB
+//! block, at most a sixteenth of B, whatever the tensors' sizes. The resident peak is at most min(B, scratch +
 //! largest working set + staging); the OS page cache is not counted.
 
 use super::writeback::{ALIGN, STRETCH};
@@ -73,8 +73,6 @@ pub struct TensorNeeds {
     pub inputs: usize,
     /// Bytes its method holds beyond the chunk buffers (`merge::working_bytes`).
     pub working_bytes: u64,
-    /// Bytes of its output.
-    pub output_bytes: u64,
 }
 
 /// How a run uses its budget (see the module docs).
@@ -116,18 +114,19 @@ pub fn memory_plan(budget: u64, workers: usize, tensors: &[TensorNeeds], chunk_o
             best
         }
     });
-    let staging = 2 * stage_capacity(budget, tensors) as u64;
+    let staging = 2 * stage_capacity(budget, workers, chunk) as u64;
     let peak = budget.min(scratch + working + staging);
     MemoryPlan { budget, chunk_elems: chunk, read_ahead, scratch, working, staging, largest, largest_input_bytes, peak }
 }
 
-/// Bytes of each of the two output staging buffers: the largest output that fits a sixteenth of the budget with a
-/// block to spare, plus that block, and at least a stretch (all within the sixteenth); a multiple of the block.
+/// Bytes of each of the two output staging buffers: a window of the final pass (four chunks of f32 output per
+/// worker, so that the window's chunks keep every worker busy, and at least a stretch) plus a block for an
+/// unaligned stretch end, within a sixteenth of the budget; a multiple of the block.
 #[must_use]
-pub fn stage_capacity(budget: u64, tensors: &[TensorNeeds]) -> usize {
+pub fn stage_capacity(budget: u64, workers: usize, chunk_elems: usize) -> usize {
     let limit = usize::try_from(budget / 16).unwrap_or(usize::MAX) / ALIGN * ALIGN;
-    let staged = tensors.iter().map(|t| t.output_bytes as usize).filter(|&o| o + ALIGN <= limit).max().unwrap_or(0);
-    (staged + ALIGN).next_multiple_of(ALIGN).max(STRETCH + ALIGN).min(limit)
+    let window = (4 * workers.max(1)).saturating_mul(chunk_elems).saturating_mul(4).max(STRETCH);
+    window.saturating_add(ALIGN).next_multiple_of(ALIGN).min(limit)
 }
 
 #[cfg(test)]
@@ -147,9 +146,9 @@ mod tests {
     #[test]
     fn peak_is_scratch_working_set_and_staging_capped_by_the_budget() {
         let tensors = [
-            TensorNeeds { input_bytes: 100, inputs: 2, working_bytes: 0, output_bytes: 50 },
-            TensorNeeds { input_bytes: 300, inputs: 1, working_bytes: 7, output_bytes: 100 },
-            TensorNeeds { input_bytes: 300, inputs: 3, working_bytes: 0, output_bytes: 150 },
+            TensorNeeds { input_bytes: 100, inputs: 2, working_bytes: 0 },
+            TensorNeeds { input_bytes: 300, inputs: 1, working_bytes: 7 },
+            TensorNeeds { input_bytes: 300, inputs: 3, working_bytes: 0 },
         ];
         let plan = memory_plan(1 << 30, 2, &tensors, Some(1000));
         assert_eq!((plan.largest, plan.largest_input_bytes), (1, 300));
@@ -162,17 +161,13 @@ mod tests {
     }
 
     #[test]
-    fn staging_holds_the_largest_output_that_fits_a_sixteenth_of_the_budget() {
-        let needs = |outs: &[u64]| -> Vec<TensorNeeds> {
-            outs.iter().map(|&o| TensorNeeds { output_bytes: o, ..Default::default() }).collect()
-        };
-        // The 100 MiB output fits a sixteenth of 4 GiB (256 MiB): a buffer holds it and a block.
-        assert_eq!(stage_capacity(4 << 30, &needs(&[5, 100 << 20])), (100 << 20) + ALIGN);
-        // At 1 GiB the sixteenth (64 MiB) cannot hold it: that tensor goes through the page cache, the others
-        // stage in buffers of a stretch.
-        assert_eq!(stage_capacity(1 << 30, &needs(&[5, 100 << 20])), STRETCH + ALIGN);
-        // Never more than the sixteenth, and whole blocks.
-        assert_eq!(stage_capacity(64 << 20, &needs(&[5])), 4 << 20);
-        assert_eq!(stage_capacity(4 << 30, &needs(&[10_000_000])) % ALIGN, 0);
+    fn staging_holds_a_window_of_chunks_for_every_worker_within_a_sixteenth_of_the_budget() {
+        // Two workers' four chunks of 64 Ki f32 (2 MiB) are less than a stretch: a stretch and a block.
+        assert_eq!(stage_capacity(4 << 30, 2, DEFAULT_CHUNK_ELEMS), STRETCH + ALIGN);
+        // Sixteen workers: 16 MiB of window and a block.
+        assert_eq!(stage_capacity(4 << 30, 16, DEFAULT_CHUNK_ELEMS), (16 << 20) + ALIGN);
+        // Never more than the sixteenth, whatever the tensors' sizes, and whole blocks.
+        assert_eq!(stage_capacity(64 << 20, 2, DEFAULT_CHUNK_ELEMS), 4 << 20);
+        assert_eq!(stage_capacity(4 << 30, 3, 1000) % ALIGN, 0);
     }
 }

@@ -31,12 +31,12 @@ pub use budget::{chunk_elems, default_memory_limit, memory_plan, MemoryPlan, Ten
 
 use crate::dtype::{self, DType};
 use crate::error::{CoreError, Result};
-use crate::io::writer::{FileSink, LayoutEntry};
+use crate::io::writer::LayoutEntry;
 use crate::io::{SafetensorsFile, ShardLayout, TensorEntry};
 use crate::merge::{self, Data, Job, Method, Options, Source};
 use crate::plan::{Plan, PlanTensor};
 use crate::pool;
-use writeback::{finish_writeback, start_writeback, OutFile, Stager, TensorSink};
+use writeback::{finish_writeback, OutFile, StagedSink, Stager};
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Progress {
@@ -267,13 +267,11 @@ pub fn execute_with(
                 input_bytes: w.input_bytes(),
                 inputs: j.inputs.len(),
                 working_bytes: merge::working_bytes(&j.spec, &j.shape, j.inputs.len()),
-                output_bytes: w.output_bytes(),
             },
             Work::Copy { .. } => TensorNeeds {
                 input_bytes: w.input_bytes(),
                 inputs: 1,
                 working_bytes: 0,
-                output_bytes: w.output_bytes(),
             },
         })
         .collect();
@@ -317,12 +315,12 @@ pub fn execute_with(
     }
 
     // Merges whose inputs fit the read-ahead share: the next one is advised to the kernel while this one merges
-    // (a larger one is left to the kernel's own read-ahead, and its output, when not staged, written back eagerly).
+    // (a larger one is left to the kernel's own read-ahead).
     let fits_share = |i: usize| works[i].input_bytes() <= share && matches!(works[i], Work::Merge(_));
     let outs: Vec<OutFile> = outputs.iter().map(|(path, file, _)| OutFile::new(file, path)).collect();
     let (to_writer, stretches) = std::sync::mpsc::channel();
     let (written, from_writer) = std::sync::mpsc::channel();
-    let cap = budget::stage_capacity(budget, &needs);
+    let cap = budget::stage_capacity(budget, workers, chunk);
     let bytes_written = std::thread::scope(|scope| -> Result<u64> {
         std::thread::Builder::new()
             .name("ferromerge-writer".into())
@@ -338,8 +336,6 @@ pub fn execute_with(
             let mut head = (layout.header.len() as u64).to_le_bytes().to_vec();
             head.extend_from_slice(&layout.header);
             stager.begin(&outs[s], &head)?;
-            // The previous unstaged tensor's output range, still being written back.
-            let mut behind: Option<(u64, u64)> = None;
             for k in 0..shard.tensors.len() {
                 let out_len = works[idx].output_bytes();
                 let off = layout.offsets[k];
@@ -383,21 +379,7 @@ pub fn execute_with(
                             }
                             merged
                         };
-                        // Chunks arrive in any order, so a staged merge needs its whole output in one buffer; a
-                        // larger one is written through the page cache.
-                        if stager.fits(out_len) {
-                            stager.stage(off, out_len, job.out_dtype.size(), fill)?;
-                        } else {
-                            stager.flush()?;
-                            let sink =
-                                TensorSink::new(FileSink { file, path }, off, job.out_dtype.size(), !fits_share(idx));
-                            fill(&sink)?;
-                            stager.push_pieces(sink.finish());
-                            start_writeback(file, off, out_len);
-                            if let Some((o, l)) = behind.replace((off, out_len)) {
-                                finish_writeback(file, o, l);
-                            }
-                        }
+                        fill(&StagedSink::new(&mut stager, off, job.out_dtype.size()))?;
                     }
                 }
                 bytes_written += out_len;

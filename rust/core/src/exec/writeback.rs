@@ -1,22 +1,20 @@
 //! Writing the output files.
 //!
-//! Staged tensors (most of them; see [`stage_capacity`](super::budget::stage_capacity)): a tensor merges into an
-//! aligned in-memory stretch of its file that holds the bytes before it in file order (the header first, then
-//! consecutive tensors), and a writer thread writes each filled stretch with direct I/O (`O_DIRECT`) while the next
-//! tensors merge. Direct I/O skips the page cache: no copy of the output into it, no dirty pages for the kernel to
-//! account, write back and drop (on the 300M family's 0.67 GB output, writing through the page cache and pushing it
-//! out again cost the merge about 0.6 s of system time; direct writes of the same bytes about 0.1 s). Direct I/O
-//! takes only whole 4 KiB blocks at aligned offsets: the unaligned end of a stretch stays staged as the start of the
-//! next one, and the unaligned edges left (next to a tensor that was not staged, and the end of the file) go
-//! through the page cache. Where the file system refuses direct I/O (tmpfs), the writer thread writes the same
-//! stretches through the page cache and waits for each to reach the disk before dropping it from memory, so the
-//! output never accumulates there either.
+//! Every tensor is staged: its bytes go into an aligned in-memory stretch of its file that holds the bytes before
+//! it in file order (the header first, then consecutive tensors), and a writer thread writes each filled stretch
+//! with direct I/O (`O_DIRECT`) while the next tensors merge. A merge's final pass fills the stretch a window of
+//! whole chunks at a time ([`StagedSink`]), in file order, so the two staging buffers stay a few MiB whatever the
+//! tensor's size (a 128256×8192 embedding included); a copy fills it piece by piece. Direct I/O skips the page
+//! cache: no copy of the output into it, no dirty pages for the kernel to account, write back and drop (on the 300M
+//! family's 0.67 GB output, writing through the page cache and pushing it out again cost the merge about 0.6 s of
+//! system time; direct writes of the same bytes about 0.1 s). Direct I/O takes only whole 4 KiB blocks at aligned
+//! offsets: the unaligned end of a stretch stays staged as the start of the next one, and the unaligned end of the
+//! file goes through the page cache. Where the file system refuses direct I/O (tmpfs), the writer thread writes the
+//! same stretches through the page cache and waits for each to reach the disk before dropping it from memory, so
+//! the output never accumulates there either.
 //!
-//! Tensors too large to stage are written chunk by chunk through the page cache as they merge ([`TensorSink`]),
-//! written back one tensor behind and dropped from the page cache.
-//!
-//! The file's CRC-32 costs no second read: the writer thread hashes each stretch as it writes it, [`TensorSink`]
-//! each chunk; the pieces are combined in file order.
+//! The file's CRC-32 costs no second read: the writer thread hashes each stretch as it writes it; the pieces are
+//! combined in file order.
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -27,8 +25,7 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Mutex;
 
 use crate::error::{CoreError, Result};
-use crate::io::writer::FileSink;
-use crate::merge::{Sink, SliceSink};
+use crate::merge::Sink;
 
 /// The block size direct I/O needs (offsets, lengths and buffer addresses): 4 KiB covers 512-byte and 4 KiB
 /// logical blocks.
@@ -37,42 +34,6 @@ pub(crate) const ALIGN: usize = 4096;
 /// A stretch is handed to the writer thread once it holds this many bytes (or when the next tensor would not
 /// fit): large enough that a direct write is efficient, small enough that small tensors reach the disk early.
 pub(crate) const STRETCH: usize = 8 << 20;
-
-/// Writes one tensor's chunks at its offset in an output file through the page cache, and keeps the CRC-32 of each
-/// chunk (chunks arrive in any order, from any thread; [`Pieces`] combines them in file order).
-pub(crate) struct TensorSink<'a> {
-    file: FileSink<'a>,
-    offset: u64,
-    elem_size: u64,
-    /// Start writing back each chunk at once (for tensors larger than the budget's share).
-    eager: bool,
-    crcs: Mutex<Vec<(u64, u64, crc32fast::Hasher)>>,
-}
-
-impl<'a> TensorSink<'a> {
-    pub(crate) fn new(file: FileSink<'a>, offset: u64, elem_size: usize, eager: bool) -> Self {
-        TensorSink { file, offset, elem_size: elem_size as u64, eager, crcs: Mutex::new(Vec::new()) }
-    }
-
-    /// The CRC-32 pieces of everything written: `(file offset, length, hash)`.
-    pub(crate) fn finish(self) -> Vec<(u64, u64, crc32fast::Hasher)> {
-        self.crcs.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
-
-impl Sink for TensorSink<'_> {
-    fn put(&self, elem_start: usize, bytes: &[u8]) -> Result<()> {
-        let off = self.offset + elem_start as u64 * self.elem_size;
-        self.file.write_at(off, bytes)?;
-        if self.eager {
-            start_writeback(self.file.file, off, bytes.len() as u64);
-        }
-        let mut h = crc32fast::Hasher::new();
-        h.update(bytes);
-        self.crcs.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push((off, bytes.len() as u64, h));
-        Ok(())
-    }
-}
 
 /// The CRC-32 pieces of one output file, combined in file order once the file is whole.
 #[derive(Default)]
@@ -270,7 +231,7 @@ impl<'a> Stager<'a> {
         Stager {
             to_writer,
             from_writer,
-            cap,
+            cap: cap.next_multiple_of(ALIGN),
             free: Vec::new(),
             buffers: 0,
             in_flight: 0,
@@ -280,41 +241,23 @@ impl<'a> Stager<'a> {
         }
     }
 
-    /// Whether a merge's output of `len` bytes is staged whole ([`stage`](Self::stage); a copy is staged piece by
-    /// piece whatever its size: [`stage_pieces`](Self::stage_pieces)).
-    pub(crate) fn fits(&self, len: u64) -> bool {
-        len + ALIGN as u64 <= self.cap as u64
+    /// Elements of `elem_size` bytes in a window of a merge's final pass: what a buffer holds beside the block of
+    /// an unaligned stretch end ([`StagedSink`]).
+    pub(crate) fn window_elems(&self, elem_size: usize) -> usize {
+        ((self.cap - ALIGN) / elem_size.max(1)).max(1)
     }
 
     /// Start an output file whose bytes before the first tensor are `head` (its header, already written by
-    /// `ShardLayout::create`): staged as the start of the first stretch when it fits one.
+    /// `ShardLayout::create`), staged as the start of the first stretch.
     pub(crate) fn begin(&mut self, out: &'a OutFile<'a>, head: &[u8]) -> Result<()> {
         self.out = Some(out);
         self.pieces = Pieces::default();
-        if !self.fits(head.len() as u64) {
-            let mut h = crc32fast::Hasher::new();
-            h.update(head);
-            self.pieces.0.push((0, head.len() as u64, h));
-            return self.restart(head.len() as u64);
-        }
         self.restart(0)?;
-        self.append(head.len(), |b| {
-            b.copy_from_slice(head);
+        // A header longer than a buffer (tens of thousands of tensors) is staged piece by piece like a copy.
+        self.stage_pieces(0, head.len() as u64, |at, buf| {
+            buf.copy_from_slice(&head[at..at + buf.len()]);
             Ok(())
         })
-    }
-
-    /// Merge a tensor into the stretch: `fill` writes its `len` bytes (file offset `off`) through the sink given.
-    pub(crate) fn stage(
-        &mut self,
-        off: u64,
-        len: u64,
-        elem_size: usize,
-        fill: impl FnOnce(&dyn Sink) -> Result<()>,
-    ) -> Result<()> {
-        let len = len as usize;
-        self.continue_at(off)?;
-        self.append(len, |b| fill(&SliceSink::with_elem_size(b, elem_size)))
     }
 
     /// Append a tensor of `len` bytes at file offset `off` piece by piece, in file order: `fill(at, piece)` writes
@@ -341,17 +284,12 @@ impl<'a> Stager<'a> {
         Ok(())
     }
 
-    /// Write out everything staged (before a tensor that is not staged, and at the end of the file).
+    /// Write out everything staged (at the end of the file, and before a tensor that does not follow on).
     pub(crate) fn flush(&mut self) -> Result<()> {
         if let Some((buf, off, len)) = self.stage.take() {
             self.send(buf, off, len)?;
         }
         Ok(())
-    }
-
-    /// A piece of the file written outside the stretches (a tensor that was not staged).
-    pub(crate) fn push_pieces(&mut self, pieces: Vec<(u64, u64, crc32fast::Hasher)>) {
-        self.pieces.0.extend(pieces);
     }
 
     /// End the file: everything written (not yet fsynced), the CRC-32 of its `total` bytes.
@@ -366,17 +304,46 @@ impl<'a> Stager<'a> {
 
     /// Append `len` bytes to the stretch, written by `fill`; hands the stretch on when it is long enough.
     fn append(&mut self, len: usize, fill: impl FnOnce(&mut [u8]) -> Result<()>) -> Result<()> {
-        let (_, _, held) = self.stage.as_ref().expect("a stretch is open");
-        if held + len > self.cap {
+        let room = self.room(len)?;
+        // SAFETY: `room` points at `len` bytes of the current stretch's buffer, inside its mapping, which nothing
+        // else touches until `commit` (the buffer is owned by `self`, borrowed mutably here).
+        fill(unsafe { std::slice::from_raw_parts_mut(room, len) })?;
+        self.commit(len)
+    }
+
+    /// The address of `len` bytes at the end of the stretch (handed on first when it has no room). A window larger
+    /// than a buffer (a chunk of rows longer than a buffer) gets a buffer of its own, freed once written.
+    fn room(&mut self, len: usize) -> Result<*mut u8> {
+        let (buf, _, held) = self.stage.as_ref().expect("a stretch is open");
+        if held + len > buf.cap {
             self.hand_on()?;
         }
         let (buf, _, held) = self.stage.as_mut().expect("a stretch is open");
-        fill(buf.bytes_mut(*held..*held + len))?;
+        if *held + len > buf.cap {
+            let mut big = StageBuf::new(*held + len, self.out.expect("a file is open").path)?;
+            big.bytes_mut(0..*held).copy_from_slice(buf.bytes(*held));
+            let small = std::mem::replace(buf, big);
+            self.recycle(small);
+        }
+        let (buf, _, held) = self.stage.as_mut().expect("a stretch is open");
+        Ok(buf.bytes_mut(*held..*held + len).as_mut_ptr())
+    }
+
+    /// The `len` bytes made room for are filled: they are part of the stretch now.
+    fn commit(&mut self, len: usize) -> Result<()> {
+        let (_, _, held) = self.stage.as_mut().expect("a stretch is open");
         *held += len;
         if *held >= STRETCH {
             self.hand_on()?;
         }
         Ok(())
+    }
+
+    /// A buffer back in the free list, or unmapped when it was made for one large window.
+    fn recycle(&mut self, buf: StageBuf) {
+        if buf.cap == self.cap {
+            self.free.push(buf);
+        }
     }
 
     /// Send the stretch's whole blocks to the writer and start the next stretch with its unaligned end.
@@ -391,7 +358,7 @@ impl<'a> Stager<'a> {
         if cut > off {
             self.send(buf, off, (cut - off) as usize)?;
         } else {
-            self.free.push(buf);
+            self.recycle(buf);
         }
         Ok(())
     }
@@ -440,21 +407,75 @@ impl<'a> Stager<'a> {
         let w =
             self.from_writer.recv().map_err(|_| CoreError::Internal("the output writer thread ended early".into()))?;
         self.in_flight -= 1;
-        self.free.push(w.buf);
+        self.recycle(w.buf);
         self.pieces.0.push(w.piece?);
         Ok(())
+    }
+}
+
+/// A merge's output staged a window at a time ([`Sink::window_elems`]): each window's chunks are put (from any
+/// worker, in any order) straight into the stretch, and the window joins it when the pass closes it, so full
+/// stretches are written while the next window merges. `put` outside an open window is a bug (a panic, which the
+/// merge reports as an internal error naming the tensor).
+pub(crate) struct StagedSink<'s, 'a> {
+    stager: Mutex<&'s mut Stager<'a>>,
+    /// The tensor's file offset and element size.
+    off: u64,
+    elem_size: usize,
+    /// The open window: its first element, its bytes, and the address they are staged at (`0`: none open).
+    window: Mutex<(usize, usize, usize)>,
+}
+
+impl<'s, 'a> StagedSink<'s, 'a> {
+    pub(crate) fn new(stager: &'s mut Stager<'a>, off: u64, elem_size: usize) -> Self {
+        StagedSink { stager: Mutex::new(stager), off, elem_size, window: Mutex::new((0, 0, 0)) }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Sink for StagedSink<'_, '_> {
+    fn window_elems(&self) -> Option<usize> {
+        Some(lock(&self.stager).window_elems(self.elem_size))
+    }
+
+    fn begin_window(&self, start: usize, len: usize) -> Result<()> {
+        let bytes = len * self.elem_size;
+        let mut stager = lock(&self.stager);
+        stager.continue_at(self.off + (start * self.elem_size) as u64)?;
+        let at = stager.room(bytes)?;
+        *lock(&self.window) = (start, bytes, at as usize);
+        Ok(())
+    }
+
+    fn put(&self, elem_start: usize, bytes: &[u8]) -> Result<()> {
+        // SAFETY: the range is this put's own (disjoint from every other put), written at once, inside the window.
+        unsafe { self.place(elem_start, bytes.len()) }.expect("a staged window").copy_from_slice(bytes);
+        Ok(())
+    }
+
+    unsafe fn place(&self, elem_start: usize, len: usize) -> Option<&mut [u8]> {
+        let (start, bytes, at) = *lock(&self.window);
+        let from = elem_start.checked_sub(start).map(|e| e * self.elem_size);
+        assert!(at != 0 && from.is_some_and(|f| f + len <= bytes), "output put outside its window");
+        let from = from.unwrap_or(0);
+        // SAFETY: in the window's room (checked above), which stays valid until `end_window` (the stager makes no
+        // room and hands nothing on meanwhile: its lock is only taken by `begin_window` and `end_window`, which the
+        // final pass calls around the window's chunks); the caller asks for disjoint ranges (the trait's contract).
+        Some(unsafe { std::slice::from_raw_parts_mut((at as *mut u8).add(from), len) })
+    }
+
+    fn end_window(&self) -> Result<()> {
+        let (_, len, _) = std::mem::take(&mut *lock(&self.window));
+        lock(&self.stager).commit(len)
     }
 }
 
 /// File offsets and lengths as the syscalls take them (`off_t`); output files are far below 2^63 bytes.
 fn off_t(v: u64) -> libc::off_t {
     v as libc::off_t
-}
-
-/// Ask the kernel to start writing a range back (without waiting).
-pub(crate) fn start_writeback(file: &File, off: u64, len: u64) {
-    // SAFETY: plain syscalls on a file we own; failures only mean the kernel writes back later on its own.
-    unsafe { libc::sync_file_range(file.as_raw_fd(), off_t(off), off_t(len), libc::SYNC_FILE_RANGE_WRITE) };
 }
 
 /// Wait until a written range is on disk, then drop it from the page cache.
@@ -471,25 +492,34 @@ pub(crate) fn finish_writeback(file: &File, off: u64, len: u64) {
 mod tests {
     use super::*;
 
-    /// Tensors of these sizes (bytes) after a 13-byte head, staged or (`false`) written outside the stretches.
-    const TENSORS: [(usize, bool); 9] = [
-        (3, true),
-        (5000, true),
-        (STRETCH - 100, true),
-        (300_001, false),
-        (17, true),
-        (3 * ALIGN, true),
-        (2 * STRETCH + 7, true),
-        (1, false),
-        (9, true),
+    /// How a tensor is staged: merged in windows of this many bytes, or copied.
+    #[derive(Clone, Copy)]
+    enum How {
+        Merge(usize),
+        Copy,
+    }
+
+    /// Tensors of these sizes (bytes) after a 13-byte head, with buffers of a stretch and a block (what a run
+    /// with a few workers gets): windows smaller than a buffer, as large as one, and larger (its own buffer).
+    const TENSORS: [(usize, How); 10] = [
+        (3, How::Merge(3)),
+        (5000, How::Merge(1000)),
+        (STRETCH - 100, How::Merge(1 << 20)),
+        (300_001, How::Copy),
+        (17, How::Merge(5)),
+        (3 * ALIGN, How::Merge(ALIGN)),
+        (2 * STRETCH + 7, How::Copy),
+        (1, How::Merge(1)),
+        (2 * STRETCH + 11, How::Merge(2 * STRETCH + 11)),
+        (9, How::Merge(4)),
     ];
 
     fn byte(i: usize) -> u8 {
         (i * 131 % 251) as u8
     }
 
-    /// Stage the tensors the way the executor does (chunks put in reverse order, as threads may) and return the
-    /// file's bytes and the CRC-32 the stager computed.
+    /// Stage the tensors the way the executor does (a merge's chunks put in reverse order within each window, as
+    /// threads may) and return the file's bytes and the CRC-32 the stager computed.
     fn run(direct: bool) -> (Vec<u8>, u32, usize) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("out");
@@ -502,25 +532,30 @@ mod tests {
         let (written, from_writer) = std::sync::mpsc::channel();
         let crc = std::thread::scope(|scope| {
             scope.spawn(move || writer(&stretches, &written));
-            let mut stager = Stager::new(to_writer, from_writer, 2 * STRETCH + 7 + ALIGN);
+            let mut stager = Stager::new(to_writer, from_writer, STRETCH + ALIGN);
+            assert_eq!(stager.window_elems(2), STRETCH / 2);
             stager.begin(&out, &head).unwrap();
             let mut off = 13;
-            for (len, staged) in TENSORS {
+            for (len, how) in TENSORS {
                 let data: Vec<u8> = (off..off + len).map(byte).collect();
-                let put = |sink: &dyn Sink| -> Result<()> {
-                    for start in (0..len).step_by(1000).rev() {
-                        sink.put(start, &data[start..len.min(start + 1000)])?;
+                match how {
+                    How::Merge(window) => {
+                        let sink = StagedSink::new(&mut stager, off as u64, 1);
+                        for w in (0..len).step_by(window) {
+                            let end = len.min(w + window);
+                            sink.begin_window(w, end - w).unwrap();
+                            for start in (w..end).step_by(1000).rev() {
+                                sink.put(start, &data[start..end.min(start + 1000)]).unwrap();
+                            }
+                            sink.end_window().unwrap();
+                        }
                     }
-                    Ok(())
-                };
-                if staged {
-                    assert!(stager.fits(len as u64));
-                    stager.stage(off as u64, len as u64, 1, put).unwrap();
-                } else {
-                    stager.flush().unwrap();
-                    let sink = TensorSink::new(FileSink { file: &file, path: &path }, off as u64, 1, false);
-                    put(&sink).unwrap();
-                    stager.push_pieces(sink.finish());
+                    How::Copy => stager
+                        .stage_pieces(off as u64, len as u64, |at, buf| {
+                            buf.copy_from_slice(&data[at..at + buf.len()]);
+                            Ok(())
+                        })
+                        .unwrap(),
                 }
                 off += len;
             }
@@ -528,6 +563,22 @@ mod tests {
         });
         drop(file);
         (std::fs::read(&path).unwrap(), crc, total)
+    }
+
+    #[test]
+    #[should_panic(expected = "outside its window")]
+    fn a_put_outside_the_open_window_is_a_bug() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out");
+        let file = File::create(&path).unwrap();
+        let out = OutFile::buffered(&file, &path);
+        let (to_writer, _stretches) = std::sync::mpsc::channel();
+        let (_written, from_writer) = std::sync::mpsc::channel();
+        let mut stager = Stager::new(to_writer, from_writer, STRETCH + ALIGN);
+        stager.begin(&out, b"head").unwrap();
+        let sink = StagedSink::new(&mut stager, 4, 2);
+        sink.begin_window(10, 5).unwrap();
+        let _ = sink.put(14, &[0; 4]);
     }
 
     #[test]

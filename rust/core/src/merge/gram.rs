@@ -83,13 +83,9 @@ fn tri(q: usize, i: usize, j: usize) -> usize {
     i * q - i * (i + 1) / 2 + j
 }
 
+/// Adds each pair's dot product to the upper triangle `out` (stored row by row, as [`tri`] indexes it).
 fn gram_into(vs: &[&[f32]], out: &mut [f64]) {
-    let q = vs.len();
-    for i in 0..q {
-        for j in i..q {
-            out[tri(q, i, j)] += norms::dot(vs[i], vs[j]);
-        }
-    }
+    norms::gram_upper(vs, out);
 }
 
 /// The Gram matrix (upper triangle) of every group, groups in order.

@@ -139,19 +139,34 @@ where
 }
 
 /// The final pass: `f` fills `s.mixed[..len]` with the merged values of chunk `[start, start+len)`, which are
-/// encoded to the output dtype and handed to the sink.
+/// encoded to the output dtype and handed to the sink (a window of chunks at a time when the sink asks for it).
 pub(crate) fn emit<F>(job: &Job, chunk: usize, sink: &dyn Sink, f: F) -> Result<()>
 where
     F: Fn(&mut Scratch, usize, usize) + Sync,
 {
     let out_size = job.out_dtype.size();
-    chunks(job.numel, chunk).try_for_each_init(Scratch::pooled, |s, (start, len)| {
-        let s: &mut Scratch = s;
-        f(s, start, len);
-        s.bytes.resize(len * out_size, 0);
-        dtype::encode(job.out_dtype, &s.mixed[..len], &mut s.bytes);
-        sink.put(start, &s.bytes)
-    })
+    let chunk = chunk.max(1);
+    // Windows of whole chunks: the chunks (and so the bytes) are the same whatever the window.
+    let window = sink.window_elems().map_or(job.numel, |w| (w / chunk).max(1) * chunk).max(1);
+    for wstart in (0..job.numel).step_by(window) {
+        let wlen = window.min(job.numel - wstart);
+        sink.begin_window(wstart, wlen)?;
+        chunks(wlen, chunk).try_for_each_init(Scratch::pooled, |s, (at, len)| {
+            let s: &mut Scratch = s;
+            let start = wstart + at;
+            f(s, start, len);
+            // SAFETY: this chunk's range, asked once, by this worker, inside the open window.
+            if let Some(dst) = unsafe { sink.place(start, len * out_size) } {
+                dtype::encode(job.out_dtype, &s.mixed[..len], dst);
+                return Ok(());
+            }
+            s.bytes.resize(len * out_size, 0);
+            dtype::encode(job.out_dtype, &s.mixed[..len], &mut s.bytes);
+            sink.put(start, &s.bytes)
+        })?;
+        sink.end_window()?;
+    }
+    Ok(())
 }
 
 /// Write a whole tensor's merged values computed elsewhere (the torch hand-off), encoded like any merge.

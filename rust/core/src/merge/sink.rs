@@ -10,6 +10,42 @@ pub trait Sink: Sync {
     /// # Errors
     /// The sink's own failure (an output write).
     fn put(&self, elem_start: usize, bytes: &[u8]) -> Result<()>;
+
+    /// Elements per window when the sink takes a tensor's output in order, a window at a time (a staging buffer
+    /// far smaller than the tensor): the final pass then merges window after window, each of whole chunks in
+    /// parallel, announcing each with [`begin_window`](Self::begin_window) and closing it with
+    /// [`end_window`](Self::end_window). `None`: any order, the whole tensor at once.
+    fn window_elems(&self) -> Option<usize> {
+        None
+    }
+
+    /// The elements `[start, start + len)` are put next, and no others until [`end_window`](Self::end_window).
+    ///
+    /// # Errors
+    /// The sink's own failure (making room for the window).
+    fn begin_window(&self, _start: usize, _len: usize) -> Result<()> {
+        Ok(())
+    }
+
+    /// Where the encoded bytes of the elements from `elem_start` on (`len` bytes, a chunk of the open window) may be
+    /// written in place, when the sink holds them in memory: the final pass encodes straight into it instead of
+    /// into a buffer it then puts (a copy of the whole output saved). `None`: use [`put`](Self::put).
+    ///
+    /// # Safety
+    /// The caller writes only through the slice, before the window ends, and asks for disjoint ranges only (one
+    /// chunk, one worker), as with [`put`](Self::put).
+    #[allow(clippy::mut_from_ref)] // disjoint ranges of memory the sink owns, handed to one worker each
+    unsafe fn place(&self, _elem_start: usize, _len: usize) -> Option<&mut [u8]> {
+        None
+    }
+
+    /// Every element of the window has been put.
+    ///
+    /// # Errors
+    /// The sink's own failure (handing the window on to be written).
+    fn end_window(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// A sink into one contiguous output buffer (in-memory merges).
@@ -36,10 +72,15 @@ impl SliceSink {
 
 impl Sink for SliceSink {
     fn put(&self, elem_start: usize, bytes: &[u8]) -> Result<()> {
-        let off = elem_start * self.elem_size;
-        assert!(off + bytes.len() <= self.len, "sink range out of bounds");
-        // SAFETY: in bounds (checked above) and disjoint from every other concurrent put (see the Sync impl).
-        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.add(off), bytes.len()) };
+        // SAFETY: the range is this put's own, disjoint from every other concurrent put (see the Sync impl).
+        unsafe { self.place(elem_start, bytes.len()) }.expect("in memory").copy_from_slice(bytes);
         Ok(())
+    }
+
+    unsafe fn place(&self, elem_start: usize, len: usize) -> Option<&mut [u8]> {
+        let off = elem_start * self.elem_size;
+        assert!(off + len <= self.len, "sink range out of bounds");
+        // SAFETY: in bounds (checked above); disjoint from every other range asked for (the trait's contract).
+        Some(unsafe { std::slice::from_raw_parts_mut(self.ptr.add(off), len) })
     }
 }
