@@ -19,6 +19,7 @@ script imports it first). What stays unguarded is Python's own start-up (``site`
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import warnings
@@ -114,6 +115,11 @@ def _print_compat_warnings() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ferromerge`` console script; returns the exit status."""
+    # NumPy's OpenBLAS starts its threads when numpy is imported, and by default each spins about 0.1 s of CPU
+    # before it sleeps, on every core, whether or not a BLAS call ever comes (a merge makes none: the engine does
+    # the work). 2^4 cycles makes them sleep at once; the commands that do call BLAS (merge-lora, extract-lora)
+    # still get its threads. Set before the commands import numpy; a user's own setting wins.
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
     try:
         args = _parser().parse_args(argv)
     except KeyboardInterrupt:  # during start-up: nothing was written yet

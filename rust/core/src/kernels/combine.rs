@@ -314,33 +314,38 @@ pub fn weighted_sum_finish(
     base: Option<&[f32]>,
     out: &mut [f32],
 ) {
-    let n = out.len();
-    match xs.split_first() {
-        None => out.fill(0.0),
-        Some((x0, rest)) => {
-            let w0 = weights[0];
-            for (o, &v) in out.iter_mut().zip(&x0[..n]) {
-                *o = 0.0 + v * w0;
-            }
-            for (x, &w) in rest.iter().zip(&weights[1..]) {
-                for (o, &v) in out.iter_mut().zip(&x[..n]) {
-                    *o += v * w;
+    // Block by block, so the passes over `out` run in L1 and each input is read once (a chunk's buffers are
+    // larger than L2); every element sees the same operations in the same order either way.
+    const BLOCK: usize = 1024;
+    for (b, out) in out.chunks_mut(BLOCK).enumerate() {
+        let (from, n) = (b * BLOCK, out.len());
+        match xs.split_first() {
+            None => out.fill(0.0),
+            Some((x0, rest)) => {
+                let w0 = weights[0];
+                for (o, &v) in out.iter_mut().zip(&x0[from..from + n]) {
+                    *o = 0.0 + v * w0;
+                }
+                for (x, &w) in rest.iter().zip(&weights[1..]) {
+                    for (o, &v) in out.iter_mut().zip(&x[from..from + n]) {
+                        *o += v * w;
+                    }
                 }
             }
         }
-    }
-    if let Some(d) = divisor {
-        for v in out.iter_mut() {
-            *v /= d;
+        if let Some(d) = divisor {
+            for v in out.iter_mut() {
+                *v /= d;
+            }
         }
-    }
-    if lambda != 1.0 {
-        for v in out.iter_mut() {
-            *v *= lambda;
+        if lambda != 1.0 {
+            for v in out.iter_mut() {
+                *v *= lambda;
+            }
         }
-    }
-    if let Some(b) = base {
-        out.iter_mut().zip(&b[..n]).for_each(|(v, b)| *v += b);
+        if let Some(b) = base {
+            out.iter_mut().zip(&b[from..from + n]).for_each(|(v, b)| *v += b);
+        }
     }
 }
 
