@@ -10,10 +10,10 @@
 //! instead of 0.8 GB, with the same bytes: docs/benchmarks.md, "Fourth round".) The next tensor's ranges are
 //! advised to the kernel while this one merges, so cold reads overlap the merge. A failed or short read is an
 //! error naming the file and the tensor.
-//! Writing: most tensors merge into an in-memory stretch of their output file that a writer thread writes with
-//! direct I/O while the next tensors merge; tensors too large for it are written through the page cache, written
-//! back one tensor behind and dropped from it (`writeback`). Either way the output never accumulates in memory,
-//! and each file is fsynced before it is reported done.
+//! Writing: every tensor goes into an in-memory stretch of its output file that a writer thread writes with direct
+//! I/O while the next tensors merge; a merge fills it a window of whole chunks at a time, so the stretch buffers
+//! stay a few MiB whatever the tensor's size (`writeback`). The output never accumulates in memory, and each file is
+//! fsynced before it is reported done.
 //!
 //! Checks around the merge: a NaN or infinity in an input stops the run unless the plan allows them
 //! (`allow_nonfinite`); every input is checked unchanged (size, mtime, device, inode) at the end, before the caller
