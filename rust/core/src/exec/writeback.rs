@@ -261,9 +261,9 @@ impl<'a> Stager<'a> {
     }
 
     /// Append a tensor of `len` bytes at file offset `off` piece by piece, in file order: `fill(at, piece)` writes
-    /// its bytes `[at, at + piece.len())` (a byte copy, which produces its bytes in order). Unlike [`stage`], the
-    /// tensor need not fit a buffer: full stretches go to the writer as they fill, so a copy of any size is staged
-    /// and a run of copies touches no more than a stretch and a piece of each buffer.
+    /// its bytes `[at, at + piece.len())` (a byte copy, which produces its bytes in order). The tensor need not fit
+    /// a buffer: full stretches go to the writer as they fill, so a copy of any size is staged and a run of copies
+    /// touches no more than a stretch and a piece of each buffer.
     pub(crate) fn stage_pieces(
         &mut self,
         off: u64,
