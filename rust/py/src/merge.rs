@@ -213,11 +213,7 @@ pub fn memory_plan<'py>(
         let spec = MethodSpec::from_plan(&method).map_err(to_py)?;
         let inputs: usize = item("inputs")?.extract()?;
         let input_bytes: u64 = item("input_bytes")?.extract()?;
-        needs.push(TensorNeeds {
-            input_bytes,
-            inputs,
-            working_bytes: merge::working_bytes(&spec, &shape, inputs),
-        });
+        needs.push(TensorNeeds { input_bytes, inputs, working_bytes: merge::working_bytes(&spec, &shape, inputs) });
     }
     let plan = exec::memory_plan(memory_limit, threads, &needs, chunk_elems);
     let d = PyDict::new(py);

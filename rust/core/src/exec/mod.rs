@@ -268,11 +268,7 @@ pub fn execute_with(
                 inputs: j.inputs.len(),
                 working_bytes: merge::working_bytes(&j.spec, &j.shape, j.inputs.len()),
             },
-            Work::Copy { .. } => TensorNeeds {
-                input_bytes: w.input_bytes(),
-                inputs: 1,
-                working_bytes: 0,
-            },
+            Work::Copy { .. } => TensorNeeds { input_bytes: w.input_bytes(), inputs: 1, working_bytes: 0 },
         })
         .collect();
     let memory = memory_plan(budget, workers, &needs, plan.chunk_elems);

@@ -171,7 +171,8 @@ fn gram_fixed<const Q: usize, const P: usize>(vs: &[&[f32]], out: &mut [f64]) {
         });
         gram_lanes::<Q, P>(&mut acc, &x, L);
     }
-    let x: [[f64; L]; Q] = std::array::from_fn(|i| std::array::from_fn(|l| vs[i].get(whole + l).map_or(0.0, |&v| f64::from(v))));
+    let x: [[f64; L]; Q] =
+        std::array::from_fn(|i| std::array::from_fn(|l| vs[i].get(whole + l).map_or(0.0, |&v| f64::from(v))));
     gram_lanes::<Q, P>(&mut acc, &x, n - whole);
     for (o, a) in out.iter_mut().zip(&acc) {
         *o += a.iter().sum::<f64>();

@@ -83,11 +83,6 @@ fn tri(q: usize, i: usize, j: usize) -> usize {
     i * q - i * (i + 1) / 2 + j
 }
 
-/// Adds each pair's dot product to the upper triangle `out` (stored row by row, as [`tri`] indexes it).
-fn gram_into(vs: &[&[f32]], out: &mut [f64]) {
-    norms::gram_upper(vs, out);
-}
-
 /// The Gram matrix (upper triangle) of every group, groups in order.
 pub(crate) fn gram(job: &Job, groups: Groups, vectors: Vectors) -> Vec<f64> {
     let q = vectors.count(job);
@@ -97,7 +92,7 @@ pub(crate) fn gram(job: &Job, groups: Groups, vectors: Vectors) -> Vec<f64> {
         Groups::Whole => block_sums(n, STAT_BLOCK, p, |s, start, len| {
             vectors.load(job, start, len, s);
             let mut g = vec![0f64; p];
-            gram_into(&vectors.slices(s, 0, len), &mut g);
+            norms::gram_upper(&vectors.slices(s, 0, len), &mut g);
             g
         }),
         Groups::Rows(r) => chunks(n, row_chunk(STAT_BLOCK, r))
@@ -105,7 +100,7 @@ pub(crate) fn gram(job: &Job, groups: Groups, vectors: Vectors) -> Vec<f64> {
                 vectors.load(job, start, len, s);
                 let mut g = vec![0f64; p * len.div_ceil(r)];
                 for (k, from) in (0..len).step_by(r).enumerate() {
-                    gram_into(&vectors.slices(s, from, (from + r).min(len)), &mut g[k * p..(k + 1) * p]);
+                    norms::gram_upper(&vectors.slices(s, from, (from + r).min(len)), &mut g[k * p..(k + 1) * p]);
                 }
                 g
             })
